@@ -1,0 +1,113 @@
+"""EMCA: Efficient Multi-scale Channel Attention (Bakr et al., IEEE Access 2022, Algorithm 1).
+
+The module gates the residual branch x0 of one block using x0's own pooled descriptor together with
+the pooled descriptors of R - 1 earlier block outputs (the coverage region):
+
+    SDA   every input is pooled to a (B, C_j, K) descriptor (done once per forward by the backbone)
+    CDA   descriptors with fewer channels are aligned to C0 (repeat, or a learnable linear map)
+    stack S = (B, R, C0, K)
+    MAB   X_a = ReLU(sum_r w_r * S[:, r])          (the paper's W_m1: R weights, shared by channels)
+          Z   = sigmoid(W_m2(X_a))                 (W_m2 = SE, ECA or SRM excitation)
+    out   x0 * Z   (gating='multiply')  or  x0 * (1 + Z)  (gating='residual', the authors' code)
+
+Aligning pooled vectors instead of feature maps is exact (pooling commutes with channel repetition)
+and never materialises a repeated feature map.
+"""
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pooling import pool_statistics
+
+ALIGNMENTS = ("repeat", "linear")
+GATINGS = ("multiply", "residual")
+
+
+class EMCA(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        source_channels: Sequence[int],
+        excitation: nn.Module,
+        *,
+        align: str = "repeat",
+        gating: str = "multiply",
+    ):
+        super().__init__()
+        if align not in ALIGNMENTS:
+            raise ValueError(f"align must be one of {ALIGNMENTS}, got '{align}'")
+        if gating not in GATINGS:
+            raise ValueError(f"gating must be one of {GATINGS}, got '{gating}'")
+        self.channels = channels
+        self.source_channels = tuple(source_channels)
+        self.align = align
+        self.gating = gating
+        self.excitation = excitation
+        self.gate = nn.Sigmoid()
+
+        if align == "repeat":
+            for c in self.source_channels:
+                if channels % c:
+                    raise ValueError(
+                        f"align=repeat needs {channels} channels to be a multiple of every source's channels, "
+                        f"but a source has {c}: use align=linear"
+                    )
+            self.aligners = None
+        else:
+            self.aligners = nn.ModuleList(nn.Linear(c, channels, bias=False) for c in self.source_channels)
+            for aligner, c in zip(self.aligners, self.source_channels):
+                _init_as_repeat(aligner.weight, c)
+
+        # With a single scale there is nothing to fuse: the module is then exactly the plain
+        # attention module (coverage 'none' == integration 'first', as in the paper's tables).
+        if self.source_channels:
+            # Uniform start: the fused vector begins as the average of the aligned descriptors.
+            self.scale_weights = nn.Parameter(torch.full((self.num_scales,), 1.0 / self.num_scales))
+        else:
+            self.register_parameter("scale_weights", None)
+
+    @property
+    def num_scales(self) -> int:
+        """R_i: the block's own branch plus the covered earlier outputs."""
+        return 1 + len(self.source_channels)
+
+    @property
+    def num_statistics(self) -> int:
+        return self.excitation.num_statistics
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, R={self.num_scales}, sources={list(self.source_channels)}, align={self.align}, gating={self.gating}"
+
+    def _align(self, index: int, descriptor: torch.Tensor) -> torch.Tensor:
+        if self.aligners is None:
+            return descriptor.repeat(1, self.channels // descriptor.shape[1], 1)
+        # Linear acts on the channel axis: (B, C_j, K) -> (B, K, C_j) -> (B, K, C0) -> (B, C0, K)
+        return self.aligners[index](descriptor.transpose(1, 2)).transpose(1, 2)
+
+    def fuse(self, own: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Channel alignment, stacking and the MAB's scale fusion: -> (B, C0, K)."""
+        if self.scale_weights is None:
+            return own
+        stacked = torch.stack([own] + [self._align(i, s) for i, s in enumerate(sources)], dim=1)
+        return F.relu(torch.einsum("brck,r->bck", stacked, self.scale_weights))
+
+    def forward(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(sources) != len(self.source_channels):
+            raise ValueError(f"EMCA expects {len(self.source_channels)} source descriptors, got {len(sources)}")
+        own = pool_statistics(y, self.num_statistics)
+        scales = self.gate(self.excitation(self.fuse(own, sources)))[:, :, None, None]
+        if self.gating == "residual":
+            return y * (1 + scales)
+        return y * scales
+
+
+def _init_as_repeat(weight: torch.Tensor, source_channels: int) -> None:
+    """Start a learnable alignment as the 'repeat' alignment (identity tiles), when shapes allow."""
+    out_channels = weight.shape[0]
+    with torch.no_grad():
+        weight.zero_()
+        rows = torch.arange(out_channels)
+        weight[rows, rows % source_channels] = 1.0
