@@ -1,0 +1,12 @@
+"""Data loading for EMCA-Train: ImageFolder datasets through DALI or torchvision, or synthetic batches.
+
+    bundle = build_loaders(cfg.dataset, cfg.loader, rank=rank, world_size=world_size, device=device)
+    for epoch in range(epochs):
+        bundle.train.set_epoch(epoch)
+        for images, labels in bundle.train: ...
+"""
+from .builder import DataBundle, build_loaders
+from .config import DatasetConfig, LoaderConfig
+from .errors import DatasetError
+
+__all__ = ["DataBundle", "DatasetConfig", "DatasetError", "LoaderConfig", "build_loaders"]

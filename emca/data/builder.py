@@ -1,0 +1,124 @@
+"""build_loaders: from the `dataset` and `loader` configs to the train/val loaders of one rank."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, is_dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import DatasetConfig, LoaderConfig
+from .datasets import dataset_root
+from .errors import DatasetError
+from .folder import ImageList, check_root, list_split, screen_images
+from .sampling import per_rank_batch_size, train_batches_per_epoch, train_shard, val_shard
+from .synthetic import SyntheticLoader
+from .transforms import Preprocessing
+
+LOADERS = ("dali", "torchvision", "synthetic")
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+@dataclass
+class DataBundle:
+    train: Any
+    val: Any
+    num_classes: int
+    classes: list[str]
+    num_train: int  # global counts (all ranks), after skipping corrupt images
+    num_val: int
+
+
+def _typed(cfg, schema):
+    """A DictConfig, dict or dataclass as a validated `schema` dataclass instance."""
+    try:
+        if is_dataclass(cfg) and not isinstance(cfg, type):
+            cfg = OmegaConf.structured(cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise DatasetError(f"invalid {schema.__name__}: {first_line}") from None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMCA_CACHE", Path.home() / ".cache" / "emca"))
+
+
+def _load_split(split_dir: Path, classes, dataset: DatasetConfig) -> ImageList:
+    images = list_split(split_dir, classes)
+    return screen_images(images, split_dir, on_bad_image=dataset.on_bad_image, cache_dir=cache_dir(), threads=max(1, dataset.workers))
+
+
+def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1,
+                  device: torch.device = torch.device("cpu"), channels_last: bool = False, seed: int = 0) -> DataBundle:
+    """Train and val loaders for this rank; raises DatasetError (one line) on any data problem.
+
+    Both loaders follow the same protocol: `set_epoch(epoch)` before iterating, `len()` is the
+    number of batches this rank yields, iteration gives (float32 NCHW images, int64 labels) on
+    `device`. dataset.batch_size is the global batch; each rank gets batch_size // world_size.
+    """
+    dataset: DatasetConfig = _typed(dataset_cfg, DatasetConfig)
+    loader: LoaderConfig = _typed(loader_cfg, LoaderConfig)
+    device = torch.device(device)
+    if loader.name not in LOADERS:
+        raise DatasetError(f"unknown loader.name={loader.name!r}; choose one of {', '.join(LOADERS)}")
+    if dataset.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise DatasetError(f"dataset.on_bad_image={dataset.on_bad_image!r} must be 'error' or 'skip'")
+    if not 0 <= rank < world_size:
+        raise DatasetError(f"rank {rank} is outside world_size {world_size}")
+    prep = Preprocessing.from_config(dataset)
+    batch = per_rank_batch_size(dataset.batch_size, world_size)
+
+    if loader.name == "synthetic":
+        return _synthetic_bundle(dataset, loader, prep, batch, world_size, device, channels_last, seed + rank)
+
+    root = dataset_root(dataset.name, dataset.root)
+    check_root(root, dataset.name)
+    train_images = _load_split(root / "train", None, dataset)
+    classes = train_images.classes
+    if dataset.num_classes is not None and dataset.num_classes != len(classes):
+        raise DatasetError(
+            f"dataset.num_classes={dataset.num_classes} but {root / 'train'} has {len(classes)} class folders; "
+            f"set dataset.num_classes={len(classes)} (or null to read it from the folder)"
+        )
+    val_images = _load_split(root / "val", classes, dataset)
+    if train_batches_per_epoch(len(train_images), dataset.batch_size) == 0:
+        raise DatasetError(f"{root / 'train'} has {len(train_images)} images, fewer than one global batch; lower dataset.batch_size={dataset.batch_size}")
+
+    train_order = partial(train_shard, len(train_images), dataset.batch_size, seed=seed, rank=rank, world_size=world_size)
+    shards = dict(
+        train=lambda epoch: train_order(epoch=epoch),
+        val=lambda epoch: val_shard(len(val_images), rank=rank, world_size=world_size),
+    )
+    common = dict(batch_size=batch, workers=dataset.workers, seed=seed, device=device, channels_last=channels_last)
+    if loader.name == "torchvision":
+        from .torch_loader import TorchvisionLoader
+
+        make = partial(TorchvisionLoader, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
+                       prefetch_factor=loader.prefetch_factor, **common)
+    else:
+        from .dali_loader import DaliLoader
+
+        make = partial(DaliLoader, rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth,
+                       use_gpu=loader.dali_use_gpu, **common)
+    return DataBundle(
+        train=make(train_images, prep, shards["train"], train=True),
+        val=make(val_images, prep, shards["val"], train=False),
+        num_classes=len(classes), classes=classes, num_train=len(train_images), num_val=len(val_images),
+    )
+
+
+def _synthetic_bundle(dataset, loader, prep, batch, world_size, device, channels_last, seed) -> DataBundle:
+    num_classes = dataset.num_classes or 1000
+    make = partial(SyntheticLoader, batch_size=batch, image_size=prep.image_size, num_classes=num_classes,
+                   device=device, channels_last=channels_last, seed=seed)
+    return DataBundle(
+        train=make(steps=loader.steps_per_epoch), val=make(steps=loader.val_steps),
+        num_classes=num_classes, classes=[str(i) for i in range(num_classes)],
+        num_train=loader.steps_per_epoch * batch * world_size, num_val=loader.val_steps * batch * world_size,
+    )

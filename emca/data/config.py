@@ -1,0 +1,64 @@
+"""Structured config schemas for the `dataset` and `loader` Hydra groups.
+
+The trainer registers these as base schemas; the YAML files in configs/dataset and configs/loader
+fill them in. Mean/std are on the 0-255 pixel scale (as DALI's crop_mirror_normalize expects for
+uint8 input); both loaders normalise uint8 pixels with exactly these numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+DEFAULT_CACHE = "${oc.env:EMCA_CACHE,${oc.env:HOME}/.cache/emca}"
+
+
+@dataclass
+class DatasetConfig:
+    # 'digits' | 'tiny_imagenet' | 'imagenet' | 'imagefolder'
+    name: str = "imagefolder"
+    # Folder holding train/ and val/ class folders (for digits: where they are generated).
+    root: str = "???"
+    # null: read from the train folder; a configured value must agree with the folder.
+    num_classes: Optional[int] = None
+    image_size: int = 224
+    # Shorter side before the validation centre crop; null: round(image_size / 0.875).
+    val_resize: Optional[int] = None
+    # GLOBAL batch size, split evenly over ranks.
+    batch_size: int = 256
+    # Decoding threads (DALI) / worker processes (torchvision) per rank.
+    workers: int = 4
+    # 'error': stop and name the file; 'skip': leave corrupt images out and warn with a count.
+    on_bad_image: str = "error"
+    # The dataset's schedule length; the trainer's default number of epochs.
+    epochs: int = 100
+    # 'random_resized' (ImageNet-style) | 'pad_random' (zero-pad crop_padding px, random crop).
+    train_crop: str = "random_resized"
+    crop_scale: Any = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: Any = field(default_factory=lambda: [3 / 4, 4 / 3])
+    crop_padding: int = 4
+    hflip: bool = True
+    # Per-channel RGB mean/std on the 0-255 scale.
+    mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: Any = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class LoaderConfig:
+    # 'dali' | 'torchvision' | 'synthetic'
+    name: str = "dali"
+    # DALI: batches decoded ahead of the one being consumed.
+    prefetch_queue_depth: int = 2
+    # DALI: use the GPU (mixed decoder + GPU augmentation) when CUDA is available.
+    dali_use_gpu: bool = True
+    # torchvision: batches each worker prepares ahead.
+    prefetch_factor: int = 2
+    # torchvision: page-locked host batches (only takes effect when the device is CUDA).
+    pin_memory: bool = True
+    # torchvision: keep worker processes between epochs (only when workers > 0).
+    persistent_workers: bool = True
+    # synthetic: batches per training / validation epoch.
+    steps_per_epoch: int = 100
+    val_steps: int = 10

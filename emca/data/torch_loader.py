@@ -1,0 +1,95 @@
+"""The torchvision loader: PIL decoding + transforms.v2 in DataLoader workers.
+
+Augmentation randomness is seeded per sample from (seed, epoch, sample index), so batches do not
+depend on the number of workers or on which worker served a sample. The sampler hands each
+worker the (index, epoch seed) pair, which also spares persistent workers any shared epoch state.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import DatasetError
+from .folder import ImageList
+from .sampling import derive_seed
+from .transforms import BatchNormalizer, Preprocessing, train_image, val_image
+
+
+class ImageListDataset(Dataset):
+    """Indexed by (sample index, epoch seed); returns (uint8 CHW image, label)."""
+
+    def __init__(self, images: ImageList, prep: Preprocessing, train: bool):
+        self.paths, self.labels = images.paths, images.labels
+        self.prep, self.train = prep, train
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch_seed = key
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")  # greyscale, CMYK, palette -> RGB
+        except Exception as error:
+            raise DatasetError(f"cannot decode image {path} ({type(error).__name__}: {error}); remove it or set dataset.on_bad_image=skip") from None
+        if self.train:
+            # Distinct integer seeds give independent Mersenne-Twister streams.
+            image = train_image(image, self.prep, random.Random((epoch_seed << 32) | index))
+        else:
+            image = val_image(image, self.prep)
+        return image, int(self.labels[index])
+
+
+class ShardSampler(Sampler):
+    """Yields this rank's (index, epoch seed) pairs for the current epoch, in order."""
+
+    def __init__(self, shard: Callable[[int], np.ndarray], seed: int):
+        self.shard, self.seed, self.epoch = shard, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch_seed = derive_seed(self.seed, self.epoch)
+        return iter([(int(i), epoch_seed) for i in self.shard(self.epoch)])
+
+    def __len__(self) -> int:
+        return len(self.shard(self.epoch))
+
+
+class TorchvisionLoader:
+    """Batches of normalised float32 NCHW images and int64 labels on `device`."""
+
+    def __init__(self, images: ImageList, prep: Preprocessing, shard: Callable[[int], np.ndarray], *,
+                 train: bool, batch_size: int, workers: int, seed: int, device: torch.device,
+                 channels_last: bool, pin_memory: bool, persistent_workers: bool, prefetch_factor: int):
+        self.sampler = ShardSampler(shard, seed)
+        pin = pin_memory and device.type == "cuda"
+        self.loader = DataLoader(
+            ImageListDataset(images, prep, train), batch_size=batch_size, sampler=self.sampler,
+            drop_last=train, num_workers=workers, pin_memory=pin,
+            persistent_workers=persistent_workers and workers > 0,
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+        )
+        self.normalize = BatchNormalizer(prep, device, channels_last)
+        self.device = device
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        try:
+            for images, labels in self.loader:
+                yield self.normalize(images), labels.to(self.device, non_blocking=True)
+        except DatasetError as error:
+            # A worker's exception comes back wrapped with its traceback; keep the one-line message.
+            raise DatasetError(str(error).rsplit("DatasetError: ", 1)[-1]) from None

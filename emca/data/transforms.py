@@ -1,0 +1,139 @@
+"""The preprocessing recipe, resolved and validated once, and its torchvision/PIL implementation.
+
+`Preprocessing` is what both loaders implement: the DALI pipeline in dali.py and the PIL
+functions here read the same fields, so the two paths cannot drift apart in their parameters.
+Workers hand over uint8 images; normalisation happens per batch on the target device
+(`normalize_batch`), which keeps worker-to-main-process traffic at a quarter of float32.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from .errors import DatasetError
+
+TRAIN_CROPS = ("random_resized", "pad_random")
+
+
+def _pair(value, field: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise DatasetError(f"dataset.{field} must be a [low, high] pair, got {value!r}") from None
+    if not 0 < low <= high:
+        raise DatasetError(f"dataset.{field}={[low, high]} must satisfy 0 < low <= high")
+    return low, high
+
+
+def _triple(value, field: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3:
+        raise DatasetError(f"dataset.{field} must list 3 per-channel (RGB) values on the 0-255 scale, got {value!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int
+    val_resize: int
+    train_crop: str
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    crop_padding: int
+    hflip: bool
+    mean: tuple[float, float, float]  # 0-255 scale
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_config(cls, cfg) -> "Preprocessing":
+        size = int(cfg.image_size)
+        if size <= 0:
+            raise DatasetError(f"dataset.image_size={size} must be positive")
+        # 0.875 is the classic 224/256 centre-crop ratio.
+        val_resize = round(size / 0.875) if cfg.val_resize is None else int(cfg.val_resize)
+        if val_resize < size:
+            raise DatasetError(f"dataset.val_resize={val_resize} is smaller than dataset.image_size={size}; the centre crop needs val_resize >= image_size")
+        if cfg.train_crop not in TRAIN_CROPS:
+            raise DatasetError(f"dataset.train_crop={cfg.train_crop!r} is not one of {', '.join(TRAIN_CROPS)}")
+        scale = _pair(cfg.crop_scale, "crop_scale")
+        if scale[1] > 1:
+            raise DatasetError(f"dataset.crop_scale={list(scale)} is a fraction of the image area and must not exceed 1")
+        if int(cfg.crop_padding) < 0:
+            raise DatasetError(f"dataset.crop_padding={cfg.crop_padding} must be >= 0")
+        mean, std = _triple(cfg.mean, "mean"), _triple(cfg.std, "std")
+        if max(mean) <= 1 and max(std) <= 1:
+            raise DatasetError(f"dataset.mean/std look like 0-1 values ({list(mean)}); give them on the 0-255 scale, e.g. 123.675 for 0.485")
+        if min(std) <= 0:
+            raise DatasetError(f"dataset.std={list(std)} must be positive")
+        return cls(size, val_resize, cfg.train_crop, scale, _pair(cfg.crop_ratio, "crop_ratio"),
+                   int(cfg.crop_padding), bool(cfg.hflip), mean, std)
+
+
+def sample_resized_crop(height: int, width: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop; the same algorithm as torchvision's RandomResizedCrop,
+    but drawing from `rng` so the result depends only on the sample's seed."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # Fallback: the largest centre crop within the ratio range (as torchvision does).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_image(image: Image.Image, prep: Preprocessing, rng: random.Random) -> torch.Tensor:
+    """Augmented training crop as a uint8 CHW tensor; randomness only from `rng`."""
+    size = prep.image_size
+    if prep.train_crop == "random_resized":
+        top, left, h, w = sample_resized_crop(image.height, image.width, prep.crop_scale, prep.crop_ratio, rng)
+        image = F.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    else:
+        if image.size != (size, size):
+            image = F.resize(image, [size, size], InterpolationMode.BILINEAR, antialias=True)
+        pad = prep.crop_padding
+        # A crop window reaching outside the image is zero-filled: zero-padding + random crop in one step.
+        image = F.crop(image, rng.randint(-pad, pad), rng.randint(-pad, pad), size, size)
+    if prep.hflip and rng.random() < 0.5:
+        image = F.horizontal_flip(image)
+    return F.pil_to_tensor(image)
+
+
+def val_image(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """Shorter side resized to val_resize, centre crop image_size, as a uint8 CHW tensor."""
+    if min(image.size) != prep.val_resize:
+        image = F.resize(image, prep.val_resize, InterpolationMode.BILINEAR, antialias=True)
+    return F.pil_to_tensor(F.center_crop(image, [prep.image_size, prep.image_size]))
+
+
+class BatchNormalizer:
+    """uint8 NCHW batch -> float32 normalised batch on the device, optionally channels_last."""
+
+    def __init__(self, prep: Preprocessing, device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
+        self.std_inv = (1 / torch.tensor(prep.std, device=device)).view(1, 3, 1, 1)
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images.float().sub_(self.mean).mul_(self.std_inv)
