@@ -90,7 +90,7 @@ class EMCAResNet(tv_resnet.ResNet):
         backbone: str = "resnet50",
         num_classes: int = 1000,
         attention: str = "none",
-        integration: str = "all",
+        integration: str | None = None,
         coverage: Any = "prev_stage_all",
         se_ratio: int = 16,
         eca_kernel: Any = "adaptive",
@@ -103,6 +103,8 @@ class EMCAResNet(tv_resnet.ResNet):
             raise ValueError(f"unknown backbone '{backbone}': choose one of {list(BACKBONES)}")
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention '{attention}': choose one of {list(ATTENTIONS)}")
+        if integration is None:  # the usual dense integration for plain CA, the paper's 'first' for EMCA
+            integration = "first" if attention.startswith("emca") else "all"
         if integration not in INTEGRATIONS:
             raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
