@@ -26,40 +26,37 @@ class BackboneSpec:
     stage_depths: tuple[int, ...]
 
 
-class BasicBlock(tv_resnet.BasicBlock):
+class AttentionSlot(nn.Module):
+    """Mixin for torchvision's blocks: an optional attention module on the residual branch, and the
+    indices of the earlier block outputs (pooled by the backbone) that an EMCA module reads."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.attn: nn.Module | None = None
         self.source_indices: tuple[int, ...] = ()
 
+    def attend(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.attn is None:
+            return y
+        if isinstance(self.attn, EMCA):
+            return self.attn(y, sources)
+        return self.attn(y)
+
+
+class BasicBlock(AttentionSlot, tv_resnet.BasicBlock):
     def forward(self, x: torch.Tensor, sources: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        y = _attend(self.attn, y, sources)
-        return self.relu(y + identity)
+        return self.relu(self.attend(y, sources) + identity)
 
 
-class Bottleneck(tv_resnet.Bottleneck):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.attn: nn.Module | None = None
-        self.source_indices: tuple[int, ...] = ()
-
+class Bottleneck(AttentionSlot, tv_resnet.Bottleneck):
     def forward(self, x: torch.Tensor, sources: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        y = _attend(self.attn, y, sources)
-        return self.relu(y + identity)
-
-
-def _attend(attn: nn.Module | None, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
-    if attn is None:
-        return y
-    if isinstance(attn, EMCA):
-        return attn(y, sources)
-    return attn(y)
+        return self.relu(self.attend(y, sources) + identity)
 
 
 BACKBONES = {
