@@ -19,7 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .errors import DatasetError
-from .folder import ImageList
+from .folder import ImageList, find_undecodable
 from .sampling import derive_seed
 from .transforms import Preprocessing
 
@@ -105,14 +105,23 @@ class DaliLoader:
         if len(indices) == 0:  # more ranks than validation images
             return
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        done = 0
         try:
             batches = DALIGenericIterator([self._pipeline(indices)], ["images", "labels"], reader_name=READER, last_batch_policy=policy)
             for (batch,) in batches:
                 yield self._to_torch(batch["images"]), batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+                done += 1
         except RuntimeError as error:
-            # DALI reports a failing decode as a long multi-line RuntimeError from its worker thread.
-            detail = next((line.strip() for line in str(error).splitlines() if "rror" in line), str(error).strip())
-            raise DatasetError(f"DALI failed on a {'train' if self.train else 'val'} batch (set dataset.on_bad_image=skip or remove the file): {detail}") from None
+            raise self._decode_error(indices, done, error) from None
+
+    def _decode_error(self, indices: np.ndarray, done: int, error: RuntimeError) -> DatasetError:
+        """DALI's decode errors do not name the file: look for it among the batches in flight."""
+        in_flight = indices[done * self.batch_size:(done + self.prefetch_queue_depth + 2) * self.batch_size]
+        culprit = find_undecodable([self.images.paths[i] for i in in_flight])
+        if culprit is not None:
+            return DatasetError(f"cannot decode image {culprit[0]} ({culprit[1]}); remove or replace the file")
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return DatasetError(f"DALI pipeline failed and no undecodable file was found near batch {done}: {' '.join(lines[-4:])}")
 
     def _to_torch(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

@@ -126,6 +126,20 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
+def find_undecodable(paths: Sequence[str]) -> Optional[tuple[str, str]]:
+    """The first of `paths` that PIL cannot fully decode, with the reason; None if all decode.
+
+    Used after a decoder failure that does not name its file (DALI's), on the few files it can be.
+    """
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:
+            return path, f"{type(error).__name__}: {error}"
+    return None
+
+
 def _fingerprints(paths: Sequence[str]) -> np.ndarray:
     """One 64-bit digest of (path, size, mtime) per file: changes whenever the file does."""
     digests = np.empty(len(paths), dtype=np.uint64)

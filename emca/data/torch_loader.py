@@ -37,7 +37,7 @@ class ImageListDataset(Dataset):
             with Image.open(path) as image:
                 image = image.convert("RGB")  # greyscale, CMYK, palette -> RGB
         except Exception as error:
-            raise DatasetError(f"cannot decode image {path} ({type(error).__name__}: {error}); remove it or set dataset.on_bad_image=skip") from None
+            raise DatasetError(f"cannot decode image {path} ({type(error).__name__}: {error}); remove or replace the file") from None
         if self.train:
             # Distinct integer seeds give independent Mersenne-Twister streams.
             image = train_image(image, self.prep, random.Random((epoch_seed << 32) | index))

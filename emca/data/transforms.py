@@ -118,11 +118,29 @@ def train_image(image: Image.Image, prep: Preprocessing, rng: random.Random) -> 
     return F.pil_to_tensor(image)
 
 
+def val_geometry(width: int, height: int, prep: Preprocessing) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of the validation transform.
+
+    Both rounding steps are round-half-up, DALI's convention for resize_shorter and centred crops.
+    Stock torchvision truncates the long side and rounds the crop offset half-to-even; that gives
+    the same crop give or take one pixel, but using one rule in both loaders makes their
+    validation images agree pixel-position for pixel-position.
+    """
+    short = min(width, height)
+    if width <= height:
+        new_width, new_height = prep.val_resize, math.floor(height * prep.val_resize / short + 0.5)
+    else:
+        new_width, new_height = math.floor(width * prep.val_resize / short + 0.5), prep.val_resize
+    size = prep.image_size
+    return new_width, new_height, (new_width - size + 1) // 2, (new_height - size + 1) // 2
+
+
 def val_image(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
     """Shorter side resized to val_resize, centre crop image_size, as a uint8 CHW tensor."""
-    if min(image.size) != prep.val_resize:
-        image = F.resize(image, prep.val_resize, InterpolationMode.BILINEAR, antialias=True)
-    return F.pil_to_tensor(F.center_crop(image, [prep.image_size, prep.image_size]))
+    width, height, left, top = val_geometry(image.width, image.height, prep)
+    if (width, height) != image.size:
+        image = F.resize(image, [height, width], InterpolationMode.BILINEAR, antialias=True)
+    return F.pil_to_tensor(F.crop(image, top, left, prep.image_size, prep.image_size))
 
 
 class BatchNormalizer:
