@@ -1,0 +1,7 @@
+"""The training engine: trainer loop (trainer.py) and its parts, one concern per module.
+
+distributed: process group, rank 0's run folder;  reproducibility: seeds, determinism, RNG state;
+checkpoint: atomic save, architecture check;  optim / schedule: SGD and its learning-rate schedule;
+metrics: loss / accuracy sums over ranks, attention-scale histograms;  progress: tqdm or log lines;
+tensorboard: event files in the run folder;  preemption: SIGTERM / SIGUSR1;  results: results.json.
+"""

@@ -1,0 +1,142 @@
+"""One process per device, launched by torchrun (single or multi node) or as a plain process.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; with WORLD_SIZE > 1 the
+process group is created from them: NCCL when training on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def env_rank() -> int:
+    """The global rank torchrun gave this process (0 for a plain process); readable before any
+    process group exists, e.g. while Hydra composes the config."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def scratch_run_dir() -> str:
+    """Where a non-zero rank lets Hydra put its own job folder.
+
+    Hydra creates a job folder in every process, each from its own clock; the run folder is rank
+    0's, announced over the process group, and this scratch folder is removed once it is known.
+    """
+    return os.path.join(tempfile.gettempdir(), f"emca-rank{env_rank()}-{os.getpid()}")
+
+
+def silence_non_main_logging() -> None:
+    """Only rank 0 writes train.log and reports progress; other ranks keep their warnings and
+    errors on the console."""
+    if env_rank() == 0:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    # CPU-side group for tiny host-level agreements (e.g. the stop flag) that should not
+    # synchronise the GPU stream; the default group itself when that is already gloo.
+    host_group: Optional[Any] = None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce(self, tensor: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on at least one (host side, no GPU sync)."""
+        if not self.is_distributed:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(value.item())
+
+    def broadcast_from_main(self, obj: Any) -> Any:
+        """Rank 0's value of `obj` (any picklable object) on every rank."""
+        if not self.is_distributed:
+            return obj
+        holder = [obj if self.is_main else None]
+        dist.broadcast_object_list(holder, src=0, group=self.host_group)
+        return holder[0]
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics drift apart per rank
+        under DDP), so that validation and the saved checkpoint see the same model."""
+        if self.is_distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("trainer.device=cuda but no CUDA device is available (use trainer.device=cpu or auto)")
+        return torch.device("cuda", local_rank)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"trainer.device={requested!r}: expected auto, cpu or cuda")
+
+
+def setup_distributed(requested_device: str) -> DistributedContext:
+    """Join the process group torchrun describes (once per process: multirun jobs reuse it)."""
+    rank = env_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return DistributedContext(rank=0, local_rank=local_rank, world_size=1, device=device)
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        atexit.register(dist.destroy_process_group)
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, host_group=_host_group())
+
+
+@functools.cache
+def _host_group() -> Optional[Any]:
+    return dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+
+
+def shared_run_dir(ctx: DistributedContext, own_run_dir: str) -> str:
+    """Rank 0's Hydra output folder, on every rank; a non-zero rank's scratch folder is removed."""
+    run_dir = ctx.broadcast_from_main(own_run_dir)
+    if not ctx.is_main and os.path.abspath(own_run_dir) == scratch_run_dir():
+        shutil.rmtree(own_run_dir, ignore_errors=True)
+    return run_dir

@@ -1,0 +1,97 @@
+"""Loss and accuracy as sums over ranks, and the distribution of the learned attention scales.
+
+Metrics are kept as sums (loss x images, correct predictions, images) on the device and reduced
+with one all_reduce: the result is the exact figure over all images, not a mean of per-rank means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from emca.engine.distributed import DistributedContext
+
+
+def correct_counts(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...]) -> list[torch.Tensor]:
+    """For each k, how many labels are among the k highest logits (k capped at the class count)."""
+    maxk = min(max(topk), logits.shape[1])
+    predictions = logits.topk(maxk, dim=1).indices
+    hits = predictions == labels.unsqueeze(1)
+    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in topk]
+
+
+class MetricSums:
+    """Running sums of loss, top-1 and top-5 hits and images; no host synchronisation until read."""
+
+    def __init__(self, device: torch.device):
+        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """`loss` is the batch mean; it is weighted by the batch size."""
+        top1, top5 = correct_counts(logits.detach(), labels, (1, 5))
+        count = labels.shape[0]
+        self.totals += torch.stack([loss.detach().double() * count, top1.double(), top5.double(), torch.tensor(float(count), device=self.totals.device, dtype=torch.float64)])
+
+    def reduce(self, ctx: DistributedContext) -> "Metrics":
+        """Sum over ranks (a collective: every rank calls it) and return the means."""
+        totals = ctx.all_reduce_sum(self.totals.clone()).tolist()
+        loss_sum, top1, top5, count = totals
+        count = max(count, 1.0)
+        return Metrics(loss=loss_sum / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count, count=int(totals[3]))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    loss: float
+    top1: float
+    top5: float
+    count: int
+
+
+class ScaleHistograms:
+    """Histograms of every attention module's scales (the output of its `gate`) over a pass.
+
+    Fixed bins on [0, 1] (sigmoid outputs) accumulate on the device, so the whole validation set
+    is covered at constant memory and ranks are merged by summing counts.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, bins: int = 100):
+        self.bins = bins
+        self.names = list(modules)
+        # Per module: bucket counts, then count, sum, sum of squares, min, max.
+        self.counts = torch.zeros(len(modules), bins, dtype=torch.float64, device=device)
+        self.moments = torch.zeros(len(modules), 3, dtype=torch.float64, device=device)
+        self.minimum = torch.full((len(modules),), float("inf"), dtype=torch.float64, device=device)
+        self.maximum = torch.full((len(modules),), float("-inf"), dtype=torch.float64, device=device)
+        self._handles = [
+            module.gate.register_forward_hook(self._hook(index)) for index, module in enumerate(modules.values())
+        ]
+
+    def _hook(self, index: int):
+        def record(_module, _inputs, scales: torch.Tensor) -> None:
+            values = scales.detach().double().flatten()
+            self.counts[index] += torch.histc(values, bins=self.bins, min=0.0, max=1.0)
+            self.moments[index] += torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device), values.sum(), (values * values).sum()])
+            self.minimum[index] = torch.minimum(self.minimum[index], values.min())
+            self.maximum[index] = torch.maximum(self.maximum[index], values.max())
+
+        return record
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reduce(self, ctx: DistributedContext) -> None:
+        """Merge all ranks (a collective: every rank calls it)."""
+        ctx.all_reduce_sum(self.counts)
+        ctx.all_reduce_sum(self.moments)
+        ctx.all_reduce(self.minimum, dist.ReduceOp.MIN)
+        ctx.all_reduce(self.maximum, dist.ReduceOp.MAX)
+
+    def bucket_limits(self) -> list[float]:
+        """Right edge of each bucket (TensorBoard's convention)."""
+        return [(i + 1) / self.bins for i in range(self.bins)]

@@ -1,0 +1,50 @@
+"""SGD with the recipe's learning rate and the parameters that are exempt from weight decay."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from emca.models import attention_modules
+
+SRM_ATTENTIONS = ("srm", "emca_srm")
+
+
+def scaled_lr(lr: float, global_batch: int, lr_scale_batch: int | None) -> float:
+    """The linear scaling rule (Goyal et al.): lr is given for a batch of lr_scale_batch images."""
+    return lr if lr_scale_batch is None else lr * global_batch / lr_scale_batch
+
+
+def no_decay_parameter_names(model: nn.Module, kinds: Iterable[str], attention_name: str) -> set[str]:
+    """Qualified names of the parameters the given kinds (bn, bias, srm) exempt from weight decay."""
+    kinds = set(kinds)
+    unknown = kinds - {"bn", "bias", "srm"}
+    if unknown:
+        raise ValueError(f"optimizer.no_weight_decay: unknown kinds {sorted(unknown)}; expected bn, bias, srm")
+    names: set[str] = set()
+    if "bn" in kinds:
+        for module_name, module in model.named_modules():
+            if isinstance(module, _BatchNorm):
+                names.update(f"{module_name}.{name}" for name, _ in module.named_parameters(recurse=False))
+    if "bias" in kinds:
+        names.update(name for name, p in model.named_parameters() if p.ndim <= 1 and name.endswith("bias"))
+    if "srm" in kinds and attention_name in SRM_ATTENTIONS:
+        for module_name, module in attention_modules(model).items():
+            names.update(f"{module_name}.{name}" for name, _ in module.named_parameters())
+    return names
+
+
+def build_optimizer(model: nn.Module, optimizer_cfg, global_batch: int, attention_name: str) -> torch.optim.SGD:
+    lr = scaled_lr(optimizer_cfg.lr, global_batch, optimizer_cfg.lr_scale_batch)
+    exempt = no_decay_parameter_names(model, (kind.value for kind in optimizer_cfg.no_weight_decay), attention_name)
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if name in exempt else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": optimizer_cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=lr, momentum=optimizer_cfg.momentum, nesterov=optimizer_cfg.nesterov)

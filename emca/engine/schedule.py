@@ -1,0 +1,66 @@
+"""Learning-rate schedules, stepped once per training iteration.
+
+Per-iteration stepping makes warm-up smooth and keeps resume exact: the scheduler's state is the
+iteration count, saved with every checkpoint (also mid-epoch ones). Step decay still changes the
+rate exactly at epoch boundaries, because its milestones are whole epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
+    """Milestones given as fractions of the run, rounded to whole epochs ([0.3, 0.6, 0.9] of 100 ->
+    [30, 60, 90]), so that the recipe scales with trainer.epochs."""
+    for fraction in fractions:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"optimizer.milestones must be fractions of trainer.epochs in (0, 1], got {list(fractions)}")
+    # Half rounds up (Python's round() would send 4.5 to 4 but 13.5 to 14).
+    return [math.floor(fraction * epochs + 0.5) for fraction in fractions]
+
+
+def lr_factor(
+    schedule: str,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: int = 0,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+) -> Callable[[int], float]:
+    """The multiplier of the base learning rate at iteration `step` (0-based)."""
+    if schedule not in ("step", "cosine"):
+        raise ValueError(f"optimizer.schedule={schedule!r}: expected step or cosine")
+    if warmup_epochs >= epochs:
+        raise ValueError(f"optimizer.warmup_epochs={warmup_epochs} must be shorter than trainer.epochs={epochs}")
+    warmup_steps = warmup_epochs * steps_per_epoch
+    total_steps = epochs * steps_per_epoch
+    milestone_steps = [epoch * steps_per_epoch for epoch in milestone_epochs(milestones, epochs)]
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / (total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return gamma ** sum(step >= boundary for boundary in milestone_steps)
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optimizer_cfg, epochs: int, steps_per_epoch: int) -> LambdaLR:
+    return LambdaLR(
+        optimizer,
+        lr_factor(
+            schedule=optimizer_cfg.schedule.value,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=optimizer_cfg.warmup_epochs,
+            milestones=optimizer_cfg.milestones,
+            gamma=optimizer_cfg.gamma,
+        ),
+    )

@@ -1,0 +1,390 @@
+"""The training run: build everything from the config, resume, train and validate epoch by epoch,
+checkpoint after every epoch, write results.json once the run is complete.
+
+Checkpoints carry the position to continue from (epoch, step within it) and the random-number
+state at the start of that epoch; the loaders derive each epoch's order and augmentation from
+(seed, epoch) alone. So a resumed run replays exactly what the uninterrupted run would have done,
+and with trainer.deterministic=true on CPU ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from emca.data import build_loaders
+from emca.engine.checkpoint import BEST, CHECKPOINT_DIR, LAST, architecture_fingerprint, load_checkpoint, save_checkpoint
+from emca.engine.distributed import DistributedContext, setup_distributed, shared_run_dir, silence_non_main_logging
+from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
+from emca.engine.optim import build_optimizer
+from emca.engine.preemption import StopRequest
+from emca.engine.progress import EpochProgress
+from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
+from emca.engine.results import git_commit, library_versions, write_results
+from emca.engine.schedule import build_scheduler, milestone_epochs
+from emca.engine.tensorboard import TensorBoardLog
+from emca.models import attention_modules, build_model
+from emca.models.summary import count_parameters, measure_gflops
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunAborted(CompactHydraException):
+    """A problem the user can fix (bad config, dataset, checkpoint, diverged loss), in one line.
+
+    A CompactHydraException, so that a failed job of a multirun is reported by Hydra as this one
+    line rather than as a traceback.
+    """
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGUSR1 arrived; last.pt holds the run's position."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint next to the model and optimizer states."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of epoch `epoch` already trained (non-zero after a pre-emption)
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: Optional[dict[str, Any]] = None
+    wall_s: float = 0.0  # over all segments of the run (a resumed run adds to it)
+    train_s: float = 0.0
+    train_images: int = 0
+
+
+def train(cfg: DictConfig, hydra_output_dir: str) -> dict[str, Any]:
+    """Run (or continue) one training run; returns what results.json holds.
+
+    Raises RunAborted for problems a user can fix, Preempted after saving on SIGTERM / SIGUSR1.
+    """
+    silence_non_main_logging()
+    try:
+        ctx = setup_distributed(cfg.trainer.device)
+    except ValueError as error:
+        raise RunAborted(str(error)) from error
+    run_dir = Path(shared_run_dir(ctx, hydra_output_dir))
+    with StopRequest() as stop:
+        trainer = Trainer(cfg, ctx, run_dir)
+        return trainer.fit(stop)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, ctx: DistributedContext, run_dir: Path):
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.started = time.perf_counter()
+        self.checkpoint_dir = run_dir / CHECKPOINT_DIR
+        trainer_cfg = cfg.trainer
+        self.epochs = trainer_cfg.epochs
+        self.amp_dtype = AMP_DTYPES.get(trainer_cfg.amp.value)
+        seed_everything(trainer_cfg.seed)
+        configure_determinism(trainer_cfg.deterministic)
+        try:
+            self._build(cfg, ctx)
+            self.progress = self._resume(trainer_cfg.resume)
+        except ValueError as error:  # DatasetError, invalid model / optimizer options, CheckpointError
+            raise RunAborted(str(error)) from error
+        # The training model: DDP (gradient all-reduce) and torch.compile wrap the same parameters.
+        self.train_model: nn.Module = self.model
+        if ctx.is_distributed:
+            self.train_model = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if trainer_cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    def _build(self, cfg: DictConfig, ctx: DistributedContext) -> None:
+        trainer_cfg = cfg.trainer
+        if trainer_cfg.eval_every < 1 or trainer_cfg.log_every < 1:
+            raise ValueError(f"trainer.eval_every={trainer_cfg.eval_every} and trainer.log_every={trainer_cfg.log_every} must be >= 1")
+        self.data = build_loaders(
+            cfg.dataset, cfg.loader, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+            channels_last=trainer_cfg.channels_last, seed=trainer_cfg.seed,
+        )
+        model = build_model(cfg.backbone, cfg.attention, cfg.coverage, num_classes=self.data.num_classes)
+        self.parameters = count_parameters(model)
+        self.gflops = measure_gflops(model, cfg.dataset.image_size)
+        self.fingerprint = architecture_fingerprint(model)
+        if trainer_cfg.sync_bn and ctx.is_distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        memory_format = torch.channels_last if trainer_cfg.channels_last else torch.preserve_format
+        self.model = model.to(ctx.device, memory_format=memory_format)
+
+        self.steps_per_epoch = len(self.data.train)
+        if trainer_cfg.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, trainer_cfg.max_steps_per_epoch)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.dataset.batch_size, cfg.attention.name)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, self.epochs, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype is torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optimizer.label_smoothing)
+
+        if ctx.is_main:
+            arch = self.fingerprint["architecture"]
+            log.info(f"run folder {self.run_dir}")
+            log.info(
+                f"model {arch['backbone']} attention={cfg.attention.name} coverage={cfg.coverage.name}: "
+                f"{self.parameters / 1e6:.3f} M parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px"
+            )
+            log.info(
+                f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} val images, "
+                f"{self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over {ctx.world_size} process(es), "
+                f"{self.steps_per_epoch} steps/epoch on {ctx.device}"
+            )
+            optimizer_cfg = cfg.optimizer
+            schedule = (
+                f"x{optimizer_cfg.gamma} at epochs {milestone_epochs(optimizer_cfg.milestones, self.epochs)}"
+                if optimizer_cfg.schedule.value == "step" else "cosine"
+            )
+            log.info(
+                f"SGD lr {self.optimizer.param_groups[0]['lr']:.4g} momentum {optimizer_cfg.momentum} "
+                f"weight decay {optimizer_cfg.weight_decay}, {self.epochs} epochs, {schedule}, "
+                f"warm-up {optimizer_cfg.warmup_epochs} epochs, amp {trainer_cfg.amp.value}"
+            )
+
+    # ----------------------------------------------------------------------------- resume
+    def _resume(self, resume: Optional[str]) -> Progress:
+        """Load the checkpoint trainer.resume names; rank 0 decides which, every rank loads it."""
+        last = self.checkpoint_dir / LAST
+        if resume is None:
+            path, problem = None, None
+            if last.exists():
+                problem = (f"{self.run_dir} already holds {CHECKPOINT_DIR}/{LAST}: pass trainer.resume=auto to continue "
+                           f"that run, or choose another hydra.run.dir")
+        elif resume == "auto":
+            path, problem = (last if last.exists() else None), None
+        else:
+            path, problem = Path(resume), None
+        path, problem = self.ctx.broadcast_from_main((path, problem))
+        if problem:
+            raise ValueError(problem)
+        if path is None:
+            return Progress()
+
+        state = load_checkpoint(path, self.fingerprint)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty when saved with fp16 off
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        progress = Progress(**state["progress"])
+        if self.ctx.is_main:
+            log.info(f"resumed from {path}: epoch {progress.epoch} completed, step {progress.step_in_epoch} of the next")
+        return progress
+
+    # ----------------------------------------------------------------------------- the run
+    def fit(self, stop: StopRequest) -> dict[str, Any]:
+        progress = self.progress
+        board = TensorBoardLog(self.run_dir, purge_step=progress.global_step or None) if self.ctx.is_main else None
+        try:
+            for epoch in range(progress.epoch, self.epochs):
+                # The random state this epoch starts from (after a resume: the restored one), which a
+                # checkpoint taken during the epoch stores.
+                epoch_rng = rng_state()
+                epoch_lr = self.optimizer.param_groups[0]["lr"]
+                epoch_started = time.perf_counter()
+                train_metrics = self.train_one_epoch(epoch, stop, board)
+                progress.train_s += time.perf_counter() - epoch_started
+                if train_metrics is None:
+                    self._save(progress, epoch_rng, best=False)
+                    self._stop_for(stop, epoch)
+
+                progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                record = {"epoch": epoch + 1, "train_loss": train_metrics.loss, "train_top1": train_metrics.top1,
+                          "lr": epoch_lr}
+                improved = False
+                if (epoch + 1) % self.cfg.trainer.eval_every == 0 or epoch + 1 == self.epochs:
+                    val = self.evaluate(epoch, board)
+                    record.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
+                    improved = progress.best is None or val.top1 > progress.best["val_top1"]
+                    if improved:
+                        progress.best = {"epoch": epoch + 1, "val_top1": val.top1, "val_top5": val.top5, "val_loss": val.loss}
+                progress.history.append(record)
+                self._log_epoch(record, progress, time.perf_counter() - epoch_started)
+                self._save(progress, rng_state(), best=improved)
+                if stop.requested:
+                    self._stop_for(stop, epoch + 1)
+            results = self._results(progress)
+            if self.ctx.is_main:
+                write_results(self.run_dir, results)
+                board.hparams(
+                    results["config"],
+                    {"hparams/best_val_top1": results["best"]["val_top1"], "hparams/final_val_top1": results["final"]["val_top1"],
+                     "hparams/final_val_top5": results["final"]["val_top5"]},
+                )
+                log.info(f"done: final val top-1 {results['final']['val_top1']:.2f}%, best {results['best']['val_top1']:.2f}% "
+                         f"(epoch {results['best']['epoch']}); {self.run_dir / 'results.json'}")
+            return results
+        finally:
+            if board is not None:
+                board.close()
+
+    def train_one_epoch(self, epoch: int, stop: StopRequest, board: Optional[TensorBoardLog]) -> Optional[Metrics]:
+        """One epoch from progress.step_in_epoch on; None when a stop signal cut it short."""
+        progress, ctx, log_every = self.progress, self.ctx, self.cfg.trainer.log_every
+        first_step = progress.step_in_epoch
+        self.train_model.train()
+        self.data.train.set_epoch(epoch)
+        epoch_sums, window = MetricSums(ctx.device), MetricSums(ctx.device)
+        window_started = time.perf_counter()
+        # islice also fast-forwards over the batches trained before a pre-emption (loaded, not trained).
+        batches = itertools.islice(self.data.train, first_step, self.steps_per_epoch)
+        with EpochProgress(epoch + 1, self.epochs, self.steps_per_epoch, first_step, enabled=ctx.is_main) as bar:
+            for step, (images, labels) in enumerate(batches, start=first_step):
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = self.train_model(images)
+                    loss = self.criterion(logits, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                window.update(loss, logits, labels)
+                epoch_sums.update(loss, logits, labels)
+                progress.global_step += 1
+                progress.step_in_epoch = step + 1
+                progress.train_images += labels.shape[0] * ctx.world_size
+                bar.advance()
+
+                if (step + 1) % log_every == 0 or step + 1 == self.steps_per_epoch:
+                    metrics = self._checked(window.reduce(ctx), epoch, step)
+                    images_per_s = metrics.count / (time.perf_counter() - window_started)
+                    bar.report(metrics, lr, images_per_s)
+                    if board is not None:
+                        board.train_step(progress.global_step, metrics, lr, images_per_s)
+                    window, window_started = MetricSums(ctx.device), time.perf_counter()
+                if ctx.any_rank(stop.requested):
+                    # The steps since the last report must be finite before they are saved.
+                    self._checked(window.reduce(ctx), epoch, step)
+                    return None
+        return self._checked(epoch_sums.reduce(ctx), epoch, self.steps_per_epoch - 1)
+
+    def _checked(self, metrics: Metrics, epoch: int, step: int) -> Metrics:
+        """Stop on a NaN / Inf loss before anything is saved: the last checkpoint stays the last good one."""
+        if not math.isfinite(metrics.loss):
+            kept = self.checkpoint_dir / LAST
+            kept_text = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint had been written yet"
+            raise RunAborted(
+                f"training loss became {metrics.loss} at epoch {epoch + 1} step {step + 1}: stopped; {kept_text} "
+                f"(lower optimizer.lr, add optimizer.warmup_epochs or use trainer.amp=bf16 instead of fp16)"
+            )
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int, board: Optional[TensorBoardLog]) -> Metrics:
+        """Top-1 / top-5 / loss over the whole validation set, summed over ranks.
+
+        Runs the plain model (not DDP: ranks hold different numbers of validation batches) with
+        rank 0's BatchNorm statistics, and histograms every attention module's scales.
+        """
+        ctx = self.ctx
+        ctx.broadcast_buffers(self.model)
+        self.model.eval()
+        modules = attention_modules(self.model)
+        histograms = ScaleHistograms(modules, ctx.device) if modules else None
+        sums = MetricSums(ctx.device)
+        self.data.val.set_epoch(epoch)
+        try:
+            for images, labels in self.data.val:
+                with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = self.model(images)
+                sums.update(F.cross_entropy(logits.float(), labels), logits, labels)
+        finally:
+            if histograms is not None:
+                histograms.remove()
+            self.model.train()
+        metrics = sums.reduce(ctx)
+        if histograms is not None:
+            histograms.reduce(ctx)
+        if board is not None:
+            board.validation(epoch + 1, metrics)
+            if histograms is not None:
+                board.scale_histograms(epoch + 1, histograms)
+        return metrics
+
+    # ----------------------------------------------------------------------------- persistence
+    def _save(self, progress: Progress, rng: dict[str, Any], best: bool) -> None:
+        """last.pt (and best.pt) from rank 0, with rank 0's BatchNorm statistics."""
+        self.ctx.broadcast_buffers(self.model)
+        if not self.ctx.is_main:
+            return
+        progress.wall_s += time.perf_counter() - self.started
+        self.started = time.perf_counter()
+        state = {
+            "format": 1,
+            "fingerprint": self.fingerprint,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "progress": asdict(progress),
+            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+        }
+        save_checkpoint(state, self.checkpoint_dir / LAST)
+        if best:
+            save_checkpoint(state, self.checkpoint_dir / BEST)
+
+    def _stop_for(self, stop: StopRequest, epoch: int) -> None:
+        if self.ctx.is_main:
+            log.warning(
+                f"{stop.name or 'stop signal'} received: saved {self.checkpoint_dir / LAST} at epoch {epoch} "
+                f"step {self.progress.step_in_epoch}; continue with hydra.run.dir={self.run_dir} trainer.resume=auto"
+            )
+        stop.hand_over()
+        raise Preempted(stop.name)
+
+    def _log_epoch(self, record: dict[str, Any], progress: Progress, seconds: float) -> None:
+        if not self.ctx.is_main:
+            return
+        text = f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f}%"
+        if "val_top1" in record:
+            text += (f"; val loss {record['val_loss']:.4f} top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% "
+                     f"(best {progress.best['val_top1']:.2f}% at epoch {progress.best['epoch']})")
+        log.info(f"{text}; {seconds:.1f} s")
+
+    def _results(self, progress: Progress) -> dict[str, Any]:
+        progress.wall_s += time.perf_counter() - self.started
+        self.started = time.perf_counter()
+        evaluated = [record for record in progress.history if "val_top1" in record]
+        final = evaluated[-1]
+        cfg = self.cfg
+        return {
+            "status": "completed",
+            "run_dir": str(self.run_dir),
+            "model": {"backbone": cfg.backbone.name, "attention": cfg.attention.name, "coverage": cfg.coverage.name},
+            "dataset": cfg.dataset.name,
+            "loader": cfg.loader.name,
+            "final": {"epoch": final["epoch"], "val_top1": final["val_top1"], "val_top5": final["val_top5"], "val_loss": final["val_loss"]},
+            "best": progress.best,
+            "epoch_reached": progress.epoch,
+            "epochs": self.epochs,
+            "params": self.parameters,
+            "gflops": self.gflops,
+            "image_size": cfg.dataset.image_size,
+            "images_per_s": progress.train_images / progress.train_s if progress.train_s else None,
+            "wall_time_s": progress.wall_s,
+            "world_size": self.ctx.world_size,
+            "device": str(self.ctx.device),
+            "git": git_commit(),
+            "versions": library_versions(),
+            # Indexed by epoch - 1; null where the epoch was not validated (trainer.eval_every > 1).
+            "val_top1_per_epoch": [record.get("val_top1") for record in progress.history],
+            "history": progress.history,
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        }

@@ -1,0 +1,42 @@
+"""Train an EMCA-ResNet.
+
+    python train.py                                   # digits on CPU, the defaults in configs/train.yaml
+    python train.py dataset=imagenet backbone=resnet50 attention=emca_se trainer=gpu
+    torchrun --nproc_per_node=8 train.py dataset=imagenet ...        # DDP, one process per device
+    python train.py -m attention=emca_se,emca_eca coverage=none,prev_stage_all   # a sweep
+    python train.py hydra.run.dir=outputs/run1 trainer.resume=auto                # continue a run
+
+Options: configs/ and their schema in emca/config.py. Exit status: 0 when the run completed or was
+pre-empted (SIGTERM / SIGUSR1) after saving checkpoints/last.pt; 1 on an error, reported in one line.
+"""
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+import emca.config  # noqa: F401  (registers the config schema and resolvers)
+from emca.engine.trainer import Preempted, RunAborted, train
+
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    try:
+        return train(cfg, hydra_cfg.runtime.output_dir)["best"]["val_top1"]
+    except Preempted:
+        sys.exit(0)
+    except RunAborted as error:
+        log.error("%s", error)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweep goes on with its other jobs; Hydra reports this line when it ends
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
