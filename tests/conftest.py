@@ -28,3 +28,39 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+# --- data fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture
+def emca_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh EMCA_CACHE (generated digits, image-check cache) private to one test."""
+    cache = tmp_path_factory.mktemp("emca-cache")
+    monkeypatch.setenv("EMCA_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """Factory writing an ImageFolder tree of small noisy JPEGs.
+
+    image_tree({"train": {"a": 3, "b": 2}, "val": {"a": 1}}) -> root. Class i's images are
+    dominated by colour channel i % 3, so a label can be checked from the pixels after any crop.
+    """
+    import numpy as np
+    from PIL import Image
+
+    def make(splits: dict, size=(48, 40), root: Path | None = None) -> Path:
+        root = root or tmp_path / "tree"
+        rng = np.random.default_rng(0)
+        for split, classes in splits.items():
+            for index, (name, count) in enumerate(sorted(classes.items())):
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    pixels = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+                    pixels[..., index % 3] += 180
+                    Image.fromarray(pixels).save(folder / f"{name}_{i}.JPEG", quality=95)
+        return root
+
+    return make

@@ -166,7 +166,7 @@ def _save_known_good(cache_file: Path, fingerprints: np.ndarray) -> None:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".npy", delete=False) as handle:
-            np.save(handle, np.unique(fingerprints))
+            np.save(handle, fingerprints)
         os.replace(handle.name, cache_file)  # atomic: concurrent ranks never read half a file
     except OSError as error:  # a read-only cache only costs a re-check next time
         log.warning("could not cache image checks in %s: %s", cache_file.parent, error)
@@ -176,7 +176,8 @@ def screen_images(images: ImageList, split_dir: Path, *, on_bad_image: str, cach
     """Drop (on_bad_image='skip') or refuse (on_bad_image='error') files that fail check_image."""
     fingerprints = _fingerprints(images.paths)
     cache_file = _cache_file(split_dir, cache_dir)
-    unchecked = np.flatnonzero(~np.isin(fingerprints, _load_known_good(cache_file)))
+    known_good = _load_known_good(cache_file)
+    unchecked = np.flatnonzero(~np.isin(fingerprints, known_good))
     if unchecked.size == 0:
         return images
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -184,7 +185,7 @@ def screen_images(images: ImageList, split_dir: Path, *, on_bad_image: str, cach
     bad = {int(i): why for i, why in zip(unchecked, problems) if why is not None}
     good = np.ones(len(images), dtype=bool)
     good[list(bad)] = False
-    _save_known_good(cache_file, fingerprints[good])
+    _save_known_good(cache_file, np.union1d(known_good, fingerprints[good]))
     if not bad:
         return images
     first = min(bad)
