@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 
-from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders
+from emca.data import DatasetConfig, LoaderConfig, build_loaders
 from emca.data.datasets import ensure_digits
 from emca.data.sampling import train_shard, val_shard
 

@@ -102,7 +102,10 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
         make = partial(TorchvisionLoader, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
                        prefetch_factor=loader.prefetch_factor, **common)
     else:
-        from .dali_loader import DaliLoader
+        try:
+            from .dali_loader import DaliLoader
+        except ImportError as error:
+            raise DatasetError(f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision") from None
 
         make = partial(DaliLoader, rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth,
                        use_gpu=loader.dali_use_gpu, **common)
