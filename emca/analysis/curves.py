@@ -1,0 +1,41 @@
+"""Figure 9: validation top-1 per epoch of a set of runs, one panel per backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from emca.analysis.paper_reference import SHORT_NAME  # noqa: E402
+from emca.analysis.runs import Run  # noqa: E402
+
+
+def plot_top1_curves(runs: Iterable[Run], path: Path, title: str = "Validation top-1 per epoch") -> Optional[Path]:
+    """Write the figure to `path`; None (nothing written) when no run has a curve."""
+    by_backbone: dict[str, list[Run]] = {}
+    for run in runs:
+        if any(value is not None for value in run.top1_curve()):
+            by_backbone.setdefault(run.variant.backbone, []).append(run)
+    if not by_backbone:
+        return None
+    figure, axes = plt.subplots(1, len(by_backbone), figsize=(6 * len(by_backbone), 4.5), squeeze=False)
+    for axis, (backbone, backbone_runs) in zip(axes[0], sorted(by_backbone.items())):
+        for run in backbone_runs:
+            points = [(epoch, top1) for epoch, top1 in enumerate(run.top1_curve(), start=1) if top1 is not None]
+            label = run.variant.describe().removeprefix(f"{backbone} ")
+            axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+        axis.set_title(SHORT_NAME.get(backbone, backbone))
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("val top-1 (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="x-small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

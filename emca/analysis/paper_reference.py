@@ -1,0 +1,122 @@
+"""The paper's published numbers (PAPER.md §6, ImageNet), kept verbatim and parsed on import.
+
+The text blocks below are copied character for character from PAPER.md §6 so that a reader can
+diff them against the source; the parser turns them into lookups. Parameter counts are the
+authors' (not sum(numel)): compare deltas and ratios, never absolute counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+# Table 2 / Table 3: FPS (batch 1), #P (M), top-1, top-5 for SE | ECA | SRM.
+TABLE_2_3_TEXT = """\
+R-18 all              187 11.231 70.59 89.78 | 192 11.148 70.75 89.74 | 154 11.152 70.96 89.81
+R-18 first(=none)     204 11.189 70.91 89.96 | 212 11.148 70.63 89.85 | 165 11.150 71.31 90.07
+R-18 last             204 11.189 70.92 89.83 | 212 11.148 70.81 89.84 | 165 11.150 71.04 90.00
+R-18 prev_stage_last  156 11.189 71.02 89.98 | 174 11.148 70.83 89.96 | 123 11.150 71.20 90.00
+R-18 prev_stage_all   160 11.190 71.00 90.00 | 170 11.148 71.04 89.99 | 113 11.150 71.02 90.00
+R-18 all_stages_last  153 11.190 71.02 90.12 | 169 11.148 70.59 89.78 | 113 11.150 71.00 89.81
+R-34 all              101 20.938 73.87 91.65 | 107 20.788 74.13 91.68 |  82 20.795 73.98 91.68
+R-34 first(=none)     122 20.829 73.84 91.64 | 122 20.788 74.20 91.84 |  96 20.790 74.51 91.91
+R-34 last             122 20.829 73.64 91.49 | 122 20.788 73.75 91.47 |  96 20.790 73.63 91.44
+R-34 prev_stage_last  109 20.829 74.33 91.89 | 109 20.788 74.39 91.81 |  82 20.790 74.39 91.77
+R-34 prev_stage_all   107 20.829 74.40 91.89 | 107 20.788 74.46 91.70 |  81 20.790 74.38 91.87
+R-34 all_stages_last  103 20.829 74.02 91.74 | 108 20.788 74.14 91.81 |  80 20.790 74.57 91.90
+R-50 all               90 26.772 76.80 93.39 |  87 24.373 77.12 93.68 |  71 24.402 77.13 93.51
+R-50 first(=none)      97 25.037 76.56 93.28 |  98 24.373 77.02 93.49 |  81 24.380 76.98 93.41
+R-50 last              97 25.037 75.71 92.60 |  98 24.373 76.37 93.18 |  81 24.380 76.73 93.26
+R-50 prev_stage_last   88 25.037 77.10 93.49 |  94 24.373 76.98 93.55 |  70 24.380 77.00 93.72
+R-50 prev_stage_all    90 25.037 77.33 93.52 |  92 24.373 77.13 93.49 |  70 24.380 77.20 93.54
+R-50 all_stages_last   89 25.037 76.85 93.42 |  91 24.373 76.82 93.41 |  71 24.380 77.05 93.50
+"""
+
+# Table 4 / Table 5: #P (M), GFLOPs, top-1, top-5, FPS, FPS-dagger, FPS-double-dagger.
+TABLE_4_5_TEXT = """\
+R-18 ResNet    11.148 1.694 70.40 89.45 270 23552 859
+R-18 SE        11.231 1.695 70.59 89.78 187 21760 839
+R-18 EMCA-SE   11.190 1.695 71.00 90.00 160 17313 813
+R-18 ECA*      11.148 1.695 70.75 89.74 192 22287 848
+R-18 EMCA-ECA  11.148 1.695 71.04 89.99 170 19023 833
+R-18 SRM*      11.152 1.695 70.96 89.81 154 18794 823
+R-18 EMCA-SRM  11.150 1.694 71.02 90.00 113 15190 803
+R-34 ResNet    20.788 3.419 73.31 91.40 168 19712 840
+R-34 SE        20.938 3.421 73.87 91.65 101 14279 805
+R-34 EMCA-SE   20.829 3.421 74.41 91.90 107 14372 812
+R-34 ECA*      20.788 3.420 74.13 91.68 107 14067 825
+R-34 EMCA-ECA  20.788 3.421 74.46 91.70 107 14080 822
+R-34 SRM*      20.795 3.419 73.98 91.68  82 12655 803
+R-34 EMCA-SRM  20.790 3.419 74.38 91.87  81 12579 795
+R-50 ResNet    24.373 3.829 75.89 92.85 124 10032 668
+R-50 SE        26.772 3.837 76.80 93.39  90  8156 597
+R-50 EMCA-SE   25.037 3.835 77.33 93.52  90  8099 589
+R-50 ECA*      24.373 3.834 77.12 93.68  87  8517 591
+R-50 EMCA-ECA  24.373 3.834 77.13 93.49  92  8615 600
+R-50 SRM*      24.402 3.829 77.13 93.51  71  6745 536
+R-50 EMCA-SRM  24.380 3.829 77.20 93.54  70  6698 532
+"""
+
+# Table 5's other attention methods on R-50 (top-1 only); the framework does not implement them.
+TABLE_5_OTHERS_TEXT = "R-50 FcaNet 77.27, EPSANet 77.31, SANet 77.25, CBAM 77.34, BAM 75.98, A2-Nets 77.00 top-1"
+
+BACKBONE_BY_SHORT_NAME = {"R-18": "resnet18", "R-34": "resnet34", "R-50": "resnet50"}
+SHORT_NAME = {name: short for short, name in BACKBONE_BY_SHORT_NAME.items()}
+KINDS = ("se", "eca", "srm")
+
+# Row labels of the Table 2/3 block. `first(=none)` is both Table 2's plain-CA `first` row and
+# Table 3's EMCA `none` row: the paper treats them as the same model.
+TABLE_2_3_ROWS = ("all", "first(=none)", "last", "prev_stage_last", "prev_stage_all", "all_stages_last")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One published measurement; a field the paper does not give is None."""
+
+    params: Optional[float] = None  # millions, as the authors counted them (not sum(numel))
+    gflops: Optional[float] = None
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    fps: Optional[float] = None  # batch 1, one loader worker
+    fps_model: Optional[float] = None  # FPS-dagger: model alone, batch 256
+    fps_pipeline: Optional[float] = None  # FPS-double-dagger: whole val pass, batch 256, 8 workers
+
+
+def _parse_table_2_3(text: str) -> dict[tuple[str, str, str], Reference]:
+    """{(backbone, row label, kind): Reference} from the Table 2/3 block."""
+    table = {}
+    for line in text.splitlines():
+        short, row, rest = line.split(None, 2)
+        for kind, cell in zip(KINDS, rest.split("|"), strict=True):
+            fps, params, top1, top5 = (float(value) for value in cell.split())
+            table[(BACKBONE_BY_SHORT_NAME[short], row, kind)] = Reference(params=params, top1=top1, top5=top5, fps=fps)
+    return table
+
+
+def _parse_table_4_5(text: str) -> dict[tuple[str, str], Reference]:
+    """{(backbone, method without the retrained-by-the-authors star): Reference}."""
+    table = {}
+    for line in text.splitlines():
+        short, method, *values = line.split()
+        params, gflops, top1, top5, fps, fps_model, fps_pipeline = (float(value) for value in values)
+        table[(BACKBONE_BY_SHORT_NAME[short], method.rstrip("*"))] = Reference(
+            params=params, gflops=gflops, top1=top1, top5=top5, fps=fps, fps_model=fps_model, fps_pipeline=fps_pipeline
+        )
+    return table
+
+
+def _parse_table_5_others(text: str) -> dict[str, float]:
+    """{method: top-1} of the methods Table 5 lists that the framework does not implement."""
+    body = text.split(None, 1)[1].removesuffix(" top-1")
+    return {name: float(top1) for name, top1 in (entry.rsplit(None, 1) for entry in body.split(", "))}
+
+
+TABLE_2_3 = _parse_table_2_3(TABLE_2_3_TEXT)
+TABLE_4_5 = _parse_table_4_5(TABLE_4_5_TEXT)
+TABLE_5_OTHERS = _parse_table_5_others(TABLE_5_OTHERS_TEXT)
+TABLE_5_BACKBONE = "resnet50"
+
+# Marked by the paper with '*': SE/ECA/SRM rows retrained by the authors under their protocol.
+RETRAINED_BY_AUTHORS = frozenset(
+    method.rstrip("*") for method in (line.split()[1] for line in TABLE_4_5_TEXT.splitlines()) if method.endswith("*")
+)

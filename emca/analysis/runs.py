@@ -1,0 +1,141 @@
+"""Finding training runs under sweep folders and reading what they measured.
+
+A run folder is any folder holding .hydra/config.yaml (what Hydra writes for every job of a run
+or a multirun). Its results.json (written by train.py when the run completed) gives accuracy,
+parameters, GFLOPs and the per-epoch validation curve; an eval.json (written by eval.py, in the run
+folder or next to its checkpoints) adds the paper's speeds. A run without either is listed as
+incomplete: a gap in the tables, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from omegaconf import OmegaConf
+
+from emca.analysis.variants import Variant, variant_from_config
+from emca.engine.checkpoint import CHECKPOINT_DIR
+from emca.engine.results import RESULTS
+
+log = logging.getLogger(__name__)
+
+EVAL = "eval.json"
+ACCURACIES = ("final", "best")
+
+
+@dataclass
+class Run:
+    path: Path
+    variant: Variant
+    dataset: Optional[str]
+    results: Optional[dict[str, Any]]
+    evaluation: Optional[dict[str, Any]]
+
+    @property
+    def complete(self) -> bool:
+        return self.results is not None or self.evaluation is not None
+
+    def measurement(self, accuracy: str = "final") -> dict[str, float]:
+        """The table metrics this run has (params in millions); absent keys are gaps."""
+        values: dict[str, float] = {}
+        results, evaluation = self.results or {}, self.evaluation or {}
+        if accuracy not in ACCURACIES:
+            raise ValueError(f"accuracy must be one of {ACCURACIES}, got {accuracy!r}")
+        chosen = results.get(accuracy) or {}
+        if "val_top1" in chosen:
+            values.update(top1=chosen["val_top1"], top5=chosen["val_top5"])
+        elif "val" in evaluation:
+            values.update(top1=evaluation["val"]["top1"], top5=evaluation["val"]["top5"])
+        params = evaluation.get("params", results.get("params"))
+        if params is not None:
+            values["params"] = params / 1e6
+        gflops = evaluation.get("gflops", results.get("gflops"))
+        if gflops is not None:
+            values["gflops"] = gflops
+        for key, speed in (evaluation.get("speed") or {}).items():
+            if isinstance(speed, dict) and "images_per_second" in speed:
+                values[key] = speed["images_per_second"]
+        return values
+
+    def top1_curve(self) -> list[Optional[float]]:
+        return list((self.results or {}).get("val_top1_per_epoch") or [])
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("ignoring unreadable %s: %s", path, error)
+        return None
+
+
+def _newest_eval(run_dir: Path) -> Optional[dict[str, Any]]:
+    found = [path for path in (run_dir / EVAL, run_dir / CHECKPOINT_DIR / EVAL) if path.is_file()]
+    return _read_json(max(found, key=lambda path: path.stat().st_mtime)) if found else None
+
+
+def read_run(run_dir: Path) -> Optional[Run]:
+    """The run in run_dir, or None (with a warning) when its config cannot be read."""
+    config_path = run_dir / ".hydra" / "config.yaml"
+    try:
+        cfg = OmegaConf.load(config_path)
+        variant = variant_from_config(cfg)
+        dataset = OmegaConf.select(cfg, "dataset.name", default=None, throw_on_resolution_failure=False)
+    except Exception as error:  # a hand-edited or foreign config: skip the folder, say why
+        log.warning("ignoring %s: cannot read its model from %s (%s)", run_dir, config_path, " ".join(str(error).split())[:200])
+        return None
+    return Run(run_dir, variant, dataset, _read_json(run_dir / RESULTS), _newest_eval(run_dir))
+
+
+def find_runs(roots: Iterable[Path]) -> list[Run]:
+    """Every run folder under the roots (recursively), in path order."""
+    runs = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            log.warning("%s is not a folder; skipped", root)
+            continue
+        for folder, subfolders, _ in os.walk(root):
+            subfolders[:] = sorted(name for name in subfolders if name not in (".hydra", CHECKPOINT_DIR))
+            if (Path(folder) / ".hydra" / "config.yaml").is_file():
+                run = read_run(Path(folder))
+                if run is not None:
+                    runs.append(run)
+    return runs
+
+
+def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Variant, dict[str, float]], list[str]]:
+    """{table cell: metrics} from the completed runs, and notes on what was set aside.
+
+    When several runs fill one cell the most recently finished one is used and the others named.
+    """
+    by_cell: dict[Variant, list[Run]] = {}
+    notes = []
+    for run in runs:
+        if not run.complete:
+            notes.append(f"incomplete (no {RESULTS} or {EVAL}): {run.path}")
+            continue
+        by_cell.setdefault(run.variant.cell(), []).append(run)
+    measured = {}
+    for cell, candidates in by_cell.items():
+        candidates.sort(key=_finished_at)
+        chosen = candidates[-1]
+        measured[cell] = chosen.measurement(accuracy)
+        if len(candidates) > 1:
+            others = ", ".join(str(run.path) for run in candidates[:-1])
+            notes.append(f"{len(candidates)} runs of {cell.describe()}: using {chosen.path} (newest), not {others}")
+        if chosen.variant.options:
+            notes.append(f"{chosen.path} differs from the paper's options: {chosen.variant.describe()}")
+    return measured, notes
+
+
+def _finished_at(run: Run) -> float:
+    times = [path.stat().st_mtime for path in (run.path / RESULTS, run.path / EVAL, run.path / CHECKPOINT_DIR / EVAL) if path.is_file()]
+    return max(times, default=0.0)

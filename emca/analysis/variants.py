@@ -1,0 +1,97 @@
+"""Which model a run trained, in the terms the paper's tables use.
+
+A Variant is the part of a configuration that decides a table cell: backbone, attention, where
+the attention sits (integration) and, for EMCA, the coverage preset. Other options (gating,
+alignment, se_ratio, ...) do not change the cell; they are kept in `options` so that runs that
+differ only there can be told apart when they compete for one cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from emca.models import COVERAGE_PRESETS
+from emca.models.config import AttentionConfig
+
+# Attention options that leave the paper's table cell unchanged, with their paper values.
+_PAPER_OPTIONS = {name: getattr(AttentionConfig, name) for name in ("se_ratio", "eca_kernel", "gating", "align", "include_stem")}
+
+
+@dataclass(frozen=True)
+class Variant:
+    backbone: str  # resnet18 | resnet34 | resnet50 | ...
+    attention: str  # none | se | eca | srm | emca_se | emca_eca | emca_srm
+    integration: Optional[str] = None  # all | first | last; None for the plain ResNet
+    coverage: Optional[str] = None  # coverage preset name (or stages=..,blocks=..), EMCA only
+    options: tuple[tuple[str, Any], ...] = ()  # attention options that differ from the paper's
+
+    @property
+    def is_emca(self) -> bool:
+        return self.attention.startswith("emca_")
+
+    def cell(self) -> "Variant":
+        """The table cell this variant fills (options dropped)."""
+        return Variant(self.backbone, self.attention, self.integration, self.coverage)
+
+    def describe(self) -> str:
+        parts = [self.backbone, self.attention]
+        if self.integration is not None:
+            parts.append(f"integration={self.integration}")
+        if self.coverage is not None:
+            parts.append(f"coverage={self.coverage}")
+        parts.extend(f"{key}={value}" for key, value in self.options)
+        return " ".join(parts)
+
+
+def plain(backbone: str) -> Variant:
+    return Variant(backbone, "none")
+
+
+def channel_attention(backbone: str, kind: str, integration: str = "all") -> Variant:
+    return Variant(backbone, kind, integration)
+
+
+def emca(backbone: str, kind: str, coverage: str, integration: str = "first") -> Variant:
+    return Variant(backbone, f"emca_{kind}", integration, coverage)
+
+
+def coverage_name(stages: Any, blocks: Any) -> str:
+    """The preset that (stages, blocks) spell, else a literal description."""
+    for name, preset in COVERAGE_PRESETS.items():
+        if preset == (stages, blocks):
+            return name
+    return f"stages={stages},blocks={blocks}"
+
+
+def variant_from_config(cfg: Any) -> Variant:
+    """The Variant a training config (DictConfig or plain dict) describes.
+
+    The coverage preset is derived from coverage.stages / coverage.blocks rather than trusted from
+    coverage.name, which a command-line override of the fields leaves stale.
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    backbone = str(cfg.backbone.name)
+    attention = str(cfg.attention.name)
+    if attention == "none":
+        return Variant(backbone, attention)
+    coverage = None
+    if attention.startswith("emca_"):
+        coverage = coverage_name(_plain(cfg.coverage.stages), _plain(cfg.coverage.blocks))
+    options = tuple(
+        (key, value)
+        for key, paper_value in _PAPER_OPTIONS.items()
+        if (value := _plain(cfg.attention.get(key, paper_value))) != paper_value
+        and not (key == "include_stem" and not attention.startswith("emca_"))
+    )
+    return Variant(backbone, attention, str(cfg.attention.integration), coverage, options)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as a hashable Python value (lists become tuples)."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,102 @@
+"""The paper's tables from training runs, with the published numbers beside ours.
+
+    python scripts/make_tables.py multirun/table3/2026-01-01_10-00-00 [more sweep folders] --out tables/
+    python scripts/make_tables.py --complexity                    # params / GFLOPs, no training needed
+    python scripts/make_tables.py --complexity --tables table4 --backbones resnet18 --image-size 224
+
+Run folders are found recursively (any folder with .hydra/config.yaml); each one's backbone,
+attention, integration and coverage come from that config. Missing runs are gaps ('–'). Prints
+Markdown and writes to --out: tables.md, tables.csv (one number per line), one .tex per table
+(booktabs) and figure9_val_top1.png (validation top-1 per epoch of every run found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from emca.analysis import render
+from emca.analysis.complexity import count_variants
+from emca.analysis.curves import plot_top1_curves
+from emca.analysis.runs import ACCURACIES, find_runs, measurements
+from emca.analysis.tables import TABLES, Table, TableSpec, complexity_table, fill_table
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("sweep_dirs", nargs="*", type=Path, help="folders holding runs (searched recursively)")
+    parser.add_argument("--out", type=Path, help="where to write files (default: SWEEP_DIR/tables, or ./tables with --complexity)")
+    parser.add_argument("--tables", nargs="+", choices=sorted(TABLES), help="which tables (default: every table a run fills; all with --complexity)")
+    parser.add_argument("--accuracy", choices=ACCURACIES, default="final", help="the epoch whose accuracy is reported (default: final)")
+    parser.add_argument("--complexity", action="store_true", help="count params / GFLOPs of every variant instead of reading runs")
+    parser.add_argument("--backbones", nargs="+", help="--complexity: only these backbones (e.g. resnet18)")
+    parser.add_argument("--image-size", type=int, default=224, help="--complexity: input resolution for GFLOPs (default 224)")
+    args = parser.parse_args(argv)
+    if not args.complexity and not args.sweep_dirs:
+        parser.error("give at least one SWEEP_DIR (or --complexity)")
+    if args.out is None:
+        args.out = args.sweep_dirs[0] / "tables" if args.sweep_dirs else Path("tables")
+    return args
+
+
+def only_backbones(spec: TableSpec, backbones: list[str] | None) -> TableSpec:
+    if not backbones:
+        return spec
+    return dataclasses.replace(spec, entries=tuple(entry for entry in spec.entries if entry.backbone in backbones))
+
+
+def complexity_tables(args: argparse.Namespace) -> list[Table]:
+    specs = [only_backbones(TABLES[name], args.backbones) for name in args.tables or TABLES]
+    specs = [spec for spec in specs if spec.variants()]
+    counts = count_variants((variant for spec in specs for variant in spec.variants()), image_size=args.image_size)
+    tables = [complexity_table(spec, counts) for spec in specs]
+    for table in tables:
+        table.notes.insert(0, f"GFLOPs at {args.image_size}x{args.image_size}.")
+    return tables
+
+
+def run_tables(args: argparse.Namespace) -> list[Table] | None:
+    runs = find_runs(args.sweep_dirs)
+    if not runs:
+        return None
+    measured, notes = measurements(runs, args.accuracy)
+    names = args.tables or [name for name, spec in TABLES.items() if measured.keys() & set(spec.variants())]
+    placed = {variant for name in names for variant in TABLES[name].variants()}
+    notes += [f"not in {', '.join(names) or 'any paper table'}: {run.variant.describe()} ({run.path})"
+              for run in runs if run.complete and run.variant.cell() not in placed]
+    datasets = sorted({run.dataset or "?" for run in runs})
+    notes.insert(0, f"{len(runs)} run(s) on dataset {', '.join(datasets)}; {args.accuracy}-epoch accuracy; the paper's numbers are ImageNet.")
+    tables = [fill_table(TABLES[name], measured) for name in names]
+    for table in tables:
+        table.notes += notes
+    if not tables:
+        print("\n".join(notes))
+    figure = plot_top1_curves(runs, args.out / "figure9_val_top1.png")
+    if figure is not None:
+        print(f"wrote {figure}", file=sys.stderr)
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    tables = complexity_tables(args) if args.complexity else run_tables(args)
+    if tables is None:
+        print(f"error: no run folders (with .hydra/config.yaml) under {', '.join(map(str, args.sweep_dirs))}", file=sys.stderr)
+        return 1
+    text = "\n".join(render.markdown(table) for table in tables)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tables.md").write_text(text)
+    (args.out / "tables.csv").write_text(render.csv_text(tables))
+    for table in tables:
+        (args.out / f"{table.name}.tex").write_text(render.latex(table))
+    print(f"wrote {args.out}/tables.md, tables.csv and {len(tables)} .tex file(s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
