@@ -1,0 +1,127 @@
+"""The paper's three speeds (PAPER.md §5), in images per second.
+
+FPS                whole pipeline (decode, resize, normalise, forward), batch 1, one loader worker
+FPS-dagger         the model alone on a synthetic batch of 256 already on the device
+FPS-double-dagger  the whole validation pass at batch 256 with 8 loader workers
+
+Each measurement first runs `warmup` untimed batches (allocator, cuDNN autotuning, worker start-up),
+then starts the clock after synchronising the device. Pipeline passes copy the predictions to the
+host after every batch, as an application would, which also makes "one image at a time" literal:
+an image is finished before the next one is read.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe_device(device: torch.device) -> str:
+    """The device in words, for the record next to the speeds."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    images: int
+    seconds: float
+    batch_size: int
+    warmup_batches: int
+    workers: Optional[int] = None  # loader workers (None: synthetic input, no loader)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"images_per_second": self.images_per_second, **asdict(self)}
+
+
+class TooFewBatches(ValueError):
+    """The validation set is too small for the requested warm-up."""
+
+
+def _forward(model: nn.Module, images: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.Tensor:
+    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+        return model(images)
+
+
+@torch.no_grad()
+def time_pipeline(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    batch_size: int,
+    workers: int,
+    warmup: int,
+    max_images: Optional[int] = None,
+    autocast: Optional[torch.dtype] = None,
+) -> Throughput:
+    """Images per second of loading + inference over the loader (after `warmup` batches), up to
+    max_images images (None: to the end of the pass)."""
+    model.eval()
+    batches = iter(loader)
+    for done in range(warmup):
+        try:
+            images, _ = next(batches)
+        except StopIteration:
+            raise TooFewBatches(f"the validation set has only {done} batches of {batch_size}, fewer than the {warmup} warm-up batches; lower speed.warmup") from None
+        _forward(model, images, autocast).argmax(dim=1).cpu()
+    synchronize(device)
+    started = time.perf_counter()
+    images_timed = 0
+    for images, _ in batches:
+        _forward(model, images, autocast).argmax(dim=1).cpu()
+        images_timed += images.shape[0]
+        if max_images is not None and images_timed >= max_images:
+            break
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    if images_timed == 0:
+        raise TooFewBatches(f"no validation batch of {batch_size} is left after the {warmup} warm-up batches; lower speed.warmup")
+    return Throughput(images_timed, seconds, batch_size, warmup, workers)
+
+
+@torch.no_grad()
+def time_model(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    batch_size: int,
+    image_size: int,
+    warmup: int,
+    iterations: int,
+    channels_last: bool = False,
+    autocast: Optional[torch.dtype] = None,
+) -> Throughput:
+    """Images per second of the forward pass alone on a random batch resident on the device."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    for _ in range(warmup):
+        _forward(model, images, autocast)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(iterations):
+        _forward(model, images, autocast)
+    synchronize(device)
+    return Throughput(batch_size * iterations, time.perf_counter() - started, batch_size, warmup)
