@@ -1,0 +1,231 @@
+"""eval.py's work: rebuild a run's model from its checkpoint and measure everything the paper
+reports about a trained model, into one eval.json.
+
+The checkpoint carries the run's resolved configuration; the model is built from it and the
+weights are loaded through emca.engine.checkpoint.load_checkpoint, which refuses a checkpoint
+whose architecture fingerprint differs from the rebuilt model. Data settings come from the same
+configuration, with eval.yaml's non-null `dataset` fields and `loader` choice on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from emca.analysis.evaluation import ROTATIONS, evaluate
+from emca.analysis.gradcam import save_gradcam, target_block
+from emca.analysis.scales import LearnedScales, plot_scales
+from emca.analysis.speed import describe_device, time_model, time_pipeline
+from emca.data import build_loaders
+from emca.engine.checkpoint import architecture_fingerprint, atomic_write, describe_architecture, load_checkpoint
+from emca.engine.distributed import DistributedContext
+from emca.engine.results import git_commit, library_versions
+from emca.engine.trainer import AMP_DTYPES
+from emca.models import attention_modules, build_model
+from emca.models.summary import count_parameters, measure_gflops
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+
+
+class EvalError(ValueError):
+    """A problem the user can fix (checkpoint, options, dataset mismatch), in one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, with the one-line errors eval.py reports for unusable files."""
+    if not path.is_file():
+        raise EvalError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign or not a torch file at all
+        raise EvalError(f"checkpoint {path} cannot be read: {' '.join(str(error).split())[:300]}") from error
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise EvalError(f"{path} holds no training configuration ('config'); eval.py needs a checkpoint written by train.py")
+    if "fingerprint" not in state:
+        raise EvalError(f"{path} has no architecture fingerprint; eval.py needs a checkpoint written by train.py")
+    return state
+
+
+def restore_model(path: Path, state: dict[str, Any]) -> torch.nn.Module:
+    """The run's model with the checkpoint's weights (on the CPU)."""
+    train_cfg = state["config"]
+    num_classes = state["fingerprint"]["architecture"]["num_classes"]
+    try:
+        model = build_model(train_cfg["backbone"], train_cfg["attention"], train_cfg["coverage"], num_classes)
+    except (KeyError, ValueError) as error:
+        raise EvalError(f"{path}: its configuration does not describe a model this code can build ({error})") from error
+    # load_checkpoint re-reads the file but owns the architecture check and its messages.
+    model.load_state_dict(load_checkpoint(path, architecture_fingerprint(model))["model"])
+    return model
+
+
+def data_configs(train_cfg: dict[str, Any], cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(dataset, loader) settings: the run's, with eval.yaml's non-null dataset fields and loader."""
+    dataset = dict(train_cfg["dataset"])
+    dataset.update({key: value for key, value in OmegaConf.to_container(cfg.dataset).items() if value is not None})
+    loader = OmegaConf.to_container(cfg.loader) if cfg.get("loader") is not None else dict(train_cfg["loader"])
+    return dataset, loader
+
+
+def _option(value: Any, trained: Any) -> Any:
+    return trained if value is None else value
+
+
+def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[dict[str, Any]]:
+    """Measure, write eval.json (and the figures) and return its content; None on ranks other than 0."""
+    if not cfg.checkpoint:
+        raise EvalError("give the checkpoint to evaluate: python eval.py checkpoint=PATH")
+    checkpoint = Path(cfg.checkpoint).expanduser().resolve()
+    state = read_checkpoint(checkpoint)
+    train_cfg = state["config"]
+    model = restore_model(checkpoint, state)
+    architecture = state["fingerprint"]["architecture"]
+    trainer_cfg = train_cfg.get("trainer", {})
+    amp = str(_option(cfg.amp, trainer_cfg.get("amp", "off")))
+    if amp not in ("off", *AMP_DTYPES):
+        raise EvalError(f"amp={amp!r}: expected off, bf16 or fp16")
+    autocast = AMP_DTYPES.get(amp)
+    channels_last = bool(_option(cfg.channels_last, trainer_cfg.get("channels_last", False)))
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model = model.to(ctx.device, memory_format=memory_format).eval()
+
+    dataset_cfg, loader_cfg = data_configs(train_cfg, cfg)
+    seed = trainer_cfg.get("seed", 0)
+    data = build_loaders(dataset_cfg, loader_cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                         channels_last=channels_last, seed=seed)
+    if data.num_classes != architecture["num_classes"]:
+        raise EvalError(
+            f"dataset {dataset_cfg['name']} at {dataset_cfg['root']} has {data.num_classes} classes but the checkpoint's "
+            f"model predicts {architecture['num_classes']} ({describe_architecture(state['fingerprint'])})"
+        )
+
+    rotations = [0] + [degrees for degrees in cfg.rotations if degrees % 360]
+    scales = LearnedScales(model, ctx.device) if cfg.learned_scales and attention_modules(model) else None
+    if ctx.is_main:
+        log.info(f"evaluating {checkpoint} on {data.num_val} {dataset_cfg['name']} validation images "
+                 f"(rotations {rotations}) with {ctx.world_size} process(es) on {ctx.device}")
+    metrics = evaluate(model, data.val, ctx, rotations, autocast,
+                       while_unrotated=scales.recording if scales else contextlib.nullcontext)
+    if scales is not None:
+        scales.reduce(ctx)
+        scales.remove()
+    if not ctx.is_main:
+        return None
+
+    image_size = dataset_cfg["image_size"]
+    output = Path(cfg.output).expanduser().resolve() if cfg.output else checkpoint.parent / EVAL_FILE
+    plain = metrics[0]
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_epoch": (state.get("progress") or {}).get("epoch"),
+        "model": architecture,
+        "dataset": {"name": dataset_cfg["name"], "root": str(dataset_cfg["root"]), "image_size": image_size,
+                    "val_resize": dataset_cfg.get("val_resize"), "num_val": data.num_val, "num_classes": data.num_classes},
+        "loader": loader_cfg["name"],
+        "device": describe_device(ctx.device),
+        "world_size": ctx.world_size,
+        "amp": amp,
+        "channels_last": channels_last,
+        "val": {"top1": plain.top1, "top5": plain.top5, "loss": plain.loss, "images": plain.count},
+        "rotation": {str(degrees): {"top1": m.top1, "top5": m.top5, "loss": m.loss} for degrees, m in metrics.items()},
+        "params": count_parameters(model),
+        "gflops": measure_gflops(model, image_size),
+        "image_size": image_size,
+        "learned_scales": scales.statistics() if scales else None,
+        "speed": None,
+        "gradcam": None,
+    }
+    if scales is not None:
+        title = f"Learned scales, {describe_architecture(state['fingerprint'])}, {data.num_val} val images"
+        report["learned_scales_plot"] = str(plot_scales(report["learned_scales"], output.with_name(f"{output.stem}_scales.png"), title))
+    if cfg.speed.enabled:
+        report["speed"] = measure_speeds(model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, autocast, seed)
+    if cfg.gradcam.images > 0:
+        report["gradcam"] = gradcam_maps(model, data, dataset_cfg, cfg.gradcam.images, output.with_name(f"{output.stem}_gradcam"))
+    report.update(created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), git=git_commit(), versions=library_versions())
+    if output.exists():
+        log.info(f"replacing {output}")
+    atomic_write(output, lambda file: file.write((json.dumps(report, indent=2) + "\n").encode()))
+    report["output"] = str(output)
+    return report
+
+
+def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, autocast, seed) -> dict[str, Any]:
+    """FPS, FPS-dagger and FPS-double-dagger on this process' device alone."""
+
+    def val_loader(batch_size: int, workers: int):
+        settings = {**dataset_cfg, "batch_size": batch_size, "workers": workers}
+        return build_loaders(settings, loader_cfg, rank=0, world_size=1, device=device, channels_last=channels_last, seed=seed).val
+
+    warmup = speed_cfg.warmup
+    log.info("speed: FPS (batch 1, %d worker(s))", speed_cfg.single_workers)
+    fps = time_pipeline(model, val_loader(1, speed_cfg.single_workers), device, batch_size=1, workers=speed_cfg.single_workers,
+                        warmup=warmup, max_images=speed_cfg.single_images, autocast=autocast)
+    log.info("speed: FPS-dagger (model only, batch %d)", speed_cfg.batch)
+    fps_model = time_model(model, device, batch_size=speed_cfg.batch, image_size=dataset_cfg["image_size"], warmup=warmup,
+                           iterations=speed_cfg.model_iterations, channels_last=channels_last, autocast=autocast)
+    log.info("speed: FPS-double-dagger (validation pass, batch %d, %d workers)", speed_cfg.batch, speed_cfg.workers)
+    fps_pipeline = time_pipeline(model, val_loader(speed_cfg.batch, speed_cfg.workers), device, batch_size=speed_cfg.batch,
+                                 workers=speed_cfg.workers, warmup=warmup, autocast=autocast)
+    return {"device": describe_device(device), "fps": fps.as_dict(), "fps_model": fps_model.as_dict(), "fps_pipeline": fps_pipeline.as_dict()}
+
+
+def gradcam_maps(model, data, dataset_cfg, count: int, out_dir: Path) -> dict[str, Any]:
+    """Heat maps of the first `count` validation images (of this rank's share)."""
+    images, labels = [], []
+    for batch_images, batch_labels in data.val:
+        images.append(batch_images)
+        labels.append(batch_labels)
+        if sum(len(b) for b in labels) >= count:
+            break
+    images, labels = torch.cat(images)[:count], torch.cat(labels)[:count]
+    paths = save_gradcam(model, images, labels, data.classes, dataset_cfg["mean"], dataset_cfg["std"], out_dir)
+    return {"target_layer": target_block(model)[0], "images": [str(path) for path in paths]}
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """What eval.py prints: one line per measurement."""
+    model, dataset = report["model"], report["dataset"]
+    coverage = model.get("coverage")
+    lines = [
+        f"checkpoint  {report['checkpoint']} (epoch {report['checkpoint_epoch']})",
+        f"model       {model['backbone']} attention={model['attention']}"
+        + (f" coverage=(stages={coverage['stages']}, blocks={coverage['blocks']})" if coverage else "")
+        + f", {model['num_classes']} classes",
+        f"data        {dataset['name']} validation, {dataset['num_val']} images at {dataset['image_size']} px via {report['loader']}; "
+        f"{report['world_size']} process(es), amp {report['amp']}",
+        f"accuracy    top-1 {report['val']['top1']:.2f}%  top-5 {report['val']['top5']:.2f}%  loss {report['val']['loss']:.4f}",
+        "rotation    " + "  ".join(f"{degrees}°: {m['top1']:.2f}%" for degrees, m in report["rotation"].items()) + "  (top-1, clockwise)",
+        f"complexity  {report['params'] / 1e6:.3f} M parameters (sum of numel), {report['gflops']:.3f} GFLOPs at {report['image_size']} px",
+    ]
+    speed = report.get("speed")
+    if speed:
+        fps, fps_model, fps_pipeline = speed["fps"], speed["fps_model"], speed["fps_pipeline"]
+        lines.append(
+            f"speed       FPS {fps['images_per_second']:.1f} (batch 1, {fps['workers']} worker)  "
+            f"FPS† {fps_model['images_per_second']:.1f} (model only, batch {fps_model['batch_size']})  "
+            f"FPS‡ {fps_pipeline['images_per_second']:.1f} (validation pass, batch {fps_pipeline['batch_size']}, {fps_pipeline['workers']} workers)"
+        )
+        lines.append(f"            on {speed['device']}")
+    for row in report.get("learned_scales") or []:
+        lines.append(
+            f"scales      stage {row['stage']} {row['module']}: mean {row['mean']:.3f}  variance {row['variance']:.4f}  "
+            f"below 0.5 {100 * row['below_half']:.1f}%  zeros {100 * row['zeros']:.1f}%  ({row['channels']} channels)"
+        )
+    if report.get("gradcam"):
+        lines.append(f"grad-cam    {len(report['gradcam']['images'])} map(s) at {report['gradcam']['target_layer']} in "
+                     f"{Path(report['gradcam']['images'][0]).parent}")
+    lines.append(f"wrote       {report['output']}")
+    return "\n".join(lines)

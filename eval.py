@@ -1,0 +1,50 @@
+"""Evaluate a trained checkpoint: what the paper reports about a model, in one eval.json.
+
+    python eval.py checkpoint=outputs/2026-01-01/10-00-00/checkpoints/best.pt
+    python eval.py checkpoint=PATH dataset.root=/data/imagenet loader=torchvision gradcam.images=8
+    python eval.py checkpoint=PATH speed.enabled=false rotations=[0]        # accuracy only
+    torchrun --nproc_per_node=8 eval.py checkpoint=PATH                     # each val image once
+
+Measures top-1 / top-5 / loss, top-1 on the validation images rotated 90/180/270 degrees clockwise
+(Table 9), parameters and GFLOPs, the paper's three speeds (FPS, FPS-dagger, FPS-double-dagger),
+the learned-scale statistics of Figure 6 (with a plot) and optional Grad-CAM maps (Figures 7-8).
+Options and the output policy: configs/eval.yaml. Exit status 0, or 1 with a one-line error.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from emca.analysis.checkpoint_eval import EvalError, evaluate_checkpoint, format_summary
+from emca.analysis.speed import TooFewBatches
+from emca.data import DatasetError
+from emca.engine.checkpoint import CheckpointError
+from emca.engine.distributed import setup_distributed, silence_non_main_logging
+
+log = logging.getLogger("eval")
+
+USER_ERRORS = (EvalError, CheckpointError, DatasetError, TooFewBatches)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    silence_non_main_logging()
+    try:
+        ctx = setup_distributed(cfg.device)
+        report = evaluate_checkpoint(cfg, ctx)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as error:  # setup_distributed: an unusable device option
+        if "device" not in str(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if report is not None:
+        print(format_summary(report))
+
+
+if __name__ == "__main__":
+    main()
