@@ -1,0 +1,225 @@
+"""eval.py and its analysis pieces: rotations, learned scales, speeds, Grad-CAM, and end to end on
+a checkpoint made by a real (tiny) train.py sweep that tests/test_tables.py also reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emca.analysis.evaluation import evaluate, rotate_clockwise
+from emca.analysis.gradcam import save_gradcam, target_block
+from emca.analysis.scales import LearnedScales, first_attention_per_stage
+from emca.analysis.speed import TooFewBatches, time_model, time_pipeline
+from emca.engine.distributed import DistributedContext
+from emca.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+# A sweep small enough for a CPU test: the plain ResNet-18 and EMCA-SE of Table 4, 2 epochs of
+# 15 steps each on 16 px digits (about 30 % top-1: enough for rotations to matter).
+SWEEP_OVERRIDES = [
+    "+experiment=table4", "backbone=resnet18", "attention=none,emca_se", "loader=torchvision",
+    "dataset=digits", "dataset.image_size=16", "dataset.val_resize=16", "dataset.batch_size=32",
+    "dataset.workers=0", "trainer.epochs=2", "trainer.max_steps_per_epoch=15", "trainer.device=cpu",
+    "optimizer.lr=0.05",
+]
+# One intra-op thread per process: on a shared 2-core machine, OpenMP threads that spin while the
+# other core is busy make these small forwards 10-50x slower.
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def tiny_model(attention="emca_se", integration="first", coverage=("all", 1), num_classes=5):
+    torch.manual_seed(0)
+    return build_model({"name": "resnet18"}, {"name": attention, "integration": integration},
+                       {"stages": coverage[0], "blocks": coverage[1]}, num_classes).eval()
+
+
+def random_batches(count=3, batch=4, size=16, num_classes=5):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, num_classes, (batch,), generator=generator))
+            for _ in range(count)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_python(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **SUBPROCESS_ENV, **(env or {})})
+
+
+# ----------------------------------------------------------------------------- the shared sweep
+def make_sweep(base: Path) -> Path:
+    """Run (once per test session; later calls reuse it) the tiny train.py sweep under base."""
+    sweep = base / "sweep"
+    if not (sweep / "1" / "results.json").is_file():
+        result = run_python("train.py", "-m", *SWEEP_OVERRIDES, f"hydra.sweep.dir={sweep}", env=sweep_env(base))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+def sweep_env(base: Path) -> dict:
+    return {"EMCA_CACHE": str(base / "emca-cache")}
+
+
+@pytest.fixture(scope="session")
+def sweep_base(tmp_path_factory) -> Path:
+    # basetemp itself, not a mktemp folder: tests/test_tables.py's copy of this fixture then finds
+    # the same sweep and does not train again.
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="session")
+def trained_sweep(sweep_base) -> Path:
+    return make_sweep(sweep_base)
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained_sweep, sweep_base):
+    """eval.py on the EMCA-SE run's last checkpoint with every measurement switched on (tiny)."""
+    checkpoint = trained_sweep / "1" / "checkpoints" / "last.pt"
+    result = run_python(
+        "eval.py", f"checkpoint={checkpoint}", "speed.batch=32", "speed.workers=0", "speed.single_workers=0",
+        "speed.single_images=48", "speed.warmup=2", "speed.model_iterations=4", "gradcam.images=3",
+        env=sweep_env(sweep_base),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((checkpoint.parent / "eval.json").read_text())
+    return result, report, json.loads((trained_sweep / "1" / "results.json").read_text())
+
+
+# ----------------------------------------------------------------------------- rotations
+def test_rotate_clockwise_turns_the_top_left_corner_to_the_top_right():
+    image = torch.zeros(1, 1, 4, 4)
+    image[0, 0, 0, 0] = 1.0  # top-left
+    assert rotate_clockwise(image, 90)[0, 0, 0, 3] == 1.0  # top-right
+    assert rotate_clockwise(image, 180)[0, 0, 3, 3] == 1.0  # bottom-right
+    assert rotate_clockwise(image, 270)[0, 0, 3, 0] == 1.0  # bottom-left
+    assert torch.equal(rotate_clockwise(image, 360), image)
+    with pytest.raises(ValueError, match="multiples of 90"):
+        rotate_clockwise(image, 45)
+
+
+def test_rotation_zero_equals_plain_evaluation_and_others_see_rotated_images():
+    model, batches = tiny_model(), random_batches()
+    plain = evaluate(model, batches, CPU, rotations=(0,))[0]
+    all_rotations = evaluate(model, batches, CPU, rotations=(0, 90, 180, 270))
+    assert all_rotations[0] == plain
+    rotated_by_hand = evaluate(model, [(rotate_clockwise(x, 90), y) for x, y in batches], CPU, rotations=(0,))[0]
+    assert all_rotations[90] == rotated_by_hand
+    assert all_rotations[90].loss != plain.loss
+
+
+# ----------------------------------------------------------------------------- learned scales
+@pytest.mark.parametrize("integration, first_blocks", [("first", [0, 0, 0, 0]), ("last", [1, 1, 1, 1]), ("all", [0, 0, 0, 0])])
+def test_first_attention_module_of_each_stage(integration, first_blocks):
+    model = tiny_model("se", integration)
+    chosen = first_attention_per_stage(model)
+    assert list(chosen) == [f"layer{stage}.{block}.attn" for stage, block in zip(range(1, 5), first_blocks)]
+    assert [stage for stage, _ in chosen.values()] == [1, 2, 3, 4]
+
+
+def test_learned_scale_statistics_follow_the_gate_outputs():
+    model, batches = tiny_model(), random_batches()
+    stage1 = model.layer1[0].attn
+    # Channels 0-3 of stage 1 get logits of -200: sigmoid underflows to exactly 0 in float32.
+    with torch.no_grad():
+        stage1.excitation.fc2.weight[:4] = 0.0
+        stage1.excitation.fc2.bias[:4] = -200.0
+    seen = []
+    hook = stage1.gate.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().double()))
+    scales = LearnedScales(model, CPU.device)
+    evaluate(model, batches, CPU, rotations=(0, 90), while_unrotated=scales.recording)
+    hook.remove()
+    scales.reduce(CPU)
+    rows = scales.statistics()
+    assert [row["stage"] for row in rows] == [1, 2, 3, 4] and rows[0]["module"] == "layer1.0.attn"
+    # The hook saw unrotated and rotated forwards; the statistics only the unrotated ones.
+    average = torch.cat(seen[0::2]).mean(dim=0)
+    row = rows[0]
+    assert row["images"] == 12 and row["channels"] == 64
+    assert row["per_channel_mean"] == pytest.approx(average.tolist(), abs=1e-12)
+    assert row["mean"] == pytest.approx(average.mean().item())
+    assert row["variance"] == pytest.approx(average.var(unbiased=False).item())
+    assert row["below_half"] == pytest.approx((average < 0.5).double().mean().item())
+    assert row["zeros"] == pytest.approx(4 / 64)
+
+
+# ----------------------------------------------------------------------------- speeds
+def test_speed_measurements_count_images_after_warmup():
+    model = tiny_model()
+    batches = random_batches(count=5, batch=4)
+    throughput = time_pipeline(model, batches, CPU.device, batch_size=4, workers=0, warmup=2)
+    assert throughput.images == 12 and throughput.images_per_second > 0
+    capped = time_pipeline(model, batches, CPU.device, batch_size=4, workers=0, warmup=1, max_images=5)
+    assert capped.images == 8
+    synthetic = time_model(model, CPU.device, batch_size=4, image_size=16, warmup=1, iterations=2)
+    assert synthetic.images == 8 and synthetic.as_dict()["images_per_second"] > 0
+    with pytest.raises(TooFewBatches, match="warm-up"):
+        time_pipeline(model, batches, CPU.device, batch_size=4, workers=0, warmup=5)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+def test_gradcam_targets_the_block_of_the_last_attention_module(tmp_path):
+    assert target_block(tiny_model("se", "first"))[0] == "layer4.0"
+    assert target_block(tiny_model("se", "all"))[0] == "layer4.1"
+    assert target_block(tiny_model("none"))[0] == "layer4.1"
+    model = tiny_model()
+    images, labels = random_batches(count=1, batch=2, size=32)[0]
+    paths = save_gradcam(model, images, labels, [f"class {i}" for i in range(5)], [128.0] * 3, [64.0] * 3, tmp_path)
+    assert len(paths) == 2 and all(path.suffix == ".png" and path.stat().st_size > 0 for path in paths)
+
+
+# ----------------------------------------------------------------------------- eval.py end to end
+def test_eval_reproduces_the_runs_final_validation_accuracy(evaluated):
+    _, report, results = evaluated
+    assert report["checkpoint_epoch"] == results["final"]["epoch"] == 2
+    assert report["val"]["top1"] == results["final"]["val_top1"]
+    assert report["val"]["top5"] == results["final"]["val_top5"]
+    assert report["val"]["images"] == report["dataset"]["num_val"] == 360
+    assert report["params"] == results["params"] and report["gflops"] == pytest.approx(results["gflops"])
+
+
+def test_eval_reports_rotations_scales_speeds_and_gradcam(evaluated):
+    result, report, _ = evaluated
+    assert set(report["rotation"]) == {"0", "90", "180", "270"}
+    assert report["rotation"]["0"]["top1"] == report["val"]["top1"]
+    assert [row["module"] for row in report["learned_scales"]] == [f"layer{i}.0.attn" for i in range(1, 5)]
+    assert Path(report["learned_scales_plot"]).stat().st_size > 0
+    speed = report["speed"]
+    assert speed["device"].startswith("cpu")
+    assert all(speed[key]["images_per_second"] > 0 for key in ("fps", "fps_model", "fps_pipeline"))
+    assert speed["fps"]["batch_size"] == 1 and speed["fps_pipeline"]["batch_size"] == 32
+    assert speed["fps_pipeline"]["images_per_second"] > speed["fps"]["images_per_second"]
+    assert report["gradcam"]["target_layer"] == "layer4.0" and len(report["gradcam"]["images"]) == 3
+    assert "accuracy    top-1" in result.stdout and "FPS‡" in result.stdout
+
+
+def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, sweep_base, image_tree):
+    no_config = tmp_path / "no_config.pt"
+    torch.save({"model": tiny_model().state_dict()}, no_config)
+    three_classes = image_tree({"train": {"a": 2, "b": 2, "c": 2}, "val": {"a": 1, "b": 1, "c": 1}})
+    checkpoint = trained_sweep / "0" / "checkpoints" / "last.pt"
+    cases = {
+        "does not exist": [f"checkpoint={tmp_path / 'missing.pt'}"],
+        "holds no training configuration": [f"checkpoint={no_config}"],
+        "has 3 classes but the checkpoint's model predicts 10": [
+            f"checkpoint={checkpoint}", "dataset.name=imagefolder", f"dataset.root={three_classes}", "dataset.num_classes=3",
+            "dataset.batch_size=2", f"output={tmp_path / 'eval.json'}"],
+    }
+    for expected, overrides in cases.items():
+        result = run_python("eval.py", *overrides, env=sweep_env(sweep_base))
+        assert result.returncode == 1, (expected, result.stderr[-2000:])
+        assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr
+    assert not (tmp_path / "eval.json").exists()
