@@ -1,0 +1,170 @@
+"""The paper's reference numbers, table building and rendering, and scripts/make_tables.py on the
+runs of a real (tiny) train.py sweep (shared with tests/test_eval.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from emca.analysis import paper_reference as paper
+from emca.analysis import render
+from emca.analysis.complexity import count_variants
+from emca.analysis.runs import find_runs, measurements
+from emca.analysis.tables import TABLES, complexity_table, fill_table
+from emca.analysis.variants import Variant, channel_attention, emca, plain, variant_from_config
+from test_eval import make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
+
+PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "PAPER.md"
+
+
+@pytest.fixture(scope="module")
+def trained_sweep(sweep_base) -> Path:  # noqa: F811
+    return make_sweep(sweep_base)
+
+
+# ----------------------------------------------------------------------------- reference numbers
+def test_reference_blocks_are_verbatim_copies_of_the_paper_notes():
+    if not PAPER_MD.is_file():
+        pytest.skip(f"{PAPER_MD} not found")
+    text = PAPER_MD.read_text()
+    for block in (paper.TABLE_2_3_TEXT, paper.TABLE_4_5_TEXT, paper.TABLE_5_OTHERS_TEXT):
+        assert block.strip() in text
+
+
+def test_reference_numbers_parse_back():
+    assert len(paper.TABLE_2_3) == 3 * 6 * 3 and len(paper.TABLE_4_5) == 3 * 7
+    assert paper.TABLE_2_3[("resnet50", "prev_stage_all", "se")] == paper.Reference(params=25.037, top1=77.33, top5=93.52, fps=90)
+    assert paper.TABLE_2_3[("resnet34", "all", "srm")].fps == 82
+    assert paper.TABLE_2_3[("resnet18", "first(=none)", "srm")].top1 == 71.31
+    r18 = paper.TABLE_4_5[("resnet18", "ResNet")]
+    assert (r18.params, r18.gflops, r18.top1, r18.fps, r18.fps_model, r18.fps_pipeline) == (11.148, 1.694, 70.40, 270, 23552, 859)
+    assert paper.TABLE_4_5[("resnet50", "EMCA-SRM")].fps_pipeline == 532
+    assert paper.TABLE_4_5[("resnet34", "ECA")].top1 == 74.13  # 'ECA*' in the paper
+    assert paper.RETRAINED_BY_AUTHORS == {"ECA", "SRM"}
+    assert paper.TABLE_5_OTHERS == {"FcaNet": 77.27, "EPSANet": 77.31, "SANet": 77.25, "CBAM": 77.34, "BAM": 75.98, "A2-Nets": 77.00}
+
+
+# ----------------------------------------------------------------------------- table specs
+def test_table_specs_cover_the_papers_rows():
+    assert len(TABLES["table2"].variants()) == 27
+    assert len(TABLES["table3"].variants()) == 45
+    assert len(TABLES["table4"].variants()) == 21
+    assert [v.attention for v in TABLES["table5"].variants()] == ["none", "se", "emca_se", "eca", "emca_eca", "srm", "emca_srm"]
+    # Table 3's EMCA 'none' row and Table 2's 'first' row both quote the paper's first(=none) numbers.
+    t3 = {(e.variant, e.group): e.reference for e in TABLES["table3"].entries}
+    t2 = {(e.variant, e.group): e.reference for e in TABLES["table2"].entries}
+    assert t3[(emca("resnet18", "srm", "none"), "SRM")] == t2[(channel_attention("resnet18", "srm", "first"), "SRM")]
+
+
+def test_filled_table_puts_ours_beside_the_paper_and_leaves_gaps():
+    se = channel_attention("resnet18", "se", "all")
+    table = fill_table(TABLES["table4"], {se: {"top1": 71.5, "top5": 90.0, "params": 11.779, "gflops": 1.814, "fps": 200.0}})
+    rows = {(row[0], row[1]): row for row in table.rows}
+    header = table.header
+    se_row, resnet_row = rows[("R-18", "SE")], rows[("R-18", "ResNet")]
+    assert se_row[header.index("top-1")] == "71.50 / 70.59 (+0.91)"
+    assert se_row[header.index("#P (M)")] == "11.779 / 11.231"  # counts are not differenced
+    assert se_row[header.index("FPS")] == "200 / 187 (+13)"
+    assert se_row[header.index("FPS†")] == "– / 21760"
+    assert resnet_row[header.index("top-1")] == "– / 70.40"
+    assert len(table.records) == 21 * 7
+
+
+def test_markdown_latex_and_csv_renderings():
+    table = fill_table(TABLES["table3"], {emca("resnet34", "eca", "prev_stage_all"): {"top1": 74.0}})
+    markdown = render.markdown(table)
+    assert markdown.count("\n| R-") == 15 and "| R-34 | EMCA prev_stage_all |" in markdown
+    assert "74.00 / 74.46 (-0.46)" in markdown
+    latex = render.latex(table)
+    assert r"prev\_stage\_all" in latex and r"\begin{tabular}{ll" + "r" * 12 + "}" in latex and "–" not in latex
+    records = list(csv.DictReader(io.StringIO(render.csv_text([table]))))
+    assert len(records) == 45 * 4
+    cell = next(r for r in records if r["backbone"] == "resnet34" and r["row"] == "EMCA prev_stage_all" and r["group"] == "ECA" and r["metric"] == "top1")
+    assert (float(cell["ours"]), float(cell["paper"]), float(cell["difference"])) == pytest.approx((74.0, 74.46, -0.46))
+
+
+def test_complexity_table_compares_increases_over_the_plain_resnet():
+    spec = TABLES["table4"]
+    variants = [v for v in spec.variants() if v.backbone == "resnet18"]
+    counts = count_variants(variants, image_size=32)
+    assert plain("resnet18") in counts
+    se_params = counts[channel_attention("resnet18", "se")][0]
+    table = complexity_table(spec.__class__(**{**spec.__dict__, "entries": tuple(e for e in spec.entries if e.backbone == "resnet18")}), counts)
+    rows = {row[1]: row for row in table.rows}
+    assert rows["ResNet"][4] == "0" and rows["ResNet"][2] == "11.690"
+    assert rows["SE"][4] == f"{se_params - counts[plain('resnet18')][0]:,}"
+    assert rows["SE"][5] == "83,000"  # 11.231 - 11.148 M, the paper's own counts
+    assert len(table.rows) == 7
+
+
+def test_variant_from_config_reads_the_coverage_fields_not_the_name():
+    cfg = {"backbone": {"name": "resnet50"}, "attention": {"name": "emca_eca", "integration": "first", "gating": "residual"},
+           "coverage": {"name": "prev_stage_all", "stages": "all", "blocks": 1}}
+    variant = variant_from_config(cfg)
+    assert variant.cell() == emca("resnet50", "eca", "all_stages_last")
+    assert variant.options == (("gating", "residual"),)
+    assert variant_from_config({**cfg, "attention": {"name": "none", "integration": "all"}}) == Variant("resnet50", "none")
+
+
+# ----------------------------------------------------------------------------- make_tables
+def test_make_tables_complexity_mode(tmp_path):
+    result = run_python("scripts/make_tables.py", "--complexity", "--tables", "table4", "--backbones", "resnet18",
+                        "--image-size", "32", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Table 4" in result.stdout and result.stdout.count("\n| R-18 |") == 7
+    assert "| R-18 | SE | 11.779 | 11.231 | 89,080 | 83,000 |" in result.stdout
+    assert {p.name for p in tmp_path.iterdir()} == {"tables.md", "tables.csv", "table4_complexity.tex"}
+
+
+def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
+    # An unfinished run (no results yet) and a folder with a broken config are gaps, not crashes.
+    shutil.copytree(sweep / "0" / ".hydra", sweep / "unfinished" / ".hydra")
+    (sweep / "broken" / ".hydra").mkdir(parents=True)
+    (sweep / "broken" / ".hydra" / "config.yaml").write_text("backbone: [unclosed\n")
+    results = {name: json.loads((sweep / name / "results.json").read_text()) for name in ("0", "1")}
+
+    out = tmp_path / "tables"
+    result = run_python("scripts/make_tables.py", str(sweep), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    markdown = result.stdout
+    # plain ResNet-18 and EMCA-SE (prev_stage_all) fill Table 4, the EMCA run also Table 3's row.
+    assert "Table 3:" in markdown and "Table 4:" in markdown and "Table 2:" not in markdown and "Table 5:" not in markdown
+    resnet_row = next(line for line in markdown.splitlines() if line.startswith("| R-18 | ResNet |"))
+    assert f"{results['0']['final']['val_top1']:.2f} / 70.40" in resnet_row
+    emca_row = next(line for line in markdown.splitlines() if line.startswith("| R-18 | EMCA-SE |"))
+    assert f"{results['1']['final']['val_top1']:.2f} / 71.00" in emca_row
+    assert next(line for line in markdown.splitlines() if line.startswith("| R-18 | SE |")).count("– /") == 7
+    assert "incomplete" in markdown and "unfinished" in markdown
+    assert "ignoring" in result.stderr and "broken" in result.stderr
+
+    records = list(csv.DictReader((out / "tables.csv").open()))
+    top1 = {(r["table"], r["row"]): r["ours"] for r in records if r["metric"] == "top1" and r["backbone"] == "resnet18" and r["ours"]}
+    assert top1 == {("table4", "ResNet"): str(results["0"]["final"]["val_top1"]), ("table4", "EMCA-SE"): str(results["1"]["final"]["val_top1"]),
+                    ("table3", "EMCA prev_stage_all"): str(results["1"]["final"]["val_top1"])}
+    assert (out / "table3.tex").is_file() and (out / "table4.tex").is_file()
+    assert (out / "figure9_val_top1.png").stat().st_size > 0
+
+
+def test_measurements_take_speeds_from_eval_json_and_the_newest_duplicate(trained_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
+    eval_json = {"val": {"top1": 1.0, "top5": 2.0}, "params": 5_000_000, "gflops": 0.5,
+                 "speed": {"device": "cpu", "fps": {"images_per_second": 10.0}, "fps_model": {"images_per_second": 300.0},
+                           "fps_pipeline": {"images_per_second": 200.0}}}
+    (sweep / "1" / "checkpoints").mkdir(exist_ok=True)
+    (sweep / "1" / "checkpoints" / "eval.json").write_text(json.dumps(eval_json))
+    runs = find_runs([sweep])
+    measured, notes = measurements(runs)
+    emca_se = emca("resnet18", "se", "prev_stage_all")
+    assert measured[emca_se]["fps"] == 10.0 and measured[emca_se]["fps_pipeline"] == 200.0
+    assert measured[emca_se]["params"] == 5.0 and measured[emca_se]["top1"] != 1.0  # accuracy from results.json
+    shutil.copytree(sweep / "1", sweep / "again")
+    measured, notes = measurements(find_runs([sweep]))
+    assert any("2 runs of resnet18 emca_se" in note for note in notes)
