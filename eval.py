@@ -11,8 +11,8 @@ the learned-scale statistics of Figure 6 (with a plot) and optional Grad-CAM map
 Options and the output policy: configs/eval.yaml. Exit status 0, or 1 with a one-line error.
 """
 
-import logging
 import sys
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -23,9 +23,12 @@ from emca.data import DatasetError
 from emca.engine.checkpoint import CheckpointError
 from emca.engine.distributed import setup_distributed, silence_non_main_logging
 
-log = logging.getLogger("eval")
-
 USER_ERRORS = (EvalError, CheckpointError, DatasetError, TooFewBatches)
+
+
+def fail(error: Exception) -> NoReturn:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
@@ -33,15 +36,12 @@ def main(cfg: DictConfig) -> None:
     silence_non_main_logging()
     try:
         ctx = setup_distributed(cfg.device)
+    except ValueError as error:  # an unusable device option
+        fail(error)
+    try:
         report = evaluate_checkpoint(cfg, ctx)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except ValueError as error:  # setup_distributed: an unusable device option
-        if "device" not in str(error):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        fail(error)
     if report is not None:
         print(format_summary(report))
 

@@ -23,6 +23,7 @@ from emca.analysis.evaluation import ROTATIONS, evaluate
 from emca.analysis.gradcam import save_gradcam, target_block
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
+from emca.analysis.variants import coverage_name
 from emca.data import build_loaders
 from emca.engine.checkpoint import architecture_fingerprint, atomic_write, describe_architecture, load_checkpoint
 from emca.engine.distributed import DistributedContext
@@ -144,6 +145,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         "gflops": measure_gflops(model, image_size),
         "image_size": image_size,
         "learned_scales": scales.statistics() if scales else None,
+        "learned_scales_plot": None,
         "speed": None,
         "gradcam": None,
     }
@@ -202,7 +204,7 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [
         f"checkpoint  {report['checkpoint']} (epoch {report['checkpoint_epoch']})",
         f"model       {model['backbone']} attention={model['attention']}"
-        + (f" coverage=(stages={coverage['stages']}, blocks={coverage['blocks']})" if coverage else "")
+        + (f" coverage={coverage_name(coverage['stages'], coverage['blocks'])}" if coverage else "")
         + f", {model['num_classes']} classes",
         f"data        {dataset['name']} validation, {dataset['num_val']} images at {dataset['image_size']} px via {report['loader']}; "
         f"{report['world_size']} process(es), amp {report['amp']}",
