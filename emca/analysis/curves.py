@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from emca.analysis.paper_reference import SHORT_NAME  # noqa: E402
 from emca.analysis.runs import Run  # noqa: E402
@@ -30,6 +31,7 @@ def plot_top1_curves(runs: Iterable[Run], path: Path, title: str = "Validation t
             axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
         axis.set_title(SHORT_NAME.get(backbone, backbone))
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("val top-1 (%)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize="x-small")

@@ -123,16 +123,24 @@ def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Var
             notes.append(f"incomplete (no {RESULTS} or {EVAL}): {run.path}")
             continue
         by_cell.setdefault(run.variant.cell(), []).append(run)
-    measured = {}
+    measured, chosen_runs = {}, []
     for cell, candidates in by_cell.items():
         candidates.sort(key=_finished_at)
         chosen = candidates[-1]
+        chosen_runs.append(chosen)
         measured[cell] = chosen.measurement(accuracy)
         if len(candidates) > 1:
             others = ", ".join(str(run.path) for run in candidates[:-1])
             notes.append(f"{len(candidates)} runs of {cell.describe()}: using {chosen.path} (newest), not {others}")
         if chosen.variant.options:
             notes.append(f"{chosen.path} differs from the paper's options: {chosen.variant.describe()}")
+    # What our numbers depend on besides the model: the resolution of GFLOPs and the speed device.
+    sizes = sorted({size for run in chosen_runs if (size := (run.evaluation or run.results or {}).get("image_size"))})
+    if sizes:
+        notes.append(f"GFLOPs at {', '.join(f'{size} px' for size in sizes)} (the paper's: 224 px).")
+    devices = sorted({(run.evaluation.get("speed") or {}).get("device") for run in chosen_runs if run.evaluation} - {None})
+    if devices:
+        notes.append(f"Our speeds on {'; '.join(devices)} (eval.py); the paper's on the authors' Titan-XP machines.")
     return measured, notes
 
 
