@@ -3,6 +3,16 @@
 K = 1 holds the mean (SE, ECA); K = 2 holds mean and standard deviation (SRM's style pooling).
 One descriptor format for every module lets EMCA stack, align and fuse descriptors without caring
 which excitation follows.
+
+Both poolings are autograd Functions with hand-written backward passes because they sit on full
+feature maps, once per attention module and once per covered block output:
+- mean: autograd's MeanBackward materialises grad / (H*W) as a full map before it is added to the
+  map's other gradient; returning a broadcast view lets that addition be the only full-map pass.
+- mean and std: torch.var_mean is several times slower than a mean and a norm on CPU, and its
+  backward chain (sub, mul, div, add over the map) costs four passes where the closed form
+  d std / dx = (x - mean) / (N * std) needs two.
+The values are the same quantities as x.mean((2, 3)) and sqrt(var(x, correction=0) + eps), up to
+float rounding (the two-pass variance sums in another order than var_mean's Welford update).
 """
 
 import torch
@@ -11,12 +21,49 @@ import torch
 STD_EPS = 1e-5
 
 
+class _MeanPool(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)).unsqueeze(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.input_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        height, width = ctx.input_shape[2:]
+        return (grad / (height * width)).unsqueeze(-1).expand(ctx.input_shape)
+
+
+class _MeanStdPool(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # Statistics of half-precision maps accumulate in float32, as var_mean does internally.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        mean = x.mean(dim=(2, 3), keepdim=True, dtype=acc)
+        # Population variance (not unbiased) so that a 1x1 map gives std = sqrt(eps), not NaN.
+        var = torch.linalg.vector_norm(x - mean, dim=(2, 3), dtype=acc).square_() / (x.shape[2] * x.shape[3])
+        return torch.stack((mean.flatten(1), torch.sqrt(var + STD_EPS)), dim=-1).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, stats = ctx.saved_tensors
+        count = x.shape[2] * x.shape[3]
+        mean, std = stats[..., 0, None, None], stats[..., 1, None, None]
+        grad_mean, grad_std = grad[..., 0, None, None], grad[..., 1, None, None]
+        # d mean/dx = 1/N and d std/dx = (x - mean) / (N std): one subtraction, one fused multiply-add.
+        return torch.addcmul(grad_mean / count, x - mean, grad_std / (count * std))
+
+
 def pool_statistics(x: torch.Tensor, num_statistics: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, num_statistics): channel mean, then (optionally) channel std."""
     if num_statistics == 1:
-        return x.mean(dim=(2, 3)).unsqueeze(-1)
+        return _MeanPool.apply(x)
     if num_statistics == 2:
-        # Population variance (not unbiased) so that a 1x1 map gives std = sqrt(eps), not NaN.
-        var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-        return torch.stack((mean, torch.sqrt(var + STD_EPS)), dim=-1)
+        return _MeanStdPool.apply(x)
     raise ValueError(f"num_statistics must be 1 (mean) or 2 (mean, std), got {num_statistics}")
