@@ -64,3 +64,39 @@ def image_tree(tmp_path):
         return root
 
     return make
+
+
+# --- trainer fixtures ------------------------------------------------------------------------
+
+# A training run small enough for tests: digits at 16 px, 2 epochs of 3 steps, torchvision loader
+# in-process (configs/experiment/digits_quick.yaml plus a shorter epoch).
+QUICK_RUN = ("+experiment=digits_quick", "trainer.max_steps_per_epoch=3")
+# The same with random tensors instead of images and a one-batch validation, where data do not matter.
+SYNTHETIC_RUN = (*QUICK_RUN, "loader=synthetic", "dataset.num_classes=10", "loader.val_steps=1")
+
+
+@pytest.fixture(scope="session")
+def compose_train():
+    """compose_train(*overrides) -> the config `python train.py *overrides` runs (Hydra compose API)."""
+    import emca.config  # noqa: F401  (registers the schema and resolvers)
+    from hydra import compose, initialize_config_dir
+
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """run_script(*args, cwd=, env=, timeout=) -> CompletedProcess of `python *args` with the repo's
+    interpreter, from the repo root unless told otherwise, output captured as text."""
+    import subprocess
+    import sys
+
+    def run(*args: str, cwd: Path = REPO_ROOT, env: dict | None = None, timeout: float = 300):
+        return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -1,0 +1,82 @@
+"""DDP through torchrun on this CPU (gloo): one run folder, identical weights on every rank, every
+validation image counted exactly once.
+
+Run as a script (`torchrun --nproc_per_node=2 tests/test_ddp.py OUT`), this file is the worker of
+test_ranks_hold_identical_weights_and_count_validation_once.
+"""
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import QUICK_RUN, REPO_ROOT
+
+DIGITS_VAL_IMAGES = 360
+
+
+def torchrun_args(*args) -> list[str]:
+    with socket.socket() as probe:  # a free port: other torchrun jobs may hold the default 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *map(str, args)]
+
+
+def test_torchrun_train_py_makes_one_run_folder(run_script, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = run_script(*torchrun_args(REPO_ROOT / "train.py", *QUICK_RUN, "trainer.epochs=1"),
+                      cwd=tmp_path, env={"TMPDIR": str(scratch)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs
+    run = runs[0]
+    for name in (".hydra/config.yaml", "train.log", "results.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "results.json").read_text())["world_size"] == 2
+    # Rank 1's own Hydra job folder was a scratch folder, removed once rank 0's was known.
+    assert list(scratch.glob("emca-rank*")) == []
+    # Only rank 0 logs.
+    assert (run / "train.log").read_text().count("run folder") == 1
+
+
+def test_ranks_hold_identical_weights_and_count_validation_once(run_script, tmp_path):
+    done = run_script(*torchrun_args(__file__, tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    counts = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # Each rank sees its own slice; the reduced count is every image exactly once.
+    assert counts[0]["local"] + counts[1]["local"] == DIGITS_VAL_IMAGES
+    assert counts[0]["reduced"] == counts[1]["reduced"] == DIGITS_VAL_IMAGES
+    assert counts[0]["top1"] == counts[1]["top1"]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file() and not (tmp_path / "rank1-run").exists()
+
+
+def ddp_worker(out: Path) -> None:
+    import emca.config  # noqa: F401  (registers the schema and resolvers)
+    from hydra import compose, initialize_config_dir
+
+    from emca.engine.distributed import setup_distributed
+    from emca.engine.preemption import StopRequest
+    from emca.engine.trainer import Trainer
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[*QUICK_RUN, "trainer.epochs=1"])
+    ctx = setup_distributed("cpu")
+    with StopRequest() as stop:
+        trainer = Trainer(cfg, ctx, out / "run")
+        trainer.fit(stop)
+    torch.save(trainer.model.state_dict(), out / f"rank{ctx.rank}.pt")
+    metrics = trainer.evaluate(0, None)
+    trainer.data.val.set_epoch(0)
+    local = sum(len(labels) for _, labels in trainer.data.val)
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps({"local": local, "reduced": metrics.count, "top1": metrics.top1}))
+
+
+if __name__ == "__main__":
+    ddp_worker(Path(sys.argv[1]))

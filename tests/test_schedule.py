@@ -1,0 +1,112 @@
+"""Learning-rate schedules, the linear scaling rule and the weight-decay exemptions."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from emca.config import OptimizerConfig
+from emca.engine.optim import build_optimizer, no_decay_parameter_names, scaled_lr
+from emca.engine.schedule import build_scheduler, lr_factor, milestone_epochs
+from emca.models import build_model
+
+
+def test_paper_milestones_are_epochs_30_60_90_of_100():
+    assert milestone_epochs([0.3, 0.6, 0.9], 100) == [30, 60, 90]
+    assert milestone_epochs([0.3, 0.6, 0.9], 90) == [27, 54, 81]
+    assert milestone_epochs([0.3, 0.9], 15) == [5, 14]  # halves round up
+    with pytest.raises(ValueError, match="fractions"):
+        milestone_epochs([30, 60], 100)
+
+
+def test_step_schedule_decays_exactly_at_epoch_boundaries():
+    steps = 7
+    factor = lr_factor("step", epochs=100, steps_per_epoch=steps, milestones=[0.3, 0.6, 0.9], gamma=0.1)
+    assert factor(0) == 1.0
+    assert factor(30 * steps - 1) == 1.0 and factor(30 * steps) == pytest.approx(0.1)
+    assert factor(60 * steps - 1) == pytest.approx(0.1) and factor(60 * steps) == pytest.approx(0.01)
+    assert factor(90 * steps) == pytest.approx(0.001) and factor(100 * steps - 1) == pytest.approx(0.001)
+
+
+def test_warmup_then_cosine():
+    steps, epochs, warmup = 10, 20, 5
+    factor = lr_factor("cosine", epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup)
+    ramp = [factor(i) for i in range(warmup * steps)]
+    assert ramp[0] == pytest.approx(1 / 50) and ramp[-1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(ramp, ramp[1:]))
+    assert factor(warmup * steps) == pytest.approx(1.0)
+    middle = warmup * steps + (epochs - warmup) * steps // 2
+    assert factor(middle) == pytest.approx(0.5)
+    assert factor(epochs * steps - 1) == pytest.approx(0.5 * (1 + math.cos(math.pi * (149 / 150))))
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        lr_factor("cosine", epochs=5, steps_per_epoch=1, warmup_epochs=5)
+
+
+def test_linear_scaling_rule():
+    assert scaled_lr(0.1, 1024, None) == 0.1
+    assert scaled_lr(0.1, 1024, 256) == pytest.approx(0.4)
+    assert scaled_lr(0.1, 64, 256) == pytest.approx(0.025)
+
+
+def test_scheduler_state_resumes_the_same_rates():
+    cfg = OmegaConf.structured(OptimizerConfig(warmup_epochs=1))
+
+    def fresh():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return optimizer, build_scheduler(optimizer, cfg, epochs=10, steps_per_epoch=4)
+
+    optimizer, scheduler = fresh()
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    optimizer, scheduler = fresh()
+    for _ in range(13):
+        optimizer.step()
+        scheduler.step()
+    # As a checkpoint does: the optimizer's state holds the current rate, the scheduler's the step.
+    states = optimizer.state_dict(), scheduler.state_dict()
+    optimizer, scheduler = fresh()
+    optimizer.load_state_dict(states[0])
+    scheduler.load_state_dict(states[1])
+    resumed = []
+    for _ in range(27):
+        resumed.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert resumed == rates[13:]
+
+
+def _srm_resnet18():
+    return build_model({"name": "resnet18"}, {"name": "emca_srm", "integration": "first"}, {"stages": 1, "blocks": "all"}, num_classes=10)
+
+
+def test_no_weight_decay_kinds():
+    model = _srm_resnet18()
+    params = dict(model.named_parameters())
+    bn = no_decay_parameter_names(model, ["bn"], "emca_srm")
+    assert "bn1.weight" in bn and "bn1.bias" in bn and "fc.bias" not in bn
+    assert all(params[name].ndim == 1 for name in bn)
+    bias = no_decay_parameter_names(model, ["bias"], "emca_srm")
+    assert "fc.bias" in bias and "bn1.bias" in bias and "bn1.weight" not in bias
+    srm = no_decay_parameter_names(model, ["srm"], "emca_srm")
+    assert srm and all(".attn." in name for name in srm)
+    # Attention parameters belong to SRM only for SRM-based attention.
+    assert no_decay_parameter_names(model, ["srm"], "emca_eca") == set()
+    assert not any(name.startswith("conv1") or ".conv" in name.split(".attn.")[0] for name in bn | bias | srm)
+
+
+def test_optimizer_groups_and_scaled_lr():
+    model = _srm_resnet18()
+    cfg = OmegaConf.structured(OptimizerConfig(lr=0.1, lr_scale_batch=256, no_weight_decay=["bn", "bias", "srm"]))
+    optimizer = build_optimizer(model, cfg, global_batch=512, attention_name="emca_srm")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert decay["lr"] == pytest.approx(0.2) and decay["momentum"] == 0.9
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert all(p.ndim > 1 for p in decay["params"])
+    # The paper's recipe: one group, weight decay on everything.
+    plain = build_optimizer(model, OmegaConf.structured(OptimizerConfig()), global_batch=64, attention_name="emca_srm")
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 0.1
