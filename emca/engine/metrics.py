@@ -32,15 +32,15 @@ class MetricSums:
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """`loss` is the batch mean; it is weighted by the batch size."""
         top1, top5 = correct_counts(logits.detach(), labels, (1, 5))
-        count = labels.shape[0]
-        self.totals += torch.stack([loss.detach().double() * count, top1.double(), top5.double(), torch.tensor(float(count), device=self.totals.device, dtype=torch.float64)])
+        count = torch.tensor(labels.shape[0], dtype=torch.float64, device=self.totals.device)
+        self.totals += torch.stack([loss.detach().double() * count, top1.double(), top5.double(), count])
 
     def reduce(self, ctx: DistributedContext) -> "Metrics":
         """Sum over ranks (a collective: every rank calls it) and return the means."""
         totals = ctx.all_reduce_sum(self.totals.clone()).tolist()
         loss_sum, top1, top5, count = totals
-        count = max(count, 1.0)
-        return Metrics(loss=loss_sum / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count, count=int(totals[3]))
+        denominator = max(count, 1.0)
+        return Metrics(loss=loss_sum / denominator, top1=100.0 * top1 / denominator, top5=100.0 * top5 / denominator, count=int(count))
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class ScaleHistograms:
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, bins: int = 100):
         self.bins = bins
         self.names = list(modules)
+        # Bucket i holds (i/bins, (i+1)/bins]; TensorBoard draws a bucket up to its right edge.
+        self.inner_edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=device)[1:-1]
         # Per module: bucket counts, then count, sum, sum of squares, min, max.
         self.counts = torch.zeros(len(modules), bins, dtype=torch.float64, device=device)
         self.moments = torch.zeros(len(modules), 3, dtype=torch.float64, device=device)
@@ -73,8 +75,11 @@ class ScaleHistograms:
     def _hook(self, index: int):
         def record(_module, _inputs, scales: torch.Tensor) -> None:
             values = scales.detach().double().flatten()
-            self.counts[index] += torch.histc(values, bins=self.bins, min=0.0, max=1.0)
-            self.moments[index] += torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device), values.sum(), (values * values).sum()])
+            # bucketize + bincount rather than histc: deterministic on CUDA too (trainer.deterministic).
+            buckets = torch.bucketize(values, self.inner_edges)
+            self.counts[index] += torch.bincount(buckets, minlength=self.bins).double()
+            count = torch.tensor(values.numel(), dtype=torch.float64, device=values.device)
+            self.moments[index] += torch.stack([count, values.sum(), (values * values).sum()])
             self.minimum[index] = torch.minimum(self.minimum[index], values.min())
             self.maximum[index] = torch.maximum(self.maximum[index], values.max())
 

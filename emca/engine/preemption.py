@@ -39,7 +39,8 @@ class StopRequest(contextlib.AbstractContextManager):
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal is not None else ""
+        # Under DDP a rank may stop because another one received the signal.
+        return signal.Signals(self.signal).name if self.signal is not None else "stop request (from another rank)"
 
     def hand_over(self) -> None:
         """Pass the signal on to the handler that was there before ours, if it was a function."""

@@ -109,8 +109,9 @@ class Trainer:
 
     def _build(self, cfg: DictConfig, ctx: DistributedContext) -> None:
         trainer_cfg = cfg.trainer
-        if trainer_cfg.eval_every < 1 or trainer_cfg.log_every < 1:
-            raise ValueError(f"trainer.eval_every={trainer_cfg.eval_every} and trainer.log_every={trainer_cfg.log_every} must be >= 1")
+        for option in ("eval_every", "log_every", "max_steps_per_epoch"):
+            if (trainer_cfg[option] or 1) < 1:
+                raise ValueError(f"trainer.{option}={trainer_cfg[option]} must be at least 1")
         self.data = build_loaders(
             cfg.dataset, cfg.loader, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
             channels_last=trainer_cfg.channels_last, seed=trainer_cfg.seed,
@@ -201,7 +202,7 @@ class Trainer:
                 progress.train_s += time.perf_counter() - epoch_started
                 if train_metrics is None:
                     self._save(progress, epoch_rng, best=False)
-                    self._stop_for(stop, epoch)
+                    self._stop_for(stop)
 
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
                 record = {"epoch": epoch + 1, "train_loss": train_metrics.loss, "train_top1": train_metrics.top1,
@@ -216,8 +217,8 @@ class Trainer:
                 progress.history.append(record)
                 self._log_epoch(record, progress, time.perf_counter() - epoch_started)
                 self._save(progress, rng_state(), best=improved)
-                if stop.requested:
-                    self._stop_for(stop, epoch + 1)
+                if self.ctx.any_rank(stop.requested):
+                    self._stop_for(stop)
             results = self._results(progress)
             if self.ctx.is_main:
                 write_results(self.run_dir, results)
@@ -280,7 +281,7 @@ class Trainer:
             kept = self.checkpoint_dir / LAST
             kept_text = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint had been written yet"
             raise RunAborted(
-                f"training loss became {metrics.loss} at epoch {epoch + 1} step {step + 1}: stopped; {kept_text} "
+                f"non-finite training loss ({metrics.loss}) at epoch {epoch + 1} step {step + 1}: stopped; {kept_text} "
                 f"(lower optimizer.lr, add optimizer.warmup_epochs or use trainer.amp=bf16 instead of fp16)"
             )
         return metrics
@@ -320,6 +321,10 @@ class Trainer:
     # ----------------------------------------------------------------------------- persistence
     def _save(self, progress: Progress, rng: dict[str, Any], best: bool) -> None:
         """last.pt (and best.pt) from rank 0, with rank 0's BatchNorm statistics."""
+        # A finite last loss does not prove the update it drove was finite; never save such weights.
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise RunAborted(f"parameters became non-finite by training step {progress.global_step}: stopped; "
+                             f"{self.checkpoint_dir / LAST} is kept (lower optimizer.lr or add optimizer.warmup_epochs)")
         self.ctx.broadcast_buffers(self.model)
         if not self.ctx.is_main:
             return
@@ -340,11 +345,14 @@ class Trainer:
         if best:
             save_checkpoint(state, self.checkpoint_dir / BEST)
 
-    def _stop_for(self, stop: StopRequest, epoch: int) -> None:
+    def _stop_for(self, stop: StopRequest) -> None:
         if self.ctx.is_main:
+            progress = self.progress
+            position = (f"in epoch {progress.epoch + 1} after step {progress.step_in_epoch}" if progress.step_in_epoch
+                        else f"after epoch {progress.epoch}")
             log.warning(
-                f"{stop.name or 'stop signal'} received: saved {self.checkpoint_dir / LAST} at epoch {epoch} "
-                f"step {self.progress.step_in_epoch}; continue with hydra.run.dir={self.run_dir} trainer.resume=auto"
+                f"{stop.name} received: saved {self.checkpoint_dir / LAST} {position}; "
+                f"continue with hydra.run.dir={self.run_dir} trainer.resume=auto"
             )
         stop.hand_over()
         raise Preempted(stop.name)
