@@ -121,6 +121,8 @@ class Trainer:
         self.gflops = measure_gflops(model, cfg.dataset.image_size)
         self.fingerprint = architecture_fingerprint(model)
         if trainer_cfg.sync_bn and ctx.is_distributed:
+            if ctx.device.type != "cuda":
+                raise ValueError("trainer.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if trainer_cfg.channels_last else torch.preserve_format
         self.model = model.to(ctx.device, memory_format=memory_format)
