@@ -15,7 +15,8 @@ pre-emptible training run needs, built from the pieces below:
    `checkpoint` and requeues the job (`scontrol requeue`).
 3. The job runs with trainer.resume=auto unless the command line sets trainer.resume, and a
    requeued job with trainer.resume=auto whatever was set: the rerun continues from last.pt. That
-   also covers pre-emption by SIGTERM, after which SLURM itself requeues the job (sbatch --requeue).
+   also covers pre-emption by SIGTERM on clusters that requeue pre-empted jobs (PreemptMode=REQUEUE,
+   with the job submitted --requeue).
 """
 
 from __future__ import annotations
