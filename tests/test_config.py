@@ -53,6 +53,11 @@ def test_sgd_paper_is_the_papers_recipe(compose_train):
     assert milestone_epochs(opt.milestones, cfg.trainer.epochs) == [30, 60, 90]
 
 
+@pytest.mark.parametrize("preset", sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml")))
+def test_every_experiment_preset_composes_and_validates(compose_train, preset):
+    assert isinstance(OmegaConf.to_object(compose_train(f"+experiment={preset}")), TrainConfig)
+
+
 def test_experiment_preset_applies_globally(compose_train):
     cfg = compose_train("+experiment=digits_quick")
     assert cfg.loader.name == "torchvision"
