@@ -1,0 +1,148 @@
+"""Shared measuring tools of the benchmark scripts: interleaved timing, peak memory, tables.
+
+Timings are taken round-robin over the variants (A B C A B C ...) and summarised by their median,
+so that a burst of load on a shared machine hits every variant alike instead of one of them.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import benchmark
+
+MIB = 2**20
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is available")
+    return torch.device(requested)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+CLOCKS = ("wall", "cpu")
+
+
+def choose_clock(device: torch.device, clock: str | None, threads: int | None) -> str:
+    """Default: wall time on CUDA, process CPU time on one thread on a CPU.
+
+    CPU time is only meaningful with one torch thread: idle OpenMP workers spin while they wait,
+    and on a loaded machine that spinning, not the work, dominates the CPU time of a second thread.
+    """
+    clock = clock or ("wall" if device.type == "cuda" else "cpu")
+    if clock == "cpu":
+        if threads not in (None, 1):
+            raise SystemExit("--clock cpu measures one thread: drop --threads or use --clock wall")
+        torch.set_num_threads(1)
+    elif threads:
+        torch.set_num_threads(threads)
+    return clock
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over the rounds: the median, and the spread (max - min) / median."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> float:
+        return (max(self.samples) - min(self.samples)) / self.median
+
+    def ratio_to(self, other: "Timing") -> float:
+        """Median of the per-round ratios: each pairs two measurements taken moments apart, so a
+        change of load between rounds cancels out."""
+        return statistics.median(a / b for a, b in zip(self.samples, other.samples))
+
+
+def interleaved_timings(
+    steps: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    steps_per_round: int = 1,
+    clock: str = "wall",
+) -> dict[str, Timing]:
+    """Seconds per call of every step, measured in `rounds` round-robin passes.
+
+    clock='wall': torch.utils.benchmark's timer, which synchronises CUDA around each measurement.
+    clock='cpu': the process' CPU time (time.process_time). On a CPU shared with other jobs, wall
+    time also counts the time the scheduler gave to them; CPU time counts only this process' work,
+    which is what a cost comparison needs. Either way the Timer keeps the process' thread count
+    (its own default is one thread).
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    timer_fn = {"cpu": time.process_time}.get(clock, benchmark.utils.timer.timer)
+    timers = {
+        name: benchmark.Timer(stmt="step()", globals={"step": step}, timer=timer_fn, num_threads=torch.get_num_threads())
+        for name, step in steps.items()
+    }
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            samples[name].append(timer.timeit(steps_per_round).median)
+    return {name: Timing(tuple(times)) for name, times in samples.items()}
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_memory(step: Callable[[], object], device: torch.device, resident_bytes: int) -> int:
+    """Peak bytes of tensor memory while `step` runs, the memory already resident included.
+
+    CUDA: torch.cuda.max_memory_allocated (the caching allocator's own count of live tensors).
+    CPU: there is no such counter, so the profiler records every allocation and free of the CPU
+    allocator during the step; the peak of their running sum is what the step adds on top of
+    `resident_bytes` (the caller's count of weights, buffers and inputs alive before the step).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return resident_bytes + peak
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], text_columns: int = 1) -> str:
+    """Plain-text table: the first `text_columns` columns left-aligned, the figures right-aligned."""
+    cells = [[str(v) for v in header]] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
