@@ -13,7 +13,6 @@ Markdown and writes to --out: tables.md, tables.csv (one number per line), one .
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from emca.analysis import render
 from emca.analysis.complexity import count_variants
 from emca.analysis.curves import plot_top1_curves
 from emca.analysis.runs import ACCURACIES, find_runs, measurements
-from emca.analysis.tables import TABLES, Table, TableSpec, complexity_table, fill_table
+from emca.analysis.tables import TABLES, Table, complexity_table, fill_table
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,14 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def only_backbones(spec: TableSpec, backbones: list[str] | None) -> TableSpec:
-    if not backbones:
-        return spec
-    return dataclasses.replace(spec, entries=tuple(entry for entry in spec.entries if entry.backbone in backbones))
-
-
 def complexity_tables(args: argparse.Namespace) -> list[Table]:
-    specs = [only_backbones(TABLES[name], args.backbones) for name in args.tables or TABLES]
+    specs = [TABLES[name].restricted_to(args.backbones) for name in args.tables or TABLES]
     specs = [spec for spec in specs if spec.variants()]
     counts = count_variants((variant for spec in specs for variant in spec.variants()), image_size=args.image_size)
     tables = [complexity_table(spec, counts) for spec in specs]

@@ -94,7 +94,7 @@ def test_complexity_table_compares_increases_over_the_plain_resnet():
     counts = count_variants(variants, image_size=32)
     assert plain("resnet18") in counts
     se_params = counts[channel_attention("resnet18", "se")][0]
-    table = complexity_table(spec.__class__(**{**spec.__dict__, "entries": tuple(e for e in spec.entries if e.backbone == "resnet18")}), counts)
+    table = complexity_table(spec.restricted_to(["resnet18"]), counts)
     rows = {row[1]: row for row in table.rows}
     assert rows["ResNet"][4] == "0" and rows["ResNet"][2] == "11.690"
     assert rows["SE"][4] == f"{se_params - counts[plain('resnet18')][0]:,}"

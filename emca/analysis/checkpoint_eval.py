@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from emca.analysis.evaluation import ROTATIONS, evaluate
+from emca.analysis.evaluation import evaluate
 from emca.analysis.gradcam import save_gradcam, target_block
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
@@ -88,6 +88,8 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     """Measure, write eval.json (and the figures) and return its content; None on ranks other than 0."""
     if not cfg.checkpoint:
         raise EvalError("give the checkpoint to evaluate: python eval.py checkpoint=PATH")
+    if any(not isinstance(degrees, int) or degrees % 90 for degrees in cfg.rotations):
+        raise EvalError(f"rotations={list(cfg.rotations)}: give multiples of 90 degrees, e.g. rotations=[0,90,180,270]")
     checkpoint = Path(cfg.checkpoint).expanduser().resolve()
     state = read_checkpoint(checkpoint)
     train_cfg = state["config"]

@@ -18,9 +18,6 @@ from torch import nn
 from emca.engine.distributed import DistributedContext
 from emca.engine.metrics import Metrics, MetricSums
 
-ROTATIONS = (0, 90, 180, 270)
-
-
 def rotate_clockwise(images: torch.Tensor, degrees: int) -> torch.Tensor:
     """Rotate a (B, C, H, W) batch by a multiple of 90 degrees clockwise."""
     if degrees % 90:

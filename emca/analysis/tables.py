@@ -9,8 +9,8 @@ LaTeX. The experiment presets in configs/experiment/ sweep exactly the variants 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping, Optional
 
 from emca.analysis import paper_reference as paper
 from emca.analysis.paper_reference import Reference
@@ -66,6 +66,13 @@ class TableSpec:
     def variants(self) -> list[Variant]:
         """Every variant the table needs, in table order, once each."""
         return list(dict.fromkeys(entry.variant for entry in self.entries if entry.variant is not None))
+
+    def restricted_to(self, backbones: Optional[Iterable[str]]) -> "TableSpec":
+        """The same table with only the rows of these backbones (all when None)."""
+        if backbones is None:
+            return self
+        backbones = set(backbones)
+        return replace(self, entries=tuple(entry for entry in self.entries if entry.backbone in backbones))
 
 
 def _table2() -> TableSpec:
