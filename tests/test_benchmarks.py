@@ -1,0 +1,114 @@
+"""The benchmark scripts run and print their tables (never timed here), and the model's fast paths
+compute what the plain formulas compute, also under torch.compile."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO_ROOT, SHARED_DATA
+from emca.layers.pooling import STD_EPS, pool_statistics
+from emca.models.resnet import EMCAResNet
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_header(output: str, first_column: str) -> list[str]:
+    return next(line.split() for line in output.splitlines() if line.startswith(first_column))
+
+
+# --------------------------------------------------------------------------- benchmark scripts
+def test_model_cost_prints_times_memory_and_targets():
+    output = run_benchmark("model_cost.py", "--backbones", "resnet18", "--variants", "ResNet", "ECA", "EMCA-ECA",
+                           "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--warmup", "0")
+    assert table_header(output, "backbone") == ["backbone", "variant", "attention", "in", "params", "M", "ms/img", "spread",
+                                                "x", "plain", "x", "dense", "peak", "MiB", "x", "plain", "x", "dense"]
+    rows = [line.split()[:2] for line in output.splitlines() if line.startswith("resnet18")]
+    assert rows == [["resnet18", "ResNet"], ["resnet18", "ECA"], ["resnet18", "EMCA-ECA"]]
+    assert "target   resnet18 EMCA-ECA time" in output and "target   resnet18 EMCA-ECA memory" in output
+    assert "cpu clock" in output
+
+
+def test_trainer_overhead_prints_both_loops_and_the_target():
+    output = run_benchmark("trainer_overhead.py", "--steps", "2", "--rounds", "1", "--warmup", "0",
+                           "--batch-size", "2", "--image-size", "32")
+    assert table_header(output, "loop") == ["loop", "s/epoch", "images/s", "spread", "x", "bare"]
+    assert "bare PyTorch loop" in output and "EMCA-Train trainer" in output
+    assert "target   trainer overhead" in output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_training_says_why_it_measures_nothing_without_cuda():
+    output = run_benchmark("gpu_training.py")
+    assert "no CUDA device" in output and "nothing measured" in output
+
+
+@pytest.mark.slow
+def test_gpu_training_code_path_runs_on_cpu_with_dali():
+    pytest.importorskip("nvidia.dali")
+    samples = SHARED_DATA / "imagenet-samples"
+    if not samples.is_dir():
+        pytest.skip(f"shared JPEG samples not found at {samples}")
+    output = run_benchmark("gpu_training.py", "--device", "cpu", "--data", str(samples), "--backbone", "resnet18",
+                           "--batch-size", "8", "--image-size", "32", "--steps", "2", "--rounds", "1", "--warmup", "0",
+                           "--workers", "1", "--amp", "off")
+    assert table_header(output, "loader") == ["loader", "steps", "images/s", "spread", "x", "synthetic"]
+    assert [line.split()[:2] for line in output.splitlines() if line.startswith(("synthetic", "dali"))] == [
+        ["synthetic", "2"], ["dali", "2"]]
+
+
+# --------------------------------------------------------------------------- the model's fast paths
+def reference_pooling(x: torch.Tensor, num_statistics: int) -> torch.Tensor:
+    if num_statistics == 1:
+        return x.mean(dim=(2, 3)).unsqueeze(-1)
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    return torch.stack((mean, torch.sqrt(var + STD_EPS)), dim=-1)
+
+
+@pytest.mark.parametrize("num_statistics", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 4, 1, 1)])
+def test_pooling_backward_is_the_exact_gradient(num_statistics, shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: pool_statistics(t, num_statistics), (x,))
+
+
+@pytest.mark.parametrize("num_statistics", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_pooling_matches_the_plain_formulas(num_statistics, memory_format):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 7, 7).contiguous(memory_format=memory_format).requires_grad_()
+    weights = torch.randn(4, 16, num_statistics)
+    ours = pool_statistics(x, num_statistics)
+    (ours_grad,) = torch.autograd.grad((ours * weights).sum(), x)
+    reference = reference_pooling(x, num_statistics)
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), x)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-6, atol=1e-6)
+    if num_statistics == 1:  # the mean is the very same computation
+        assert torch.equal(ours, reference) and torch.equal(ours_grad, reference_grad)
+
+
+@pytest.mark.parametrize("attention", ["emca_eca", "emca_srm"])  # both poolings, both EMCA code paths
+def test_emca_models_compile_as_one_graph_and_train_like_eager(attention):
+    # aot_eager traces forward and backward exactly as inductor would (no graph break allowed), without
+    # inductor's C++ compile, which takes over a minute per model on this CPU.
+    torch.manual_seed(0)
+    model = EMCAResNet("resnet18", attention=attention, num_classes=10).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    F.cross_entropy(model(images), labels).backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    F.cross_entropy(compiled(images), labels).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-5, msg=name)
+    torch._dynamo.reset()
