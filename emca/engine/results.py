@@ -13,7 +13,8 @@ from typing import Any
 from emca.engine.checkpoint import atomic_write
 
 RESULTS = "results.json"
-VERSIONED_PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "hydra-core", "omegaconf", "timm", "numpy", "emca-train")
+VERSIONED_PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "timm", "numpy", "emca-train")
+DALI_PREFIX = "nvidia-dali"  # published per CUDA version: nvidia-dali-cuda120, nvidia-dali-cuda130, ...
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,6 +36,9 @@ def library_versions() -> dict[str, str | None]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    for distribution in metadata.distributions():
+        if (distribution.metadata["Name"] or "").startswith(DALI_PREFIX):
+            versions[distribution.metadata["Name"]] = distribution.version
     return versions
 
 

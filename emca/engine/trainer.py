@@ -162,15 +162,14 @@ class Trainer:
     def _resume(self, resume: Optional[str]) -> Progress:
         """Load the checkpoint trainer.resume names; rank 0 decides which, every rank loads it."""
         last = self.checkpoint_dir / LAST
-        if resume is None:
-            path, problem = None, None
-            if last.exists():
-                problem = (f"{self.run_dir} already holds {CHECKPOINT_DIR}/{LAST}: pass trainer.resume=auto to continue "
-                           f"that run, or choose another hydra.run.dir")
-        elif resume == "auto":
-            path, problem = (last if last.exists() else None), None
-        else:
-            path, problem = Path(resume), None
+        path, problem = None, None
+        if resume == "auto":
+            path = last if last.exists() else None
+        elif resume is not None:
+            path = Path(resume)
+        elif last.exists():
+            problem = (f"{self.run_dir} already holds {CHECKPOINT_DIR}/{LAST}: pass trainer.resume=auto to continue "
+                       f"that run, or choose another hydra.run.dir")
         path, problem = self.ctx.broadcast_from_main((path, problem))
         if problem:
             raise ValueError(problem)
