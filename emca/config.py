@@ -41,10 +41,10 @@ class NoWeightDecay(Enum):
 class OptimizerConfig:
     """The optimisation recipe: SGD, its learning-rate schedule and the loss' label smoothing."""
 
-    # Learning rate for the global batch; see lr_scale_batch.
+    # Learning rate for a global batch of lr_scale_batch images.
     lr: float = 0.1
-    # null: use lr as given. N: linear scaling rule, lr * dataset.batch_size / N.
-    lr_scale_batch: Optional[int] = None
+    # Linear scaling rule: the rate used is lr * dataset.batch_size / lr_scale_batch; null: lr as given.
+    lr_scale_batch: Optional[int] = 256
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4

@@ -48,8 +48,9 @@ def test_sgd_paper_is_the_papers_recipe(compose_train):
     opt = cfg.optimizer
     assert (opt.lr, opt.momentum, opt.weight_decay, opt.gamma) == (0.1, 0.9, 1e-4, 0.1)
     assert opt.schedule.value == "step" and opt.warmup_epochs == 0 and opt.label_smoothing == 0.0
-    assert list(opt.no_weight_decay) == [] and opt.lr_scale_batch is None
-    assert cfg.dataset.batch_size == 256
+    assert list(opt.no_weight_decay) == []
+    # lr 0.1 is for the paper's global batch of 256, scaled linearly for other batches.
+    assert opt.lr_scale_batch == 256 and cfg.dataset.batch_size == 256
     assert milestone_epochs(opt.milestones, cfg.trainer.epochs) == [30, 60, 90]
 
 

@@ -107,6 +107,8 @@ def test_optimizer_groups_and_scaled_lr():
     assert decay["lr"] == pytest.approx(0.2) and decay["momentum"] == 0.9
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert all(p.ndim > 1 for p in decay["params"])
-    # The paper's recipe: one group, weight decay on everything.
+    # The paper's recipe: one group, weight decay on everything, lr 0.1 per 256 images.
     plain = build_optimizer(model, OmegaConf.structured(OptimizerConfig()), global_batch=64, attention_name="emca_srm")
-    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 0.1
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == pytest.approx(0.025)
+    unscaled = build_optimizer(model, OmegaConf.structured(OptimizerConfig(lr_scale_batch=None)), global_batch=64, attention_name="emca_srm")
+    assert unscaled.param_groups[0]["lr"] == 0.1
