@@ -6,6 +6,7 @@ so that a burst of load on a shared machine hits every variant alike instead of 
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -30,7 +31,16 @@ def resolve_device(requested: str) -> torch.device:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"cpu: {cpu_model()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s), "
+            f"torch {torch.__version__}")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 CLOCKS = ("wall", "cpu")

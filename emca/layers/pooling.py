@@ -4,36 +4,19 @@ K = 1 holds the mean (SE, ECA); K = 2 holds mean and standard deviation (SRM's s
 One descriptor format for every module lets EMCA stack, align and fuse descriptors without caring
 which excitation follows.
 
-Both poolings are autograd Functions with hand-written backward passes because they sit on full
-feature maps, once per attention module and once per covered block output:
-- mean: autograd's MeanBackward materialises grad / (H*W) as a full map before it is added to the
-  map's other gradient; returning a broadcast view lets that addition be the only full-map pass.
-- mean and std: torch.var_mean is several times slower than a mean and a norm on CPU, and its
-  backward chain (sub, mul, div, add over the map) costs four passes where the closed form
-  d std / dx = (x - mean) / (N * std) needs two.
-The values are the same quantities as x.mean((2, 3)) and sqrt(var(x, correction=0) + eps), up to
-float rounding (the two-pass variance sums in another order than var_mean's Welford update).
+The mean-and-std pooling is an autograd Function with a hand-written backward: it runs on full
+feature maps, once per SRM module and once per covered block output, and torch.var_mean is several
+times slower on CPU than a mean and a norm, while its backward chain (sub, mul, div, add over the
+map) costs four passes where the closed form d std / dx = (x - mean) / (N * std) needs two. Its
+values are mean and sqrt(var(x, correction=0) + eps) up to float rounding (the two-pass variance sums
+in another order than var_mean's Welford update). The plain mean needs no such help: a hand-written
+backward that skips MeanBackward's full-size gradient measured no faster in a training step.
 """
 
 import torch
 
 # Keeps the gradient of sqrt finite where a channel is constant (a 1x1 map at small resolutions).
 STD_EPS = 1e-5
-
-
-class _MeanPool(torch.autograd.Function):
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3)).unsqueeze(-1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.input_shape = inputs[0].shape
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        height, width = ctx.input_shape[2:]
-        return (grad / (height * width)).unsqueeze(-1).expand(ctx.input_shape)
 
 
 class _MeanStdPool(torch.autograd.Function):
@@ -63,7 +46,7 @@ class _MeanStdPool(torch.autograd.Function):
 def pool_statistics(x: torch.Tensor, num_statistics: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, num_statistics): channel mean, then (optionally) channel std."""
     if num_statistics == 1:
-        return _MeanPool.apply(x)
+        return x.mean(dim=(2, 3)).unsqueeze(-1)
     if num_statistics == 2:
         return _MeanStdPool.apply(x)
     raise ValueError(f"num_statistics must be 1 (mean) or 2 (mean, std), got {num_statistics}")
