@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-import matplotlib
+from emca.analysis.figures import plt, save_figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from emca.analysis.paper_reference import SHORT_NAME  # noqa: E402
-from emca.analysis.runs import Run  # noqa: E402
+from emca.analysis.paper_reference import SHORT_NAME
+from emca.analysis.runs import Run
 
 
 def plot_top1_curves(runs: Iterable[Run], path: Path, title: str = "Validation top-1 per epoch") -> Optional[Path]:
@@ -35,9 +32,4 @@ def plot_top1_curves(runs: Iterable[Run], path: Path, title: str = "Validation t
         axis.set_ylabel("val top-1 (%)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize="x-small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, title)

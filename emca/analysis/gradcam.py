@@ -11,18 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+from emca.analysis.figures import plt, save_figure
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from pytorch_grad_cam import GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from torch import nn  # noqa: E402
-
-from emca.models import attention_modules  # noqa: E402
+from emca.models import attention_modules
 
 
 def target_block(model: nn.Module) -> tuple[str, nn.Module]:
@@ -68,11 +65,7 @@ def save_gradcam(
         right.set_title(f"Grad-CAM at {layer_name}, predicted {class_names[predicted]}", fontsize="small")
         for axis in (left, right):
             axis.axis("off")
-        figure.tight_layout()
-        path = out_dir / f"{first_index + offset:04d}_{_file_safe(class_names[label])}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(save_figure(figure, out_dir / f"{first_index + offset:04d}_{_file_safe(class_names[label])}.png"))
     return paths
 
 

@@ -13,15 +13,12 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
-import matplotlib
+from emca.analysis.figures import plt, save_figure
+import torch
+from torch import nn
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from emca.engine.distributed import DistributedContext  # noqa: E402
-from emca.models import attention_modules  # noqa: E402
+from emca.engine.distributed import DistributedContext
+from emca.models import attention_modules
 
 
 def first_attention_per_stage(model: nn.Module) -> dict[str, tuple[int, nn.Module]]:
@@ -114,9 +111,4 @@ def plot_scales(statistics: list[dict[str, Any]], path: Path, title: str) -> Pat
             fontsize="small",
         )
     axes[-1, 0].set_xlabel("channel")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, title)

@@ -1,0 +1,24 @@
+"""Matplotlib for writing figure files: the Agg backend (no display) and one way to save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save_figure(figure, path: Path, title: str | None = None) -> Path:
+    """Title, lay out, write (creating the folder) and close, so figures never pile up in memory."""
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+__all__ = ["plt", "save_figure"]
