@@ -16,6 +16,7 @@ def test_paper_milestones_are_epochs_30_60_90_of_100():
     assert milestone_epochs([0.3, 0.6, 0.9], 100) == [30, 60, 90]
     assert milestone_epochs([0.3, 0.6, 0.9], 90) == [27, 54, 81]
     assert milestone_epochs([0.3, 0.9], 15) == [5, 14]  # halves round up
+    assert milestone_epochs([0.3, 0.6, 0.9], 1) == [1, 1, 1]  # never before the first epoch
     with pytest.raises(ValueError, match="fractions"):
         milestone_epochs([30, 60], 100)
 

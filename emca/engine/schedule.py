@@ -20,8 +20,9 @@ def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
     for fraction in fractions:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"optimizer.milestones must be fractions of trainer.epochs in (0, 1], got {list(fractions)}")
-    # Half rounds up (Python's round() would send 4.5 to 4 but 13.5 to 14).
-    return [math.floor(fraction * epochs + 0.5) for fraction in fractions]
+    # Half rounds up (Python's round() would send 4.5 to 4 but 13.5 to 14); a milestone is never
+    # epoch 0, which would decay the rate before any training in very short runs.
+    return [max(1, math.floor(fraction * epochs + 0.5)) for fraction in fractions]
 
 
 def lr_factor(
