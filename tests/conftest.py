@@ -75,17 +75,19 @@ QUICK_RUN = ("+experiment=digits_quick", "trainer.max_steps_per_epoch=3")
 SYNTHETIC_RUN = (*QUICK_RUN, "loader=synthetic", "dataset.num_classes=10", "loader.val_steps=1")
 
 
-@pytest.fixture(scope="session")
-def compose_train():
-    """compose_train(*overrides) -> the config `python train.py *overrides` runs (Hydra compose API)."""
+def compose_train_config(*overrides: str):
+    """The config `python train.py *overrides` runs (Hydra compose API)."""
     import emca.config  # noqa: F401  (registers the schema and resolvers)
     from hydra import compose, initialize_config_dir
 
-    def make(*overrides: str):
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-            return compose("train", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
-    return make
+
+@pytest.fixture(scope="session")
+def compose_train():
+    """compose_train(*overrides) -> the config `python train.py *overrides` runs."""
+    return compose_train_config
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import QUICK_RUN, REPO_ROOT
+from conftest import QUICK_RUN, REPO_ROOT, compose_train_config
 
 DIGITS_VAL_IMAGES = 360
 
@@ -58,15 +58,11 @@ def test_ranks_hold_identical_weights_and_count_validation_once(run_script, tmp_
 
 
 def ddp_worker(out: Path) -> None:
-    import emca.config  # noqa: F401  (registers the schema and resolvers)
-    from hydra import compose, initialize_config_dir
-
     from emca.engine.distributed import setup_distributed
     from emca.engine.preemption import StopRequest
     from emca.engine.trainer import Trainer
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*QUICK_RUN, "trainer.epochs=1"])
+    cfg = compose_train_config(*QUICK_RUN, "trainer.epochs=1")
     ctx = setup_distributed("cpu")
     with StopRequest() as stop:
         trainer = Trainer(cfg, ctx, out / "run")
