@@ -68,6 +68,7 @@ def test_shared_tiny_imagenet_subset(shared_data, loader):
     root = shared_data / "tinyimagenet-subset"
     cfg = OmegaConf.load("configs/dataset/tiny_imagenet.yaml")
     cfg.merge_with({"root": str(root), "workers": 2})
+    assert cfg.batch_size == 32  # the paper's Tiny-ImageNet batch
     bundle = build_loaders(cfg, loader_cfg(loader))
     wnids = [line.split("\t")[1] for line in (root / "classes.tsv").read_text().splitlines()[1:]]
     assert bundle.classes == sorted(wnids) and bundle.num_classes == 20
@@ -77,7 +78,7 @@ def test_shared_tiny_imagenet_subset(shared_data, loader):
     assert labels.tolist() == [i for i in range(20) for _ in range(50)]
     bundle.train.set_epoch(0)
     images, labels = next(iter(bundle.train))
-    assert images.shape == (256, 3, 64, 64) and labels.dtype == torch.int64
+    assert images.shape == (cfg.batch_size, 3, 64, 64) and labels.dtype == torch.int64
     assert 0 <= labels.min() and labels.max() < 20
 
 
