@@ -316,3 +316,12 @@ def test_model_summary_script(repo_root):
     )
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: coverage.stages=9")
+
+
+def test_coverage_name_is_derived_from_the_fields():
+    from emca.models import coverage_name
+
+    assert coverage_name(1, "all") == "prev_stage_all"
+    assert coverage_name("all", 1) == "all_stages_last"
+    assert coverage_name(0, 0) == "none"
+    assert coverage_name("all", 2) == "stages=all,blocks=2"

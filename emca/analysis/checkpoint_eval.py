@@ -23,7 +23,7 @@ from emca.analysis.evaluation import evaluate
 from emca.analysis.gradcam import save_gradcam, target_block
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
-from emca.analysis.variants import coverage_name
+from emca.models import coverage_name
 from emca.data import build_loaders
 from emca.engine.checkpoint import architecture_fingerprint, atomic_write, describe_architecture, load_checkpoint
 from emca.engine.distributed import DistributedContext

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emca.models import COVERAGE_PRESETS
+from emca.models import coverage_name
 from emca.models.config import AttentionConfig
 
 # Attention options that leave the paper's table cell unchanged, with their paper values.
@@ -56,14 +56,6 @@ def channel_attention(backbone: str, kind: str, integration: str = "all") -> Var
 
 def emca(backbone: str, kind: str, coverage: str, integration: str = "first") -> Variant:
     return Variant(backbone, f"emca_{kind}", integration, coverage)
-
-
-def coverage_name(stages: Any, blocks: Any) -> str:
-    """The preset that (stages, blocks) spell, else a literal description."""
-    for name, preset in COVERAGE_PRESETS.items():
-        if preset == (stages, blocks):
-            return name
-    return f"stages={stages},blocks={blocks}"
 
 
 def variant_from_config(cfg: Any) -> Variant:

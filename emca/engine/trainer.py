@@ -35,7 +35,7 @@ from emca.engine.reproducibility import configure_determinism, rng_state, seed_e
 from emca.engine.results import git_commit, library_versions, write_results
 from emca.engine.schedule import build_scheduler, milestone_epochs
 from emca.engine.tensorboard import TensorBoardLog
-from emca.models import attention_modules, build_model
+from emca.models import attention_modules, build_model, coverage_name
 from emca.models.summary import count_parameters, measure_gflops
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ class Trainer:
         self.parameters = count_parameters(model)
         self.gflops = measure_gflops(model, cfg.dataset.image_size)
         self.fingerprint = architecture_fingerprint(model)
+        coverage = self.fingerprint["architecture"]["coverage"]  # None without EMCA
+        self.coverage_name = coverage_name(coverage["stages"], coverage["blocks"]) if coverage else None
         if trainer_cfg.sync_bn and ctx.is_distributed:
             if ctx.device.type != "cuda":
                 raise ValueError("trainer.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
@@ -139,7 +141,9 @@ class Trainer:
             arch = self.fingerprint["architecture"]
             log.info(f"run folder {self.run_dir}")
             log.info(
-                f"model {arch['backbone']} attention={cfg.attention.name} coverage={cfg.coverage.name}: "
+                f"model {arch['backbone']} attention={cfg.attention.name}"
+                + (f" coverage={self.coverage_name}" if self.coverage_name else "")
+                + f": "
                 f"{self.parameters / 1e6:.3f} M parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px"
             )
             log.info(
@@ -376,7 +380,7 @@ class Trainer:
         return {
             "status": "completed",
             "run_dir": str(self.run_dir),
-            "model": {"backbone": cfg.backbone.name, "attention": cfg.attention.name, "coverage": cfg.coverage.name},
+            "model": {"backbone": cfg.backbone.name, "attention": cfg.attention.name, "coverage": self.coverage_name},
             "dataset": cfg.dataset.name,
             "loader": cfg.loader.name,
             "final": {"epoch": final["epoch"], "val_top1": final["val_top1"], "val_top5": final["val_top5"], "val_loss": final["val_loss"]},

@@ -6,7 +6,7 @@ from torch import nn
 
 from . import registry  # noqa: F401  (registers the emca_* names with timm)
 from .coverage import PRESETS as COVERAGE_PRESETS
-from .coverage import CoverageRegion, coverage_sources
+from .coverage import CoverageRegion, coverage_name, coverage_sources
 from .resnet import ATTENTIONS, BACKBONES, INTEGRATIONS, EMCAResNet
 
 
@@ -56,5 +56,6 @@ __all__ = [
     "EMCAResNet",
     "attention_modules",
     "build_model",
+    "coverage_name",
     "coverage_sources",
 ]

@@ -42,6 +42,18 @@ class CoverageRegion:
         raise ValueError(f"coverage must be a preset name or a mapping {{stages, blocks}}, got {spec!r}")
 
 
+def coverage_name(stages: Any, blocks: Any) -> str:
+    """The preset that (stages, blocks) spell, else a literal description.
+
+    Derived from the fields, never taken from a config's `name`, which a command-line override of
+    coverage.stages / coverage.blocks leaves stale.
+    """
+    for name, preset in PRESETS.items():
+        if preset == (stages, blocks):
+            return name
+    return f"stages={stages},blocks={blocks}"
+
+
 def _count(value: Any, key: str) -> Count:
     if isinstance(value, str) and value == ALL:
         return ALL
