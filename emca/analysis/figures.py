@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 def save_figure(figure, path: Path, title: str | None = None) -> Path:
     """Title, lay out, write (creating the folder) and close, so figures never pile up in memory."""
     if title:
-        figure.suptitle(title)
+        # Run descriptions are long; wrap them to the figure's width instead of clipping.
+        width_chars = int(figure.get_figwidth() * 11)
+        figure.suptitle(textwrap.fill(title, width_chars), fontsize="medium")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
