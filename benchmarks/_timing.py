@@ -62,6 +62,14 @@ def choose_clock(device: torch.device, clock: str | None, threads: int | None) -
     return clock
 
 
+def prepare_run(args) -> torch.device:
+    """The device, the clock (stored back on args.clock) and cuDNN autotuning, as every timed script wants."""
+    device = resolve_device(args.device)
+    args.clock = choose_clock(device, args.clock, args.threads)
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
 @dataclass(frozen=True)
 class Timing:
     """Seconds per call over the rounds: the median, and the spread (max - min) / median."""

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from _timing import (CLOCKS, MIB, Timing, choose_clock, describe_device, format_table, interleaved_timings, peak_memory,
-                     resolve_device, tensor_bytes)
+from _timing import (CLOCKS, MIB, Timing, describe_device, format_table, interleaved_timings, peak_memory, prepare_run,
+                     tensor_bytes)
 from emca.models.resnet import EMCAResNet
 
 
@@ -187,9 +187,7 @@ def check_targets(found: dict[tuple[str, str], Measurement]) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    args.clock = choose_clock(device, args.clock, args.threads)
-    torch.backends.cudnn.benchmark = True
+    device = prepare_run(args)
     variants = [v for v in VARIANTS if v.label in args.variants]
     measurements = [m for backbone in args.backbones for m in measure_backbone(backbone, variants, args, device)]
     print(report(measurements, args, device))

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _timing import CLOCKS, choose_clock, describe_device, format_table, interleaved_timings, resolve_device
+from _timing import CLOCKS, describe_device, format_table, interleaved_timings, prepare_run
 from _trainer import build_trainer, trainer_epoch
 from emca.engine.trainer import AMP_DTYPES, Trainer
 
@@ -86,9 +86,7 @@ def bare_epoch(trainer: Trainer, amp: str):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    args.clock = choose_clock(device, args.clock, args.threads)
-    torch.backends.cudnn.benchmark = True
+    device = prepare_run(args)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(trainer_overrides(args, device), Path(run_dir))
         loops = {"bare PyTorch loop": bare_epoch(trainer, args.amp), "EMCA-Train trainer": trainer_epoch(trainer)}
