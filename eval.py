@@ -35,7 +35,7 @@ def fail(error: Exception) -> NoReturn:
 def main(cfg: DictConfig) -> None:
     silence_non_main_logging()
     try:
-        ctx = setup_distributed(cfg.device)
+        ctx = setup_distributed(cfg.device, device_option="device")
     except ValueError as error:  # an unusable device option
         fail(error)
     try:

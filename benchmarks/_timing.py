@@ -17,15 +17,19 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
+from emca.engine.distributed import resolve_device
+
 MIB = 2**20
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA device is available")
-    return torch.device(requested)
+def add_run_arguments(parser) -> None:
+    """The device, precision, memory-format and clock options every timed script takes."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads with --clock wall (the cpu clock runs one thread)")
+    parser.add_argument("--clock", choices=CLOCKS, default=None,
+                        help="wall time, or process CPU time on one thread (default: cpu on a CPU device, wall on CUDA)")
 
 
 def describe_device(device: torch.device) -> str:
@@ -64,7 +68,10 @@ def choose_clock(device: torch.device, clock: str | None, threads: int | None) -
 
 def prepare_run(args) -> torch.device:
     """The device, the clock (stored back on args.clock) and cuDNN autotuning, as every timed script wants."""
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device, option="--device")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     args.clock = choose_clock(device, args.clock, args.threads)
     torch.backends.cudnn.benchmark = True
     return device

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from _timing import (CLOCKS, MIB, Timing, describe_device, format_table, interleaved_timings, peak_memory, prepare_run,
-                     tensor_bytes)
+from _timing import (MIB, Timing, add_run_arguments, describe_device, format_table, interleaved_timings, peak_memory,
+                     prepare_run, tensor_bytes)
 from emca.models.resnet import EMCAResNet
 
 
@@ -65,13 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7, help="round-robin passes over the variants; the median is reported")
     parser.add_argument("--steps-per-round", type=int, default=1, help="training steps timed together per variant and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the rounds")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    parser.add_argument("--channels-last", action="store_true")
+    add_run_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (compile time is not timed)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads with --clock wall (the cpu clock runs one thread)")
-    parser.add_argument("--clock", choices=CLOCKS, default=None,
-                        help="wall time, or process CPU time on one thread (default: cpu on a CPU device, wall on CUDA)")
     args = parser.parse_args(argv)
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2: BatchNorm in training mode needs two values per channel")

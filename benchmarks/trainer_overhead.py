@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _timing import CLOCKS, describe_device, format_table, interleaved_timings, prepare_run
+from _timing import add_run_arguments, describe_device, format_table, interleaved_timings, prepare_run
 from _trainer import build_trainer, trainer_epoch
 from emca.engine.trainer import AMP_DTYPES, Trainer
 
@@ -42,12 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=20, help="the trainer's trainer.log_every (its default: 20)")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin passes (one epoch of each loop per pass)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each loop first")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads with --clock wall (the cpu clock runs one thread)")
-    parser.add_argument("--clock", choices=CLOCKS, default=None,
-                        help="wall time, or process CPU time on one thread (default: cpu on a CPU device, wall on CUDA)")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -1,3 +1,4 @@
+import pytest
 """DDP through torchrun on this CPU (gloo): one run folder, identical weights on every rank, every
 validation image counted exactly once.
 
@@ -76,3 +77,13 @@ def ddp_worker(out: Path) -> None:
 
 if __name__ == "__main__":
     ddp_worker(Path(sys.argv[1]))
+
+
+def test_device_errors_name_the_setting_that_was_wrong():
+    from emca.engine.distributed import resolve_device
+
+    with pytest.raises(ValueError, match=r"^trainer.device='gpu': expected auto, cpu or cuda"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match=r"^device='gpu'"):  # eval.py's top-level option
+        resolve_device("gpu", option="device")
+    assert resolve_device("cpu", option="--device") == torch.device("cpu")

@@ -99,24 +99,25 @@ class DistributedContext:
                 dist.broadcast(buffer, src=0)
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
+def resolve_device(requested: str, local_rank: int = 0, option: str = "trainer.device") -> torch.device:
+    """auto | cpu | cuda -> this rank's device; `option` names the setting in error messages."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("trainer.device=cuda but no CUDA device is available (use trainer.device=cpu or auto)")
+            raise ValueError(f"{option}=cuda but no CUDA device is available (use {option}=cpu or auto)")
         return torch.device("cuda", local_rank)
     if requested == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"trainer.device={requested!r}: expected auto, cpu or cuda")
+    raise ValueError(f"{option}={requested!r}: expected auto, cpu or cuda")
 
 
-def setup_distributed(requested_device: str) -> DistributedContext:
+def setup_distributed(requested_device: str, device_option: str = "trainer.device") -> DistributedContext:
     """Join the process group torchrun describes (once per process: multirun jobs reuse it)."""
     rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(requested_device, local_rank)
+    device = resolve_device(requested_device, local_rank, device_option)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size == 1:
