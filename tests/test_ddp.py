@@ -1,4 +1,3 @@
-import pytest
 """DDP through torchrun on this CPU (gloo): one run folder, identical weights on every rank, every
 validation image counted exactly once.
 
@@ -11,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import QUICK_RUN, REPO_ROOT, compose_train_config
