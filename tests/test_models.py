@@ -1,5 +1,6 @@
 """Model library: torchvision parity, published parameter counts, PAPER.md formulas, EMCA numerics."""
 
+import functools
 import math
 import subprocess
 import sys
@@ -90,6 +91,32 @@ def test_plain_se_and_eca_match_timm_layers():
     reference = timm.layers.EcaModule(64)
     reference.conv.weight.data.copy_(ours.excitation.conv.weight)
     torch.testing.assert_close(ours(y), reference(y))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_se_resnet_matches_timm_forward_and_backward(depth):
+    """SE in every block (integration=all) is timm's seresnet: same outputs and gradients, so the
+    gate fused into the shortcut's add (addcmul) computes exactly y * scales + identity."""
+    torch.manual_seed(0)
+    ours = EMCAResNet(f"resnet{depth}", attention="se", integration="all", num_classes=10).double()
+    # SE with a reduction of exactly 16 (timm rounds the reduced width up to a multiple of 8 by default)
+    se_layer = functools.partial(timm.layers.SEModule, rd_ratio=1 / 16, rd_divisor=1)
+    reference = timm.create_model(f"seresnet{depth}", num_classes=10, block_args=dict(attn_layer=se_layer)).double()
+    state = {}
+    for key, value in ours.state_dict().items():
+        key = key.replace(".attn.excitation.", ".se.")
+        state[key] = value[:, :, None, None] if ".se.fc" in key and key.endswith("weight") else value
+    reference.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([1, 7])
+    out, ref_out = ours(x), reference(x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    nn.functional.cross_entropy(out, labels).backward()
+    nn.functional.cross_entropy(ref_out, labels).backward()
+    reference_grads = dict(reference.named_parameters())
+    for name, p in ours.named_parameters():
+        ref_grad = reference_grads[name.replace(".attn.excitation.", ".se.")].grad
+        torch.testing.assert_close(p.grad, ref_grad.reshape(p.grad.shape), rtol=1e-8, atol=1e-10, msg=name)
 
 
 def test_srm_matches_the_published_formula():

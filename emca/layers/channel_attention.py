@@ -22,6 +22,9 @@ class ChannelAttention(nn.Module):
     def num_statistics(self) -> int:
         return self.excitation.num_statistics
 
+    def factors(self, y: torch.Tensor) -> torch.Tensor:
+        """The per-channel factors (B, C, 1, 1) that the module multiplies y by."""
+        return self.gate(self.excitation(pool_statistics(y, self.num_statistics)))[:, :, None, None]
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        scales = self.gate(self.excitation(pool_statistics(y, self.num_statistics)))
-        return y * scales[:, :, None, None]
+        return y * self.factors(y)

@@ -94,14 +94,16 @@ class EMCA(nn.Module):
         stacked = torch.stack([own] + [self._align(i, s) for i, s in enumerate(sources)], dim=1)
         return F.relu(torch.einsum("brck,r->bck", stacked, self.scale_weights))
 
-    def forward(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    def factors(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The per-channel factors (B, C0, 1, 1) that the module multiplies y by."""
         if len(sources) != len(self.source_channels):
             raise ValueError(f"EMCA expects {len(self.source_channels)} source descriptors, got {len(sources)}")
         own = pool_statistics(y, self.num_statistics)
         scales = self.gate(self.excitation(self.fuse(own, sources)))[:, :, None, None]
-        if self.gating == "residual":
-            return y * (1 + scales)
-        return y * scales
+        return 1 + scales if self.gating == "residual" else scales
+
+    def forward(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        return y * self.factors(y, sources)
 
 
 def _init_as_repeat(weight: torch.Tensor, source_channels: int) -> None:

@@ -9,8 +9,12 @@ feature maps, once per SRM module and once per covered block output, and torch.v
 times slower on CPU than a mean and a norm, while its backward chain (sub, mul, div, add over the
 map) costs four passes where the closed form d std / dx = (x - mean) / (N * std) needs two. Its
 values are mean and sqrt(var(x, correction=0) + eps) up to float rounding (the two-pass variance sums
-in another order than var_mean's Welford update). The plain mean needs no such help: a hand-written
-backward that skips MeanBackward's full-size gradient measured no faster in a training step.
+in another order than var_mean's Welford update).
+
+The plain mean is an autograd Function too, for its backward alone: autograd's MeanBackward writes a
+full-size gradient (grad.expand(...) / N) that is then added to the map's other gradient, one more
+full pass over the map than returning the broadcast view, which autograd adds in place. EMCA pools
+every covered block output, so the pass is paid many times per step.
 """
 
 import torch
@@ -43,10 +47,25 @@ class _MeanStdPool(torch.autograd.Function):
         return torch.addcmul(grad_mean / count, x - mean, grad_std / (count * std))
 
 
+class _MeanPool(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)).unsqueeze(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = ctx.shape
+        return (grad / (height * width)).unsqueeze(-1).expand(batch, channels, height, width)
+
+
 def pool_statistics(x: torch.Tensor, num_statistics: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, num_statistics): channel mean, then (optionally) channel std."""
     if num_statistics == 1:
-        return x.mean(dim=(2, 3)).unsqueeze(-1)
+        return _MeanPool.apply(x)
     if num_statistics == 2:
         return _MeanStdPool.apply(x)
     raise ValueError(f"num_statistics must be 1 (mean) or 2 (mean, std), got {num_statistics}")

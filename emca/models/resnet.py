@@ -35,19 +35,20 @@ class AttentionSlot(nn.Module):
         self.attn: nn.Module | None = None
         self.source_indices: tuple[int, ...] = ()
 
-    def attend(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    def add_shortcut(self, y: torch.Tensor, identity: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        """identity + attention(y). The gate's multiply and the shortcut's add are one addcmul: one
+        pass over the feature map instead of two, and no gated map kept alive in between."""
         if self.attn is None:
-            return y
-        if isinstance(self.attn, EMCA):
-            return self.attn(y, sources)
-        return self.attn(y)
+            return y + identity
+        factors = self.attn.factors(y, sources) if isinstance(self.attn, EMCA) else self.attn.factors(y)
+        return torch.addcmul(identity, y, factors)
 
 
 class BasicBlock(AttentionSlot, tv_resnet.BasicBlock):
     def forward(self, x: torch.Tensor, sources: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(self.attend(y, sources) + identity)
+        return self.relu(self.add_shortcut(y, identity, sources))
 
 
 class Bottleneck(AttentionSlot, tv_resnet.Bottleneck):
@@ -56,7 +57,7 @@ class Bottleneck(AttentionSlot, tv_resnet.Bottleneck):
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return self.relu(self.attend(y, sources) + identity)
+        return self.relu(self.add_shortcut(y, identity, sources))
 
 
 BACKBONES = {
