@@ -94,7 +94,26 @@ class Timing:
     def ratio_to(self, other: "Timing") -> float:
         """Median of the per-round ratios: each pairs two measurements taken moments apart, so a
         change of load between rounds cancels out."""
-        return statistics.median(a / b for a, b in zip(self.samples, other.samples))
+        return statistics.median(self.round_ratios(other))
+
+    def round_ratios(self, other: "Timing") -> list[float]:
+        return [a / b for a, b in zip(self.samples, other.samples)]
+
+
+def ratio_verdict(ratios: Sequence[float], limit: float, strict: bool = False) -> str:
+    """'1.043x (middle half 1.031-1.052): PASS' for a target of ratio <= limit (< limit if strict).
+
+    The verdict follows the median, and says 'within noise' when the middle half of the per-round
+    ratios (lower to upper quartile) lies on both sides of the limit: on a shared machine such a
+    result would flip between runs, and must not be read as a clear pass or miss.
+    """
+    median = statistics.median(ratios)
+    low, high = (statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else (median, median))
+    holds = (lambda r: r < limit) if strict else (lambda r: r <= limit)
+    verdict = "PASS" if holds(median) else "MISS"
+    if holds(low) != holds(high):
+        verdict += ", within noise"
+    return f"{median:.3f}x (middle half {low:.3f}-{high:.3f}): {verdict}"
 
 
 def interleaved_timings(

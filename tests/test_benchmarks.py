@@ -34,8 +34,20 @@ def test_model_cost_prints_times_memory_and_targets():
                                                 "x", "plain", "x", "dense", "peak", "MiB", "x", "plain", "x", "dense"]
     rows = [line.split()[:2] for line in output.splitlines() if line.startswith("resnet18")]
     assert rows == [["resnet18", "ResNet"], ["resnet18", "ECA"], ["resnet18", "EMCA-ECA"]]
-    assert "target   resnet18 EMCA-ECA time" in output and "target   resnet18 EMCA-ECA memory" in output
+    assert "target   resnet18 EMCA-ECA vs ECA, below 1x: time" in output
+    assert "target   resnet18 EMCA-ECA vs ECA, below 1x: memory" in output
     assert "cpu clock" in output
+
+
+def test_ratio_verdict_names_results_that_noise_could_flip():
+    sys.path.insert(0, str(BENCHMARKS))
+    from _timing import ratio_verdict
+
+    assert ratio_verdict([1.01, 1.02, 1.03, 1.04, 1.20], 1.05) == "1.030x (middle half 1.020-1.040): PASS"
+    assert ratio_verdict([1.00, 1.04, 1.06, 1.07, 1.08], 1.05) == "1.060x (middle half 1.040-1.070): MISS, within noise"
+    assert ratio_verdict([0.97, 0.99, 1.00, 1.01], 1.0, strict=True) == "0.995x (middle half 0.985-1.002): PASS, within noise"
+    assert ratio_verdict([0.95, 0.96, 0.97], 1.0, strict=True) == "0.960x (middle half 0.955-0.965): PASS"
+    assert ratio_verdict([1.07], 1.05) == "1.070x (middle half 1.070-1.070): MISS"
 
 
 def test_trainer_overhead_prints_both_loops_and_the_target():
@@ -43,7 +55,7 @@ def test_trainer_overhead_prints_both_loops_and_the_target():
                            "--batch-size", "2", "--image-size", "32")
     assert table_header(output, "loop") == ["loop", "s/epoch", "images/s", "spread", "x", "bare"]
     assert "bare PyTorch loop" in output and "EMCA-Train trainer" in output
-    assert "target   trainer overhead" in output
+    assert "target   trainer time vs bare loop, at most 1.05x (5% overhead): " in output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
@@ -95,6 +107,18 @@ def test_pooling_matches_the_plain_formulas(num_statistics, memory_format):
     torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-6, atol=1e-6)
     if num_statistics == 1:  # the mean is the very same computation
         assert torch.equal(ours, reference) and torch.equal(ours_grad, reference_grad)
+
+
+def test_mean_pooling_passes_back_a_broadcast_gradient():
+    # Autograd's own MeanBackward writes a full-size map; ours hands back a stride-0 view that is
+    # added in place to the map's other gradient (one full pass less per pooled map).
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    feature = x * 1.0
+    seen = []
+    feature.register_hook(lambda grad: seen.append(grad))
+    pool_statistics(feature, 1).sum().backward()
+    assert seen[0].stride()[2:] == (0, 0)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 20))
 
 
 @pytest.mark.parametrize("attention", ["emca_eca", "emca_srm"])  # both poolings, both EMCA code paths
