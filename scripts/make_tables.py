@@ -7,7 +7,8 @@
 Run folders are found recursively (any folder with .hydra/config.yaml); each one's backbone,
 attention, integration and coverage come from that config. Missing runs are gaps ('–'). Prints
 Markdown and writes to --out: tables.md, tables.csv (one number per line), one .tex per table
-(booktabs) and figure9_val_top1.png (validation top-1 per epoch of every run found).
+(booktabs) and figure9_val_top1.png (validation top-1 per epoch of every run found). Table 9
+(rotations) and Figure 6 (learned-scale statistics) come from the runs' eval.json (eval.py).
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.complexity and not args.sweep_dirs:
         parser.error("give at least one SWEEP_DIR (or --complexity)")
+    if args.complexity and args.tables and not any(TABLES[name].complexity for name in args.tables):
+        parser.error(f"--complexity counts the variants of {', '.join(n for n, s in TABLES.items() if s.complexity)}; "
+                     f"{', '.join(args.tables)} hold(s) only measured results: drop --complexity and give the sweep folders")
     if args.out is None:
         args.out = args.sweep_dirs[0] / "tables" if args.sweep_dirs else Path("tables")
     return args
 
 
 def complexity_tables(args: argparse.Namespace) -> list[Table]:
-    specs = [TABLES[name].restricted_to(args.backbones) for name in args.tables or TABLES]
+    specs = [TABLES[name].restricted_to(args.backbones) for name in args.tables or TABLES if TABLES[name].complexity]
     specs = [spec for spec in specs if spec.variants()]
     counts = count_variants((variant for spec in specs for variant in spec.variants()), image_size=args.image_size)
     tables = [complexity_table(spec, counts) for spec in specs]
@@ -56,7 +60,7 @@ def run_tables(args: argparse.Namespace) -> list[Table] | None:
     if not runs:
         return None
     measured, notes = measurements(runs, args.accuracy)
-    names = args.tables or [name for name, spec in TABLES.items() if measured.keys() & set(spec.variants())]
+    names = args.tables or [name for name, spec in TABLES.items() if spec.filled_by(measured)]
     placed = {variant for name in names for variant in TABLES[name].variants()}
     notes += [f"not in {', '.join(names) or 'any paper table'}: {run.variant.describe()} ({run.path})"
               for run in runs if run.complete and run.variant.cell() not in placed]

@@ -4,6 +4,7 @@ a checkpoint made by a real (tiny) train.py sweep that tests/test_tables.py also
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -204,6 +205,28 @@ def test_eval_reports_rotations_scales_speeds_and_gradcam(evaluated):
     assert speed["fps_pipeline"]["images_per_second"] > speed["fps"]["images_per_second"]
     assert report["gradcam"]["target_layer"] == "layer4.0" and len(report["gradcam"]["images"]) == 3
     assert "accuracy    top-1" in result.stdout and "FPS‡" in result.stdout
+
+
+def test_make_tables_fills_table9_and_figure6_from_eval_json(evaluated, trained_sweep, tmp_path):
+    _, report, results = evaluated
+    sweep = tmp_path / "sweep"
+    shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
+    done = run_python("scripts/make_tables.py", str(sweep), "--out", str(tmp_path / "tables"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    table9 = lines[next(i for i, line in enumerate(lines) if line.startswith("### Table 9")):]
+    emca_row = next(line for line in table9 if line.startswith("| R-18 | EMCA-SE |")).strip("| ").split(" | ")[2:]
+    top1 = results["final"]["val_top1"]
+    assert emca_row == [f"{top1:.2f} / 71.00 ({top1 - 71.0:+.2f})",
+                        *(f"{report['rotation'][degrees]['top1']:.2f}" for degrees in ("90", "180", "270"))]
+    # The plain run has no eval.json: its rotated cells are gaps.
+    assert next(line for line in table9 if line.startswith("| R-18 | ResNet |")).endswith("| – | – | – |")
+    figure6 = lines[next(i for i, line in enumerate(lines) if line.startswith("### Figure 6")):]
+    emca_row = next(line for line in figure6 if line.startswith("| R-18 | EMCA-SE |")).strip("| ").split(" | ")[2:]
+    expected = [f"{stage['mean']:.3f}|{stage['variance']:.4f}|{100 * stage['below_half']:.1f}|{100 * stage['zeros']:.1f}"
+                for stage in report["learned_scales"]]
+    assert "|".join(emca_row) == "|".join(expected)
+    assert not any(line.startswith("| R-18 | ResNet |") for line in figure6)
 
 
 def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, sweep_base, image_tree):

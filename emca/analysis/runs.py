@@ -3,7 +3,8 @@
 A run folder is any folder holding .hydra/config.yaml (what Hydra writes for every job of a run
 or a multirun). Its results.json (written by train.py when the run completed) gives accuracy,
 parameters, GFLOPs and the per-epoch validation curve; an eval.json (written by eval.py, in the run
-folder or next to its checkpoints) adds the paper's speeds. A run without either is listed as
+folder or next to its checkpoints) adds the paper's speeds, the rotated accuracies (Table 9) and
+the learned-scale statistics (Figure 6). A run without either is listed as
 incomplete: a gap in the tables, not an error.
 """
 
@@ -18,6 +19,7 @@ from typing import Any, Iterable, Optional
 
 from omegaconf import OmegaConf
 
+from emca.analysis.tables import SCALE_STATISTICS
 from emca.analysis.variants import Variant, variant_from_config
 from emca.engine.checkpoint import CHECKPOINT_DIR
 from emca.engine.results import RESULTS
@@ -60,6 +62,13 @@ class Run:
         for key, speed in (evaluation.get("speed") or {}).items():
             if isinstance(speed, dict) and "images_per_second" in speed:
                 values[key] = speed["images_per_second"]
+        for degrees, rotated in (evaluation.get("rotation") or {}).items():
+            if degrees != "0":
+                values[f"top1_rot{degrees}"] = rotated["top1"]
+        for stage in evaluation.get("learned_scales") or []:
+            for key in SCALE_STATISTICS:
+                share = key in ("below_half", "zeros")  # fractions in eval.json, percent in the table
+                values[f"scales_{key}_s{stage['stage']}"] = stage[key] * (100 if share else 1)
         return values
 
     def top1_curve(self) -> list[Optional[float]]:

@@ -32,7 +32,14 @@ class Metric:
     # Whether ours - paper means something: parameter counts follow different conventions
     # (PAPER.md §6), so their difference is left out (--complexity compares deltas instead).
     differenced: bool = True
+    # Whether PAPER.md has the paper's value: cells of unpublished metrics show ours alone.
+    published: bool = True
 
+
+ROTATIONS = (90, 180, 270)
+STAGES = (1, 2, 3, 4)
+# Figure 6's summary of the learned scales (eval.json 'learned_scales'); shares in percent.
+SCALE_STATISTICS = {"mean": ("mean", 3), "variance": ("var", 4), "below_half": ("% <0.5", 1), "zeros": ("% zero", 1)}
 
 METRICS = {
     "fps": Metric("FPS", 0),
@@ -42,6 +49,9 @@ METRICS = {
     "top5": Metric("top-5", 2),
     "fps_model": Metric("FPS†", 0),
     "fps_pipeline": Metric("FPS‡", 0),
+    **{f"top1_rot{degrees}": Metric(f"top-1 {degrees}°", 2, published=False) for degrees in ROTATIONS},
+    **{f"scales_{key}_s{stage}": Metric(f"s{stage} {label}", digits, published=False)
+       for stage in STAGES for key, (label, digits) in SCALE_STATISTICS.items()},
 }
 
 
@@ -62,6 +72,15 @@ class TableSpec:
     metrics: tuple[str, ...]
     entries: tuple[Entry, ...]
     groups: tuple[str, ...] = ()
+    # Filled from runs only when some run has one of these (default: any of the metrics); eval.py
+    # alone measures rotations and scales, so a sweep without eval.json leaves those tables out.
+    required: tuple[str, ...] = ()
+    # Whether make_tables --complexity lists its variants (not for tables of Table 4's variants).
+    complexity: bool = True
+
+    def filled_by(self, measured: Mapping[Variant, Mapping[str, float]]) -> bool:
+        required = set(self.required or self.metrics)
+        return any(required & measured[variant].keys() for variant in self.variants() if variant in measured)
 
     def variants(self) -> list[Variant]:
         """Every variant the table needs, in table order, once each."""
@@ -129,7 +148,27 @@ def _table5() -> TableSpec:
                      ("params", "gflops", "top1", "top5"), tuple(entries))
 
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (_table2(), _table3(), _table4(), _table5())}
+def _table9() -> TableSpec:
+    rotated = tuple(f"top1_rot{degrees}" for degrees in ROTATIONS)
+    entries = tuple(
+        Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
+        for backbone in BACKBONES for method, variant in _methods(backbone)
+    )
+    return TableSpec("table9", "Table 9: robustness, top-1 on validation images rotated clockwise (never seen in training)",
+                     "method", ("top1", *rotated), entries, required=rotated, complexity=False)
+
+
+def _figure6() -> TableSpec:
+    metrics = tuple(f"scales_{key}_s{stage}" for stage in STAGES for key in SCALE_STATISTICS)
+    entries = tuple(
+        Entry(backbone, _method_label(method), None, variant, None)
+        for backbone in BACKBONES for method, variant in _methods(backbone) if variant.attention != "none"
+    )
+    return TableSpec("figure6", "Figure 6: learned scales of the first attention module of each stage (s1-s4), "
+                     "per-channel averages over the validation set", "method", metrics, entries, complexity=False)
+
+
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (_table2(), _table3(), _table4(), _table5(), _table9(), _figure6())}
 
 
 @dataclass
@@ -149,7 +188,10 @@ def format_number(value: Optional[float], digits: int) -> str:
 
 
 def compare_cell(ours: Optional[float], reference: Optional[float], metric: Metric) -> str:
-    """'ours / paper (ours - paper)'; a dash for what is missing."""
+    """'ours / paper (ours - paper)', or ours alone for a metric the paper's numbers lack; a dash
+    for what is missing."""
+    if not metric.published:
+        return format_number(ours, metric.digits)
     text = f"{format_number(ours, metric.digits)} / {format_number(reference, metric.digits)}"
     if metric.differenced and ours is not None and reference is not None:
         text += f" ({ours - reference:+.{metric.digits}f})"
@@ -174,7 +216,7 @@ def fill_table(spec: TableSpec, measured: Mapping[Variant, Mapping[str, float]])
             entry = cells.get(group)
             ours = measured.get(entry.variant, {}) if entry and entry.variant else {}
             for key, metric in metrics:
-                reference = getattr(entry.reference, key) if entry and entry.reference else None
+                reference = getattr(entry.reference, key, None) if entry and entry.reference else None
                 row.append(compare_cell(ours.get(key), reference, metric))
                 records.append({
                     "table": spec.name, "backbone": backbone, "row": row_label, "group": group or "", "metric": key,
@@ -182,7 +224,10 @@ def fill_table(spec: TableSpec, measured: Mapping[Variant, Mapping[str, float]])
                     "difference": ours[key] - reference if metric.differenced and ours.get(key) is not None and reference is not None else None,
                 })
         rows.append(row)
-    notes = ["Cells: ours / paper (ours - paper); '–' = not measured or not published."]
+    notes = ["Cells: ours / paper (ours - paper); '–' = not measured or not published."
+             if any(metric.published for _, metric in metrics) else "Cells: ours ('–' = not measured); PAPER.md has no published values."]
+    if any(key.startswith("top1_rot") for key in spec.metrics):
+        notes.append("Rotated columns: ours alone (PAPER.md has no published values); top-1 is the unrotated accuracy.")
     if "params" in spec.metrics:
         notes.append("#P: ours = sum(numel), the paper's = the authors' own count; compare deltas with make_tables --complexity.")
     return Table(spec.name, spec.title, header, rows, records, notes)
