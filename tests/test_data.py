@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 
-from emca.data import DatasetConfig, LoaderConfig, build_loaders
+from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders
 from emca.data.datasets import ensure_digits
 from emca.data.sampling import train_shard, val_shard
 
@@ -224,3 +224,24 @@ def test_dali_mixed_decoder_on_gpu_matches_cpu(image_tree):
     gpu.train.set_epoch(0)
     images, labels = next(iter(gpu.train))
     assert images.is_cuda and images.shape == (4, 3, 48, 48) and torch.equal(dominant_channel(images), labels)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_validation_alone_needs_no_train_folder_and_keeps_the_given_labels(image_tree, loader):
+    root = image_tree({"val": {"b": 2, "c": 1}})
+    bundle = build_loaders(dataset_cfg(root), loader_cfg(loader), train=False, classes=["a", "b", "c"])
+    assert bundle.train is None and bundle.num_train == 0
+    assert bundle.classes == ["a", "b", "c"] and bundle.num_classes == 3 and bundle.num_val == 3
+    _, labels = run_epoch(bundle.val)
+    assert sorted(labels.tolist()) == [1, 1, 2]  # b and c keep the trained model's indices
+    # Without the names, val/'s own folders are the classes.
+    assert build_loaders(dataset_cfg(root), loader_cfg(loader), train=False).classes == ["b", "c"]
+
+
+def test_validation_alone_still_checks_its_folder_and_class_names(image_tree, tmp_path):
+    root = image_tree({"val": {"a": 1, "z": 1}})
+    with pytest.raises(DatasetError, match="class folders that the training classes lack \\(z\\)"):
+        build_loaders(dataset_cfg(root), loader_cfg("torchvision"), train=False, classes=["a", "b"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="has no val/ folder; dataset 'imagefolder' expects .*/val/<class>/ image folders$"):
+        build_loaders(dataset_cfg(tmp_path / "empty"), loader_cfg("torchvision"), train=False)

@@ -207,6 +207,32 @@ def test_eval_reports_rotations_scales_speeds_and_gradcam(evaluated):
     assert "accuracy    top-1" in result.stdout and "FPS‡" in result.stdout
 
 
+def test_eval_reads_a_validation_folder_alone_with_the_runs_class_names(evaluated, trained_sweep, sweep_base, tmp_path):
+    _, report, _ = evaluated
+    digits_val = sweep_base / "emca-cache" / "digits" / "val"
+    checkpoint = trained_sweep / "1" / "checkpoints" / "last.pt"
+    assert torch.load(checkpoint, weights_only=True)["classes"] == [str(digit) for digit in range(10)]
+    common = [f"checkpoint={checkpoint}", "dataset.name=imagefolder", "speed.enabled=false", "rotations=[0]",
+              "learned_scales=false"]
+    # No train/ folder at all: the accuracy of the full validation pass is unchanged.
+    (tmp_path / "whole" / "val").mkdir(parents=True)
+    for folder in digits_val.iterdir():
+        (tmp_path / "whole" / "val" / folder.name).symlink_to(folder)
+    result = run_python("eval.py", *common, f"dataset.root={tmp_path / 'whole'}", f"output={tmp_path / 'whole.json'}",
+                        env=sweep_env(sweep_base))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "whole.json").read_text())["val"]["top1"] == report["val"]["top1"]
+    # Digit 0 left out: the other folders keep their labels (the run's names, not val/'s positions).
+    shutil.copytree(tmp_path / "whole", tmp_path / "no_zero", symlinks=True)
+    (tmp_path / "no_zero" / "val" / "0").unlink()
+    result = run_python("eval.py", *common, f"dataset.root={tmp_path / 'no_zero'}", f"output={tmp_path / 'no_zero.json'}",
+                        env=sweep_env(sweep_base))
+    assert result.returncode == 0, result.stderr[-2000:]
+    no_zero = json.loads((tmp_path / "no_zero.json").read_text())
+    assert no_zero["val"]["images"] == 360 - len(list((digits_val / "0").iterdir()))
+    assert no_zero["val"]["top1"] > 30  # labels shifted by one folder would score near 0
+
+
 def test_make_tables_fills_table9_and_figure6_from_eval_json(evaluated, trained_sweep, tmp_path):
     _, report, results = evaluated
     sweep = tmp_path / "sweep"
@@ -234,12 +260,18 @@ def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, s
     torch.save({"model": tiny_model().state_dict()}, no_config)
     three_classes = image_tree({"train": {"a": 2, "b": 2, "c": 2}, "val": {"a": 1, "b": 1, "c": 1}})
     checkpoint = trained_sweep / "0" / "checkpoints" / "last.pt"
+    # A checkpoint without class names (as written before they were kept) labels by val/'s folders.
+    unnamed = tmp_path / "unnamed.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    del state["classes"]
+    torch.save(state, unnamed)
+    foreign_data = ["dataset.name=imagefolder", f"dataset.root={three_classes}", "dataset.num_classes=3",
+                    "dataset.batch_size=2", f"output={tmp_path / 'eval.json'}"]
     cases = {
         "does not exist": [f"checkpoint={tmp_path / 'missing.pt'}"],
         "holds no training configuration": [f"checkpoint={no_config}"],
-        "has 3 classes but the checkpoint's model predicts 10": [
-            f"checkpoint={checkpoint}", "dataset.name=imagefolder", f"dataset.root={three_classes}", "dataset.num_classes=3",
-            "dataset.batch_size=2", f"output={tmp_path / 'eval.json'}"],
+        "val has class folders that the training classes lack (a, b, c)": [f"checkpoint={checkpoint}", *foreign_data],
+        "has 3 classes but the checkpoint's model predicts 10": [f"checkpoint={unnamed}", *foreign_data],
     }
     for expected, overrides in cases.items():
         result = run_python("eval.py", *overrides, env=sweep_env(sweep_base))

@@ -106,8 +106,11 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
 
     dataset_cfg, loader_cfg = data_configs(train_cfg, cfg)
     seed = trainer_cfg.get("seed", 0)
+    # Only val/ is read. Labels index the run's class names (kept in its checkpoints); a checkpoint
+    # without them falls back to val/'s class folders, which the class-count check below guards.
+    classes = state.get("classes")
     data = build_loaders(dataset_cfg, loader_cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                         channels_last=channels_last, seed=seed)
+                         channels_last=channels_last, seed=seed, train=False, classes=classes)
     if data.num_classes != architecture["num_classes"]:
         raise EvalError(
             f"dataset {dataset_cfg['name']} at {dataset_cfg['root']} has {data.num_classes} classes but the checkpoint's "
@@ -155,7 +158,8 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         title = f"Learned scales, {describe_architecture(state['fingerprint'])}, {data.num_val} val images"
         report["learned_scales_plot"] = str(plot_scales(report["learned_scales"], output.with_name(f"{output.stem}_scales.png"), title))
     if cfg.speed.enabled:
-        report["speed"] = measure_speeds(model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, autocast, seed)
+        report["speed"] = measure_speeds(model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, autocast, seed,
+                                         data.classes)
     if cfg.gradcam.images > 0:
         report["gradcam"] = gradcam_maps(model, data, dataset_cfg, cfg.gradcam.images, output.with_name(f"{output.stem}_gradcam"))
     report.update(created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), git=git_commit(), versions=library_versions())
@@ -166,12 +170,13 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     return report
 
 
-def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, autocast, seed) -> dict[str, Any]:
+def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, autocast, seed, classes) -> dict[str, Any]:
     """FPS, FPS-dagger and FPS-double-dagger on this process' device alone."""
 
     def val_loader(batch_size: int, workers: int):
         settings = {**dataset_cfg, "batch_size": batch_size, "workers": workers}
-        return build_loaders(settings, loader_cfg, rank=0, world_size=1, device=device, channels_last=channels_last, seed=seed).val
+        return build_loaders(settings, loader_cfg, rank=0, world_size=1, device=device, channels_last=channels_last, seed=seed,
+                             train=False, classes=classes).val
 
     warmup = speed_cfg.warmup
     log.info("speed: FPS (batch 1, %d worker(s))", speed_cfg.single_workers)

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, is_dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -25,7 +25,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 
 @dataclass
 class DataBundle:
-    train: Any
+    train: Any  # None when built with train=False (evaluation)
     val: Any
     num_classes: int
     classes: list[str]
@@ -55,12 +55,17 @@ def _load_split(split_dir: Path, classes, dataset: DatasetConfig) -> ImageList:
 
 
 def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1,
-                  device: torch.device = torch.device("cpu"), channels_last: bool = False, seed: int = 0) -> DataBundle:
+                  device: torch.device = torch.device("cpu"), channels_last: bool = False, seed: int = 0,
+                  train: bool = True, classes: Optional[Sequence[str]] = None) -> DataBundle:
     """Train and val loaders for this rank; raises DatasetError (one line) on any data problem.
 
     Both loaders follow the same protocol: `set_epoch(epoch)` before iterating, `len()` is the
     number of batches this rank yields, iteration gives (float32 NCHW images, int64 labels) on
     `device`. dataset.batch_size is the global batch; each rank gets batch_size // world_size.
+
+    train=False builds the validation loader alone (evaluation), without listing or screening a
+    train/ folder, which need not exist. `classes` are the names the labels index (a trained
+    model's outputs); by default train/'s class folders, or val/'s when train=False.
     """
     dataset: DatasetConfig = _typed(dataset_cfg, DatasetConfig)
     loader: LoaderConfig = _typed(loader_cfg, LoaderConfig)
@@ -75,24 +80,29 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
     batch = per_rank_batch_size(dataset.batch_size, world_size)
 
     if loader.name == "synthetic":
-        return _synthetic_bundle(dataset, loader, prep, batch, world_size, device, channels_last, seed + rank)
+        bundle = _synthetic_bundle(dataset, loader, prep, batch, world_size, device, channels_last, seed + rank)
+        if not train:
+            bundle.train, bundle.num_train = None, 0
+        return bundle
 
     root = dataset_root(dataset.name, dataset.root)
-    check_root(root, dataset.name)
-    train_images = _load_split(root / "train", None, dataset)
-    classes = train_images.classes
+    check_root(root, dataset.name, splits=("train", "val") if train else ("val",))
+    train_images = _load_split(root / "train", classes, dataset) if train else None
+    if classes is None and train_images is not None:
+        classes = train_images.classes
+    val_images = _load_split(root / "val", classes, dataset)
+    classes = list(val_images.classes)
     if dataset.num_classes is not None and dataset.num_classes != len(classes):
+        source = root / ("train" if train else "val")
         raise DatasetError(
-            f"dataset.num_classes={dataset.num_classes} but {root / 'train'} has {len(classes)} class folders; "
+            f"dataset.num_classes={dataset.num_classes} but {source} has {len(classes)} class folders; "
             f"set dataset.num_classes={len(classes)} (or null to read it from the folder)"
         )
-    val_images = _load_split(root / "val", classes, dataset)
-    if train_batches_per_epoch(len(train_images), dataset.batch_size) == 0:
+    if train_images is not None and train_batches_per_epoch(len(train_images), dataset.batch_size) == 0:
         raise DatasetError(f"{root / 'train'} has {len(train_images)} images, fewer than one global batch; lower dataset.batch_size={dataset.batch_size}")
 
-    train_order = partial(train_shard, len(train_images), dataset.batch_size, seed=seed, rank=rank, world_size=world_size)
     shards = dict(
-        train=lambda epoch: train_order(epoch=epoch),
+        train=lambda epoch: train_shard(len(train_images), dataset.batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size),
         val=lambda epoch: val_shard(len(val_images), rank=rank, world_size=world_size),
     )
     common = dict(batch_size=batch, workers=dataset.workers, seed=seed, device=device, channels_last=channels_last)
@@ -110,9 +120,9 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
         make = partial(DaliLoader, rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth,
                        use_gpu=loader.dali_use_gpu, **common)
     return DataBundle(
-        train=make(train_images, prep, shards["train"], train=True),
+        train=make(train_images, prep, shards["train"], train=True) if train_images is not None else None,
         val=make(val_images, prep, shards["val"], train=False),
-        num_classes=len(classes), classes=classes, num_train=len(train_images), num_val=len(val_images),
+        num_classes=len(classes), classes=classes, num_train=len(train_images or ()), num_val=len(val_images),
     )
 
 

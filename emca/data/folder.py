@@ -50,7 +50,7 @@ class ImageList:
         return len(self.paths)
 
 
-def check_root(root: Path, dataset: str) -> None:
+def check_root(root: Path, dataset: str, splits: Sequence[str] = ("train", "val")) -> None:
     """Fail early, in one line, on the layouts that would otherwise break later."""
     if not root.exists():
         raise DatasetError(f"dataset root {root} does not exist; set dataset.root to a folder with train/ and val/ class folders")
@@ -61,10 +61,11 @@ def check_root(root: Path, dataset: str) -> None:
             f"{root} is the raw Tiny ImageNet download (wnids.txt, val/val_annotations.txt); convert it once with "
             f"`python scripts/prepare_tiny_imagenet.py {root} OUT` and set dataset.root=OUT"
         )
-    for split in ("train", "val"):
+    for split in splits:
         if not (root / split).is_dir():
             raise DatasetError(
-                f"{root} has no {split}/ folder; dataset '{dataset}' expects {root}/train/<class>/ and {root}/val/<class>/ image folders"
+                f"{root} has no {split}/ folder; dataset '{dataset}' expects "
+                f"{' and '.join(f'{root}/{name}/<class>/' for name in splits)} image folders"
             )
 
 
@@ -86,7 +87,8 @@ def _images_under(class_dir: Path) -> list[str]:
 def list_split(split_dir: Path, classes: Optional[Sequence[str]] = None) -> ImageList:
     """List split_dir/<class>/**/<image>; labels index `classes` (default: this folder's classes).
 
-    Validation passes the train classes: its class folders must be a subset of them, mapped by name.
+    Validation passes the train classes (or a trained model's): its class folders must be a subset
+    of them, mapped by name.
     """
     own = find_classes(split_dir)
     classes = list(own if classes is None else classes)
@@ -94,7 +96,7 @@ def list_split(split_dir: Path, classes: Optional[Sequence[str]] = None) -> Imag
     unknown = [name for name in own if name not in index]
     if unknown:
         raise DatasetError(
-            f"{split_dir} has class folders that train/ lacks ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
+            f"{split_dir} has class folders that the training classes lack ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
             "validation classes must be a subset of the training classes"
         )
     paths, labels = [], []

@@ -345,6 +345,8 @@ class Trainer:
             "rng": rng,
             "progress": asdict(progress),
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+            # The label of every output, so that eval.py can read a validation folder alone.
+            "classes": list(self.data.classes),
         }
         save_checkpoint(state, self.checkpoint_dir / LAST)
         if best:
