@@ -6,6 +6,7 @@ so that a burst of load on a shared machine hits every variant alike instead of 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -100,20 +101,33 @@ class Timing:
         return [a / b for a, b in zip(self.samples, other.samples)]
 
 
-def ratio_verdict(ratios: Sequence[float], limit: float, strict: bool = False) -> str:
-    """'1.043x (middle half 1.031-1.052): PASS' for a target of ratio <= limit (< limit if strict).
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the k-th smallest and k-th largest
+    value, k the largest rank with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. Too few values
+    for that confidence (n < 6 at 95 %) give the whole range."""
+    ordered = sorted(values)
+    n, tail = len(ordered), (1 - confidence) / 2
+    k, below = 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else (ordered[0], ordered[-1])
 
-    The verdict follows the median, and says 'within noise' when the middle half of the per-round
-    ratios (lower to upper quartile) lies on both sides of the limit: on a shared machine such a
-    result would flip between runs, and must not be read as a clear pass or miss.
+
+def ratio_verdict(ratios: Sequence[float], limit: float, strict: bool = False) -> str:
+    """'1.043x (95% CI 1.031-1.052): PASS' for a target of ratio <= limit (< limit if strict).
+
+    The verdict follows the median of the per-round ratios, and says 'within noise' when the 95 %
+    confidence interval of that median lies on both sides of the limit: more rounds, or a quieter
+    machine, could give the other answer, so it must not be read as a clear pass or miss.
     """
     median = statistics.median(ratios)
-    low, high = (statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else (median, median))
+    low, high = median_interval(ratios)
     holds = (lambda r: r < limit) if strict else (lambda r: r <= limit)
     verdict = "PASS" if holds(median) else "MISS"
     if holds(low) != holds(high):
         verdict += ", within noise"
-    return f"{median:.3f}x (middle half {low:.3f}-{high:.3f}): {verdict}"
+    return f"{median:.3f}x (95% CI {low:.3f}-{high:.3f}): {verdict}"
 
 
 def interleaved_timings(

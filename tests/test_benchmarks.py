@@ -41,13 +41,19 @@ def test_model_cost_prints_times_memory_and_targets():
 
 def test_ratio_verdict_names_results_that_noise_could_flip():
     sys.path.insert(0, str(BENCHMARKS))
-    from _timing import ratio_verdict
+    from _timing import median_interval, ratio_verdict
 
-    assert ratio_verdict([1.01, 1.02, 1.03, 1.04, 1.20], 1.05) == "1.030x (middle half 1.020-1.040): PASS"
-    assert ratio_verdict([1.00, 1.04, 1.06, 1.07, 1.08], 1.05) == "1.060x (middle half 1.040-1.070): MISS, within noise"
-    assert ratio_verdict([0.97, 0.99, 1.00, 1.01], 1.0, strict=True) == "0.995x (middle half 0.985-1.002): PASS, within noise"
-    assert ratio_verdict([0.95, 0.96, 0.97], 1.0, strict=True) == "0.960x (middle half 0.955-0.965): PASS"
-    assert ratio_verdict([1.07], 1.05) == "1.070x (middle half 1.070-1.070): MISS"
+    # n = 21: ranks 6 and 16 (P(Binomial(21, 1/2) <= 5) = 0.013, <= 6: 0.039); n = 11: ranks 2 and 10.
+    assert median_interval(range(1, 22)) == (6, 16)
+    assert median_interval(range(1, 12)) == (2, 10)
+    assert median_interval([3, 1, 2, 5, 4]) == (1, 5)  # too few rounds for 95 %: the whole range
+    clear = [1.00, 1.01, 1.02, 1.02, 1.03, 1.03, 1.04, 1.04, 1.04, 1.09, 1.20]
+    assert ratio_verdict(clear, 1.05) == "1.030x (95% CI 1.010-1.090): PASS, within noise"
+    assert ratio_verdict([1.01, 1.02, 1.02, 1.03, 1.03, 1.03, 1.04, 1.04, 1.04, 1.04, 1.20], 1.05) == \
+        "1.030x (95% CI 1.020-1.040): PASS"
+    assert ratio_verdict([1.06] * 7, 1.05) == "1.060x (95% CI 1.060-1.060): MISS"
+    assert ratio_verdict([0.97, 0.99, 1.00, 1.01], 1.0, strict=True) == "0.995x (95% CI 0.970-1.010): PASS, within noise"
+    assert ratio_verdict([1.07], 1.05) == "1.070x (95% CI 1.070-1.070): MISS"
 
 
 def test_trainer_overhead_prints_both_loops_and_the_target():
