@@ -177,7 +177,7 @@ def check_targets(found: dict[tuple[str, str], Measurement]) -> list[str]:
             lines.append(f"{name} time {ratio_verdict(m.timing.round_ratios(dense.timing), 1.0, strict=True)}")
             # Peak memory is deterministic: one measurement, no noise.
             memory = m.memory_ratio(dense)
-            lines.append(f"{name} memory {memory:.3f}x: {'PASS' if memory < 1 else 'MISS'}")
+            lines.append(f"{name} memory {memory:.4f}x ({m.peak_bytes / MIB:.1f} vs {dense.peak_bytes / MIB:.1f} MiB): {'PASS' if memory < 1 else 'MISS'}")
     return lines
 
 
