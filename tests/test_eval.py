@@ -265,6 +265,10 @@ def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, s
     state = torch.load(checkpoint, weights_only=True)
     del state["classes"]
     torch.save(state, unnamed)
+    # Weights saved by a model of other parameter shapes than the one its config builds today.
+    reshaped = tmp_path / "reshaped.pt"
+    state["fingerprint"] = {**state["fingerprint"], "state_dict_sha256": "0" * 64}
+    torch.save(state, reshaped)
     foreign_data = ["dataset.name=imagefolder", f"dataset.root={three_classes}", "dataset.num_classes=3",
                     "dataset.batch_size=2", f"output={tmp_path / 'eval.json'}"]
     cases = {
@@ -272,6 +276,7 @@ def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, s
         "holds no training configuration": [f"checkpoint={no_config}"],
         "val has class folders that the training classes lack (a, b, c)": [f"checkpoint={checkpoint}", *foreign_data],
         "has 3 classes but the checkpoint's model predicts 10": [f"checkpoint={unnamed}", *foreign_data],
+        "its parameter names or shapes differ from this run's resnet18": [f"checkpoint={reshaped}"],
     }
     for expected, overrides in cases.items():
         result = run_python("eval.py", *overrides, env=sweep_env(sweep_base))

@@ -2,7 +2,7 @@
 reports about a trained model, into one eval.json.
 
 The checkpoint carries the run's resolved configuration; the model is built from it and the
-weights are loaded through emca.engine.checkpoint.load_checkpoint, which refuses a checkpoint
+weights are loaded after emca.engine.checkpoint.check_fingerprint, which refuses a checkpoint
 whose architecture fingerprint differs from the rebuilt model. Data settings come from the same
 configuration, with eval.yaml's non-null `dataset` fields and `loader` choice on top.
 """
@@ -25,7 +25,7 @@ from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.models import coverage_name
 from emca.data import build_loaders
-from emca.engine.checkpoint import architecture_fingerprint, atomic_write, describe_architecture, load_checkpoint
+from emca.engine.checkpoint import architecture_fingerprint, atomic_write, check_fingerprint, describe_architecture
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
 from emca.engine.trainer import AMP_DTYPES
@@ -67,8 +67,8 @@ def restore_model(path: Path, state: dict[str, Any]) -> torch.nn.Module:
         model = build_model(train_cfg["backbone"], train_cfg["attention"], train_cfg["coverage"], num_classes)
     except (KeyError, ValueError) as error:
         raise EvalError(f"{path}: its configuration does not describe a model this code can build ({error})") from error
-    # load_checkpoint re-reads the file but owns the architecture check and its messages.
-    model.load_state_dict(load_checkpoint(path, architecture_fingerprint(model))["model"])
+    check_fingerprint(state, path, architecture_fingerprint(model))
+    model.load_state_dict(state["model"])
     return model
 
 

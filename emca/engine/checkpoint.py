@@ -79,6 +79,12 @@ def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any]) -> dict[st
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which and why, in one line
         raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(error).split())[:300]}") from error
+    check_fingerprint(state, path, expected_fingerprint)
+    return state
+
+
+def check_fingerprint(state: Any, path: Path, expected_fingerprint: dict[str, Any]) -> None:
+    """Refuse (CheckpointError, one line) checkpoint contents of another architecture."""
     found = state.get("fingerprint") if isinstance(state, dict) else None
     if found is None:
         raise CheckpointError(f"{path} is not an EMCA-Train checkpoint (no architecture fingerprint)")
@@ -88,4 +94,3 @@ def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any]) -> dict[st
         else:
             detail = f"its parameter names or shapes differ from this run's {describe_architecture(expected_fingerprint)}"
         raise CheckpointError(f"refusing checkpoint {path}: {detail}")
-    return state
