@@ -176,11 +176,16 @@ def test_stopped_mid_epoch_and_resumed_is_bit_identical(uninterrupted, compose_t
     monkeypatch.undo()
     progress = checkpoint(tmp_path)["progress"]
     assert (progress["epoch"], progress["step_in_epoch"], progress["global_step"]) == (1, 1, 4)
+    # The interrupted epoch's totals so far: one step's images.
+    assert progress["interrupted_epoch"]["totals"][3] == compose_train(*DETERMINISTIC).dataset.batch_size
 
     train(compose_train(*DETERMINISTIC, "loader=torchvision", "trainer.resume=auto"), str(tmp_path))
     resumed = checkpoint(tmp_path)
     assert_same_tensors(resumed["model"], expected["model"])
     assert_same_optimizer_state(resumed["optimizer"], expected["optimizer"])
+    # The interrupted epoch's record (train loss, top-1, learning rate) is the uninterrupted one.
+    assert resumed["progress"]["history"] == expected["progress"]["history"]
+    assert resumed["progress"]["interrupted_epoch"] is None
 
 
 def test_sigterm_saves_and_exits_cleanly(run_script, compose_train, tmp_path):

@@ -7,6 +7,7 @@ with one all_reduce: the result is the exact figure over all images, not a mean 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,11 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, 
 class MetricSums:
     """Running sums of loss, top-1 and top-5 hits and images; no host synchronisation until read."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, start: Optional[Sequence[float]] = None):
+        """`start`: totals to continue from (those of an epoch cut short by a pre-emption)."""
         self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+        if start is not None:
+            self.totals += torch.tensor(start, dtype=torch.float64, device=device)
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """`loss` is the batch mean; it is weighted by the batch size."""
@@ -35,10 +39,13 @@ class MetricSums:
         count = torch.tensor(labels.shape[0], dtype=torch.float64, device=self.totals.device)
         self.totals += torch.stack([loss.detach().double() * count, top1.double(), top5.double(), count])
 
+    def reduce_totals(self, ctx: DistributedContext) -> list[float]:
+        """The totals summed over ranks (a collective: every rank calls it)."""
+        return ctx.all_reduce_sum(self.totals.clone()).tolist()
+
     def reduce(self, ctx: DistributedContext) -> "Metrics":
         """Sum over ranks (a collective: every rank calls it) and return the means."""
-        totals = ctx.all_reduce_sum(self.totals.clone()).tolist()
-        loss_sum, top1, top5, count = totals
+        loss_sum, top1, top5, count = self.reduce_totals(ctx)
         denominator = max(count, 1.0)
         return Metrics(loss=loss_sum / denominator, top1=100.0 * top1 / denominator, top5=100.0 * top5 / denominator, count=int(count))
 

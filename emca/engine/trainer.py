@@ -61,6 +61,9 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # steps of epoch `epoch` already trained (non-zero after a pre-emption)
+    # The epoch cut short by a pre-emption: its starting learning rate and its training-metric
+    # totals so far (summed over ranks), so that its record reads as if it had run uninterrupted.
+    interrupted_epoch: Optional[dict[str, Any]] = None
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: Optional[dict[str, Any]] = None
@@ -201,15 +204,20 @@ class Trainer:
                 # The random state this epoch starts from (after a resume: the restored one), which a
                 # checkpoint taken during the epoch stores.
                 epoch_rng = rng_state()
-                epoch_lr = self.optimizer.param_groups[0]["lr"]
+                interrupted = progress.interrupted_epoch
+                epoch_lr = interrupted["lr"] if interrupted else self.optimizer.param_groups[0]["lr"]
+                # Totals carried over from before a pre-emption count once: on rank 0.
+                carried = interrupted["totals"] if interrupted and self.ctx.is_main else None
+                epoch_sums = MetricSums(self.ctx.device, start=carried)
                 epoch_started = time.perf_counter()
-                train_metrics = self.train_one_epoch(epoch, stop, board)
+                train_metrics = self.train_one_epoch(epoch, stop, board, epoch_sums)
                 progress.train_s += time.perf_counter() - epoch_started
                 if train_metrics is None:
+                    progress.interrupted_epoch = {"lr": epoch_lr, "totals": epoch_sums.reduce_totals(self.ctx)}
                     self._save(progress, epoch_rng, best=False)
                     self._stop_for(stop)
 
-                progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                progress.epoch, progress.step_in_epoch, progress.interrupted_epoch = epoch + 1, 0, None
                 record = {"epoch": epoch + 1, "train_loss": train_metrics.loss, "train_top1": train_metrics.top1,
                           "lr": epoch_lr}
                 improved = False
@@ -239,13 +247,15 @@ class Trainer:
             if board is not None:
                 board.close()
 
-    def train_one_epoch(self, epoch: int, stop: StopRequest, board: Optional[TensorBoardLog]) -> Optional[Metrics]:
-        """One epoch from progress.step_in_epoch on; None when a stop signal cut it short."""
+    def train_one_epoch(self, epoch: int, stop: StopRequest, board: Optional[TensorBoardLog],
+                        epoch_sums: MetricSums) -> Optional[Metrics]:
+        """One epoch from progress.step_in_epoch on, its metrics added to epoch_sums; the epoch's
+        metrics, or None when a stop signal cut it short."""
         progress, ctx, log_every = self.progress, self.ctx, self.cfg.trainer.log_every
         first_step = progress.step_in_epoch
         self.train_model.train()
         self.data.train.set_epoch(epoch)
-        epoch_sums, window = MetricSums(ctx.device), MetricSums(ctx.device)
+        window = MetricSums(ctx.device)
         window_started = time.perf_counter()
         # islice also fast-forwards over the batches trained before a pre-emption (loaded, not trained).
         batches = itertools.islice(self.data.train, first_step, self.steps_per_epoch)
