@@ -66,9 +66,8 @@ class Run:
             if degrees != "0":
                 values[f"top1_rot{degrees}"] = rotated["top1"]
         for stage in evaluation.get("learned_scales") or []:
-            for key in SCALE_STATISTICS:
-                share = key in ("below_half", "zeros")  # fractions in eval.json, percent in the table
-                values[f"scales_{key}_s{stage['stage']}"] = stage[key] * (100 if share else 1)
+            for key, (_, _, factor) in SCALE_STATISTICS.items():
+                values[f"scales_{key}_s{stage['stage']}"] = stage[key] * factor
         return values
 
     def top1_curve(self) -> list[Optional[float]]:

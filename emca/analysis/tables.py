@@ -38,8 +38,9 @@ class Metric:
 
 ROTATIONS = (90, 180, 270)
 STAGES = (1, 2, 3, 4)
-# Figure 6's summary of the learned scales (eval.json 'learned_scales'); shares in percent.
-SCALE_STATISTICS = {"mean": ("mean", 3), "variance": ("var", 4), "below_half": ("% <0.5", 1), "zeros": ("% zero", 1)}
+# Figure 6's summary of the learned scales: eval.json 'learned_scales' key -> (column label, digits,
+# factor from eval.json's value to the table's: shares are fractions there, percent here).
+SCALE_STATISTICS = {"mean": ("mean", 3, 1), "variance": ("var", 4, 1), "below_half": ("% <0.5", 1, 100), "zeros": ("% zero", 1, 100)}
 
 METRICS = {
     "fps": Metric("FPS", 0),
@@ -51,7 +52,7 @@ METRICS = {
     "fps_pipeline": Metric("FPS‡", 0),
     **{f"top1_rot{degrees}": Metric(f"top-1 {degrees}°", 2, published=False) for degrees in ROTATIONS},
     **{f"scales_{key}_s{stage}": Metric(f"s{stage} {label}", digits, published=False)
-       for stage in STAGES for key, (label, digits) in SCALE_STATISTICS.items()},
+       for stage in STAGES for key, (label, digits, _) in SCALE_STATISTICS.items()},
 }
 
 
