@@ -245,3 +245,9 @@ def test_validation_alone_still_checks_its_folder_and_class_names(image_tree, tm
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="has no val/ folder; dataset 'imagefolder' expects .*/val/<class>/ image folders$"):
         build_loaders(dataset_cfg(tmp_path / "empty"), loader_cfg("torchvision"), train=False)
+    with pytest.raises(DatasetError, match="does not exist; set dataset.root to a folder with val/ class folders$"):
+        build_loaders(dataset_cfg(tmp_path / "missing"), loader_cfg("torchvision"), train=False)
+    with pytest.raises(DatasetError, match=r"dataset.num_classes=5 but .*/val has 2 class folders"):
+        build_loaders(dataset_cfg(root, num_classes=5), loader_cfg("torchvision"), train=False)
+    with pytest.raises(DatasetError, match=r"dataset.num_classes=5 but the given class list has 3 names"):
+        build_loaders(dataset_cfg(root, num_classes=5), loader_cfg("torchvision"), train=False, classes=["a", "y", "z"])

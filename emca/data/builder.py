@@ -54,6 +54,16 @@ def _load_split(split_dir: Path, classes, dataset: DatasetConfig) -> ImageList:
     return screen_images(images, split_dir, on_bad_image=dataset.on_bad_image, cache_dir=cache_dir(), threads=max(1, dataset.workers))
 
 
+def _check_class_count(dataset: DatasetConfig, classes, folder: Optional[Path]) -> None:
+    """dataset.num_classes against the classes read from `folder`, or given (folder None)."""
+    if dataset.num_classes is not None and dataset.num_classes != len(classes):
+        found = f"{folder} has {len(classes)} class folders" if folder else f"the given class list has {len(classes)} names"
+        raise DatasetError(
+            f"dataset.num_classes={dataset.num_classes} but {found}; "
+            f"set dataset.num_classes={len(classes)} (or null to read it from the folder)"
+        )
+
+
 def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu"), channels_last: bool = False, seed: int = 0,
                   train: bool = True, classes: Optional[Sequence[str]] = None) -> DataBundle:
@@ -87,17 +97,19 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
 
     root = dataset_root(dataset.name, dataset.root)
     check_root(root, dataset.name, splits=("train", "val") if train else ("val",))
-    train_images = _load_split(root / "train", classes, dataset) if train else None
-    if classes is None and train_images is not None:
+    if train:
+        train_images = _load_split(root / "train", classes, dataset)
         classes = train_images.classes
-    val_images = _load_split(root / "val", classes, dataset)
-    classes = list(val_images.classes)
-    if dataset.num_classes is not None and dataset.num_classes != len(classes):
-        source = root / ("train" if train else "val")
-        raise DatasetError(
-            f"dataset.num_classes={dataset.num_classes} but {source} has {len(classes)} class folders; "
-            f"set dataset.num_classes={len(classes)} (or null to read it from the folder)"
-        )
+        _check_class_count(dataset, classes, root / "train")  # before val/ is screened image by image
+        val_images = _load_split(root / "val", classes, dataset)
+    else:
+        # val/'s folders must be among the given classes (a trained model's); that check, with its
+        # own message, comes first.
+        train_images = None
+        val_images = _load_split(root / "val", classes, dataset)
+        _check_class_count(dataset, val_images.classes, root / "val" if classes is None else None)
+        classes = val_images.classes
+    classes = list(classes)
     if train_images is not None and train_batches_per_epoch(len(train_images), dataset.batch_size) == 0:
         raise DatasetError(f"{root / 'train'} has {len(train_images)} images, fewer than one global batch; lower dataset.batch_size={dataset.batch_size}")
 

@@ -52,10 +52,11 @@ class ImageList:
 
 def check_root(root: Path, dataset: str, splits: Sequence[str] = ("train", "val")) -> None:
     """Fail early, in one line, on the layouts that would otherwise break later."""
+    wanted = " and ".join(f"{split}/" for split in splits)
     if not root.exists():
-        raise DatasetError(f"dataset root {root} does not exist; set dataset.root to a folder with train/ and val/ class folders")
+        raise DatasetError(f"dataset root {root} does not exist; set dataset.root to a folder with {wanted} class folders")
     if not root.is_dir():
-        raise DatasetError(f"dataset root {root} is not a folder; set dataset.root to a folder with train/ and val/ class folders")
+        raise DatasetError(f"dataset root {root} is not a folder; set dataset.root to a folder with {wanted} class folders")
     if (root / "wnids.txt").is_file() or (root / "val" / "val_annotations.txt").is_file():
         raise DatasetError(
             f"{root} is the raw Tiny ImageNet download (wnids.txt, val/val_annotations.txt); convert it once with "
