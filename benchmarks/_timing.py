@@ -6,15 +6,18 @@ so that a burst of load on a shared machine hits every variant alike instead of 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
@@ -31,6 +34,9 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads with --clock wall (the cpu clock runs one thread)")
     parser.add_argument("--clock", choices=CLOCKS, default=None,
                         help="wall time, or process CPU time on one thread (default: cpu on a CPU device, wall on CUDA)")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="keep",
+                        help="CPU only. keep: malloc keeps freed memory for the next step, as CUDA's caching allocator "
+                             "does (default); system: glibc's own policy, which returns it to the kernel")
 
 
 def describe_device(device: torch.device) -> str:
@@ -67,22 +73,64 @@ def choose_clock(device: torch.device, clock: str | None, threads: int | None) -
     return clock
 
 
+ALLOCATORS = ("keep", "system")
+# mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    By default glibc serves blocks above a moving threshold with mmap and trims the heap on free, so
+    a step's activations often land on fresh pages that the kernel must fault in and zero: 0 to
+    25,000 faults per R-50 step on our machine (up to 9 % of its time), their number set by what
+    the process allocated before, not by the model being timed. That noise swamped the few per cent
+    the model comparisons look for. CUDA's caching allocator never returns memory between steps, so
+    keeping it is also the closer CPU stand-in for a GPU run. After this, every block comes from the
+    heap and the heap never shrinks; it still grows (a fault per new page) until it holds the
+    largest step. False where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_MMAP_MAX, 0))
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel had to map on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def prepare_run(args) -> torch.device:
-    """The device, the clock (stored back on args.clock) and cuDNN autotuning, as every timed script wants."""
+    """The device, the clock (stored back on args.clock), the CPU allocator policy (args.allocator,
+    'system' where it cannot be changed) and cuDNN autotuning, as every timed script wants."""
     try:
         device = resolve_device(args.device, option="--device")
     except ValueError as error:
         raise SystemExit(str(error)) from None
     args.clock = choose_clock(device, args.clock, args.threads)
+    if device.type == "cpu" and args.allocator == "keep" and not keep_freed_memory():
+        args.allocator = "system"
     torch.backends.cudnn.benchmark = True
     return device
 
 
+def describe_allocator(device: torch.device, allocator: str, faults_per_step: float) -> str:
+    """The header line on the allocator; faults_per_step: the most of any variant (Timing.faults_per_call)."""
+    if device.type == "cuda":
+        return "CUDA caching allocator"
+    policy = "malloc keeps freed memory (--allocator keep)" if allocator == "keep" else "the C library's own malloc policy"
+    return f"{policy}; at most {faults_per_step:.0f} page faults per timed step of any variant"
+
+
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over the rounds: the median, and the spread (max - min) / median."""
+    """Seconds per call over the rounds: the median, and the spread (max - min) / median; and the
+    process' minor page faults per call during them."""
 
     samples: tuple[float, ...]
+    faults_per_call: float = 0.0
 
     @property
     def median(self) -> float:
@@ -152,14 +200,19 @@ def interleaved_timings(
         name: benchmark.Timer(stmt="step()", globals={"step": step}, timer=timer_fn, num_threads=torch.get_num_threads())
         for name, step in steps.items()
     }
-    for step in steps.values():
-        for _ in range(warmup):
+    # Warm up round-robin too, so the allocator meets the interleaved sequence of step sizes before
+    # the timing does.
+    for _ in range(warmup):
+        for step in steps.values():
             step()
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    faults = dict.fromkeys(steps, 0)
     for _ in range(rounds):
         for name, timer in timers.items():
+            before = page_faults()
             samples[name].append(timer.timeit(steps_per_round).median)
-    return {name: Timing(tuple(times)) for name, times in samples.items()}
+            faults[name] += page_faults() - before
+    return {name: Timing(tuple(times), faults[name] / (rounds * steps_per_round)) for name, times in samples.items()}
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -182,16 +235,32 @@ def peak_memory(step: Callable[[], object], device: torch.device, resident_bytes
         return torch.cuda.max_memory_allocated(device)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    cpu = torch._C._autograd.DeviceType.CPU
+    # Only frees of blocks allocated during this step count: the profiler also reports frees of
+    # blocks it saw allocated in an earlier profile of the process (another variant's gradients,
+    # say), and those would lower the peak by memory the step never held.
     events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu),
-        key=lambda e: e.start_ns(),
+        (event for event in _event_tree(prof.profiler.kineto_results.experimental_event_tree())
+         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu"),
+        key=lambda event: event.start_time_ns,
     )
     live = peak = 0
-    for event in events:
-        live += event.nbytes()
+    allocated: set[int] = set()
+    for block in (event.extra_fields for event in events):
+        if block.alloc_size > 0:
+            allocated.add(block.ptr)
+        elif block.ptr in allocated:
+            allocated.discard(block.ptr)
+        else:
+            continue
+        live += block.alloc_size
         peak = max(peak, live)
     return resident_bytes + peak
+
+
+def _event_tree(events):
+    for event in events:
+        yield event
+        yield from _event_tree(event.children)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], text_columns: int = 1) -> str:

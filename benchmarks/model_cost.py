@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from _timing import (MIB, Timing, add_run_arguments, describe_device, format_table, interleaved_timings, peak_memory,
-                     prepare_run, ratio_verdict, tensor_bytes)
+from _timing import (MIB, Timing, add_run_arguments, describe_allocator, describe_device, format_table, interleaved_timings,
+                     peak_memory, prepare_run, ratio_verdict, tensor_bytes)
 from emca.models.resnet import EMCAResNet
 
 
@@ -149,8 +149,10 @@ def report(measurements: list[Measurement], args, device: torch.device) -> str:
               "peak MiB", "x plain", "x dense"]
     memory_note = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                    else "CPU allocator peak recorded by torch.profiler, plus the resident weights and batch")
+    faults = max(m.timing.faults_per_call for m in measurements)
     return "\n".join([
         f"device   {describe_device(device)}",
+        f"alloc    {describe_allocator(device, args.allocator, faults)}",
         f"setting  batch {args.batch_size}, {args.image_size}x{args.image_size}, amp {args.amp}, "
         f"{'channels_last' if args.channels_last else 'NCHW'}{', compiled' if args.compile else ''}; "
         f"forward+backward, {args.rounds} interleaved rounds x {args.steps_per_round} step(s), {args.clock} clock",

@@ -37,6 +37,42 @@ def test_model_cost_prints_times_memory_and_targets():
     assert "target   resnet18 EMCA-ECA vs ECA, below 1x: time" in output
     assert "target   resnet18 EMCA-ECA vs ECA, below 1x: memory" in output
     assert "cpu clock" in output
+    assert "malloc keeps freed memory (--allocator keep); at most" in output
+
+
+def test_cpu_peak_memory_counts_only_blocks_the_step_allocated():
+    sys.path.insert(0, str(BENCHMARKS))
+    from _timing import MIB, peak_memory
+
+    cpu, held = torch.device("cpu"), []
+    assert peak_memory(lambda: held.append(torch.ones(MIB)), cpu, resident_bytes=0) == 4 * MIB
+    # Freeing a block allocated under an earlier profile must not lower this step's peak.
+    assert peak_memory(lambda: (held.clear(), torch.ones(MIB // 4)), cpu, resident_bytes=100) == 100 + MIB
+
+
+FAULTS_OF_REUSED_BLOCKS = """
+import sys, torch
+sys.path.insert(0, {benchmarks!r})
+from _timing import keep_freed_memory, page_faults
+torch.set_num_threads(1)  # as the benchmarks' cpu clock runs
+kept = {keep} and keep_freed_memory()
+for i in range(6):
+    if i == 2:  # the heap has grown to hold the block (and its alignment slack)
+        before = page_faults()
+    block = torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB, above any mmap threshold glibc allows
+    del block
+print(kept, (page_faults() - before) / 4)
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_kept_memory_is_reused_without_page_faults(keep):
+    code = FAULTS_OF_REUSED_BLOCKS.format(benchmarks=str(BENCHMARKS), keep=keep)
+    kept, faults = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if keep and kept != "True":
+        pytest.skip("the C library is not glibc: mallopt is not available")
+    # 64 MiB is 16,384 pages of 4 KiB: glibc maps it afresh on every allocation unless told to keep it.
+    assert float(faults) < 100 if keep else float(faults) > 10_000
 
 
 def test_ratio_verdict_names_results_that_noise_could_flip():
