@@ -43,8 +43,12 @@ class _MeanStdPool(torch.autograd.Function):
         count = x.shape[2] * x.shape[3]
         mean, std = stats[..., 0, None, None], stats[..., 1, None, None]
         grad_mean, grad_std = grad[..., 0, None, None], grad[..., 1, None, None]
-        # d mean/dx = 1/N and d std/dx = (x - mean) / (N std): one subtraction, one fused multiply-add.
-        return torch.addcmul(grad_mean / count, x - mean, grad_std / (count * std))
+        # d mean/dx = 1/N and d std/dx = (x - mean) / (N std), written as x * slope + offset with
+        # per-channel slope and offset: one multiply and one in-place add over the map. (addcmul with
+        # two per-channel operands, or subtracting the mean first, costs 3-4x more on CPU.)
+        slope = grad_std / (count * std)
+        offset = grad_mean / count - mean * slope
+        return (x * slope).add_(offset)
 
 
 class _MeanPool(torch.autograd.Function):
