@@ -213,6 +213,24 @@ def test_hand_computed_emca_forward():
     torch.testing.assert_close(module(y, [source]), y * (1 + expected_scales[None, :, None, None]))
 
 
+@pytest.mark.parametrize("num_statistics", [1, 2])
+def test_repeat_fusion_is_the_weighted_sum_of_repeated_descriptors(num_statistics):
+    """The MAB of Algorithm 1 written out: relu(sum_r w_r * repeat(S_r)), over sources of several
+    widths in runs (two stages of a coverage region) and alone, against the grouped broadcast sums."""
+    torch.manual_seed(0)
+    widths = [4, 4, 2, 2, 2, 8, 4]
+    module = EMCA(8, widths, SRMExcitation(8) if num_statistics == 2 else ECAExcitation(8, kernel_size=3))
+    with torch.no_grad():
+        module.scale_weights.normal_()
+    own = torch.randn(3, 8, num_statistics, dtype=torch.float64)
+    sources = [torch.randn(3, c, num_statistics, dtype=torch.float64) for c in widths]
+    module.double()
+    expected = module.scale_weights[0] * own
+    for weight, source in zip(module.scale_weights[1:], sources):
+        expected = expected + weight * source.repeat(1, 8 // source.shape[1], 1)
+    torch.testing.assert_close(module.fuse(own, sources), torch.relu(expected), rtol=1e-12, atol=1e-12)
+
+
 def test_linear_alignment_starts_as_repeat():
     torch.manual_seed(0)
     repeat = EMCA(8, [4, 2], SEExcitation(8, 2), align="repeat")

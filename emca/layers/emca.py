@@ -56,6 +56,7 @@ class EMCA(nn.Module):
                         f"but a source has {c}: use align=linear"
                     )
             self.aligners = None
+            self.source_runs = _equal_width_runs(self.source_channels)
         else:
             self.aligners = nn.ModuleList(nn.Linear(c, channels, bias=False) for c in self.source_channels)
             for aligner, c in zip(self.aligners, self.source_channels):
@@ -81,18 +82,24 @@ class EMCA(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, R={self.num_scales}, sources={list(self.source_channels)}, align={self.align}, gating={self.gating}"
 
-    def _align(self, index: int, descriptor: torch.Tensor) -> torch.Tensor:
-        if self.aligners is None:
-            return descriptor.repeat(1, self.channels // descriptor.shape[1], 1)
-        # Linear acts on the channel axis: (B, C_j, K) -> (B, K, C_j) -> (B, K, C0) -> (B, C0, K)
-        return self.aligners[index](descriptor.transpose(1, 2)).transpose(1, 2)
-
     def fuse(self, own: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         """Channel alignment, stacking and the MAB's scale fusion: -> (B, C0, K)."""
-        if self.scale_weights is None:
+        weights = self.scale_weights
+        if weights is None:
             return own
-        stacked = torch.stack([own] + [self._align(i, s) for i, s in enumerate(sources)], dim=1)
-        return F.relu(torch.einsum("brck,r->bck", stacked, self.scale_weights))
+        if self.aligners is not None:
+            # Linear acts on the channel axis: (B, C_j, K) -> (B, K, C_j) -> (B, K, C0) -> (B, C0, K)
+            aligned = [aligner(s.transpose(1, 2)).transpose(1, 2) for aligner, s in zip(self.aligners, sources)]
+            return F.relu(torch.stack([own, *aligned], dim=-1) @ weights)
+        # Repeating a descriptor commutes with the weighted sum, so each run of equally wide sources
+        # (one per covered stage) is summed at its own width and added to every repeat of it through a
+        # broadcast view: a few small ops per run instead of a repeat, a copy and a multiply per source.
+        batch, _, statistics = own.shape
+        fused = own * weights[0]
+        for start, stop, width in self.source_runs:
+            run = torch.stack(sources[start:stop], dim=-1) @ weights[1 + start : 1 + stop]  # (B, width, K)
+            fused = (fused.view(batch, -1, width, statistics) + run.unsqueeze(1)).view(batch, self.channels, statistics)
+        return F.relu(fused)
 
     def factors(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         """The per-channel factors (B, C0, 1, 1) that the module multiplies y by."""
@@ -104,6 +111,17 @@ class EMCA(nn.Module):
 
     def forward(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         return y * self.factors(y, sources)
+
+
+def _equal_width_runs(widths: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
+    """(start, stop, width) of each run of equal consecutive widths: [64, 64, 256] -> ((0, 2, 64), (2, 3, 256))."""
+    runs: list[tuple[int, int, int]] = []
+    for index, width in enumerate(widths):
+        if runs and runs[-1][2] == width:
+            runs[-1] = (runs[-1][0], index + 1, width)
+        else:
+            runs.append((index, index + 1, width))
+    return tuple(runs)
 
 
 def _init_as_repeat(weight: torch.Tensor, source_channels: int) -> None:
