@@ -116,12 +116,13 @@ def prepare_run(args) -> torch.device:
     return device
 
 
-def describe_allocator(device: torch.device, allocator: str, faults_per_step: float) -> str:
-    """The header line on the allocator; faults_per_step: the most of any variant (Timing.faults_per_call)."""
+def describe_allocator(device: torch.device, allocator: str, faults_per_call: float, call: str = "step") -> str:
+    """The header line on the allocator; faults_per_call: the most of any variant (Timing.faults_per_call),
+    `call` what one timed call runs (a step, an epoch)."""
     if device.type == "cuda":
         return "CUDA caching allocator"
     policy = "malloc keeps freed memory (--allocator keep)" if allocator == "keep" else "the C library's own malloc policy"
-    return f"{policy}; at most {faults_per_step:.0f} page faults per timed step of any variant"
+    return f"{policy}; at most {faults_per_call:.0f} page faults per timed {call} of any variant"
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     verdict = ratio_verdict(timings["EMCA-Train trainer"].round_ratios(bare), 1 + OVERHEAD_BUDGET)
     print("\n".join([
         f"device   {describe_device(device)}",
-        f"alloc    {describe_allocator(device, args.allocator, max(t.faults_per_call for t in timings.values()))}",
+        f"alloc    {describe_allocator(device, args.allocator, max(t.faults_per_call for t in timings.values()), 'epoch')}",
         f"setting  {args.backbone} {args.attention}, batch {args.batch_size}, {args.image_size}x{args.image_size}, amp {args.amp}, "
         f"{'channels_last' if args.channels_last else 'NCHW'}, synthetic batches, {args.steps} steps per epoch, "
         f"trainer logs every {args.log_every} steps",
