@@ -14,7 +14,6 @@ dense module it is built on. The script prints whether each holds; it does not f
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from _timing import (MIB, Timing, add_run_arguments, describe_allocator, describe_device, format_table, interleaved_timings,
                      peak_memory, prepare_run, ratio_verdict, tensor_bytes)
+from emca.engine.precision import amp_dtype, autocast
 from emca.models.resnet import EMCAResNet
 
 
@@ -75,13 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_training_step(model, images, targets, amp: str):
     """One forward+backward on a fixed batch, gradients freed first as zero_grad(set_to_none) does."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = (lambda: torch.autocast(images.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    dtype = amp_dtype(amp)
 
     def step():
         for p in model.parameters():
             p.grad = None
-        with autocast():
+        with autocast(images.device.type, dtype):
             loss = F.cross_entropy(model(images), targets)
         loss.backward()
 

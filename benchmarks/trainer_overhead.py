@@ -17,7 +17,6 @@ Target (issue 6): at most 5 % overhead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import tempfile
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from _timing import (add_run_arguments, describe_allocator, describe_device, format_table, interleaved_timings, prepare_run,
                      ratio_verdict)
 from _trainer import build_trainer, trainer_epoch
-from emca.engine.trainer import AMP_DTYPES, Trainer
+from emca.engine.precision import amp_dtype, autocast
+from emca.engine.trainer import Trainer
 
 OVERHEAD_BUDGET = 0.05
 
@@ -63,14 +63,13 @@ def bare_epoch(trainer: Trainer, amp: str):
     optimizer = torch.optim.SGD(model.parameters(), lr=trainer.optimizer.param_groups[0]["lr"],
                                 momentum=optimizer_cfg.momentum, weight_decay=optimizer_cfg.weight_decay)
     device = trainer.ctx.device
-    dtype = AMP_DTYPES.get(amp)
+    dtype = amp_dtype(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     loader = trainer.data.train
 
     def epoch():
         for images, labels in loader:
-            with autocast():
+            with autocast(device.type, dtype):
                 loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

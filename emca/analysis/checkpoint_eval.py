@@ -28,7 +28,7 @@ from emca.data import build_loaders
 from emca.engine.checkpoint import architecture_fingerprint, atomic_write, check_fingerprint, describe_architecture
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
-from emca.engine.trainer import AMP_DTYPES
+from emca.engine.precision import amp_dtype as parse_amp
 from emca.models import attention_modules, build_model
 from emca.models.summary import count_parameters, measure_gflops
 
@@ -97,9 +97,10 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     architecture = state["fingerprint"]["architecture"]
     trainer_cfg = train_cfg.get("trainer", {})
     amp = str(_option(cfg.amp, trainer_cfg.get("amp", "off")))
-    if amp not in ("off", *AMP_DTYPES):
-        raise EvalError(f"amp={amp!r}: expected off, bf16 or fp16")
-    autocast = AMP_DTYPES.get(amp)
+    try:
+        amp_dtype = parse_amp(amp)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
     channels_last = bool(_option(cfg.channels_last, trainer_cfg.get("channels_last", False)))
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(ctx.device, memory_format=memory_format).eval()
@@ -122,7 +123,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     if ctx.is_main:
         log.info(f"evaluating {checkpoint} on {data.num_val} {dataset_cfg['name']} validation images "
                  f"(rotations {rotations}) with {ctx.world_size} process(es) on {ctx.device}")
-    metrics = evaluate(model, data.val, ctx, rotations, autocast,
+    metrics = evaluate(model, data.val, ctx, rotations, amp_dtype,
                        while_unrotated=scales.recording if scales else contextlib.nullcontext)
     if scales is not None:
         scales.reduce(ctx)
@@ -158,7 +159,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         title = f"Learned scales, {describe_architecture(state['fingerprint'])}, {data.num_val} val images"
         report["learned_scales_plot"] = str(plot_scales(report["learned_scales"], output.with_name(f"{output.stem}_scales.png"), title))
     if cfg.speed.enabled:
-        report["speed"] = measure_speeds(model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, autocast, seed,
+        report["speed"] = measure_speeds(model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, amp_dtype, seed,
                                          data.classes)
     if cfg.gradcam.images > 0:
         report["gradcam"] = gradcam_maps(model, data, dataset_cfg, cfg.gradcam.images, output.with_name(f"{output.stem}_gradcam"))
@@ -170,7 +171,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     return report
 
 
-def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, autocast, seed, classes) -> dict[str, Any]:
+def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, amp_dtype, seed, classes) -> dict[str, Any]:
     """FPS, FPS-dagger and FPS-double-dagger on this process' device alone."""
 
     def val_loader(batch_size: int, workers: int):
@@ -181,13 +182,13 @@ def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_l
     warmup = speed_cfg.warmup
     log.info("speed: FPS (batch 1, %d worker(s))", speed_cfg.single_workers)
     fps = time_pipeline(model, val_loader(1, speed_cfg.single_workers), device, batch_size=1, workers=speed_cfg.single_workers,
-                        warmup=warmup, max_images=speed_cfg.single_images, autocast=autocast)
+                        warmup=warmup, max_images=speed_cfg.single_images, amp_dtype=amp_dtype)
     log.info("speed: FPS-dagger (model only, batch %d)", speed_cfg.batch)
     fps_model = time_model(model, device, batch_size=speed_cfg.batch, image_size=dataset_cfg["image_size"], warmup=warmup,
-                           iterations=speed_cfg.model_iterations, channels_last=channels_last, autocast=autocast)
+                           iterations=speed_cfg.model_iterations, channels_last=channels_last, amp_dtype=amp_dtype)
     log.info("speed: FPS-double-dagger (validation pass, batch %d, %d workers)", speed_cfg.batch, speed_cfg.workers)
     fps_pipeline = time_pipeline(model, val_loader(speed_cfg.batch, speed_cfg.workers), device, batch_size=speed_cfg.batch,
-                                 workers=speed_cfg.workers, warmup=warmup, autocast=autocast)
+                                 workers=speed_cfg.workers, warmup=warmup, amp_dtype=amp_dtype)
     return {"device": describe_device(device), "fps": fps.as_dict(), "fps_model": fps_model.as_dict(), "fps_pipeline": fps_pipeline.as_dict()}
 
 

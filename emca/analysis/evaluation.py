@@ -17,6 +17,7 @@ from torch import nn
 
 from emca.engine.distributed import DistributedContext
 from emca.engine.metrics import Metrics, MetricSums
+from emca.engine.precision import autocast
 
 def rotate_clockwise(images: torch.Tensor, degrees: int) -> torch.Tensor:
     """Rotate a (B, C, H, W) batch by a multiple of 90 degrees clockwise."""
@@ -31,7 +32,7 @@ def evaluate(
     loader: Iterable,
     ctx: DistributedContext,
     rotations: Iterable[int] = (0,),
-    autocast: Optional[torch.dtype] = None,
+    amp_dtype: Optional[torch.dtype] = None,
     while_unrotated: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict[int, Metrics]:
     """{degrees: metrics over the whole validation set, summed over ranks}.
@@ -46,7 +47,7 @@ def evaluate(
     for images, labels in loader:
         for degrees in rotations:
             recording = while_unrotated() if degrees % 360 == 0 else contextlib.nullcontext()
-            with recording, torch.autocast(ctx.device.type, dtype=autocast, enabled=autocast is not None):
+            with recording, autocast(ctx.device.type, amp_dtype):
                 logits = model(rotate_clockwise(images, degrees))
             sums[degrees].update(F.cross_entropy(logits.float(), labels), logits, labels)
     return {degrees: total.reduce(ctx) for degrees, total in sums.items()}

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from emca.engine.precision import autocast
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -59,8 +61,8 @@ class TooFewBatches(ValueError):
     """The validation set is too small for the requested warm-up."""
 
 
-def _forward(model: nn.Module, images: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.Tensor:
-    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+def _forward(model: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    with autocast(images.device.type, amp_dtype):
         return model(images)
 
 
@@ -74,7 +76,7 @@ def time_pipeline(
     workers: int,
     warmup: int,
     max_images: Optional[int] = None,
-    autocast: Optional[torch.dtype] = None,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> Throughput:
     """Images per second of loading + inference over the loader (after `warmup` batches), up to
     max_images images (None: to the end of the pass)."""
@@ -85,12 +87,12 @@ def time_pipeline(
             images, _ = next(batches)
         except StopIteration:
             raise TooFewBatches(f"the validation set has only {done} batches of {batch_size}, fewer than the {warmup} warm-up batches; lower speed.warmup") from None
-        _forward(model, images, autocast).argmax(dim=1).cpu()
+        _forward(model, images, amp_dtype).argmax(dim=1).cpu()
     synchronize(device)
     started = time.perf_counter()
     images_timed = 0
     for images, _ in batches:
-        _forward(model, images, autocast).argmax(dim=1).cpu()
+        _forward(model, images, amp_dtype).argmax(dim=1).cpu()
         images_timed += images.shape[0]
         if max_images is not None and images_timed >= max_images:
             break
@@ -111,17 +113,17 @@ def time_model(
     warmup: int,
     iterations: int,
     channels_last: bool = False,
-    autocast: Optional[torch.dtype] = None,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> Throughput:
     """Images per second of the forward pass alone on a random batch resident on the device."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
     for _ in range(warmup):
-        _forward(model, images, autocast)
+        _forward(model, images, amp_dtype)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(iterations):
-        _forward(model, images, autocast)
+        _forward(model, images, amp_dtype)
     synchronize(device)
     return Throughput(batch_size * iterations, time.perf_counter() - started, batch_size, warmup)

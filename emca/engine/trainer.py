@@ -29,6 +29,7 @@ from emca.engine.checkpoint import BEST, CHECKPOINT_DIR, LAST, architecture_fing
 from emca.engine.distributed import DistributedContext, setup_distributed, shared_run_dir, silence_non_main_logging
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
 from emca.engine.optim import build_optimizer
+from emca.engine.precision import amp_dtype, autocast
 from emca.engine.preemption import StopRequest
 from emca.engine.progress import EpochProgress
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
@@ -40,7 +41,6 @@ from emca.models.summary import count_parameters, measure_gflops
 
 log = logging.getLogger(__name__)
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RunAborted(CompactHydraException):
@@ -95,7 +95,7 @@ class Trainer:
         self.checkpoint_dir = run_dir / CHECKPOINT_DIR
         trainer_cfg = cfg.trainer
         self.epochs = trainer_cfg.epochs
-        self.amp_dtype = AMP_DTYPES.get(trainer_cfg.amp.value)
+        self.amp_dtype = amp_dtype(trainer_cfg.amp.value)
         seed_everything(trainer_cfg.seed)
         configure_determinism(trainer_cfg.deterministic)
         try:
@@ -262,7 +262,7 @@ class Trainer:
         with EpochProgress(epoch + 1, self.epochs, self.steps_per_epoch, first_step, enabled=ctx.is_main) as bar:
             for step, (images, labels) in enumerate(batches, start=first_step):
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                with autocast(ctx.device.type, self.amp_dtype):
                     logits = self.train_model(images)
                     loss = self.criterion(logits, labels)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -317,7 +317,7 @@ class Trainer:
         self.data.val.set_epoch(epoch)
         try:
             for images, labels in self.data.val:
-                with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                with autocast(ctx.device.type, self.amp_dtype):
                     logits = self.model(images)
                 sums.update(F.cross_entropy(logits.float(), labels), logits, labels)
         finally:

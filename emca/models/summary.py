@@ -55,7 +55,7 @@ def format_summary(model: nn.Module, image_size: int = 224) -> str:
     lines = [
         f"model      {arch['backbone']}  attention={arch['attention']}"
         + (f"  coverage=(stages={coverage['stages']}, blocks={coverage['blocks']})" if coverage else "")
-        + (f"  include_stem" if getattr(model, "include_stem", False) else ""),
+        + ("  include_stem" if getattr(model, "include_stem", False) else ""),
         f"{'stage':>5}  {'blocks':>6}  {'channels':>8}  {'attention in blocks':<22}  R_i",
     ]
     for row in stage_layout(model):
