@@ -42,7 +42,6 @@ from emca.models.summary import count_parameters, measure_gflops
 log = logging.getLogger(__name__)
 
 
-
 class RunAborted(CompactHydraException):
     """A problem the user can fix (bad config, dataset, checkpoint, diverged loss), in one line.
 
