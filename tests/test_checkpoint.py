@@ -1,6 +1,8 @@
 """Checkpoints: atomic under a crash or a kill, refused for another architecture, RNG round trip."""
 
+import errno
 import io
+import os
 import random
 import signal
 import subprocess
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from emca.engine.checkpoint import CheckpointError, architecture_fingerprint, load_checkpoint, save_checkpoint
+from emca.engine.checkpoint import (BEST, CHECKPOINT_DIR, GENERATIONS, LAST, CheckpointError, CheckpointStore,
+                                   architecture_fingerprint, load_checkpoint)
 from emca.engine.reproducibility import rng_state, set_rng_state
 from emca.models import build_model
 
@@ -22,67 +25,120 @@ def tiny_model(attention="emca_eca", coverage=None, num_classes=10):
     return build_model({"name": "resnet18"}, {"name": attention, "integration": "first"}, coverage, num_classes=num_classes)
 
 
-def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    model = tiny_model()
-    fingerprint = architecture_fingerprint(model)
-    path = tmp_path / "checkpoints" / "last.pt"
-    save_checkpoint({"fingerprint": fingerprint, "model": model.state_dict(), "epoch": 1}, path)
+def epoch_state(epoch: int, best: int, megabytes: int = 1) -> dict:
+    """A checkpoint of `epoch` that names `best` as its best epoch; every weight equals the epoch."""
+    return {"progress": {"epoch": epoch, "best": {"epoch": best}}, "weights": torch.full((megabytes << 18,), float(epoch))}
 
-    real_save = torch.save
 
-    def crash_half_way(obj, file, *args, **kwargs):
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        file.write(buffer.getvalue()[: buffer.tell() // 2])
-        raise OSError("disk full")
+def assert_consistent(store: CheckpointStore) -> int:
+    """last.pt is whole, and what it says about best.pt is true of the best.pt beside it; its epoch."""
+    last = torch.load(store.last, weights_only=True)
+    assert torch.equal(last["weights"], torch.full_like(last["weights"], float(last["progress"]["epoch"])))
+    best = torch.load(store.best, weights_only=True)
+    assert best["progress"]["epoch"] == last["progress"]["best"]["epoch"]
+    assert torch.equal(best["weights"], torch.full_like(best["weights"], float(best["progress"]["epoch"])))
+    return last["progress"]["epoch"]
 
-    monkeypatch.setattr(torch, "save", crash_half_way)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint({"fingerprint": fingerprint, "model": model.state_dict(), "epoch": 2}, path)
+
+def test_last_and_best_are_replaced_together(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.prepare()
+    inodes = {}
+    for epoch, improved in ((1, True), (2, False), (3, True), (4, False)):
+        best = epoch if improved else {2: 1, 4: 3}[epoch]
+        store.save(epoch_state(epoch, best), improved=improved)
+        assert assert_consistent(store) == epoch
+        inodes[epoch] = store.best.stat().st_ino
+    # An unimproved epoch links the previous best.pt into its generation rather than copying it.
+    assert inodes[2] == inodes[1] and inodes[4] == inodes[3] != inodes[2]
+    # One generation on disk, behind the symlink.
+    assert [p.name for p in (tmp_path / GENERATIONS).iterdir()] == [store.current().name]
+    assert (tmp_path / CHECKPOINT_DIR).is_symlink()
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "os.link", "os.symlink", "os.replace"])
+def test_a_failed_save_keeps_the_previous_checkpoints(tmp_path, monkeypatch, failing):
+    store = CheckpointStore(tmp_path)
+    store.prepare()
+    store.save(epoch_state(1, 1), improved=True)
+    store.save(epoch_state(2, 1), improved=False)
+    module, name = failing.split(".")
+    real = getattr(torch if module == "torch" else os, name)
+
+    def disk_full(*args, **kwargs):
+        if name == "save":  # half a file first, as a full disk leaves it
+            buffer = io.BytesIO()
+            real(args[0], buffer)
+            args[1].write(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch if module == "torch" else os, name, disk_full)
+    with pytest.raises(CheckpointError) as error:
+        store.save(epoch_state(3, 3), improved=True)
     monkeypatch.undo()
-
-    assert load_checkpoint(path, fingerprint)["epoch"] == 1
-    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # the partial temp file is gone
+    assert "\n" not in str(error.value)
+    assert "No space left on device" in str(error.value) and f"{store.last} is kept" in str(error.value)
+    assert assert_consistent(store) == 2
+    store.save(epoch_state(3, 3), improved=True)  # the next save clears what the failed one left
+    assert assert_consistent(store) == 3 and len(list((tmp_path / GENERATIONS).iterdir())) == 1
 
 
 KILLED_WRITER = textwrap.dedent(
     """
     import sys
+    from pathlib import Path
     import torch
-    from emca.engine.checkpoint import save_checkpoint
-    path = sys.argv[1]
-    version = 0
+    from emca.engine.checkpoint import CheckpointStore
+    store = CheckpointStore(Path(sys.argv[1]))
+    store.prepare()
+    epoch = torch.load(store.last, weights_only=True)["progress"]["epoch"] if store.last.exists() else 0
+    best = 0
     while True:
-        version += 1
-        # 64 MB per save, all equal to the version: a torn file would show mixed values.
-        save_checkpoint({"fingerprint": {}, "version": version, "weights": torch.full((16 * 1024 * 1024,), float(version))}, path)
-        print(version, flush=True)
+        epoch += 1
+        improved = epoch % 3 != 2
+        best = epoch if improved else best
+        # 8 MB per save, every weight equal to the epoch: a torn file would show mixed values.
+        state = {"progress": {"epoch": epoch, "best": {"epoch": best}}, "weights": torch.full((2 << 20,), float(epoch))}
+        store.save(state, improved=improved)
+        print(epoch, flush=True)
     """
 )
 
 
-def test_a_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
-    path = tmp_path / "last.pt"
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline().strip() == "1"  # the first save is complete
-        time.sleep(random.uniform(0.05, 0.3))  # somewhere inside a later save
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(timeout=30)
-    finally:
-        writer.kill()
-    state = torch.load(path, weights_only=True)
-    assert state["version"] >= 1
-    assert torch.equal(state["weights"], torch.full_like(state["weights"], float(state["version"])))
-    # The next save clears what the killed writer left behind.
-    save_checkpoint({"version": 0}, path)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+def test_a_kill_at_any_instant_leaves_consistent_checkpoints(tmp_path):
+    store = CheckpointStore(tmp_path)
+    epochs = []
+    for _ in range(8):  # each writer resumes the numbering from what the previous one left
+        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        try:
+            writer.stdout.readline()  # one save complete
+            time.sleep(random.uniform(0.0, 0.2))  # somewhere inside a later one
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=30)
+        finally:
+            writer.kill()
+        epochs.append(assert_consistent(store))
+    assert epochs == sorted(epochs)
+    store.prepare()  # what a killed writer left uncommitted is cleared
+    assert [p.name for p in (tmp_path / GENERATIONS).iterdir()] == [store.current().name]
+
+
+def test_a_v01_checkpoint_folder_is_adopted(tmp_path):
+    legacy = tmp_path / CHECKPOINT_DIR
+    legacy.mkdir()
+    torch.save(epoch_state(5, 4), legacy / LAST)
+    torch.save(epoch_state(4, 4), legacy / BEST)
+    store = CheckpointStore(tmp_path)
+    store.prepare()
+    assert legacy.is_symlink() and assert_consistent(store) == 5
+    store.save(epoch_state(6, 4), improved=False)
+    assert assert_consistent(store) == 6
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(tmp_path):
     path = tmp_path / "last.pt"
     eca = tiny_model("emca_eca")
-    save_checkpoint({"fingerprint": architecture_fingerprint(eca), "model": eca.state_dict()}, path)
+    torch.save({"fingerprint": architecture_fingerprint(eca), "model": eca.state_dict()}, path)
     assert load_checkpoint(path, architecture_fingerprint(tiny_model("emca_eca")))["model"].keys() == eca.state_dict().keys()
 
     for other in (tiny_model("emca_se"), tiny_model("emca_eca", {"stages": 1, "blocks": 1}), tiny_model(num_classes=7)):
@@ -109,7 +165,7 @@ def test_unreadable_or_missing_checkpoints_are_one_line_errors(tmp_path):
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     path = tmp_path / "rng.pt"
-    save_checkpoint({"rng": rng_state()}, path)
+    torch.save({"rng": rng_state()}, path)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(torch.load(path, weights_only=True)["rng"])

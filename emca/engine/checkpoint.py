@@ -1,22 +1,28 @@
 """Checkpoints that survive a kill at any moment, and refuse to load into another architecture.
 
-A checkpoint is written to a temporary file in the same folder, fsynced, renamed over the old one
-with os.replace (atomic on POSIX) and the folder entry fsynced: whatever moment the process dies
-at, the path holds either the previous complete checkpoint or the new complete one.
+A run's last.pt and best.pt are replaced together (CheckpointStore): `checkpoints` is a relative
+symlink to a generation folder `.checkpoints/NNNNNN/` that holds both, and a save fills a new
+generation (best.pt hard-linked from the previous one when the epoch did not improve), fsyncs it
+and swaps the symlink with one rename. Whatever moment the process dies at, `checkpoints/` is one
+complete generation, so what its last.pt says about best.pt is true of the best.pt beside it.
+Single files (results.json, eval.json) use atomic_write: a temporary file, fsynced and renamed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Optional
 
 import torch
 from torch import nn
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = "checkpoints"  # the symlink users and tools read through
+GENERATIONS = ".checkpoints"  # the generation folders it points into
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -25,11 +31,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used for this run; the message is one line."""
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `path` through a temporary file in its folder: it holds the old or the new content.
+
+    Stale temporary files of killed writers are not swept here: the run folder's lock makes a run
+    the only writer, and another process's file may still be in flight.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
     tmp_name = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     # os.open rather than mkstemp: the file gets the usual umask permissions, not 0600.
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -42,15 +60,108 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+class CheckpointStore:
+    """A run folder's last.pt and best.pt, replaced together by one rename (see the module docstring).
+
+    Only the run folder's owner (the process holding its lock, emca.engine.run_folder) writes.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.link = self.run_dir / CHECKPOINT_DIR
+        self.generations = self.run_dir / GENERATIONS
+
+    @property
+    def last(self) -> Path:
+        return self.link / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.link / BEST
+
+    def current(self) -> Optional[Path]:
+        """The committed generation folder; a plain `checkpoints/` folder of v0.1 counts as one."""
+        if self.link.is_symlink():
+            return self.link.resolve() if self.link.exists() else None
+        return self.link if self.link.is_dir() else None
+
+    def prepare(self) -> None:
+        """Before training: prove the folder writable, adopt a v0.1 folder, drop uncommitted generations."""
+        self.generations.mkdir(exist_ok=True)
+        probe = self.generations / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        if self.link.is_dir() and not self.link.is_symlink():
+            legacy = self.generations / f"{0:06d}"
+            os.rename(self.link, legacy)
+            self._point_to(legacy)
+        elif not self.link.is_symlink() and (self.generations / f"{0:06d}").is_dir():
+            self._point_to(self.generations / f"{0:06d}")  # killed between the two steps above
+        self._remove_others(self.current())
+
+    def save(self, state: dict[str, Any], improved: bool) -> None:
+        """A new generation: last.pt = state, best.pt = state if improved, else the previous best.pt.
+
+        Raises CheckpointError (one line) when the disk refuses; the previous generation stays.
+        """
+        current = self.current()
+        new = self.generations / f"{self._next_number():06d}"
+        try:
+            new.mkdir(parents=True)
+            with open(new / LAST, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            if improved:
+                _link_or_copy(new / LAST, new / BEST)
+            if current is not None:
+                # best.pt when it did not improve, and whatever else was put beside the checkpoints.
+                for entry in current.iterdir():
+                    if entry.is_file() and entry.name != LAST and not (improved and entry.name == BEST):
+                        _link_or_copy(entry, new / entry.name)
+            fsync_dir(new)
+            self._point_to(new)
+        except OSError as error:
+            shutil.rmtree(new, ignore_errors=True)
+            kept = f"{self.last} is kept" if current is not None else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"cannot write checkpoint {new / LAST}: {error.strerror or error}; {kept} "
+                f"(free disk space or fix the folder's permissions, then resume with trainer.resume=auto)"
+            ) from None
+        self._remove_others(new)
+
+    def _next_number(self) -> int:
+        numbers = [int(entry.name) for entry in self.generations.iterdir() if entry.name.isdigit()]
+        return max(numbers, default=0) + 1
+
+    def _point_to(self, generation: Path) -> None:
+        tmp_link = self.run_dir / f".{CHECKPOINT_DIR}.{uuid.uuid4().hex}.tmp"
+        os.symlink(os.path.relpath(generation, self.run_dir), tmp_link)
+        try:
+            os.replace(tmp_link, self.link)  # atomic: the old generation or the new one
+        except BaseException:
+            tmp_link.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.run_dir)
+
+    def _remove_others(self, keep: Optional[Path]) -> None:
+        """Generations other than `keep`: superseded ones and those a kill left uncommitted."""
+        for entry in self.generations.iterdir():
+            if entry.is_dir() and entry.name.isdigit() and (keep is None or entry.resolve() != keep.resolve()):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no copy of the bytes), or a copy on filesystems without hard links."""
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda file: torch.save(state, file))
+        os.link(source, target)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        shutil.copyfile(source, target)
 
 
 def architecture_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -70,16 +181,30 @@ def describe_architecture(fingerprint: dict[str, Any]) -> str:
     return f"{arch['backbone']} / attention {arch['attention']} / {coverage_text} / {arch['num_classes']} classes"
 
 
-def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint, refusing one of a different architecture."""
+def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any] | None = None, option: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint, refusing one of a different architecture.
+
+    Without expected_fingerprint the architecture is not checked (eval.py first builds the model
+    the checkpoint describes). `option` names the option the path came from in the errors.
+    """
     path = Path(path)
+    named = f"{option}={path}" if option else f"checkpoint {path}"
+    if path.is_dir():
+        inside = next((file for file in (path / LAST, path / CHECKPOINT_DIR / LAST) if file.is_file()), None)
+        raise CheckpointError(f"{named} is a folder, not a checkpoint file; give the file, e.g. {inside or path / CHECKPOINT_DIR / LAST}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{named} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which and why, in one line
-        raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(error).split())[:300]}") from error
-    check_fingerprint(state, path, expected_fingerprint)
+    except PermissionError as error:
+        raise CheckpointError(f"{named} cannot be read: permission denied") from error
+    except Exception as error:  # torch's messages for a damaged file advise weights_only=False, which cannot help
+        # last.pt and best.pt are distinct files unless the last epoch was the best (a hard link).
+        other = path.with_name({LAST: BEST, BEST: LAST}.get(path.name, path.name))
+        hint = f"; {other} may be intact" if other.is_file() and not os.path.samefile(other, path) else ""
+        raise CheckpointError(f"{named} cannot be read: it is damaged (truncated or not a PyTorch checkpoint){hint}") from error
+    if expected_fingerprint is not None:
+        check_fingerprint(state, path, expected_fingerprint)
     return state
 
 
