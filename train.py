@@ -6,8 +6,9 @@
     python train.py -m attention=emca_se,emca_eca coverage=none,prev_stage_all   # a sweep
     python train.py hydra.run.dir=outputs/run1 trainer.resume=auto                # continue a run
 
-Options: configs/ and their schema in emca/config.py. Exit status: 0 when the run completed or was
-pre-empted (SIGTERM / SIGUSR1) after saving checkpoints/last.pt; 1 on an error, reported in one line.
+Options: configs/ and their schema in emca/config.py. Exit status: 0 when the run completed (or had
+already completed) or was stopped by SIGTERM / SIGUSR1 after saving checkpoints/last.pt; 130 when
+stopped by SIGINT (Ctrl-C); 1 on an error, reported in one line.
 """
 
 import logging
@@ -16,21 +17,36 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import emca.config  # noqa: F401  (registers the config schema and resolvers)
+from emca.engine.preemption import SIGINT_EXIT_STATUS
 from emca.engine.trainer import Preempted, RunAborted, train
 
 log = logging.getLogger("train")
+
+
+def hydra_records(cfg: DictConfig) -> dict[str, str]:
+    """What Hydra itself would write to <run folder>/.hydra/, for the trainer to write once the run
+    is accepted (configs/train.yaml turns Hydra's own writes off)."""
+    hydra_cfg = HydraConfig.get()
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
-        return train(cfg, hydra_cfg.runtime.output_dir)["best"]["val_top1"]
-    except Preempted:
-        sys.exit(0)
+        return train(cfg, hydra_cfg.runtime.output_dir, hydra_records(cfg))["best"]["val_top1"]
+    except Preempted as stopped:
+        sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:
+        log.error("interrupted again: stopped without saving; the last saved checkpoint is intact")
+        sys.exit(SIGINT_EXIT_STATUS)
     except RunAborted as error:
         log.error("%s", error)
         if hydra_cfg.mode == RunMode.MULTIRUN:

@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import emca.config  # noqa: F401  (registers the config schema and resolvers)
+from emca.engine.checkpoint import CheckpointStore
 from emca.engine.distributed import setup_distributed
 from emca.engine.metrics import MetricSums
 from emca.engine.preemption import StopRequest
@@ -21,7 +22,7 @@ def build_trainer(overrides: list[str], run_dir: Path) -> Trainer:
     checkpoint is saved, which the benchmarks never do)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    return Trainer(cfg, setup_distributed(cfg.trainer.device), Path(run_dir))
+    return Trainer(cfg, setup_distributed(cfg.trainer.device), CheckpointStore(Path(run_dir)), source=None)
 
 
 def trainer_epoch(trainer: Trainer):

@@ -75,9 +75,12 @@ class TrainerConfig:
     deterministic: bool = False
     # Convert BatchNorm to SyncBatchNorm under DDP.
     sync_bn: bool = False
-    # null: start fresh (refused when the run folder already holds a checkpoint);
+    # null: start fresh (refused when the run folder already holds a run);
     # auto: continue from the run folder's checkpoints/last.pt if there is one; PATH: from that file.
     resume: Optional[str] = None
+    # Seconds a collective waits for the other DDP ranks before every rank fails with one line (a
+    # stopped, hung or dead rank); PyTorch's own default is the same 30 minutes.
+    dist_timeout_s: float = 1800.0
     # Validate every N epochs (and always after the last).
     eval_every: int = 1
     # Log training loss / top-1 / lr / images/s every N steps.
@@ -97,10 +100,6 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
 
 
-def _rank_zero_only(value: str) -> Optional[str]:
-    return value if env_rank() == 0 else None
-
-
 def _run_dir(default: str) -> str:
     return default if env_rank() == 0 else scratch_run_dir()
 
@@ -108,9 +107,8 @@ def _run_dir(default: str) -> str:
 def register() -> None:
     """Register the schema and the resolvers configs/train.yaml uses (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    # Non-zero torchrun ranks get a scratch job folder and no .hydra/ (see emca.engine.distributed).
+    # Non-zero torchrun ranks get a scratch job folder (see emca.engine.distributed).
     OmegaConf.register_new_resolver("emca.run_dir", _run_dir, replace=True)
-    OmegaConf.register_new_resolver("emca.rank_zero_only", _rank_zero_only, replace=True)
 
 
 register()

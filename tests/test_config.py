@@ -95,12 +95,11 @@ def test_a_misspelt_key_inside_a_group_file_fails(tmp_path):
     assert "Key 'momentun' not in 'OptimizerConfig'" in str(error.value)
 
 
-def test_non_zero_ranks_get_a_scratch_run_dir_and_no_hydra_subdir(monkeypatch):
-    from emca.config import _rank_zero_only, _run_dir
+def test_non_zero_ranks_get_a_scratch_run_dir(monkeypatch):
+    from emca.config import _run_dir
     from emca.engine.distributed import scratch_run_dir
 
     monkeypatch.delenv("RANK", raising=False)
-    assert _run_dir("outputs/x") == "outputs/x" and _rank_zero_only(".hydra") == ".hydra"
+    assert _run_dir("outputs/x") == "outputs/x"
     monkeypatch.setenv("RANK", "3")
     assert _run_dir("outputs/x") == scratch_run_dir() and "emca-rank3-" in scratch_run_dir()
-    assert _rank_zero_only(".hydra") is None

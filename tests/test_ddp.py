@@ -61,6 +61,7 @@ def test_ranks_hold_identical_weights_and_count_validation_once(run_script, tmp_
 
 
 def ddp_worker(out: Path) -> None:
+    from emca.engine.checkpoint import CheckpointStore
     from emca.engine.distributed import setup_distributed
     from emca.engine.preemption import StopRequest
     from emca.engine.trainer import Trainer
@@ -68,10 +69,10 @@ def ddp_worker(out: Path) -> None:
     cfg = compose_train_config(*QUICK_RUN, "trainer.epochs=1")
     ctx = setup_distributed("cpu")
     with StopRequest() as stop:
-        trainer = Trainer(cfg, ctx, out / "run")
+        trainer = Trainer(cfg, ctx, CheckpointStore(out / "run"), source=None)
         trainer.fit(stop)
     torch.save(trainer.model.state_dict(), out / f"rank{ctx.rank}.pt")
-    metrics = trainer.evaluate(0, None)
+    metrics = trainer.evaluate(trainer.model, 0, None, stop)
     trainer.data.val.set_epoch(0)
     local = sum(len(labels) for _, labels in trainer.data.val)
     (out / f"rank{ctx.rank}.json").write_text(json.dumps({"local": local, "reduced": metrics.count, "top1": metrics.top1}))

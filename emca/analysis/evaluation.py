@@ -34,8 +34,10 @@ def evaluate(
     rotations: Iterable[int] = (0,),
     amp_dtype: Optional[torch.dtype] = None,
     while_unrotated: Callable[[], ContextManager] = contextlib.nullcontext,
-) -> dict[int, Metrics]:
-    """{degrees: metrics over the whole validation set, summed over ranks}.
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Optional[dict[int, Metrics]]:
+    """{degrees: metrics over the whole validation set, summed over ranks}; None when `should_stop()`
+    became true on any rank (a stop signal: the pass is abandoned rather than finished).
 
     Every batch is run once per rotation, so one pass over the data serves them all;
     `while_unrotated()` wraps the forward of the unrotated images (to record learned scales on
@@ -45,9 +47,14 @@ def evaluate(
     model.eval()
     sums = {degrees: MetricSums(ctx.device) for degrees in rotations}
     for images, labels in loader:
+        # Checked locally: ranks hold different numbers of validation batches, so they agree once, below.
+        if should_stop():
+            break
         for degrees in rotations:
             recording = while_unrotated() if degrees % 360 == 0 else contextlib.nullcontext()
             with recording, autocast(ctx.device.type, amp_dtype):
                 logits = model(rotate_clockwise(images, degrees))
             sums[degrees].update(F.cross_entropy(logits.float(), labels), logits, labels)
+    if ctx.any_rank(should_stop()):
+        return None
     return {degrees: total.reduce(ctx) for degrees, total in sums.items()}

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from emca.engine.preemption import stop_signals_blocked
+
 from .errors import DatasetError
 from .folder import ImageList
 from .sampling import derive_seed
@@ -87,8 +89,11 @@ class TorchvisionLoader:
         return len(self.loader)
 
     def __iter__(self):
+        # Workers start here: a stop signal sent to the process group must reach the trainer only.
+        with stop_signals_blocked():
+            batches = iter(self.loader)
         try:
-            for images, labels in self.loader:
+            for images, labels in batches:
                 yield self.normalize(images), labels.to(self.device, non_blocking=True)
         except DatasetError as error:
             # A worker's exception comes back wrapped with its traceback; keep the one-line message.

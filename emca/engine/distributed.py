@@ -7,6 +7,7 @@ process group is created from them: NCCL when training on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import atexit
+import datetime
 import functools
 import logging
 import os
@@ -112,8 +113,13 @@ def resolve_device(requested: str, local_rank: int = 0, option: str = "trainer.d
     raise ValueError(f"{option}={requested!r}: expected auto, cpu or cuda")
 
 
-def setup_distributed(requested_device: str, device_option: str = "trainer.device") -> DistributedContext:
-    """Join the process group torchrun describes (once per process: multirun jobs reuse it)."""
+def setup_distributed(requested_device: str, device_option: str = "trainer.device",
+                      timeout_s: Optional[float] = None) -> DistributedContext:
+    """Join the process group torchrun describes (once per process: multirun jobs reuse it).
+
+    `timeout_s`: how long a collective waits for the other ranks before it fails (None: PyTorch's
+    default); a stopped or hung rank then becomes an error on every other rank, not a hang.
+    """
     rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -125,14 +131,18 @@ def setup_distributed(requested_device: str, device_option: str = "trainer.devic
 
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
         atexit.register(dist.destroy_process_group)
-    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, host_group=_host_group())
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                              host_group=_host_group(timeout_s))
 
 
 @functools.cache
-def _host_group() -> Optional[Any]:
-    return dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+def _host_group(timeout_s: Optional[float]) -> Optional[Any]:
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None)
 
 
 def shared_run_dir(ctx: DistributedContext, own_run_dir: str) -> str:

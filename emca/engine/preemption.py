@@ -1,18 +1,26 @@
-"""Cluster pre-emption: SIGTERM (torchrun, Kubernetes, SLURM at the time limit) and SIGUSR1
-(SLURM's `--signal=USR1@<seconds>` warning) ask the run to stop.
+"""Stop signals: SIGTERM (torchrun, Kubernetes, SLURM at the time limit), SIGUSR1 (SLURM's
+`--signal=USR1@<seconds>` warning) and SIGINT (Ctrl-C) ask the run to stop.
 
-The handler only raises a flag; the training loop finishes its current step, saves last.pt and
-stops (exit code 0), and `hydra.run.dir=<run folder> trainer.resume=auto` continues the run. A
-handler that was installed before ours (e.g. submitit's requeue handler) is called after the save.
+The handler only raises a flag; the training loop finishes its current step (or abandons the
+validation pass), saves last.pt and stops: exit status 0, or 130 after SIGINT, the shell's code for
+an interrupted command. `hydra.run.dir=<run folder> trainer.resume=auto` continues the run. A
+second SIGINT stops at once without saving (the previous checkpoint stays intact). A handler that
+was installed before ours (e.g. submitit's requeue handler) is called after the save.
+
+torchrun and SLURM signal the whole process group, DataLoader workers included: a worker killed
+by the signal would take the epoch down with it. Workers are therefore started with the stop
+signals blocked (the mask is inherited through fork and exec) and left to the loader's own
+shutdown; see `stop_signals_blocked`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Optional
+from typing import Iterator, Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGINT_EXIT_STATUS = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C
 
 
 class StopRequest(contextlib.AbstractContextManager):
@@ -31,6 +39,8 @@ class StopRequest(contextlib.AbstractContextManager):
         self._previous.clear()
 
     def _record(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the save
         self.signal = signum
 
     @property
@@ -42,8 +52,25 @@ class StopRequest(contextlib.AbstractContextManager):
         # Under DDP a rank may stop because another one received the signal.
         return signal.Signals(self.signal).name if self.signal is not None else "stop request (from another rank)"
 
+    @property
+    def exit_status(self) -> int:
+        return SIGINT_EXIT_STATUS if self.signal == signal.SIGINT else 0
+
     def hand_over(self) -> None:
         """Pass the signal on to the handler that was there before ours, if it was a function."""
         previous = self._previous.get(self.signal) if self.signal is not None else None
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signal, None)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals while child processes are started, so that they inherit the block.
+
+    A signal that reaches this process meanwhile stays pending and is delivered on leaving.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -10,33 +10,37 @@ and with trainer.deterministic=true on CPU ends with bit-identical weights.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from emca.analysis.evaluation import evaluate
 from emca.data import build_loaders
-from emca.engine.checkpoint import BEST, CHECKPOINT_DIR, LAST, architecture_fingerprint, load_checkpoint, save_checkpoint
+from emca.engine.checkpoint import CheckpointError, CheckpointStore, architecture_fingerprint, load_checkpoint
 from emca.engine.distributed import DistributedContext, setup_distributed, shared_run_dir, silence_non_main_logging
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
-from emca.engine.optim import build_optimizer
+from emca.engine.optim import build_criterion, build_optimizer
 from emca.engine.precision import amp_dtype, autocast
 from emca.engine.preemption import StopRequest
 from emca.engine.progress import EpochProgress
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
-from emca.engine.results import git_commit, library_versions, write_results
+from emca.engine.results import RESULTS, git_commit, library_versions, write_results
+from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
 from emca.engine.schedule import build_scheduler, milestone_epochs
 from emca.engine.tensorboard import TensorBoardLog
 from emca.models import attention_modules, build_model, coverage_name
+from emca.models.config import check_model_options
 from emca.models.summary import count_parameters, measure_gflops
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,11 @@ class RunAborted(CompactHydraException):
 
 
 class Preempted(Exception):
-    """SIGTERM / SIGUSR1 arrived; last.pt holds the run's position."""
+    """SIGTERM / SIGUSR1 / SIGINT arrived; last.pt holds the run's position."""
+
+    def __init__(self, signal_name: str, exit_status: int):
+        super().__init__(signal_name)
+        self.exit_status = exit_status  # 0, or 130 after SIGINT
 
 
 @dataclass
@@ -59,7 +67,9 @@ class Progress:
     """Where the run stands; saved in every checkpoint next to the model and optimizer states."""
 
     epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # steps of epoch `epoch` already trained (non-zero after a pre-emption)
+    # Steps of epoch `epoch` already trained (non-zero after a pre-emption; all of them when the
+    # stop came during the epoch's validation, which then runs again on resume).
+    step_in_epoch: int = 0
     # The epoch cut short by a pre-emption: its starting learning rate and its training-metric
     # totals so far (summed over ranks), so that its record reads as if it had run uninterrupted.
     interrupted_epoch: Optional[dict[str, Any]] = None
@@ -71,27 +81,62 @@ class Progress:
     train_images: int = 0
 
 
-def train(cfg: DictConfig, hydra_output_dir: str) -> dict[str, Any]:
+def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Run (or continue) one training run; returns what results.json holds.
 
-    Raises RunAborted for problems a user can fix, Preempted after saving on SIGTERM / SIGUSR1.
+    `records`: files for the run folder's .hydra/ (train.py passes Hydra's config, written once the
+    run is accepted). Raises RunAborted for problems a user can fix, Preempted after saving on a
+    stop signal. Continuing a run that has already completed changes nothing and returns its results.
     """
     silence_non_main_logging()
     try:
-        ctx = setup_distributed(cfg.trainer.device)
+        ctx = setup_distributed(cfg.trainer.device, timeout_s=cfg.trainer.dist_timeout_s)
     except ValueError as error:
         raise RunAborted(str(error)) from error
     run_dir = Path(shared_run_dir(ctx, hydra_output_dir))
-    with StopRequest() as stop:
-        trainer = Trainer(cfg, ctx, run_dir)
-        return trainer.fit(stop)
+    with RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop:
+        try:
+            source = _decided_on_main(ctx, lambda: folder.claim(cfg.trainer.resume, cfg.trainer.epochs))
+        except RunCompleted as done:
+            if ctx.is_main:
+                log.info(f"{done}")
+            return json.loads((run_dir / RESULTS).read_text())
+        trainer = Trainer(cfg, ctx, folder.store, source)
+        _decided_on_main(ctx, lambda: folder.adopt(records))
+        try:
+            return trainer.fit(stop)
+        except torch.distributed.DistError as error:
+            # A rank that died, hung or was stopped: every other rank fails here after the timeout.
+            raise RunAborted(
+                f"rank {ctx.rank}: a collective failed ({' '.join(str(error).split())[:200]}); another rank stopped, hung "
+                f"or died (waited up to trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); "
+                f"continue with trainer.resume=auto"
+            ) from None
+
+
+def _decided_on_main(ctx: DistributedContext, decide):
+    """decide() on rank 0 and its outcome on every rank: its value, or its refusal raised everywhere."""
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = ("value", decide())
+        except (RunFolderError, CheckpointError) as error:
+            outcome = ("refused", str(error))
+        except RunCompleted as done:
+            outcome = ("completed", str(done))
+    kind, value = ctx.broadcast_from_main(outcome)
+    if kind == "refused":
+        raise RunAborted(value)
+    if kind == "completed":
+        raise RunCompleted(value)
+    return value
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, ctx: DistributedContext, run_dir: Path):
-        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+    def __init__(self, cfg: DictConfig, ctx: DistributedContext, store: CheckpointStore, source: Optional[Path]):
+        """`source`: the checkpoint to continue from (None: a fresh start), as the run folder decided."""
+        self.cfg, self.ctx, self.store, self.run_dir = cfg, ctx, store, store.run_dir
         self.started = time.perf_counter()
-        self.checkpoint_dir = run_dir / CHECKPOINT_DIR
         trainer_cfg = cfg.trainer
         self.epochs = trainer_cfg.epochs
         self.amp_dtype = amp_dtype(trainer_cfg.amp.value)
@@ -99,7 +144,7 @@ class Trainer:
         configure_determinism(trainer_cfg.deterministic)
         try:
             self._build(cfg, ctx)
-            self.progress = self._resume(trainer_cfg.resume)
+            self.progress = self._resume(source)
         except ValueError as error:  # DatasetError, invalid model / optimizer options, CheckpointError
             raise RunAborted(str(error)) from error
         # The training model: DDP (gradient all-reduce) and torch.compile wrap the same parameters.
@@ -112,12 +157,13 @@ class Trainer:
     def _build(self, cfg: DictConfig, ctx: DistributedContext) -> None:
         trainer_cfg = cfg.trainer
         for option in ("eval_every", "log_every", "max_steps_per_epoch"):
-            if (trainer_cfg[option] or 1) < 1:
+            if trainer_cfg[option] is not None and trainer_cfg[option] < 1:  # only max_steps_per_epoch may be null
                 raise ValueError(f"trainer.{option}={trainer_cfg[option]} must be at least 1")
         self.data = build_loaders(
             cfg.dataset, cfg.loader, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
             channels_last=trainer_cfg.channels_last, seed=trainer_cfg.seed,
         )
+        check_model_options(cfg.backbone, cfg.attention)
         model = build_model(cfg.backbone, cfg.attention, cfg.coverage, num_classes=self.data.num_classes)
         self.parameters = count_parameters(model)
         self.gflops = measure_gflops(model, cfg.dataset.image_size)
@@ -137,7 +183,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.dataset.batch_size, cfg.attention.name)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, self.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype is torch.float16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optimizer.label_smoothing)
+        self.criterion = build_criterion(cfg.optimizer)
 
         if ctx.is_main:
             arch = self.fingerprint["architecture"]
@@ -165,23 +211,12 @@ class Trainer:
             )
 
     # ----------------------------------------------------------------------------- resume
-    def _resume(self, resume: Optional[str]) -> Progress:
-        """Load the checkpoint trainer.resume names; rank 0 decides which, every rank loads it."""
-        last = self.checkpoint_dir / LAST
-        path, problem = None, None
-        if resume == "auto":
-            path = last if last.exists() else None
-        elif resume is not None:
-            path = Path(resume)
-        elif last.exists():
-            problem = (f"{self.run_dir} already holds {CHECKPOINT_DIR}/{LAST}: pass trainer.resume=auto to continue "
-                       f"that run, or choose another hydra.run.dir")
-        path, problem = self.ctx.broadcast_from_main((path, problem))
-        if problem:
-            raise ValueError(problem)
+    def _resume(self, path: Optional[Path]) -> Progress:
+        """Load the checkpoint to continue from (every rank reads it) and the run's identity."""
+        # A run continued in its own folder keeps its identity; one started from another run's file is a new run.
+        self.run_id = uuid.uuid4().hex
         if path is None:
             return Progress()
-
         state = load_checkpoint(path, self.fingerprint)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -189,6 +224,8 @@ class Trainer:
         if state["scaler"]:  # empty when saved with fp16 off
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        if state.get("run_id") and Path(path).resolve().is_relative_to(self.run_dir.resolve()):
+            self.run_id = state["run_id"]
         progress = Progress(**state["progress"])
         if self.ctx.is_main:
             log.info(f"resumed from {path}: epoch {progress.epoch} completed, step {progress.step_in_epoch} of the next")
@@ -200,37 +237,7 @@ class Trainer:
         board = TensorBoardLog(self.run_dir, purge_step=progress.global_step or None) if self.ctx.is_main else None
         try:
             for epoch in range(progress.epoch, self.epochs):
-                # The random state this epoch starts from (after a resume: the restored one), which a
-                # checkpoint taken during the epoch stores.
-                epoch_rng = rng_state()
-                interrupted = progress.interrupted_epoch
-                epoch_lr = interrupted["lr"] if interrupted else self.optimizer.param_groups[0]["lr"]
-                # Totals carried over from before a pre-emption count once: on rank 0.
-                carried = interrupted["totals"] if interrupted and self.ctx.is_main else None
-                epoch_sums = MetricSums(self.ctx.device, start=carried)
-                epoch_started = time.perf_counter()
-                train_metrics = self.train_one_epoch(epoch, stop, board, epoch_sums)
-                progress.train_s += time.perf_counter() - epoch_started
-                if train_metrics is None:
-                    progress.interrupted_epoch = {"lr": epoch_lr, "totals": epoch_sums.reduce_totals(self.ctx)}
-                    self._save(progress, epoch_rng, best=False)
-                    self._stop_for(stop)
-
-                progress.epoch, progress.step_in_epoch, progress.interrupted_epoch = epoch + 1, 0, None
-                record = {"epoch": epoch + 1, "train_loss": train_metrics.loss, "train_top1": train_metrics.top1,
-                          "lr": epoch_lr}
-                improved = False
-                if (epoch + 1) % self.cfg.trainer.eval_every == 0 or epoch + 1 == self.epochs:
-                    val = self.evaluate(epoch, board)
-                    record.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
-                    improved = progress.best is None or val.top1 > progress.best["val_top1"]
-                    if improved:
-                        progress.best = {"epoch": epoch + 1, "val_top1": val.top1, "val_top5": val.top5, "val_loss": val.loss}
-                progress.history.append(record)
-                self._log_epoch(record, progress, time.perf_counter() - epoch_started)
-                self._save(progress, rng_state(), best=improved)
-                if self.ctx.any_rank(stop.requested):
-                    self._stop_for(stop)
+                self._run_epoch(epoch, stop, board)
             results = self._results(progress)
             if self.ctx.is_main:
                 write_results(self.run_dir, results)
@@ -240,11 +247,47 @@ class Trainer:
                      "hparams/final_val_top5": results["final"]["val_top5"]},
                 )
                 log.info(f"done: final val top-1 {results['final']['val_top1']:.2f}%, best {results['best']['val_top1']:.2f}% "
-                         f"(epoch {results['best']['epoch']}); {self.run_dir / 'results.json'}")
+                         f"(epoch {results['best']['epoch']}); {self.run_dir / RESULTS}")
             return results
         finally:
             if board is not None:
                 board.close()
+
+    def _run_epoch(self, epoch: int, stop: StopRequest, board: Optional[TensorBoardLog]) -> None:
+        """Train, validate and checkpoint one epoch; on a stop signal save where it stands and stop."""
+        progress = self.progress
+        # The random state this epoch starts from (after a resume: the restored one), which a
+        # checkpoint taken during the epoch stores.
+        epoch_rng = rng_state()
+        interrupted = progress.interrupted_epoch
+        epoch_lr = interrupted["lr"] if interrupted else self.optimizer.param_groups[0]["lr"]
+        # Totals carried over from before a pre-emption count once: on rank 0.
+        carried = interrupted["totals"] if interrupted and self.ctx.is_main else None
+        epoch_sums = MetricSums(self.ctx.device, start=carried)
+        epoch_started = time.perf_counter()
+        train_metrics = self.train_one_epoch(epoch, stop, board, epoch_sums)
+        progress.train_s += time.perf_counter() - epoch_started
+        validate = (epoch + 1) % self.cfg.trainer.eval_every == 0 or epoch + 1 == self.epochs
+        val = self.evaluate(self.model, epoch, board, stop) if train_metrics is not None and validate else None
+        if train_metrics is None or (validate and val is None):
+            # Stopped mid-epoch, or during validation (all steps trained: only the validation is redone).
+            progress.interrupted_epoch = {"lr": epoch_lr, "totals": epoch_sums.reduce_totals(self.ctx)}
+            self._save(progress, epoch_rng, best=False)
+            self._stop_for(stop)
+
+        progress.epoch, progress.step_in_epoch, progress.interrupted_epoch = epoch + 1, 0, None
+        record = {"epoch": epoch + 1, "train_loss": train_metrics.loss, "train_top1": train_metrics.top1, "lr": epoch_lr}
+        improved = False
+        if val is not None:
+            record.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
+            improved = progress.best is None or val.top1 > progress.best["val_top1"]
+            if improved:
+                progress.best = {"epoch": epoch + 1, "val_top1": val.top1, "val_top5": val.top5, "val_loss": val.loss}
+        progress.history.append(record)
+        self._log_epoch(record, progress, time.perf_counter() - epoch_started)
+        self._save(progress, rng_state(), best=improved)
+        if self.ctx.any_rank(stop.requested):
+            self._stop_for(stop)
 
     def train_one_epoch(self, epoch: int, stop: StopRequest, board: Optional[TensorBoardLog],
                         epoch_sums: MetricSums) -> Optional[Metrics]:
@@ -252,6 +295,8 @@ class Trainer:
         metrics, or None when a stop signal cut it short."""
         progress, ctx, log_every = self.progress, self.ctx, self.cfg.trainer.log_every
         first_step = progress.step_in_epoch
+        if first_step >= self.steps_per_epoch:  # stopped during this epoch's validation: nothing left to train
+            return self._checked(epoch_sums.reduce(ctx), epoch, self.steps_per_epoch - 1)
         self.train_model.train()
         self.data.train.set_epoch(epoch)
         window = MetricSums(ctx.device)
@@ -292,7 +337,7 @@ class Trainer:
     def _checked(self, metrics: Metrics, epoch: int, step: int) -> Metrics:
         """Stop on a NaN / Inf loss before anything is saved: the last checkpoint stays the last good one."""
         if not math.isfinite(metrics.loss):
-            kept = self.checkpoint_dir / LAST
+            kept = self.store.last
             kept_text = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint had been written yet"
             raise RunAborted(
                 f"non-finite training loss ({metrics.loss}) at epoch {epoch + 1} step {step + 1}: stopped; {kept_text} "
@@ -300,37 +345,33 @@ class Trainer:
             )
         return metrics
 
-    @torch.no_grad()
-    def evaluate(self, epoch: int, board: Optional[TensorBoardLog]) -> Metrics:
-        """Top-1 / top-5 / loss over the whole validation set, summed over ranks.
+    def evaluate(self, model: nn.Module, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest) -> Optional[Metrics]:
+        """Top-1 / top-5 / loss of `model` over the whole validation set, summed over ranks; None
+        when a stop signal cut the pass short.
 
         Runs the plain model (not DDP: ranks hold different numbers of validation batches) with
         rank 0's BatchNorm statistics, and histograms every attention module's scales.
         """
         ctx = self.ctx
-        ctx.broadcast_buffers(self.model)
-        self.model.eval()
-        modules = attention_modules(self.model)
+        ctx.broadcast_buffers(model)
+        modules = attention_modules(model)
         histograms = ScaleHistograms(modules, ctx.device) if modules else None
-        sums = MetricSums(ctx.device)
         self.data.val.set_epoch(epoch)
         try:
-            for images, labels in self.data.val:
-                with autocast(ctx.device.type, self.amp_dtype):
-                    logits = self.model(images)
-                sums.update(F.cross_entropy(logits.float(), labels), logits, labels)
+            metrics = evaluate(model, self.data.val, ctx, amp_dtype=self.amp_dtype, should_stop=lambda: stop.requested)
         finally:
             if histograms is not None:
                 histograms.remove()
-            self.model.train()
-        metrics = sums.reduce(ctx)
+            model.train()
+        if metrics is None:
+            return None
         if histograms is not None:
             histograms.reduce(ctx)
         if board is not None:
-            board.validation(epoch + 1, metrics)
+            board.validation(epoch + 1, metrics[0])
             if histograms is not None:
                 board.scale_histograms(epoch + 1, histograms)
-        return metrics
+        return metrics[0]
 
     # ----------------------------------------------------------------------------- persistence
     def _save(self, progress: Progress, rng: dict[str, Any], best: bool) -> None:
@@ -338,7 +379,7 @@ class Trainer:
         # A finite last loss does not prove the update it drove was finite; never save such weights.
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise RunAborted(f"parameters became non-finite by training step {progress.global_step}: stopped; "
-                             f"{self.checkpoint_dir / LAST} is kept (lower optimizer.lr or add optimizer.warmup_epochs)")
+                             f"{self.store.last} is kept (lower optimizer.lr or add optimizer.warmup_epochs)")
         self.ctx.broadcast_buffers(self.model)
         if not self.ctx.is_main:
             return
@@ -346,6 +387,7 @@ class Trainer:
         self.started = time.perf_counter()
         state = {
             "format": 1,
+            "run_id": self.run_id,
             "fingerprint": self.fingerprint,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -357,21 +399,26 @@ class Trainer:
             # The label of every output, so that eval.py can read a validation folder alone.
             "classes": list(self.data.classes),
         }
-        save_checkpoint(state, self.checkpoint_dir / LAST)
-        if best:
-            save_checkpoint(state, self.checkpoint_dir / BEST)
+        try:
+            self.store.save(state, improved=best)
+        except CheckpointError as error:
+            raise RunAborted(str(error)) from None
 
     def _stop_for(self, stop: StopRequest) -> None:
         if self.ctx.is_main:
             progress = self.progress
-            position = (f"in epoch {progress.epoch + 1} after step {progress.step_in_epoch}" if progress.step_in_epoch
-                        else f"after epoch {progress.epoch}")
+            if progress.step_in_epoch >= self.steps_per_epoch:
+                position = f"after training epoch {progress.epoch + 1}, whose validation runs again on resume"
+            elif progress.step_in_epoch:
+                position = f"in epoch {progress.epoch + 1} after step {progress.step_in_epoch}"
+            else:
+                position = f"after epoch {progress.epoch}"
             log.warning(
-                f"{stop.name} received: saved {self.checkpoint_dir / LAST} {position}; "
+                f"{stop.name} received: saved {self.store.last} {position}; "
                 f"continue with hydra.run.dir={self.run_dir} trainer.resume=auto"
             )
         stop.hand_over()
-        raise Preempted(stop.name)
+        raise Preempted(stop.name, stop.exit_status)
 
     def _log_epoch(self, record: dict[str, Any], progress: Progress, seconds: float) -> None:
         if not self.ctx.is_main:
@@ -390,6 +437,7 @@ class Trainer:
         cfg = self.cfg
         return {
             "status": "completed",
+            "run_id": self.run_id,
             "run_dir": str(self.run_dir),
             "model": {"backbone": cfg.backbone.name, "attention": cfg.attention.name, "coverage": self.coverage_name},
             "dataset": cfg.dataset.name,

@@ -1,0 +1,199 @@
+"""A run folder belongs to one run: only the process that owns it writes to it.
+
+The owner (rank 0) holds an exclusive lock on `<run folder>/.lock` for the whole run; the kernel
+drops it when the process ends, however it ends, so a lock left by a killed run is stale and simply
+taken over (the file stays, naming the last owner). Before anything is written, the folder's
+contents decide whether the command may use it: a folder that holds any artefact of a run
+(checkpoints, results.json, the recorded config, the log, event files) is refused unless the
+command continues that run. A refusal leaves the folder byte for byte as it was: a lock file this
+process created is removed again with the folder's timestamps restored, and a folder left empty is
+removed. Hydra's own writes into the folder are switched off in configs/train.yaml
+(no `.hydra/`, no log file); the trainer records the config and opens train.log here once the run
+is accepted (`adopt`), with the lines logged before then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import logging.handlers
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from emca.engine.checkpoint import GENERATIONS, CheckpointStore, atomic_write
+from emca.engine.results import RESULTS
+
+log = logging.getLogger(__name__)
+
+LOCK = ".lock"
+LOG_FILE = "train.log"
+CONFIG_DIR = ".hydra"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+ARTEFACTS = (CONFIG_DIR, LOG_FILE, RESULTS, GENERATIONS, "checkpoints")
+EVENTS_GLOB = "events.out.tfevents.*"
+
+
+class RunFolderError(ValueError):
+    """The folder cannot be used by this command; one line naming the way out."""
+
+
+class RunCompleted(Exception):
+    """The run this command continues has already finished: nothing to do, nothing changed."""
+
+
+def peek(path: Path) -> dict:
+    """A checkpoint's small entries, tensors left on disk (memory-mapped)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class RunFolder(contextlib.AbstractContextManager):
+    """`with RunFolder(path, is_main) as folder:` the lock (rank 0 only) and the refusal clean-up."""
+
+    def __init__(self, path: Path, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+        self.store = CheckpointStore(self.path)
+        self.adopted = False
+        self._lock_fd: Optional[int] = None
+        self._times_before_lock: Optional[tuple[int, int]] = None  # the folder's (atime, mtime) if the lock file is new
+        self._log_file: Optional[logging.Handler] = None
+        self._early_lines = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+
+    def __enter__(self) -> "RunFolder":
+        if self.is_main:
+            logging.getLogger().addHandler(self._early_lines)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging.getLogger().removeHandler(self._early_lines)
+        self._early_lines.close()
+        if self._log_file is not None:
+            logging.getLogger().removeHandler(self._log_file)
+            self._log_file.close()
+        if self._lock_fd is None:
+            return
+        if not self.adopted and self._times_before_lock is not None:
+            (self.path / LOCK).unlink(missing_ok=True)  # while still holding it: no one can take the name meanwhile
+            os.utime(self.path, ns=self._times_before_lock)
+        os.close(self._lock_fd)
+        if not self.adopted:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only succeeds on a folder left empty: a refused run leaves no trace
+
+    def claim(self, resume: Optional[str], epochs: int) -> Optional[Path]:
+        """Lock the folder and decide what `trainer.resume` continues from (rank 0; see resume_source)."""
+        self._lock()
+        return self.resume_source(resume, epochs)
+
+    def _lock(self) -> None:
+        path = self.path / LOCK
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)  # Hydra made it already; a direct call may not have
+                folder = os.stat(self.path)
+                existed = path.exists()
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise RunFolderError(
+                    f"cannot write the run folder {self.path} ({error.strerror}); choose a writable hydra.run.dir"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunFolderError(
+                    f"run folder {self.path} is in use by {holder}; wait for that run to end or choose another hydra.run.dir"
+                ) from None
+            # A refused run unlinks its new file while holding it: lock only the file the name refers to now.
+            if path.exists() and os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+            os.close(fd)
+        self._lock_fd = fd
+        self._times_before_lock = None if existed else (folder.st_atime_ns, folder.st_mtime_ns)
+
+    # ------------------------------------------------------------------ what the folder holds
+    def artefacts(self) -> list[str]:
+        names = [name for name in ARTEFACTS if os.path.lexists(self.path / name)]
+        return names + sorted(p.name for p in self.path.glob(EVENTS_GLOB))
+
+    def resume_source(self, resume: Optional[str], epochs: int) -> Optional[Path]:
+        """The checkpoint `trainer.resume` continues from (None: a fresh start), or a one-line refusal.
+
+        Raises RunCompleted when the command continues a run that has already finished.
+        """
+        held, last = self.artefacts(), self.store.last
+        if resume not in (None, "auto"):
+            source = Path(resume).expanduser()
+            if held and not self._continues(source, last):
+                raise RunFolderError(
+                    f"run folder {self.path} holds another run ({', '.join(held)}); to start from {source} choose a new "
+                    f"hydra.run.dir, or continue the folder's own run with trainer.resume=auto"
+                )
+        elif last.is_file() and resume == "auto":
+            source = last
+        elif held and resume is None:
+            raise RunFolderError(
+                f"run folder {self.path} already holds a run ({', '.join(held)}): pass trainer.resume=auto to continue "
+                f"that run, or choose another hydra.run.dir"
+            )
+        elif held and (os.path.lexists(self.path / RESULTS) or self.store.best.is_file()):
+            raise RunFolderError(
+                f"run folder {self.path} holds results or best.pt but no {last}: it cannot be continued; choose another hydra.run.dir"
+            )
+        else:
+            return None  # an empty folder, or (resume=auto) a run that died before its first checkpoint
+        if (self.path / RESULTS).is_file() and self._finished(source, epochs):
+            raise RunCompleted(f"run {self.path} has already completed {epochs} epochs ({self.path / RESULTS}); nothing to do")
+        return source
+
+    @staticmethod
+    def _continues(source: Path, last: Path) -> bool:
+        """Whether `source` is this folder's last checkpoint (the file itself, or a copy of its run)."""
+        if not last.is_file() or not source.is_file():
+            return False
+        if os.path.samefile(source, last):
+            return True
+        with contextlib.suppress(Exception):  # an unreadable file is reported by the loader, not here
+            run_id = peek(last).get("run_id")
+            return run_id is not None and peek(source).get("run_id") == run_id
+        return False
+
+    @staticmethod
+    def _finished(source: Path, epochs: int) -> bool:
+        with contextlib.suppress(Exception):
+            progress = peek(source)["progress"]
+            return progress["epoch"] >= epochs and not progress["step_in_epoch"]
+        return False
+
+    # ------------------------------------------------------------------ taking the folder
+    def adopt(self, records: Optional[dict[str, str]] = None) -> None:
+        """The run is accepted: prove the folder writable, record the config, open train.log."""
+        if not self.is_main:
+            return
+        try:
+            self.store.prepare()
+        except OSError as error:
+            raise RunFolderError(f"cannot write checkpoints under {self.path} ({error.strerror}); fix its permissions "
+                                 f"or choose another hydra.run.dir") from None
+        self.adopted = True
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, host_and_pid().encode(), 0)  # named in the refusal of a second run
+        for name, text in (records or {}).items():
+            atomic_write(self.path / CONFIG_DIR / name, lambda file, text=text: file.write(text.encode()))
+        self._log_file = logging.FileHandler(self.path / LOG_FILE, mode="a")
+        self._log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._early_lines.setTarget(self._log_file)
+        self._early_lines.flush()
+        root = logging.getLogger()
+        root.removeHandler(self._early_lines)
+        root.addHandler(self._log_file)
+
+
+def host_and_pid() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
