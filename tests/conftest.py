@@ -102,3 +102,32 @@ def run_script():
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# --- unprivileged subprocesses ---------------------------------------------------------------
+
+UNPRIVILEGED_CAPS = "-dac_override,-dac_read_search"
+
+
+@pytest.fixture(scope="session")
+def unprivileged(tmp_path_factory) -> list[str]:
+    """A command prefix that runs a program without root's power to ignore file permissions.
+
+    Tests run as root here (CI too), for whom a chmod 000 file is readable; setpriv drops the two
+    capabilities that allow it, so permission errors happen as they would for a normal user.
+    """
+    if os.geteuid() != 0:
+        return []
+    import shutil
+    import subprocess
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv (util-linux) is missing: cannot test permission errors")
+    prefix = [setpriv, f"--inh-caps={UNPRIVILEGED_CAPS}", f"--bounding-set={UNPRIVILEGED_CAPS}", "--"]
+    probe = tmp_path_factory.mktemp("unprivileged") / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    if subprocess.run([*prefix, "cat", str(probe)], capture_output=True).returncode == 0:
+        pytest.skip("setpriv could not drop root's permission override here")
+    return prefix
