@@ -113,3 +113,13 @@ def test_optimizer_groups_and_scaled_lr():
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == pytest.approx(0.025)
     unscaled = build_optimizer(model, OmegaConf.structured(OptimizerConfig(lr_scale_batch=None)), global_batch=64, attention_name="emca_srm")
     assert unscaled.param_groups[0]["lr"] == 0.1
+
+
+def test_impossible_schedules_name_the_option_at_fault():
+    with pytest.raises(ValueError, match=r"^optimizer\.milestones=\[0\.6, 0\.3\] must be increasing fractions"):
+        milestone_epochs([0.6, 0.3], 100)
+    # A run of no epochs is trainer.epochs' fault, not the warm-up's.
+    with pytest.raises(ValueError, match=r"^trainer\.epochs=0 must be an integer >= 1$"):
+        lr_factor("cosine", epochs=0, steps_per_epoch=1)
+    with pytest.raises(ValueError, match=r"^optimizer\.gamma=-0\.1 must be > 0$"):
+        lr_factor("step", epochs=10, steps_per_epoch=1, milestones=[0.5], gamma=-0.1)

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from emca.options import require_int
+
+from .errors import DatasetError
+
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
@@ -44,6 +48,14 @@ class DatasetConfig:
     mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Any = field(default_factory=lambda: list(IMAGENET_STD))
 
+    def __post_init__(self) -> None:
+        # Runs when build_loaders types the config (OmegaConf.to_object). Only the fields no reader
+        # checks: batch_size (sampling), image_size, crops, mean/std (transforms) and the names
+        # (builder, datasets) have their own one-line checks where they are used.
+        require_int("dataset.num_classes", self.num_classes, 1, DatasetError, nullable=True)
+        require_int("dataset.workers", self.workers, 0, DatasetError)
+        require_int("dataset.epochs", self.epochs, 1, DatasetError)
+
 
 @dataclass
 class LoaderConfig:
@@ -62,3 +74,9 @@ class LoaderConfig:
     # synthetic: batches per training / validation epoch.
     steps_per_epoch: int = 100
     val_steps: int = 10
+
+    def __post_init__(self) -> None:
+        # Checked for every loader, also the options only another loader reads: none of these
+        # values is possible for any loader.
+        for option in ("prefetch_queue_depth", "prefetch_factor", "steps_per_epoch", "val_steps"):
+            require_int(f"loader.{option}", getattr(self, option), 1, DatasetError)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emca.models import attention_modules
+from emca.options import require, require_int
 
 SRM_ATTENTIONS = ("srm", "emca_srm")
 
@@ -37,7 +38,20 @@ def no_decay_parameter_names(model: nn.Module, kinds: Iterable[str], attention_n
     return names
 
 
+def check_sgd_options(optimizer_cfg) -> None:
+    """The options build_optimizer reads. Checked here because torch's own messages name no option
+    and show the lr after the linear scaling rule, not the value given."""
+    require(optimizer_cfg.lr > 0, "optimizer.lr", optimizer_cfg.lr, "> 0")
+    require_int("optimizer.lr_scale_batch", optimizer_cfg.lr_scale_batch, 1, nullable=True)
+    require(0 <= optimizer_cfg.momentum < 1, "optimizer.momentum", optimizer_cfg.momentum, "in [0, 1)")
+    if optimizer_cfg.nesterov:
+        require(optimizer_cfg.momentum > 0, "optimizer.momentum", optimizer_cfg.momentum, "> 0 with optimizer.nesterov=true")
+    # torch checks only its default decay, not the per-group values given here.
+    require(optimizer_cfg.weight_decay >= 0, "optimizer.weight_decay", optimizer_cfg.weight_decay, ">= 0")
+
+
 def build_optimizer(model: nn.Module, optimizer_cfg, global_batch: int, attention_name: str) -> torch.optim.SGD:
+    check_sgd_options(optimizer_cfg)
     lr = scaled_lr(optimizer_cfg.lr, global_batch, optimizer_cfg.lr_scale_batch)
     exempt = no_decay_parameter_names(model, (kind.value for kind in optimizer_cfg.no_weight_decay), attention_name)
     decay, no_decay = [], []
@@ -48,3 +62,10 @@ def build_optimizer(model: nn.Module, optimizer_cfg, global_batch: int, attentio
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=lr, momentum=optimizer_cfg.momentum, nesterov=optimizer_cfg.nesterov)
+
+
+def build_criterion(optimizer_cfg) -> nn.CrossEntropyLoss:
+    smoothing = optimizer_cfg.label_smoothing
+    # torch checks it only in the first training step, as a traceback; 1 would leave no target.
+    require(0 <= smoothing < 1, "optimizer.label_smoothing", smoothing, "in [0, 1)")
+    return nn.CrossEntropyLoss(label_smoothing=smoothing)

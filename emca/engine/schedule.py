@@ -13,13 +13,16 @@ from typing import Callable, Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from emca.options import require, require_int
+
 
 def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
     """Milestones given as fractions of the run, rounded to whole epochs ([0.3, 0.6, 0.9] of 100 ->
     [30, 60, 90]), so that the recipe scales with trainer.epochs."""
-    for fraction in fractions:
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"optimizer.milestones must be fractions of trainer.epochs in (0, 1], got {list(fractions)}")
+    fractions = list(fractions)
+    increasing = all(a < b for a, b in zip(fractions, fractions[1:]))
+    require(increasing and all(0.0 < fraction <= 1.0 for fraction in fractions), "optimizer.milestones", fractions,
+            "increasing fractions of trainer.epochs in (0, 1], e.g. [0.3, 0.6, 0.9]")
     # Half rounds up (Python's round() would send 4.5 to 4 but 13.5 to 14); a milestone is never
     # epoch 0, which would decay the rate before any training in very short runs.
     return [max(1, math.floor(fraction * epochs + 0.5)) for fraction in fractions]
@@ -34,10 +37,12 @@ def lr_factor(
     gamma: float = 0.1,
 ) -> Callable[[int], float]:
     """The multiplier of the base learning rate at iteration `step` (0-based)."""
-    if schedule not in ("step", "cosine"):
-        raise ValueError(f"optimizer.schedule={schedule!r}: expected step or cosine")
-    if warmup_epochs >= epochs:
-        raise ValueError(f"optimizer.warmup_epochs={warmup_epochs} must be shorter than trainer.epochs={epochs}")
+    require(schedule in ("step", "cosine"), "optimizer.schedule", schedule, "step or cosine")
+    # trainer.epochs first: a warm-up cannot be blamed for a run of no epochs.
+    require_int("trainer.epochs", epochs, 1)
+    require_int("optimizer.warmup_epochs", warmup_epochs, 0)
+    require(warmup_epochs < epochs, "optimizer.warmup_epochs", warmup_epochs, f"< trainer.epochs ({epochs})")
+    require(gamma > 0, "optimizer.gamma", gamma, "> 0")
     warmup_steps = warmup_epochs * steps_per_epoch
     total_steps = epochs * steps_per_epoch
     milestone_steps = [epoch * steps_per_epoch for epoch in milestone_epochs(milestones, epochs)]
