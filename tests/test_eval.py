@@ -283,3 +283,56 @@ def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, s
         assert result.returncode == 1, (expected, result.stderr[-2000:])
         assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr
     assert not (tmp_path / "eval.json").exists()
+
+
+def eval_options(*overrides: str):
+    """configs/eval.yaml with command-line style overrides, as check_options sees it."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.load(REPO / "configs" / "eval.yaml"), OmegaConf.from_dotlist(list(overrides)))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rotations=[0,45]", "rotations=[0, 45] must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
+        ("rotations=90", "rotations=90 must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
+        ("learned_scales=3", "learned_scales=3 must be true or false"),
+        ("speed.enabled=maybe", "speed.enabled='maybe' must be true or false"),
+        ("channels_last=1", "channels_last=1 must be true, false or null"),
+        ("speed.single_workers=-1", "speed.single_workers=-1 must be an integer >= 0"),
+        ("speed.single_images=0", "speed.single_images=0 must be an integer >= 1 or null"),
+        ("speed.batch=0", "speed.batch=0 must be an integer >= 1"),
+        ("speed.batch=2.5", "speed.batch=2.5 must be an integer >= 1"),
+        ("speed.workers=-1", "speed.workers=-1 must be an integer >= 0"),
+        ("speed.model_iterations=0", "speed.model_iterations=0 must be an integer >= 1"),
+        ("speed.warmup=-1", "speed.warmup=-1 must be an integer >= 0"),
+        ("gradcam.images=-1", "gradcam.images=-1 must be an integer >= 0"),
+    ],
+)
+def test_each_impossible_eval_option_is_one_line_naming_it(override, message):
+    from emca.analysis.checkpoint_eval import EvalError, check_options
+
+    check_options(eval_options("checkpoint=x.pt"))  # the defaults pass
+    with pytest.raises(EvalError) as error:
+        check_options(eval_options("checkpoint=x.pt", override))
+    assert str(error.value) == message
+
+
+def test_eval_py_names_a_folder_a_damaged_checkpoint_and_a_folder_output(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    torch.save({"fingerprint": {}}, checkpoints / "best.pt")
+    cases = {
+        f"checkpoint={tmp_path / 'run'} is a folder, not a checkpoint file; give the file, e.g. {checkpoints / 'last.pt'}":
+            [f"checkpoint={tmp_path / 'run'}"],
+        f"checkpoint={checkpoints / 'last.pt'} cannot be read: it is damaged (truncated or not a PyTorch checkpoint); "
+        f"{checkpoints / 'best.pt'} may be intact": [f"checkpoint={checkpoints / 'last.pt'}"],
+        # Refused before the checkpoint is read, so before any of the work it would have thrown away.
+        f"output={tmp_path} must be a file path, not a folder (e.g. {tmp_path.resolve() / 'eval.json'})":
+            [f"checkpoint={checkpoints / 'last.pt'}", f"output={tmp_path}"],
+    }
+    for expected, overrides in cases.items():
+        result = run_python("eval.py", *overrides)
+        assert result.returncode == 1 and result.stderr == f"error: {expected}\n", result.stderr[-2000:]

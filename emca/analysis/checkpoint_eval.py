@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,12 +26,14 @@ from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.models import coverage_name
 from emca.data import build_loaders
-from emca.engine.checkpoint import architecture_fingerprint, atomic_write, check_fingerprint, describe_architecture
+from emca.engine.checkpoint import architecture_fingerprint, atomic_write, check_fingerprint, describe_architecture, load_checkpoint
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
 from emca.engine.precision import amp_dtype as parse_amp
 from emca.models import attention_modules, build_model
+from emca.models.config import check_model_options
 from emca.models.summary import count_parameters, measure_gflops
+from emca.options import is_int, require, require_int
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +49,9 @@ class EvalError(ValueError):
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's contents, with the one-line errors eval.py reports for unusable files."""
-    if not path.is_file():
-        raise EvalError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, foreign or not a torch file at all
-        raise EvalError(f"checkpoint {path} cannot be read: {' '.join(str(error).split())[:300]}") from error
+    # CheckpointError for a missing, folder or damaged file; the architecture is checked once the
+    # model its configuration describes is built (restore_model).
+    state = load_checkpoint(path, option="checkpoint")
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise EvalError(f"{path} holds no training configuration ('config'); eval.py needs a checkpoint written by train.py")
     if "fingerprint" not in state:
@@ -64,6 +64,7 @@ def restore_model(path: Path, state: dict[str, Any]) -> torch.nn.Module:
     train_cfg = state["config"]
     num_classes = state["fingerprint"]["architecture"]["num_classes"]
     try:
+        check_model_options(train_cfg["backbone"], train_cfg["attention"])
         model = build_model(train_cfg["backbone"], train_cfg["attention"], train_cfg["coverage"], num_classes)
     except (KeyError, ValueError) as error:
         raise EvalError(f"{path}: its configuration does not describe a model this code can build ({error})") from error
@@ -84,14 +85,41 @@ def _option(value: Any, trained: Any) -> Any:
     return trained if value is None else value
 
 
-def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[dict[str, Any]]:
-    """Measure, write eval.json (and the figures) and return its content; None on ranks other than 0."""
+def check_options(cfg: DictConfig) -> None:
+    """eval.yaml's own options, before any work (build_loaders checks the dataset ones). The file
+    has no schema, so types are checked too."""
     if not cfg.checkpoint:
         raise EvalError("give the checkpoint to evaluate: python eval.py checkpoint=PATH")
-    if any(not isinstance(degrees, int) or degrees % 90 for degrees in cfg.rotations):
-        raise EvalError(f"rotations={list(cfg.rotations)}: give multiples of 90 degrees, e.g. rotations=[0,90,180,270]")
-    checkpoint = Path(cfg.checkpoint).expanduser().resolve()
-    state = read_checkpoint(checkpoint)
+    rotations = cfg.rotations
+    require(isinstance(rotations, Sequence) and all(is_int(degrees) and degrees % 90 == 0 for degrees in rotations),
+            "rotations", rotations, "a list of multiples of 90 degrees, e.g. [0,90,180,270]", EvalError)
+    for option in ("learned_scales", "speed.enabled"):
+        require(isinstance(OmegaConf.select(cfg, option), bool), option, OmegaConf.select(cfg, option), "true or false", EvalError)
+    require(cfg.channels_last is None or isinstance(cfg.channels_last, bool), "channels_last", cfg.channels_last,
+            "true, false or null", EvalError)
+    minimums = {"speed.single_workers": 0, "speed.batch": 1, "speed.workers": 0, "speed.model_iterations": 1,
+                "speed.warmup": 0, "gradcam.images": 0}
+    for option, minimum in minimums.items():
+        require_int(option, OmegaConf.select(cfg, option), minimum, EvalError)
+    require_int("speed.single_images", cfg.speed.single_images, 1, EvalError, nullable=True)
+
+
+def output_path(output: Optional[str], checkpoint: Path) -> Path:
+    """Where eval.json goes (refused before any work when that is a folder)."""
+    if not output:
+        return checkpoint.parent / EVAL_FILE
+    path = Path(output).expanduser().resolve()
+    require(not path.is_dir(), "output", Path(output), f"a file path, not a folder (e.g. {path / EVAL_FILE})", EvalError)
+    return path
+
+
+def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[dict[str, Any]]:
+    """Measure, write eval.json (and the figures) and return its content; None on ranks other than 0."""
+    check_options(cfg)
+    given = Path(cfg.checkpoint).expanduser()  # as given in the errors, not through the checkpoints/ symlink
+    checkpoint = given.resolve()
+    output = output_path(cfg.output, checkpoint)
+    state = read_checkpoint(given)
     train_cfg = state["config"]
     model = restore_model(checkpoint, state)
     architecture = state["fingerprint"]["architecture"]
@@ -132,7 +160,6 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         return None
 
     image_size = dataset_cfg["image_size"]
-    output = Path(cfg.output).expanduser().resolve() if cfg.output else checkpoint.parent / EVAL_FILE
     plain = metrics[0]
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
