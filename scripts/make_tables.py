@@ -23,6 +23,7 @@ from emca.analysis.complexity import count_variants
 from emca.analysis.curves import plot_top1_curves
 from emca.analysis.runs import ACCURACIES, find_runs, measurements
 from emca.analysis.tables import TABLES, Table, complexity_table, fill_table
+from emca.models import BACKBONES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tables", nargs="+", choices=sorted(TABLES), help="which tables (default: every table a run fills; all with --complexity)")
     parser.add_argument("--accuracy", choices=ACCURACIES, default="final", help="the epoch whose accuracy is reported (default: final)")
     parser.add_argument("--complexity", action="store_true", help="count params / GFLOPs of every variant instead of reading runs")
-    parser.add_argument("--backbones", nargs="+", help="--complexity: only these backbones (e.g. resnet18)")
+    parser.add_argument("--backbones", nargs="+", choices=BACKBONES, help="--complexity: only these backbones (e.g. resnet18)")
     parser.add_argument("--image-size", type=int, default=224, help="--complexity: input resolution for GFLOPs (default 224)")
     args = parser.parse_args(argv)
     if not args.complexity and not args.sweep_dirs:
@@ -40,8 +41,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.complexity and args.tables and not any(TABLES[name].complexity for name in args.tables):
         parser.error(f"--complexity counts the variants of {', '.join(n for n, s in TABLES.items() if s.complexity)}; "
                      f"{', '.join(args.tables)} hold(s) only measured results: drop --complexity and give the sweep folders")
+    if args.image_size < 1:
+        parser.error(f"--image-size={args.image_size} must be >= 1")
     if args.out is None:
         args.out = args.sweep_dirs[0] / "tables" if args.sweep_dirs else Path("tables")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out={args.out} is a file; give a folder for the tables")
     return args
 
 

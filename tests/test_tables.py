@@ -177,3 +177,53 @@ def test_measurements_take_speeds_from_eval_json_and_the_newest_duplicate(traine
     shutil.copytree(sweep / "1", sweep / "again")
     measured, notes = measurements(find_runs([sweep]))
     assert any("2 runs of resnet18 emca_se" in note for note in notes)
+
+
+def _run_folder(root: Path, name: str, content: str) -> Path:
+    """A run folder (plain ResNet-18) whose results.json or eval.json holds `content`."""
+    run = root / "0"
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run / ".hydra" / "config.yaml").write_text("backbone: {name: resnet18}\nattention: {name: none}\ndataset: {name: digits}\n")
+    (run / name).write_text(content)
+    return run
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("results.json", "[1, 2]", "it holds an array, not a JSON object"),
+        ("results.json", "3", "it holds a number, not a JSON object"),
+        ("results.json", "{bad", "not valid JSON (Expecting property name enclosed in double quotes"),
+        ("results.json", "", "not valid JSON (Expecting value"),
+        ("results.json", '{"final": 3}', "its fields differ from those train.py / eval.py write (TypeError"),
+        ("results.json", '{"final": {"val_top1": "high", "val_top5": 90}}', "a measurement in it is not a number"),
+        ("results.json", '{"val_top1_per_epoch": [50, "x"]}', "a measurement in it is not a number"),
+        ("eval.json", '{"speed": [1]}', "its fields differ from those train.py / eval.py write (AttributeError"),
+        ("eval.json", '{"speed": {"device": 3}}', "speed.device is not a string"),
+    ],
+)
+def test_a_results_or_eval_json_the_tables_cannot_use_is_one_warning_and_a_gap(name, content, problem, tmp_path, caplog):
+    run = _run_folder(tmp_path, name, content)
+    [found] = find_runs([tmp_path])
+    assert found.results is None and found.evaluation is None and not found.complete
+    [warning] = caplog.messages
+    assert warning.startswith(f"ignoring {run / name}: {problem}")
+    assert measurements([found])[1] == [f"incomplete (no usable results.json or eval.json): {run}"]
+
+
+def test_make_tables_on_a_results_json_holding_a_list_warns_and_completes(tmp_path):
+    run = _run_folder(tmp_path / "sweep", "results.json", "[]")
+    result = run_python("scripts/make_tables.py", str(tmp_path / "sweep"), "--out", str(tmp_path / "tables"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert f"WARNING ignoring {run / 'results.json'}: it holds an array, not a JSON object" in result.stderr
+
+
+def test_make_tables_refuses_impossible_arguments_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    for arguments, message in (
+        (["--image-size", "0"], "error: --image-size=0 must be >= 1"),
+        (["--out", str(tmp_path / "file")], f"error: --out={tmp_path / 'file'} is a file; give a folder for the tables"),
+        (["--backbones", "resnet7"], "error: argument --backbones: invalid choice: 'resnet7'"),
+    ):
+        result = run_python("scripts/make_tables.py", "--complexity", "--tables", "table4", *arguments)
+        assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr[-2000:]

@@ -74,14 +74,45 @@ class Run:
         return list((self.results or {}).get("val_top1_per_epoch") or [])
 
 
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    """A results.json / eval.json that can fill the tables; None when it is absent, or (with a
+    warning naming the file and what is wrong) when it is not what train.py / eval.py write."""
     try:
-        return json.loads(path.read_text())
+        document = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as error:
-        log.warning("ignoring unreadable %s: %s", path, error)
+    except (OSError, ValueError) as error:  # ValueError: invalid JSON, an empty file among them
+        problem = f"not valid JSON ({' '.join(str(error).split())})"
+    else:
+        problem = _contents_problem(document, evaluation=path.name == EVAL)
+    if problem:
+        fix = "rerun eval.py to rewrite it" if path.name == EVAL else "its run is a gap in the tables until the file is restored"
+        log.warning("ignoring %s: %s; %s", path, problem, fix)
         return None
+    return document
+
+
+def _contents_problem(document: Any, evaluation: bool) -> Optional[str]:
+    """Why a parsed document cannot fill the tables (None: it can). What the tables read is read
+    here once, so that a hand-edited or foreign file is one warning rather than a traceback later."""
+    if not isinstance(document, dict):
+        return f"it holds {JSON_TYPES.get(type(document), 'something')}, not a JSON object"
+    run = Run(Path(), None, None, None if evaluation else document, document if evaluation else None)  # type: ignore[arg-type]
+    try:
+        numbers = [value for accuracy in ACCURACIES for value in run.measurement(accuracy).values()]
+        numbers += [value for value in run.top1_curve() if value is not None]
+        device = (document.get("speed") or {}).get("device") if evaluation else None
+    except (AttributeError, KeyError, TypeError) as error:
+        return f"its fields differ from those train.py / eval.py write ({type(error).__name__}: {error})"
+    numbers += [document["image_size"]] if "image_size" in document else []
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in numbers):
+        return "a measurement in it is not a number"
+    if device is not None and not isinstance(device, str):
+        return "speed.device is not a string"
+    return None
 
 
 def _newest_eval(run_dir: Path) -> Optional[dict[str, Any]]:
@@ -128,7 +159,7 @@ def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Var
     notes = []
     for run in runs:
         if not run.complete:
-            notes.append(f"incomplete (no {RESULTS} or {EVAL}): {run.path}")
+            notes.append(f"incomplete (no usable {RESULTS} or {EVAL}): {run.path}")
             continue
         by_cell.setdefault(run.variant.cell(), []).append(run)
     measured, chosen_runs = {}, []
