@@ -1,5 +1,7 @@
 """The training config schema: every Hydra group typed by a dataclass and registered in Hydra's
 ConfigStore, so that a misspelt key or a wrong type fails at start-up with Hydra's own error.
+A well-typed but impossible value (optimizer.lr=-1, dataset.workers=-1) is refused where the option
+is read, in one line naming the option, the value and what is accepted (emca/options.py).
 
 configs/train.yaml names `train_schema` first in its defaults list; the group YAML files
 (configs/<group>/*.yaml) are then merged into the typed nodes below and validated field by field.
