@@ -187,6 +187,36 @@ def test_stopped_mid_epoch_and_resumed_is_bit_identical(uninterrupted, compose_t
     assert resumed["progress"]["interrupted_epoch"] is None
 
 
+def test_stopped_during_validation_saves_at_once_and_resumes_exactly(uninterrupted, compose_train, tmp_path, monkeypatch):
+    import emca.engine.trainer as trainer_module
+
+    expected = uninterrupted("torchvision")
+    evaluate, seen = trainer_module.evaluate, []
+
+    def evaluate_interrupted(model, loader, ctx, **options):
+        def batches():
+            for batch in loader:
+                seen.append(len(seen))
+                if len(seen) == 2:  # the first validation pass, 2 of its 12 batches done
+                    signal.raise_signal(signal.SIGTERM)
+                yield batch
+        return evaluate(model, batches(), ctx, **options)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate_interrupted)
+    with pytest.raises(Preempted):
+        train(compose_train(*DETERMINISTIC, "loader=torchvision"), str(tmp_path))
+    monkeypatch.undo()
+    assert len(seen) == 2  # the pass stopped at the batch in hand instead of running to the end
+    progress = checkpoint(tmp_path)["progress"]
+    assert (progress["epoch"], progress["step_in_epoch"], progress["history"]) == (0, 3, [])
+
+    train(compose_train(*DETERMINISTIC, "loader=torchvision", "trainer.resume=auto"), str(tmp_path))
+    resumed = checkpoint(tmp_path)
+    assert_same_tensors(resumed["model"], expected["model"])
+    assert_same_optimizer_state(resumed["optimizer"], expected["optimizer"])
+    assert resumed["progress"]["history"] == expected["progress"]["history"]
+
+
 def test_sigterm_saves_and_exits_cleanly(run_script, compose_train, tmp_path):
     # One long epoch of small synthetic batches, so that the signal surely lands mid-epoch.
     overrides = (*SYNTHETIC_RUN, "dataset.batch_size=8", "trainer.epochs=1", "loader.steps_per_epoch=20",

@@ -100,6 +100,17 @@ class DistributedContext:
                 dist.broadcast(buffer, src=0)
 
 
+# How a failed collective reads when it is not a torch.distributed.DistError: gloo's timeouts and
+# lost connections are plain RuntimeErrors.
+COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that timed out or lost a rank (not a bug of ours)."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in COLLECTIVE_FAILURES))
+
+
 def resolve_device(requested: str, local_rank: int = 0, option: str = "trainer.device") -> torch.device:
     """auto | cpu | cuda -> this rank's device; `option` names the setting in error messages."""
     if requested == "auto":

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from emca.analysis.evaluation import evaluate
 from emca.data import build_loaders
 from emca.engine.checkpoint import CheckpointError, CheckpointStore, architecture_fingerprint, load_checkpoint
-from emca.engine.distributed import DistributedContext, setup_distributed, shared_run_dir, silence_non_main_logging
+from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
+                                     silence_non_main_logging)
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
 from emca.engine.optim import build_criterion, build_optimizer
 from emca.engine.precision import amp_dtype, autocast
@@ -105,7 +106,9 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
         _decided_on_main(ctx, lambda: folder.adopt(records))
         try:
             return trainer.fit(stop)
-        except torch.distributed.DistError as error:
+        except RuntimeError as error:
+            if not (ctx.is_distributed and is_collective_failure(error)):
+                raise
             # A rank that died, hung or was stopped: every other rank fails here after the timeout.
             raise RunAborted(
                 f"rank {ctx.rank}: a collective failed ({' '.join(str(error).split())[:200]}); another rank stopped, hung "

@@ -1,0 +1,112 @@
+"""Every way a run is stopped saves it: SIGTERM, SIGUSR1 and SIGINT, sent to the process or to its
+whole process group (as torchrun and SLURM do), with either file loader and DataLoader workers;
+under torchrun too; and a stopped rank becomes a clean failure of the others (trainer.dist_timeout_s)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from emca.engine.trainer import train
+
+from conftest import QUICK_RUN, REPO_ROOT
+from test_ddp import torchrun_args
+
+# Digits files through a real loader, 89 steps in one epoch: the signal surely lands mid-epoch.
+LONG_EPOCH = (*QUICK_RUN, "dataset.batch_size=16", "trainer.epochs=1", "trainer.max_steps_per_epoch=null",
+              "trainer.log_every=1")
+
+
+def start(args, cwd=REPO_ROOT):
+    """A training process in a session of its own (so that it can be signalled as a group)."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(process, text: str) -> list[str]:
+    lines = []
+    for line in iter(process.stdout.readline, ""):
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"the run ended before printing {text!r}:\n{''.join(lines)[-3000:]}")
+
+
+def last_progress(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["progress"]
+
+
+@pytest.mark.parametrize("loader, workers, signum, target, resume", [
+    ("torchvision", 2, signal.SIGTERM, "group", True),
+    ("torchvision", 2, signal.SIGINT, "group", False),  # Ctrl-C in a terminal
+    ("torchvision", 0, signal.SIGUSR1, "process", False),
+    ("dali", 2, signal.SIGTERM, "group", False),
+])
+def test_a_stop_signal_saves_and_exits_cleanly(compose_train, tmp_path, loader, workers, signum, target, resume):
+    overrides = (*LONG_EPOCH, f"loader={loader}", f"dataset.workers={workers}")
+    process = start(["train.py", *overrides, f"hydra.run.dir={tmp_path}"])
+    try:
+        wait_for(process, "epoch 1/1 step 2/")
+        (os.killpg if target == "group" else os.kill)(process.pid, signum)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    name = signal.Signals(signum).name
+    assert process.returncode == (130 if signum == signal.SIGINT else 0), output[-3000:]
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if "received: saved" in line] == [
+        next(line for line in output.splitlines() if f"{name} received: saved" in line)]
+    progress = last_progress(tmp_path)
+    assert progress["epoch"] == 0 and progress["step_in_epoch"] >= 2
+    assert not (tmp_path / "results.json").exists()
+    if resume:  # re-attaching to the run folder continues it to the end (exactness: tests/test_train.py)
+        results = train(compose_train(*overrides, "dataset.workers=0", "trainer.resume=auto"), str(tmp_path))
+        assert results["epoch_reached"] == 1
+
+
+def test_torchrun_ranks_save_when_the_process_group_is_signalled(tmp_path):
+    process = start(torchrun_args(REPO_ROOT / "train.py", *LONG_EPOCH, "dataset.workers=1", f"hydra.run.dir={tmp_path}"))
+    try:
+        wait_for(process, "epoch 1/1 step 2/")
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    # torchrun forwards the signal, waits for its ranks and then reports the signal it got itself
+    # (its own SignalException, status 1); the ranks saved and stopped without an error of theirs.
+    assert output.count("SIGTERM received: saved") == 1  # rank 0 logs for both
+    assert not [line for line in output.splitlines() if line.lstrip().startswith("File") and "/emca/" in line]
+    assert last_progress(tmp_path)["step_in_epoch"] >= 2
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank."""
+    for child in open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split():
+        environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_a_stopped_rank_fails_the_others_after_the_timeout(tmp_path):
+    process = start(torchrun_args(REPO_ROOT / "train.py", *LONG_EPOCH, "trainer.dist_timeout_s=5", f"hydra.run.dir={tmp_path}"))
+    stopped = None
+    try:
+        wait_for(process, "epoch 1/1 step 2/")
+        stopped = rank_pid(process.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        began = time.monotonic()
+        lines = wait_for(process, "a collective failed")
+        waited = time.monotonic() - began
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    error = lines[-1]
+    assert "ERROR" in error and "rank 0: a collective failed" in error and "trainer.dist_timeout_s=5" in error
+    assert waited < 120  # a hang guard, not a timing claim: PyTorch's default would wait 30 minutes
