@@ -31,6 +31,9 @@ TRAIN_OPTION_ERRORS = {
     ("trainer.eval_every=0",): "trainer.eval_every=0 must be at least 1",
     ("trainer.log_every=0",): "trainer.log_every=0 must be at least 1",
     ("trainer.max_steps_per_epoch=0",): "trainer.max_steps_per_epoch=0 must be at least 1",
+    ("trainer.seed=-1",): "trainer.seed=-1 must be an integer in [0, 2**32)",  # was numpy's traceback
+    ("trainer.dist_timeout_s=0",): "trainer.dist_timeout_s=0.0 must be > 0 (seconds a collective waits for the other ranks)",
+    ("trainer.resume=/",): "trainer.resume=/ is a folder, not a checkpoint file; give the file, e.g. /checkpoints/last.pt",
     # optimizer (optim.py, schedule.py)
     ("optimizer.lr=-1",): "optimizer.lr=-1.0 must be > 0",
     ("optimizer.lr=0",): "optimizer.lr=0.0 must be > 0",
@@ -99,7 +102,7 @@ def test_train_py_resuming_from_a_folder_says_so_and_names_the_file(run_script, 
     output = done.stdout + done.stderr
     assert done.returncode == 1 and "Traceback" not in output and "does not exist" not in output
     [line] = [text for text in output.splitlines() if "ERROR" in text]
-    assert line.endswith(f"checkpoint {tmp_path} is a folder, not a checkpoint file; give the file, e.g. "
+    assert line.endswith(f"trainer.resume={tmp_path} is a folder, not a checkpoint file; give the file, e.g. "
                          f"{tmp_path / 'checkpoints' / LAST}")
 
 

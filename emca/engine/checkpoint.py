@@ -134,6 +134,8 @@ class CheckpointStore:
         self._remove_others(new)
 
     def _next_number(self) -> int:
+        if not self.generations.is_dir():
+            return 1
         numbers = [int(entry.name) for entry in self.generations.iterdir() if entry.name.isdigit()]
         return max(numbers, default=0) + 1
 
@@ -181,19 +183,25 @@ def describe_architecture(fingerprint: dict[str, Any]) -> str:
     return f"{arch['backbone']} / attention {arch['attention']} / {coverage_text} / {arch['num_classes']} classes"
 
 
-def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any] | None = None, option: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint, refusing one of a different architecture.
-
-    Without expected_fingerprint the architecture is not checked (eval.py first builds the model
-    the checkpoint describes). `option` names the option the path came from in the errors.
-    """
-    path = Path(path)
+def check_checkpoint_path(path: Path, option: str | None = None) -> str:
+    """Refuse (one line) a path that is no file; else how errors name it ("trainer.resume=PATH")."""
     named = f"{option}={path}" if option else f"checkpoint {path}"
     if path.is_dir():
         inside = next((file for file in (path / LAST, path / CHECKPOINT_DIR / LAST) if file.is_file()), None)
         raise CheckpointError(f"{named} is a folder, not a checkpoint file; give the file, e.g. {inside or path / CHECKPOINT_DIR / LAST}")
     if not path.is_file():
         raise CheckpointError(f"{named} does not exist")
+    return named
+
+
+def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any] | None = None, option: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by CheckpointStore.save, refusing one of a different architecture.
+
+    Without expected_fingerprint the architecture is not checked (eval.py first builds the model
+    the checkpoint describes). `option` names the option the path came from in the errors.
+    """
+    path = Path(path)
+    named = check_checkpoint_path(path, option)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as error:

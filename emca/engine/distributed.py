@@ -131,6 +131,8 @@ def setup_distributed(requested_device: str, device_option: str = "trainer.devic
     `timeout_s`: how long a collective waits for the other ranks before it fails (None: PyTorch's
     default); a stopped or hung rank then becomes an error on every other rank, not a hang.
     """
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"trainer.dist_timeout_s={timeout_s} must be > 0 (seconds a collective waits for the other ranks)")
     rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

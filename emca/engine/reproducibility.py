@@ -9,8 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from emca.options import is_int, require
+
 
 def seed_everything(seed: int) -> None:
+    # numpy's legacy seeding takes 0 .. 2**32 - 1; refuse the rest before any generator is touched.
+    require(is_int(seed) and 0 <= seed < 2**32, "trainer.seed", seed, "an integer in [0, 2**32)")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from emca.engine.checkpoint import GENERATIONS, CheckpointStore, atomic_write
+from emca.engine.checkpoint import GENERATIONS, CheckpointStore, atomic_write, check_checkpoint_path
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class RunFolder(contextlib.AbstractContextManager):
         held, last = self.artefacts(), self.store.last
         if resume not in (None, "auto"):
             source = Path(resume).expanduser()
+            check_checkpoint_path(source, "trainer.resume")
             if held and not self._continues(source, last):
                 raise RunFolderError(
                     f"run folder {self.path} holds another run ({', '.join(held)}); to start from {source} choose a new "

@@ -143,9 +143,9 @@ class Trainer:
         trainer_cfg = cfg.trainer
         self.epochs = trainer_cfg.epochs
         self.amp_dtype = amp_dtype(trainer_cfg.amp.value)
-        seed_everything(trainer_cfg.seed)
-        configure_determinism(trainer_cfg.deterministic)
         try:
+            seed_everything(trainer_cfg.seed)
+            configure_determinism(trainer_cfg.deterministic)
             self._build(cfg, ctx)
             self.progress = self._resume(source)
         except ValueError as error:  # DatasetError, invalid model / optimizer options, CheckpointError
@@ -220,7 +220,8 @@ class Trainer:
         self.run_id = uuid.uuid4().hex
         if path is None:
             return Progress()
-        state = load_checkpoint(path, self.fingerprint)
+        given = self.cfg.trainer.resume not in (None, "auto")
+        state = load_checkpoint(path, self.fingerprint, option="trainer.resume" if given else None)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
