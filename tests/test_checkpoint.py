@@ -49,8 +49,13 @@ def test_last_and_best_are_replaced_together(tmp_path):
         store.save(epoch_state(epoch, best), improved=improved)
         assert assert_consistent(store) == epoch
         inodes[epoch] = store.best.stat().st_ino
+        if epoch == 2:  # what eval.py writes beside the checkpoints travels with them
+            (store.link / "eval.json").write_text("{}")
+            (store.link / "eval_gradcam").mkdir()
+            (store.link / "eval_gradcam" / "0.png").write_bytes(b"png")
     # An unimproved epoch links the previous best.pt into its generation rather than copying it.
     assert inodes[2] == inodes[1] and inodes[4] == inodes[3] != inodes[2]
+    assert (store.link / "eval.json").read_text() == "{}" and (store.link / "eval_gradcam" / "0.png").read_bytes() == b"png"
     # One generation on disk, behind the symlink.
     assert [p.name for p in (tmp_path / GENERATIONS).iterdir()] == [store.current().name]
     assert (tmp_path / CHECKPOINT_DIR).is_symlink()

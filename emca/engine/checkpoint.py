@@ -118,9 +118,12 @@ class CheckpointStore:
             if improved:
                 _link_or_copy(new / LAST, new / BEST)
             if current is not None:
-                # best.pt when it did not improve, and whatever else was put beside the checkpoints.
+                # best.pt when it did not improve, and whatever else was put beside the checkpoints
+                # (eval.py's eval.json and figures): linked, not copied.
                 for entry in current.iterdir():
-                    if entry.is_file() and entry.name != LAST and not (improved and entry.name == BEST):
+                    if entry.is_dir():
+                        shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy)
+                    elif entry.name != LAST and not (improved and entry.name == BEST):
                         _link_or_copy(entry, new / entry.name)
             fsync_dir(new)
             self._point_to(new)
