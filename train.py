@@ -20,7 +20,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import emca.config  # noqa: F401  (registers the config schema and resolvers)
-from emca.engine.preemption import SIGINT_EXIT_STATUS
 from emca.engine.trainer import Preempted, RunAborted, train
 
 log = logging.getLogger("train")
@@ -44,9 +43,6 @@ def main(cfg: DictConfig) -> float:
         return train(cfg, hydra_cfg.runtime.output_dir, hydra_records(cfg))["best"]["val_top1"]
     except Preempted as stopped:
         sys.exit(stopped.exit_status)
-    except KeyboardInterrupt:
-        log.error("interrupted again: stopped without saving; the last saved checkpoint is intact")
-        sys.exit(SIGINT_EXIT_STATUS)
     except RunAborted as error:
         log.error("%s", error)
         if hydra_cfg.mode == RunMode.MULTIRUN:

@@ -110,3 +110,19 @@ def test_a_stopped_rank_fails_the_others_after_the_timeout(tmp_path):
     error = lines[-1]
     assert "ERROR" in error and "rank 0: a collective failed" in error and "trainer.dist_timeout_s=5" in error
     assert waited < 120  # a hang guard, not a timing claim: PyTorch's default would wait 30 minutes
+
+
+def test_a_stop_signal_before_training_starts_stops_at_once(compose_train, tmp_path, monkeypatch):
+    from emca.engine.trainer import Preempted, Trainer
+
+    build = Trainer._build
+
+    def build_then_signal(self, cfg, ctx):
+        signal.raise_signal(signal.SIGINT)  # e.g. while a large dataset is being listed
+        build(self, cfg, ctx)  # never reached
+
+    monkeypatch.setattr(Trainer, "_build", build_then_signal)
+    with pytest.raises(Preempted) as stopped:
+        train(compose_train(*QUICK_RUN), str(tmp_path / "run"))
+    assert stopped.value.exit_status == 130
+    assert not (tmp_path / "run").exists()  # nothing was trained, so nothing was written

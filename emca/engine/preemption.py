@@ -4,8 +4,12 @@
 The handler only raises a flag; the training loop finishes its current step (or abandons the
 validation pass), saves last.pt and stops: exit status 0, or 130 after SIGINT, the shell's code for
 an interrupted command. `hydra.run.dir=<run folder> trainer.resume=auto` continues the run. A
-second SIGINT stops at once without saving (the previous checkpoint stays intact). A handler that
-was installed before ours (e.g. submitit's requeue handler) is called after the save.
+repeated signal changes nothing: torchrun forwards to its ranks the SIGINT or SIGTERM that the
+whole process group already received, so a second Ctrl-C cannot mean "abort". A handler that was
+installed before ours (e.g. submitit's requeue handler) is called after the save.
+
+Before training starts (listing and screening a dataset can take minutes) there is nothing to
+save: a signal then stops the run at once, raising StoppedBeforeTraining from the handler.
 
 torchrun and SLURM signal the whole process group, DataLoader workers included: a worker killed
 by the signal would take the epoch down with it. Workers are therefore started with the stop
@@ -23,9 +27,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SIGINT_EXIT_STATUS = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C
 
 
+class StoppedBeforeTraining(Exception):
+    """A stop signal arrived before StopRequest.arm(): nothing had been trained, nothing is saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_status = SIGINT_EXIT_STATUS if signum == signal.SIGINT else 0
+
+
 class StopRequest(contextlib.AbstractContextManager):
     def __init__(self) -> None:
         self.signal: Optional[int] = None
+        self.armed = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -38,10 +51,15 @@ class StopRequest(contextlib.AbstractContextManager):
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def arm(self) -> None:
+        """Training starts: from now on a signal is only recorded, for the loop to save and stop."""
+        self.armed = True
+
     def _record(self, signum: int, _frame) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the save
-        self.signal = signum
+        if not self.armed:
+            raise StoppedBeforeTraining(signum)
+        if self.signal is None:
+            self.signal = signum
 
     @property
     def requested(self) -> bool:

@@ -33,7 +33,7 @@ from emca.engine.distributed import (DistributedContext, is_collective_failure, 
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
 from emca.engine.optim import build_criterion, build_optimizer
 from emca.engine.precision import amp_dtype, autocast
-from emca.engine.preemption import StopRequest
+from emca.engine.preemption import StoppedBeforeTraining, StopRequest
 from emca.engine.progress import EpochProgress
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
 from emca.engine.results import RESULTS, git_commit, library_versions, write_results
@@ -98,12 +98,15 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
     with RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop:
         try:
             source = _decided_on_main(ctx, lambda: folder.claim(cfg.trainer.resume, cfg.trainer.epochs))
+            trainer = Trainer(cfg, ctx, folder.store, source)
+            _decided_on_main(ctx, lambda: folder.adopt(records))
         except RunCompleted as done:
             if ctx.is_main:
                 log.info(f"{done}")
             return json.loads((run_dir / RESULTS).read_text())
-        trainer = Trainer(cfg, ctx, folder.store, source)
-        _decided_on_main(ctx, lambda: folder.adopt(records))
+        except StoppedBeforeTraining as stopped:
+            log.warning(f"{stopped} received before training started: nothing to save; stopped")
+            raise Preempted(str(stopped), stopped.exit_status) from None
         try:
             return trainer.fit(stop)
         except RuntimeError as error:
@@ -237,6 +240,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the run
     def fit(self, stop: StopRequest) -> dict[str, Any]:
+        stop.arm()
         progress = self.progress
         board = TensorBoardLog(self.run_dir, purge_step=progress.global_step or None) if self.ctx.is_main else None
         try:
