@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from emca.analysis.tables import SCALE_STATISTICS
 from emca.analysis.variants import Variant, variant_from_config
-from emca.engine.checkpoint import CHECKPOINT_DIR
+from emca.engine.checkpoint import CHECKPOINT_DIR, GENERATIONS
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def find_runs(roots: Iterable[Path]) -> list[Run]:
             log.warning("%s is not a folder; skipped", root)
             continue
         for folder, subfolders, _ in os.walk(root):
-            subfolders[:] = sorted(name for name in subfolders if name not in (".hydra", CHECKPOINT_DIR))
+            subfolders[:] = sorted(name for name in subfolders if name not in (".hydra", CHECKPOINT_DIR, GENERATIONS))
             if (Path(folder) / ".hydra" / "config.yaml").is_file():
                 run = read_run(Path(folder))
                 if run is not None:
