@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: train test summary clean-venv
+.PHONY: train test lint summary clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 summary: $(VENV)/.installed
 	$(PY) scripts/model_summary.py $(ARGS)
