@@ -18,12 +18,11 @@ import hydra
 from omegaconf import DictConfig
 
 from emca.analysis.checkpoint_eval import EvalError, evaluate_checkpoint, format_summary
-from emca.analysis.speed import TooFewBatches
 from emca.data import DatasetError
 from emca.engine.checkpoint import CheckpointError
 from emca.engine.distributed import setup_distributed, silence_non_main_logging
 
-USER_ERRORS = (EvalError, CheckpointError, DatasetError, TooFewBatches)
+USER_ERRORS = (EvalError, CheckpointError, DatasetError)
 
 
 def fail(error: Exception) -> NoReturn:

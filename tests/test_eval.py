@@ -16,7 +16,7 @@ import torch
 from emca.analysis.evaluation import evaluate, rotate_clockwise
 from emca.analysis.gradcam import save_gradcam, target_block
 from emca.analysis.scales import LearnedScales, first_attention_per_stage
-from emca.analysis.speed import TooFewBatches, time_model, time_pipeline
+from emca.analysis.speed import time_model, time_pipeline
 from emca.engine.distributed import DistributedContext
 from emca.models import build_model
 
@@ -167,8 +167,18 @@ def test_speed_measurements_count_images_after_warmup():
     assert capped.images == 8
     synthetic = time_model(model, CPU.device, batch_size=4, image_size=16, warmup=1, iterations=2)
     assert synthetic.images == 8 and synthetic.as_dict()["images_per_second"] > 0
-    with pytest.raises(TooFewBatches, match="warm-up"):
-        time_pipeline(model, batches, CPU.device, batch_size=4, workers=0, warmup=5)
+    assert (throughput.warmup_batches, throughput.timed_batches, throughput.few_batches) == (2, 3, True)  # < 10 timed
+
+
+def test_a_pass_shorter_than_the_warmup_is_timed_on_its_last_batch_and_flagged():
+    model, batches = tiny_model(), random_batches(count=3, batch=4)
+    short = time_pipeline(model, batches, CPU.device, batch_size=4, workers=0, warmup=10)
+    assert (short.warmup_batches, short.timed_batches, short.images, short.warmup_requested) == (2, 1, 4, 10)
+    assert short.as_dict()["few_batches"] is True and short.images_per_second > 0
+    single = time_pipeline(model, batches[:1], CPU.device, batch_size=4, workers=0, warmup=10)
+    assert (single.warmup_batches, single.timed_batches) == (0, 1)
+    many = time_pipeline(model, random_batches(count=12, batch=1), CPU.device, batch_size=1, workers=0, warmup=2)
+    assert (many.warmup_batches, many.timed_batches, many.few_batches) == (2, 10, False)
 
 
 # ----------------------------------------------------------------------------- Grad-CAM
@@ -205,6 +215,24 @@ def test_eval_reports_rotations_scales_speeds_and_gradcam(evaluated):
     assert speed["fps_pipeline"]["images_per_second"] > speed["fps"]["images_per_second"]
     assert report["gradcam"]["target_layer"] == "layer4.0" and len(report["gradcam"]["images"]) == 3
     assert "accuracy    top-1" in result.stdout and "FPS‡" in result.stdout
+
+
+def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speeds_batches(compose_train, tmp_path):
+    from conftest import QUICK_RUN
+    from emca.engine.trainer import train
+
+    # The Quickstart's digits: 360 validation images, 2 batches of the default speed.batch=256,
+    # fewer than the default 10 warm-up batches.
+    train(compose_train(*QUICK_RUN), str(tmp_path / "run"))
+    result = run_python("eval.py", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    speed = json.loads((tmp_path / "run" / "checkpoints" / "eval.json").read_text())["speed"]
+    counts = {key: (speed[key]["warmup_requested"], speed[key]["warmup_batches"], speed[key]["timed_batches"], speed[key]["few_batches"])
+              for key in ("fps", "fps_model", "fps_pipeline")}
+    assert counts == {"fps": (10, 10, 350, False), "fps_model": (10, 10, 50, False), "fps_pipeline": (10, 1, 1, True)}
+    assert "FPS‡ from few batches, a rough figure: 1 warm-up + 1 timed batches (warm-up cut from 10)" in result.stdout
+    assert "FPS from few" not in result.stdout and "FPS† from few" not in result.stdout
+    assert f"wrote       {tmp_path / 'run' / 'checkpoints' / 'eval.json'}" in result.stdout
 
 
 def test_eval_reads_a_validation_folder_alone_with_the_runs_class_names(evaluated, trained_sweep, sweep_base, tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -118,7 +119,9 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     check_options(cfg)
     given = Path(cfg.checkpoint).expanduser()  # as given in the errors, not through the checkpoints/ symlink
     checkpoint = given.resolve()
-    output = output_path(cfg.output, checkpoint)
+    # Beside the path as given: run/checkpoints/eval.json, where make_tables looks, rather than the
+    # generation folder the checkpoints/ link leads to today (the same folder, named for good).
+    output = output_path(cfg.output, Path(os.path.abspath(given)))
     state = read_checkpoint(given)
     train_cfg = state["config"]
     model = restore_model(checkpoint, state)
@@ -232,6 +235,14 @@ def gradcam_maps(model, data, dataset_cfg, count: int, out_dir: Path) -> dict[st
     return {"target_layer": target_block(model)[0], "images": [str(path) for path in paths]}
 
 
+SPEED_NAMES = {"fps": "FPS", "fps_model": "FPS†", "fps_pipeline": "FPS‡"}
+
+
+def _batches(speed: dict[str, Any]) -> str:
+    cut = f" (warm-up cut from {speed['warmup_requested']})" if speed["warmup_batches"] < speed["warmup_requested"] else ""
+    return f"{speed['warmup_batches']} warm-up + {speed['timed_batches']} timed batches{cut}"
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """What eval.py prints: one line per measurement."""
     model, dataset = report["model"], report["dataset"]
@@ -256,6 +267,8 @@ def format_summary(report: dict[str, Any]) -> str:
             f"FPS‡ {fps_pipeline['images_per_second']:.1f} (validation pass, batch {fps_pipeline['batch_size']}, {fps_pipeline['workers']} workers)"
         )
         lines.append(f"            on {speed['device']}")
+        lines += [f"            {name} from few batches, a rough figure: {_batches(speed[key])}"
+                  for key, name in SPEED_NAMES.items() if speed[key]["few_batches"]]
     for row in report.get("learned_scales") or []:
         lines.append(
             f"scales      stage {row['stage']} {row['module']}: mean {row['mean']:.3f}  variance {row['variance']:.4f}  "

@@ -8,6 +8,11 @@ Each measurement first runs `warmup` untimed batches (allocator, cuDNN autotunin
 then starts the clock after synchronising the device. Pipeline passes copy the predictions to the
 host after every batch, as an application would, which also makes "one image at a time" literal:
 an image is finished before the next one is read.
+
+A validation pass shorter than the warm-up is measured anyway, never refused: the warm-up is cut so
+that at least one batch is timed. Each Throughput records the warm-up asked for, the warm-up run and
+the batches timed; `few_batches` flags a figure from fewer than MIN_TIMED_BATCHES timed batches or
+after a shortened warm-up (a rough figure: start-up costs weigh on it).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional, Sized
 
 import torch
 from torch import nn
@@ -41,24 +46,31 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
+# Fewer timed batches than this and the figure is flagged: one batch's timer noise and the first
+# batches' start-up costs are then a visible share of it.
+MIN_TIMED_BATCHES = 10
+
+
 @dataclass(frozen=True)
 class Throughput:
     images: int
     seconds: float
     batch_size: int
-    warmup_batches: int
+    warmup_batches: int  # untimed batches run
+    timed_batches: int
+    warmup_requested: int
     workers: Optional[int] = None  # loader workers (None: synthetic input, no loader)
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds
 
+    @property
+    def few_batches(self) -> bool:
+        return self.timed_batches < MIN_TIMED_BATCHES or self.warmup_batches < self.warmup_requested
+
     def as_dict(self) -> dict[str, Any]:
-        return {"images_per_second": self.images_per_second, **asdict(self)}
-
-
-class TooFewBatches(ValueError):
-    """The validation set is too small for the requested warm-up."""
+        return {"images_per_second": self.images_per_second, "few_batches": self.few_batches, **asdict(self)}
 
 
 def _forward(model: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -69,7 +81,7 @@ def _forward(model: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.d
 @torch.no_grad()
 def time_pipeline(
     model: nn.Module,
-    loader: Iterable,
+    loader: Sized,
     device: torch.device,
     *,
     batch_size: int,
@@ -78,29 +90,29 @@ def time_pipeline(
     max_images: Optional[int] = None,
     amp_dtype: Optional[torch.dtype] = None,
 ) -> Throughput:
-    """Images per second of loading + inference over the loader (after `warmup` batches), up to
-    max_images images (None: to the end of the pass)."""
+    """Images per second of loading + inference over one pass of the loader (after up to `warmup`
+    batches, fewer where the pass is short, so that one batch at least is timed), up to max_images
+    images (None: to the end of the pass)."""
+    if len(loader) == 0:
+        raise ValueError("the loader yields no batch to time")
     model.eval()
+    warmup_run = min(warmup, len(loader) - 1)
     batches = iter(loader)
-    for done in range(warmup):
-        try:
-            images, _ = next(batches)
-        except StopIteration:
-            raise TooFewBatches(f"the validation set has only {done} batches of {batch_size}, fewer than the {warmup} warm-up batches; lower speed.warmup") from None
+    for _ in range(warmup_run):
+        images, _ = next(batches)
         _forward(model, images, amp_dtype).argmax(dim=1).cpu()
     synchronize(device)
     started = time.perf_counter()
-    images_timed = 0
+    images_timed = timed_batches = 0
     for images, _ in batches:
         _forward(model, images, amp_dtype).argmax(dim=1).cpu()
         images_timed += images.shape[0]
+        timed_batches += 1
         if max_images is not None and images_timed >= max_images:
             break
     synchronize(device)
     seconds = time.perf_counter() - started
-    if images_timed == 0:
-        raise TooFewBatches(f"no validation batch of {batch_size} is left after the {warmup} warm-up batches; lower speed.warmup")
-    return Throughput(images_timed, seconds, batch_size, warmup, workers)
+    return Throughput(images_timed, seconds, batch_size, warmup_run, timed_batches, warmup, workers)
 
 
 @torch.no_grad()
@@ -126,4 +138,4 @@ def time_model(
     for _ in range(iterations):
         _forward(model, images, amp_dtype)
     synchronize(device)
-    return Throughput(batch_size * iterations, time.perf_counter() - started, batch_size, warmup)
+    return Throughput(batch_size * iterations, time.perf_counter() - started, batch_size, warmup, iterations, warmup)
