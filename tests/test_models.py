@@ -14,7 +14,7 @@ from torch import nn
 import emca.models.resnet as resnet_module
 from emca.layers import EMCA, ECAExcitation, SEExcitation, SRMExcitation, eca_kernel_size
 from emca.layers.channel_attention import ChannelAttention
-from emca.models import attention_modules, build_model, coverage_sources
+from emca.models import COVERAGE_PRESETS, attention_modules, build_model, coverage_sources
 from emca.models.coverage import CoverageRegion
 from emca.models.resnet import EMCAResNet
 from emca.models.summary import count_parameters, measure_gflops, stage_layout
@@ -46,6 +46,58 @@ def test_kaiming_init_matches_torchvision_statistics():
 def test_se_resnet50_has_the_published_parameter_count():
     model = EMCAResNet("resnet50", attention="se", integration="all")
     assert count_parameters(model) / 1e6 == pytest.approx(28.09, abs=0.01)
+
+
+def test_bias_free_se_resnet50_has_the_authors_parameter_count():
+    # 28,088,024 (Hu et al.) less C + C/16 biases in each of the 16 modules: 28,071,976 = 26.772 x 2^20.
+    model = EMCAResNet("resnet50", attention="se", integration="all", se_ratio=16, se_bias=False)
+    assert count_parameters(model) == 28_071_976
+
+
+# PAPER.md §6 (Tables 2-4), in the authors' unit of 2^20 parameters; (attention, integration, coverage).
+PAPER_SE_COUNTS = [
+    (18, "se", "all", "none", 11.231), (34, "se", "all", "none", 20.938), (50, "se", "all", "none", 26.772),
+    (18, "se", "first", "none", 11.189), (34, "se", "last", "none", 20.829), (50, "se", "first", "none", 25.037),
+    (34, "emca_se", "first", "prev_stage_all", 20.829), (50, "emca_se", "first", "all_stages_last", 25.037),
+]
+
+
+@pytest.mark.parametrize("depth,attention,integration,coverage,paper", PAPER_SE_COUNTS)
+def test_bias_free_se_rows_have_the_papers_counts(depth, attention, integration, coverage, paper):
+    stages, blocks = COVERAGE_PRESETS[coverage]
+    model = build_model({"name": f"resnet{depth}"}, {"name": attention, "integration": integration, "se_bias": False},
+                        {"stages": stages, "blocks": blocks}, num_classes=1000)
+    assert round(count_parameters(model) / 2**20, 3) == paper
+
+
+@pytest.mark.parametrize("make", [
+    lambda: EMCAResNet("resnet18", attention="se", se_bias=False),
+    lambda: build_model({"name": "resnet18"}, {"name": "emca_se", "se_bias": False}, {"stages": "all", "blocks": 1}, 10),
+    lambda: timm.create_model("emca_se_resnet18", se_bias=False),
+])
+def test_se_bias_false_reaches_every_se_excitation(make):
+    excitations = [m.excitation for m in attention_modules(make()).values()]
+    assert len(excitations) > 0 and all(isinstance(e, SEExcitation) for e in excitations)
+    assert all(e.fc1.bias is None and e.fc2.bias is None for e in excitations)
+
+
+def test_se_bias_must_be_a_bool():
+    with pytest.raises(ValueError, match="se_bias must be true or false, got 'false'"):
+        EMCAResNet("resnet18", attention="se", se_bias="false")
+
+
+def test_table_presets_build_the_authors_se(repo_root):
+    from hydra import compose, initialize_config_dir
+
+    import emca.config  # noqa: F401  (the training schema)
+
+    with initialize_config_dir(config_dir=str(repo_root / "configs"), version_base="1.3"):
+        for overrides in (["+experiment=table2", "attention=se"], ["+experiment=table3", "+experiment/table3=emca_se_none"],
+                          ["+experiment=table4", "attention=emca_se"], ["+experiment=table5", "attention=se"]):
+            assert compose("train", overrides=overrides).attention.se_bias is False, overrides
+        assert compose("train", overrides=["attention=se"]).attention.se_bias is True  # Hu et al.'s SE otherwise
+        cfg = compose("train", overrides=["+experiment=table2", "attention=se", "attention.integration=all", "backbone=resnet50"])
+    assert count_parameters(build_model(cfg.backbone, cfg.attention, cfg.coverage, num_classes=1000)) == 28_071_976
 
 
 @pytest.mark.parametrize("channels", [64, 128, 256, 512, 1024, 2048])
@@ -85,6 +137,12 @@ def test_plain_se_and_eca_match_timm_layers():
     reference.fc1.bias.data.copy_(ours.excitation.fc1.bias)
     reference.fc2.weight.data.copy_(ours.excitation.fc2.weight[:, :, None, None])
     reference.fc2.bias.data.copy_(ours.excitation.fc2.bias)
+    torch.testing.assert_close(ours(y), reference(y))
+
+    ours = ChannelAttention(SEExcitation(64, 16, bias=False))
+    reference = timm.layers.SEModule(64, rd_ratio=1 / 16, rd_divisor=1, bias=False)
+    reference.fc1.weight.data.copy_(ours.excitation.fc1.weight[:, :, None, None])
+    reference.fc2.weight.data.copy_(ours.excitation.fc2.weight[:, :, None, None])
     torch.testing.assert_close(ours(y), reference(y))
 
     ours = ChannelAttention(ECAExcitation(64))

@@ -25,16 +25,20 @@ def eca_kernel_size(channels: int, gamma: int = 2, beta: int = 1, minimum: int =
 
 
 class SEExcitation(nn.Module):
-    """Squeeze-and-Excitation body: FC(C -> C/r) -> ReLU -> FC(C/r -> C)."""
+    """Squeeze-and-Excitation body: FC(C -> C/r) -> ReLU -> FC(C/r -> C).
+
+    bias=True is Hu et al.'s SE (timm's SEModule); bias=False is the EMCA authors' SE, whose
+    parameter counts the paper prints (PAPER.md §6).
+    """
 
     num_statistics = 1
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
         super().__init__()
         hidden = max(channels // reduction, 1)
-        self.fc1 = nn.Linear(channels, hidden)
+        self.fc1 = nn.Linear(channels, hidden, bias=bias)
         self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(hidden, channels)
+        self.fc2 = nn.Linear(hidden, channels, bias=bias)
 
     def forward(self, descriptor: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(descriptor.squeeze(-1))))
@@ -81,10 +85,10 @@ EXCITATIONS = {"se": SEExcitation, "eca": ECAExcitation, "srm": SRMExcitation}
 
 
 def create_excitation(
-    kind: str, channels: int, *, se_ratio: int = 16, eca_kernel: int | None = None
+    kind: str, channels: int, *, se_ratio: int = 16, se_bias: bool = True, eca_kernel: int | None = None
 ) -> nn.Module:
     if kind == "se":
-        return SEExcitation(channels, se_ratio)
+        return SEExcitation(channels, se_ratio, se_bias)
     if kind == "eca":
         return ECAExcitation(channels, eca_kernel)
     if kind == "srm":

@@ -29,6 +29,7 @@ def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) 
         integration=get(attention, "integration", "all"),
         coverage={"stages": get(coverage, "stages"), "blocks": get(coverage, "blocks")},
         se_ratio=get(attention, "se_ratio", 16),
+        se_bias=get(attention, "se_bias", True),
         eca_kernel=eca_kernel,
         gating=get(attention, "gating", "multiply"),
         align=get(attention, "align", "repeat"),

@@ -20,6 +20,9 @@ class AttentionConfig:
     name: str = "none"  # none | se | eca | srm | emca_se | emca_eca | emca_srm
     integration: str = "all"  # all | first | last  (for EMCA: which block of each stage carries it)
     se_ratio: int = 16
+    # SE's two FC layers with biases (Hu et al., timm) or without (the EMCA authors' SE, whose
+    # parameter counts the paper prints; the table presets use it). SE and EMCA-SE only.
+    se_bias: bool = True
     eca_kernel: Any = "adaptive"  # 'adaptive' or one odd size per stage, e.g. [3, 5, 5, 7]
     gating: str = "multiply"  # multiply: x0*Z (paper) | residual: x0*(1+Z) (authors' code)
     align: str = "repeat"  # repeat | linear (learnable channel alignment)

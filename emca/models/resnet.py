@@ -91,6 +91,7 @@ class EMCAResNet(tv_resnet.ResNet):
         integration: str | None = None,
         coverage: Any = "prev_stage_all",
         se_ratio: int = 16,
+        se_bias: bool = True,
         eca_kernel: Any = "adaptive",
         gating: str = "multiply",
         align: str = "repeat",
@@ -107,6 +108,8 @@ class EMCAResNet(tv_resnet.ResNet):
             raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not isinstance(se_bias, bool):  # bool("false") would silently be True
+            raise ValueError(f"se_bias must be true or false, got {se_bias!r}")
         spec = BACKBONES[backbone]
         super().__init__(spec.block, list(spec.stage_depths), num_classes=num_classes, zero_init_residual=zero_init_residual)
         self.backbone_name = backbone
@@ -120,7 +123,7 @@ class EMCAResNet(tv_resnet.ResNet):
         self.pooled_outputs: frozenset[int] = frozenset()
         self.num_statistics = 1
         if attention != "none":
-            self._add_attention(attention, integration, se_ratio, eca_kernel, gating, align)
+            self._add_attention(attention, integration, eca_kernel, {"se_ratio": se_ratio, "se_bias": se_bias}, gating, align)
 
         self.pretrained_cfg = {
             "input_size": (3, 224, 224),
@@ -137,7 +140,7 @@ class EMCAResNet(tv_resnet.ResNet):
     def stage_channels(self) -> list[int]:
         return [_out_channels(stage[-1]) for stage in self._stages]
 
-    def _add_attention(self, attention, integration, se_ratio, eca_kernel, gating, align):
+    def _add_attention(self, attention, integration, eca_kernel, se_options, gating, align):
         kind = attention.removeprefix("emca_")
         stage_channels = self.stage_channels
         eca_kernels = resolve_eca_kernels(eca_kernel, stage_channels) if kind == "eca" else [None] * 4
@@ -151,7 +154,7 @@ class EMCAResNet(tv_resnet.ResNet):
         needed = set()
         for stage, channels, kernel, sources in zip(self._stages, stage_channels, eca_kernels, sources_per_stage):
             for index in attention_blocks(integration, len(stage)):
-                excitation = create_excitation(kind, channels, se_ratio=se_ratio, eca_kernel=kernel)
+                excitation = create_excitation(kind, channels, eca_kernel=kernel, **se_options)
                 block = stage[index]
                 if attention.startswith("emca"):
                     block.attn = EMCA(channels, [output_channels[s] for s in sources], excitation, align=align, gating=gating)
