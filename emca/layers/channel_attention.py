@@ -23,8 +23,10 @@ class ChannelAttention(nn.Module):
         return self.excitation.num_statistics
 
     def factors(self, y: torch.Tensor) -> torch.Tensor:
-        """The per-channel factors (B, C, 1, 1) that the module multiplies y by."""
-        return self.gate(self.excitation(pool_statistics(y, self.num_statistics)))[:, :, None, None]
+        """The per-channel factors (B, C, 1, 1) that the module multiplies y by, in y's dtype: under
+        autocast an excitation with a float32 parameter (SRM's cfc) gives float32 factors, which
+        would promote the block output and so every later block to float32."""
+        return self.gate(self.excitation(pool_statistics(y, self.num_statistics)))[:, :, None, None].to(y.dtype)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.factors(y)

@@ -102,12 +102,14 @@ class EMCA(nn.Module):
         return F.relu(fused)
 
     def factors(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The per-channel factors (B, C0, 1, 1) that the module multiplies y by."""
+        """The per-channel factors (B, C0, 1, 1) that the module multiplies y by, in y's dtype (under
+        autocast the float32 scale weights and SRM's cfc give float32 factors, which would promote
+        the block output and so every later block to float32)."""
         if len(sources) != len(self.source_channels):
             raise ValueError(f"EMCA expects {len(self.source_channels)} source descriptors, got {len(sources)}")
         own = pool_statistics(y, self.num_statistics)
         scales = self.gate(self.excitation(self.fuse(own, sources)))[:, :, None, None]
-        return 1 + scales if self.gating == "residual" else scales
+        return (1 + scales if self.gating == "residual" else scales).to(y.dtype)
 
     def forward(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         return y * self.factors(y, sources)
