@@ -392,6 +392,38 @@ def test_build_model_from_config_mappings():
     assert model.layer1[0].attn.excitation.fc1.out_features == 64 // 8
 
 
+@pytest.mark.parametrize("attention", resnet_module.ATTENTIONS)
+def test_integration_defaults_to_the_methods_own_however_the_model_is_built(attention):
+    """README / PAPER.md §4: dense (every block) for plain SE / ECA / SRM, the first block of each stage
+    for EMCA, whether the name goes to EMCAResNet, timm or build_model with a minimal config."""
+    from emca.models.config import AttentionConfig, CoverageConfig
+
+    expected = [[0]] * 4 if attention.startswith("emca") else [[0, 1]] * 4 if attention != "none" else [[]] * 4
+    models = [
+        EMCAResNet("resnet18", attention=attention, num_classes=10),
+        timm.create_model("emca_resnet18", attention=attention, num_classes=10),
+        build_model({"name": "resnet18"}, {"name": attention}, {"stages": 1, "blocks": "all"}, num_classes=10),
+        build_model({"name": "resnet18"}, AttentionConfig(name=attention), CoverageConfig(), num_classes=10),
+    ]
+    if attention.startswith("emca"):
+        models.append(timm.create_model(f"{attention}_resnet18", num_classes=10))
+    for model in models:
+        assert [row["attention_blocks"] for row in stage_layout(model)] == expected
+        assert list(model.state_dict()) == list(models[0].state_dict())
+
+
+@pytest.mark.parametrize("attention", resnet_module.ATTENTIONS)
+def test_attention_configs_build_the_methods_default_placement(repo_root, attention):
+    from hydra import compose, initialize_config_dir
+
+    import emca.config  # noqa: F401  (the training schema)
+
+    with initialize_config_dir(config_dir=str(repo_root / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"attention={attention}", "backbone=resnet18"])
+    model = build_model(cfg.backbone, cfg.attention, cfg.coverage, num_classes=10)
+    assert list(model.state_dict()) == list(EMCAResNet("resnet18", attention=attention, num_classes=10).state_dict())
+
+
 @pytest.mark.parametrize("depth,weights", [(18, "ResNet18_Weights"), (50, "ResNet50_Weights")])
 def test_gflops_match_torchvision_metadata(depth, weights):
     published = getattr(torchvision.models, weights).IMAGENET1K_V1.meta["_ops"]

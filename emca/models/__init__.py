@@ -7,7 +7,7 @@ from torch import nn
 from . import registry  # noqa: F401  (registers the emca_* names with timm)
 from .coverage import PRESETS as COVERAGE_PRESETS
 from .coverage import CoverageRegion, coverage_name, coverage_sources
-from .resnet import ATTENTIONS, BACKBONES, INTEGRATIONS, EMCAResNet
+from .resnet import ATTENTIONS, BACKBONES, INTEGRATIONS, EMCAResNet, default_integration
 
 
 def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) -> EMCAResNet:
@@ -26,7 +26,7 @@ def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) 
         f"emca_{get(backbone, 'name')}",
         num_classes=num_classes,
         attention=get(attention, "name", "none"),
-        integration=get(attention, "integration", "all"),
+        integration=get(attention, "integration"),
         coverage={"stages": get(coverage, "stages"), "blocks": get(coverage, "blocks")},
         se_ratio=get(attention, "se_ratio", 16),
         se_bias=get(attention, "se_bias", True),
@@ -59,4 +59,5 @@ __all__ = [
     "build_model",
     "coverage_name",
     "coverage_sources",
+    "default_integration",
 ]

@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from emca.options import require, require_int
 
@@ -18,7 +18,9 @@ class BackboneConfig:
 @dataclass
 class AttentionConfig:
     name: str = "none"  # none | se | eca | srm | emca_se | emca_eca | emca_srm
-    integration: str = "all"  # all | first | last  (for EMCA: which block of each stage carries it)
+    # all | first | last: which blocks of each stage carry it; null: the method's own default
+    # (emca.models.default_integration: all for SE / ECA / SRM, first for EMCA).
+    integration: Optional[str] = None
     se_ratio: int = 16
     # SE's two FC layers with biases (Hu et al., timm) or without (the EMCA authors' SE, whose
     # parameter counts the paper prints; the table presets use it). SE and EMCA-SE only.

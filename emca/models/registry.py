@@ -7,10 +7,6 @@ from timm.models import register_model
 
 from .resnet import BACKBONES, EMCAResNet
 
-# Paper defaults for the shortcuts (PAPER.md §4): EMCA in the first block of each stage,
-# coverage = all blocks of the previous stage.
-SHORTCUT_DEFAULTS = {"integration": "first", "coverage": "prev_stage_all"}
-
 
 def _create(backbone: str, pretrained: bool = False, **kwargs) -> EMCAResNet:
     if pretrained:
@@ -24,10 +20,8 @@ def _register(backbone: str, attention: str | None) -> None:
     name = f"emca_{backbone}" if attention is None else f"emca_{attention}_{backbone}"
 
     def entrypoint(pretrained: bool = False, **kwargs) -> EMCAResNet:
-        if attention is not None:
+        if attention is not None:  # integration and coverage default to the paper's in EMCAResNet
             kwargs.setdefault("attention", f"emca_{attention}")
-            for key, value in SHORTCUT_DEFAULTS.items():
-                kwargs.setdefault(key, value)
         return _create(backbone, pretrained, **kwargs)
 
     entrypoint.__name__ = name

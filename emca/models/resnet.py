@@ -69,6 +69,12 @@ BACKBONES = {
 }
 
 
+def default_integration(attention: str) -> str:
+    """Where the attention sits when a config does not say (integration None): every block for plain
+    SE / ECA / SRM (the usual dense integration), the first block of each stage for EMCA (PAPER.md §4)."""
+    return "first" if attention.startswith("emca") else "all"
+
+
 def attention_blocks(integration: str, depth: int) -> list[int]:
     """Which blocks of a stage carry attention (paper Table 2: dense, first or last)."""
     if integration == "all":
@@ -102,8 +108,8 @@ class EMCAResNet(tv_resnet.ResNet):
             raise ValueError(f"unknown backbone '{backbone}': choose one of {list(BACKBONES)}")
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention '{attention}': choose one of {list(ATTENTIONS)}")
-        if integration is None:  # the usual dense integration for plain CA, the paper's 'first' for EMCA
-            integration = "first" if attention.startswith("emca") else "all"
+        if integration is None:
+            integration = default_integration(attention)
         if integration not in INTEGRATIONS:
             raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
