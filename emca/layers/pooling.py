@@ -24,14 +24,18 @@ STD_EPS = 1e-5
 
 
 class _MeanStdPool(torch.autograd.Function):
+    """(B, C, H, W) -> (B, C, 2) mean and std, in float32 for half-precision maps (at least float32)."""
+
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
-        # Statistics of half-precision maps accumulate in float32, as var_mean does internally.
+        # Statistics of half-precision maps accumulate in float32, as var_mean does internally, and
+        # stay float32 for the backward: a mean rounded to bfloat16 is off by up to mean * 2^-9, as
+        # much as (x - mean) itself where mean/std is large.
         acc = torch.promote_types(x.dtype, torch.float32)
         mean = x.mean(dim=(2, 3), keepdim=True, dtype=acc)
         # Population variance (not unbiased) so that a 1x1 map gives std = sqrt(eps), not NaN.
         var = torch.linalg.vector_norm(x - mean, dim=(2, 3), dtype=acc).square_() / (x.shape[2] * x.shape[3])
-        return torch.stack((mean.flatten(1), torch.sqrt(var + STD_EPS)), dim=-1).to(x.dtype)
+        return torch.stack((mean.flatten(1), torch.sqrt(var + STD_EPS)), dim=-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -46,9 +50,11 @@ class _MeanStdPool(torch.autograd.Function):
         # d mean/dx = 1/N and d std/dx = (x - mean) / (N std), written as x * slope + offset with
         # per-channel slope and offset: one multiply and one in-place add over the map. (addcmul with
         # two per-channel operands, or subtracting the mean first, costs 3-4x more on CPU.)
+        # slope and offset are float32 for a half-precision x, so the product is computed in float32
+        # (x * slope cancels against offset) and only the gradient is rounded to x's dtype.
         slope = grad_std / (count * std)
         offset = grad_mean / count - mean * slope
-        return (x * slope).add_(offset)
+        return (x * slope).add_(offset).to(x.dtype)
 
 
 class _MeanPool(torch.autograd.Function):
@@ -71,5 +77,5 @@ def pool_statistics(x: torch.Tensor, num_statistics: int) -> torch.Tensor:
     if num_statistics == 1:
         return _MeanPool.apply(x)
     if num_statistics == 2:
-        return _MeanStdPool.apply(x)
+        return _MeanStdPool.apply(x).to(x.dtype)
     raise ValueError(f"num_statistics must be 1 (mean) or 2 (mean, std), got {num_statistics}")
