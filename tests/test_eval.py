@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from emca.analysis.evaluation import evaluate, rotate_clockwise
-from emca.analysis.gradcam import save_gradcam, target_block
 from emca.analysis.scales import LearnedScales, first_attention_per_stage
 from emca.analysis.speed import time_model, time_pipeline
 from emca.engine.distributed import DistributedContext
@@ -181,17 +180,6 @@ def test_a_pass_shorter_than_the_warmup_is_timed_on_its_last_batch_and_flagged()
     assert (many.warmup_batches, many.timed_batches, many.few_batches) == (2, 10, False)
 
 
-# ----------------------------------------------------------------------------- Grad-CAM
-def test_gradcam_targets_the_block_of_the_last_attention_module(tmp_path):
-    assert target_block(tiny_model("se", "first"))[0] == "layer4.0"
-    assert target_block(tiny_model("se", "all"))[0] == "layer4.1"
-    assert target_block(tiny_model("none"))[0] == "layer4.1"
-    model = tiny_model()
-    images, labels = random_batches(count=1, batch=2, size=32)[0]
-    paths = save_gradcam(model, images, labels, [f"class {i}" for i in range(5)], [128.0] * 3, [64.0] * 3, tmp_path)
-    assert len(paths) == 2 and all(path.suffix == ".png" and path.stat().st_size > 0 for path in paths)
-
-
 # ----------------------------------------------------------------------------- eval.py end to end
 def test_eval_reproduces_the_runs_final_validation_accuracy(evaluated):
     _, report, results = evaluated
@@ -213,7 +201,10 @@ def test_eval_reports_rotations_scales_speeds_and_gradcam(evaluated):
     assert all(speed[key]["images_per_second"] > 0 for key in ("fps", "fps_model", "fps_pipeline"))
     assert speed["fps"]["batch_size"] == 1 and speed["fps_pipeline"]["batch_size"] == 32
     assert speed["fps_pipeline"]["images_per_second"] > speed["fps"]["images_per_second"]
-    assert report["gradcam"]["target_layer"] == "layer4.0" and len(report["gradcam"]["images"]) == 3
+    # At 16 px layer3 and layer4 output 1x1: the deepest block with a 2x2 map is layer2's last.
+    gradcam = report["gradcam"]
+    assert (gradcam["target_layer"], gradcam["layer_extent"]) == ("layer2.1", [2, 2])
+    assert len(gradcam["images"]) == 3 and len(set(gradcam["labels"])) == 3
     assert "accuracy    top-1" in result.stdout and "FPS‡" in result.stdout
 
 
@@ -336,6 +327,10 @@ def eval_options(*overrides: str):
         ("speed.model_iterations=0", "speed.model_iterations=0 must be an integer >= 1"),
         ("speed.warmup=-1", "speed.warmup=-1 must be an integer >= 0"),
         ("gradcam.images=-1", "gradcam.images=-1 must be an integer >= 0"),
+        ("gradcam.indices=[1,-2]", "gradcam.indices=[1, -2] must be null or a list of validation image positions >= 0, e.g. [0,120,300]"),
+        ("gradcam.indices=[]", "gradcam.indices=[] must be null or a list of validation image positions >= 0, e.g. [0,120,300]"),
+        ("gradcam.classes=cat", "gradcam.classes='cat' must be null or a list of class folder names, e.g. [n01440764,n02102040]"),
+        ("gradcam.layer=''", "gradcam.layer='' must be auto or a module name, e.g. layer3.1"),
     ],
 )
 def test_each_impossible_eval_option_is_one_line_naming_it(override, message):
@@ -345,6 +340,15 @@ def test_each_impossible_eval_option_is_one_line_naming_it(override, message):
     with pytest.raises(EvalError) as error:
         check_options(eval_options("checkpoint=x.pt", override))
     assert str(error.value) == message
+
+
+def test_grad_cam_images_are_chosen_one_way():
+    from emca.analysis.checkpoint_eval import EvalError, check_options
+
+    check_options(eval_options("checkpoint=x.pt", "gradcam.classes=[3,cat]"))
+    with pytest.raises(EvalError) as error:
+        check_options(eval_options("checkpoint=x.pt", "gradcam.images=2", "gradcam.indices=[4]"))
+    assert str(error.value) == "gradcam.images and gradcam.indices both choose the Grad-CAM images; give one of them"
 
 
 def test_eval_py_names_a_folder_a_damaged_checkpoint_and_a_folder_output(tmp_path):

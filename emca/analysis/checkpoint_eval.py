@@ -22,11 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from emca.analysis.evaluation import evaluate
-from emca.analysis.gradcam import save_gradcam, target_block
+from emca.analysis.gradcam import AUTO, GradcamError, choose_layer, heat_maps, load_images, pick_images, save_gradcam, validation_images
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.models import coverage_name
 from emca.data import build_loaders
+from emca.data.folder import ImageList
 from emca.engine.checkpoint import architecture_fingerprint, atomic_write, check_fingerprint, describe_architecture, load_checkpoint
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
@@ -103,6 +104,22 @@ def check_options(cfg: DictConfig) -> None:
     for option, minimum in minimums.items():
         require_int(option, OmegaConf.select(cfg, option), minimum, EvalError)
     require_int("speed.single_images", cfg.speed.single_images, 1, EvalError, nullable=True)
+    check_gradcam_options(cfg.gradcam)
+
+
+def check_gradcam_options(options: DictConfig) -> None:
+    """gradcam.*: one way of choosing the images, each of the right type."""
+    indices, classes = options.indices, options.classes
+    require(indices is None or (isinstance(indices, Sequence) and len(indices) > 0 and all(is_int(i) and i >= 0 for i in indices)),
+            "gradcam.indices", indices, "null or a list of validation image positions >= 0, e.g. [0,120,300]", EvalError)
+    require(classes is None or (isinstance(classes, Sequence) and not isinstance(classes, str) and len(classes) > 0
+                                and all(isinstance(c, (str, int)) for c in classes)),
+            "gradcam.classes", classes, "null or a list of class folder names, e.g. [n01440764,n02102040]", EvalError)
+    require(isinstance(options.layer, str) and options.layer != "", "gradcam.layer", options.layer,
+            f"{AUTO} or a module name, e.g. layer3.1", EvalError)
+    given = [option for option, value in (("images", options.images > 0), ("classes", classes), ("indices", indices)) if value]
+    if len(given) > 1:
+        raise EvalError(f"gradcam.{given[0]} and gradcam.{given[1]} both choose the Grad-CAM images; give one of them")
 
 
 def output_path(output: Optional[str], checkpoint: Path) -> Path:
@@ -149,6 +166,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
             f"model predicts {architecture['num_classes']} ({describe_architecture(state['fingerprint'])})"
         )
 
+    gradcam_plan = plan_gradcam(model, dataset_cfg, data.classes, cfg.gradcam) if gradcam_requested(cfg.gradcam) else None
     rotations = [0] + [degrees for degrees in cfg.rotations if degrees % 360]
     scales = LearnedScales(model, ctx.device) if cfg.learned_scales and attention_modules(model) else None
     if ctx.is_main:
@@ -191,8 +209,8 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     if cfg.speed.enabled:
         report["speed"] = measure_speeds(model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, amp_dtype, seed,
                                          data.classes)
-    if cfg.gradcam.images > 0:
-        report["gradcam"] = gradcam_maps(model, data, dataset_cfg, cfg.gradcam.images, output.with_name(f"{output.stem}_gradcam"))
+    if gradcam_plan is not None:
+        report["gradcam"] = gradcam_maps(model, gradcam_plan, dataset_cfg, ctx.device, channels_last, output.with_name(f"{output.stem}_gradcam"))
     report.update(created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), git=git_commit(), versions=library_versions())
     if output.exists():
         log.info(f"replacing {output}")
@@ -222,17 +240,32 @@ def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_l
     return {"device": describe_device(device), "fps": fps.as_dict(), "fps_model": fps_model.as_dict(), "fps_pipeline": fps_pipeline.as_dict()}
 
 
-def gradcam_maps(model, data, dataset_cfg, count: int, out_dir: Path) -> dict[str, Any]:
-    """Heat maps of the first `count` validation images (of this rank's share)."""
-    images, labels = [], []
-    for batch_images, batch_labels in data.val:
-        images.append(batch_images)
-        labels.append(batch_labels)
-        if sum(len(b) for b in labels) >= count:
-            break
-    images, labels = torch.cat(images)[:count], torch.cat(labels)[:count]
-    paths = save_gradcam(model, images, labels, data.classes, dataset_cfg["mean"], dataset_cfg["std"], out_dir)
-    return {"target_layer": target_block(model)[0], "images": [str(path) for path in paths]}
+def gradcam_requested(options: DictConfig) -> bool:
+    return options.images > 0 or bool(options.classes) or bool(options.indices)
+
+
+def plan_gradcam(model, dataset_cfg, classes, options: DictConfig) -> tuple[ImageList, list[int], str]:
+    """(validation images, chosen positions, layer name): chosen on every rank before the long
+    passes, so that a class or index that is not there fails at once, and on all ranks together."""
+    try:
+        images = validation_images(dataset_cfg, classes)
+        positions = pick_images(images, options.images, options.classes, options.indices)
+        layer = choose_layer(model, dataset_cfg["image_size"], options.layer)[0]
+    except GradcamError as error:
+        raise EvalError(error.spelled("gradcam.", "=")) from None
+    return images, positions, layer
+
+
+def gradcam_maps(model, plan, dataset_cfg, device, channels_last, out_dir: Path) -> dict[str, Any]:
+    """Heat maps of the planned images (of the whole validation set, whatever the rank), one PNG each."""
+    images, positions, layer = plan
+    chosen = load_images(images, positions, dataset_cfg, device, channels_last)
+    maps = heat_maps(model, chosen, layer)
+    paths = save_gradcam(chosen, maps, out_dir)
+    names = chosen.class_names
+    return {"target_layer": maps.layer, "layer_extent": list(maps.extent), "indices": chosen.positions,
+            "labels": [names[int(label)] for label in chosen.labels], "predictions": [names[p] for p in maps.predictions],
+            "sources": chosen.paths, "images": [str(path) for path in paths]}
 
 
 SPEED_NAMES = {"fps": "FPS", "fps_model": "FPS†", "fps_pipeline": "FPS‡"}
@@ -275,7 +308,8 @@ def format_summary(report: dict[str, Any]) -> str:
             f"below 0.5 {100 * row['below_half']:.1f}%  zeros {100 * row['zeros']:.1f}%  ({row['channels']} channels)"
         )
     if report.get("gradcam"):
-        lines.append(f"grad-cam    {len(report['gradcam']['images'])} map(s) at {report['gradcam']['target_layer']} in "
-                     f"{Path(report['gradcam']['images'][0]).parent}")
+        gradcam = report["gradcam"]
+        lines.append(f"grad-cam    {len(gradcam['images'])} map(s) at {gradcam['target_layer']} "
+                     f"({'x'.join(map(str, gradcam['layer_extent']))}) in {Path(gradcam['images'][0]).parent}")
     lines.append(f"wrote       {report['output']}")
     return "\n".join(lines)
