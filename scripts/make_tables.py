@@ -1,14 +1,19 @@
 """The paper's tables from training runs, with the published numbers beside ours.
 
     python scripts/make_tables.py multirun/table3/2026-01-01_10-00-00 [more sweep folders] --out tables/
+    python scripts/make_tables.py multirun/table4/... --full       # every row of the paper's layout
     python scripts/make_tables.py --complexity                    # params / GFLOPs, no training needed
     python scripts/make_tables.py --complexity --tables table4 --backbones resnet18 --image-size 224
 
-Run folders are found recursively (any folder with .hydra/config.yaml); each one's backbone,
-attention, integration and coverage come from that config. Missing runs are gaps ('–'). Prints
-Markdown and writes to --out: tables.md, tables.csv (one number per line), one .tex per table
-(booktabs) and figure9_val_top1.png (validation top-1 per epoch of every run found). Table 9
-(rotations) and Figure 6 (learned-scale statistics) come from the runs' eval.json (eval.py).
+Run folders are found recursively (any folder with results.json or .hydra/config.yaml); each
+one's model, dataset and image size come from what the run recorded (results.json, or the
+checkpoint eval.py measured). Only rows some run fills are printed unless --full; repeated runs
+of one model (seeds) are shown as mean ± std (n runs); ours are set beside the paper's numbers,
+with their difference, only for runs on ImageNet at 224 px, as the paper's were. #P and GFLOPs
+are in the paper's units (2^20 parameters, 2^30 multiply-accumulates). Prints Markdown and
+writes to --out: tables.md, tables.csv (one number per line), one .tex per table (booktabs) and
+figure9_val_top1.png (validation top-1 per epoch of every run found). Table 9 (rotations) and
+Figure 6 (learned-scale statistics) come from the runs' eval.json (eval.py).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="where to write files (default: SWEEP_DIR/tables, or ./tables with --complexity)")
     parser.add_argument("--tables", nargs="+", choices=sorted(TABLES), help="which tables (default: every table a run fills; all with --complexity)")
     parser.add_argument("--accuracy", choices=ACCURACIES, default="final", help="the epoch whose accuracy is reported (default: final)")
+    parser.add_argument("--full", action="store_true", help="print every row of the paper's tables, not only those runs fill")
     parser.add_argument("--complexity", action="store_true", help="count params / GFLOPs of every variant instead of reading runs")
     parser.add_argument("--backbones", nargs="+", choices=BACKBONES, help="--complexity: only these backbones (e.g. resnet18)")
     parser.add_argument("--image-size", type=int, default=224, help="--complexity: input resolution for GFLOPs (default 224)")
@@ -41,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.complexity and args.tables and not any(TABLES[name].complexity for name in args.tables):
         parser.error(f"--complexity counts the variants of {', '.join(n for n, s in TABLES.items() if s.complexity)}; "
                      f"{', '.join(args.tables)} hold(s) only measured results: drop --complexity and give the sweep folders")
+    if args.complexity and args.full:
+        parser.error("--full prints the rows runs leave empty; --complexity counts every row already: drop one of them")
     if args.image_size < 1:
         parser.error(f"--image-size={args.image_size} must be >= 1")
     if args.out is None:
@@ -54,10 +62,7 @@ def complexity_tables(args: argparse.Namespace) -> list[Table]:
     specs = [TABLES[name].restricted_to(args.backbones) for name in args.tables or TABLES if TABLES[name].complexity]
     specs = [spec for spec in specs if spec.variants()]
     counts = count_variants((variant for spec in specs for variant in spec.variants()), image_size=args.image_size)
-    tables = [complexity_table(spec, counts) for spec in specs]
-    for table in tables:
-        table.notes.insert(0, f"GFLOPs at {args.image_size}x{args.image_size}.")
-    return tables
+    return [complexity_table(spec, counts, args.image_size) for spec in specs]
 
 
 def run_tables(args: argparse.Namespace) -> list[Table] | None:
@@ -69,9 +74,9 @@ def run_tables(args: argparse.Namespace) -> list[Table] | None:
     placed = {variant for name in names for variant in TABLES[name].variants()}
     notes += [f"not in {', '.join(names) or 'any paper table'}: {run.variant.describe()} ({run.path})"
               for run in runs if run.complete and run.variant.cell() not in placed]
-    datasets = sorted({run.dataset or "?" for run in runs})
-    notes.insert(0, f"{len(runs)} run(s) on dataset {', '.join(datasets)}; {args.accuracy}-epoch accuracy; the paper's numbers are ImageNet.")
-    tables = [fill_table(TABLES[name], measured) for name in names]
+    datasets = sorted({f"{run.dataset} at {run.image_size} px" for run in runs if run.complete})
+    notes.insert(0, f"{len(runs)} run folder(s), trained on {', '.join(datasets) or 'nothing yet'}; {args.accuracy}-epoch accuracy.")
+    tables = [fill_table(TABLES[name], measured, args.full) for name in names]
     for table in tables:
         table.notes += notes
     if not tables:
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     tables = complexity_tables(args) if args.complexity else run_tables(args)
     if tables is None:
-        print(f"error: no run folders (with .hydra/config.yaml) under {', '.join(map(str, args.sweep_dirs))}", file=sys.stderr)
+        print(f"error: no run folders (with results.json or .hydra/config.yaml) under {', '.join(map(str, args.sweep_dirs))}", file=sys.stderr)
         return 1
     text = "\n".join(render.markdown(table) for table in tables)
     print(text)

@@ -15,7 +15,7 @@ from emca.analysis import paper_reference as paper
 from emca.analysis import render
 from emca.analysis.complexity import count_variants
 from emca.analysis.runs import find_runs, measurements
-from emca.analysis.tables import TABLES, complexity_table, fill_table
+from emca.analysis.tables import TABLES, Measured, complexity_table, fill_table
 from emca.analysis.variants import Variant, channel_attention, emca, plain, variant_from_config
 from test_eval import make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
 
@@ -63,12 +63,13 @@ def test_table_specs_cover_the_papers_rows():
 
 def test_filled_table_puts_ours_beside_the_paper_and_leaves_gaps():
     se = channel_attention("resnet18", "se", "all")
-    table = fill_table(TABLES["table4"], {se: {"top1": 71.5, "top5": 90.0, "params": 11.779, "gflops": 1.814, "fps": 200.0}})
+    measured = {se: Measured.single({"top1": 71.5, "top5": 90.0, "params": 11.2306, "gflops": 1.814, "fps": 200.0})}
+    table = fill_table(TABLES["table4"], measured, full=True)
     rows = {(row[0], row[1]): row for row in table.rows}
     header = table.header
     se_row, resnet_row = rows[("R-18", "SE")], rows[("R-18", "ResNet")]
     assert se_row[header.index("top-1")] == "71.50 / 70.59 (+0.91)"
-    assert se_row[header.index("#P (M)")] == "11.779 / 11.231"  # counts are not differenced
+    assert se_row[header.index("#P (M)")] == "11.231 / 11.231 (+0.000)"  # the paper's unit: counts compare too
     assert se_row[header.index("FPS")] == "200 / 187 (+13)"
     assert se_row[header.index("FPS†")] == "– / 21760"
     assert resnet_row[header.index("top-1")] == "– / 70.40"
@@ -76,7 +77,7 @@ def test_filled_table_puts_ours_beside_the_paper_and_leaves_gaps():
 
 
 def test_markdown_latex_and_csv_renderings():
-    table = fill_table(TABLES["table3"], {emca("resnet34", "eca", "prev_stage_all"): {"top1": 74.0}})
+    table = fill_table(TABLES["table3"], {emca("resnet34", "eca", "prev_stage_all"): Measured.single({"top1": 74.0})}, full=True)
     markdown = render.markdown(table)
     assert markdown.count("\n| R-") == 15 and "| R-34 | EMCA prev_stage_all |" in markdown
     assert "74.00 / 74.46 (-0.46)" in markdown
@@ -94,11 +95,12 @@ def test_complexity_table_compares_increases_over_the_plain_resnet():
     counts = count_variants(variants, image_size=32)
     assert plain("resnet18") in counts
     se_params = counts[channel_attention("resnet18", "se")][0]
-    table = complexity_table(spec.restricted_to(["resnet18"]), counts)
+    table = complexity_table(spec.restricted_to(["resnet18"]), counts, image_size=32)
     rows = {row[1]: row for row in table.rows}
-    assert rows["ResNet"][4] == "0" and rows["ResNet"][2] == "11.690"
-    assert rows["SE"][4] == f"{se_params - counts[plain('resnet18')][0]:,}"
-    assert rows["SE"][5] == "83,000"  # 11.231 - 11.148 M, the paper's own counts
+    delta = table.header.index("ΔP (M)")
+    assert rows["ResNet"][delta] == "0.000 / 0.000" and rows["ResNet"][2] == "11.148 / 11.148 (+0.000)"
+    assert rows["SE"][delta] == f"{(se_params - counts[plain('resnet18')][0]) / 2**20:.3f} / 0.083"  # 11.231 - 11.148
+    assert rows["SE"][table.header.index("GFLOPs")] == f"{counts[channel_attention('resnet18', 'se')][1]:.3f}"  # 32 px: ours alone
     assert len(table.rows) == 7
 
 
@@ -109,6 +111,13 @@ def test_variant_from_config_reads_the_coverage_fields_not_the_name():
     assert variant.cell() == emca("resnet50", "eca", "all_stages_last")
     assert variant.options == (("gating", "residual"),)
     assert variant_from_config({**cfg, "attention": {"name": "none", "integration": "all"}}) == Variant("resnet50", "none")
+    # integration null is the model's default (first for EMCA), which is what the run built.
+    assert variant_from_config({**cfg, "attention": {"name": "emca_eca", "integration": None}}).integration == "first"
+    # se_bias: the paper's SE has none; a config without the key predates it and had biases.
+    se = {**cfg, "attention": {"name": "se", "integration": "all"}}
+    assert variant_from_config(se).options == (("se_bias", True),)
+    assert variant_from_config({**se, "attention": {**se["attention"], "se_bias": False}}).options == ()
+    assert variant_from_config({**cfg, "attention": {"name": "eca", "integration": "all", "se_bias": True}}).options == ()
 
 
 # ----------------------------------------------------------------------------- make_tables
@@ -117,7 +126,7 @@ def test_make_tables_complexity_mode(tmp_path):
                         "--image-size", "32", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Table 4" in result.stdout and result.stdout.count("\n| R-18 |") == 7
-    assert "| R-18 | SE | 11.779 | 11.231 | 89,080 | 83,000 |" in result.stdout
+    assert "| R-18 | SE | 11.231 / 11.231 (+0.000) | 0.035 | 0.083 / 0.083 | 0.000 |" in result.stdout
     assert {p.name for p in tmp_path.iterdir()} == {"tables.md", "tables.csv", "table4_complexity.tex"}
 
 
@@ -131,10 +140,12 @@ def test_make_tables_complexity_mode_refuses_tables_of_measured_results(tmp_path
 def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
-    # An unfinished run (no results yet) and a folder with a broken config are gaps, not crashes.
+    # An unfinished run (no results yet) and one with a broken config are gaps, not crashes.
     shutil.copytree(sweep / "0" / ".hydra", sweep / "unfinished" / ".hydra")
     (sweep / "broken" / ".hydra").mkdir(parents=True)
     (sweep / "broken" / ".hydra" / "config.yaml").write_text("backbone: [unclosed\n")
+    # A later command rewrote run 0's Hydra config: the run is still what its results.json says.
+    (sweep / "0" / ".hydra" / "config.yaml").write_text("backbone: {name: resnet50}\nattention: {name: emca_srm}\n")
     results = {name: json.loads((sweep / name / "results.json").read_text()) for name in ("0", "1")}
 
     out = tmp_path / "tables"
@@ -143,13 +154,18 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     markdown = result.stdout
     # plain ResNet-18 and EMCA-SE (prev_stage_all) fill Table 4, the EMCA run also Table 3's row.
     assert "Table 3:" in markdown and "Table 4:" in markdown and "Table 2:" not in markdown and "Table 5:" not in markdown
-    resnet_row = next(line for line in markdown.splitlines() if line.startswith("| R-18 | ResNet |"))
-    assert f"{results['0']['final']['val_top1']:.2f} / 70.40" in resnet_row
-    emca_row = next(line for line in markdown.splitlines() if line.startswith("| R-18 | EMCA-SE |"))
-    assert f"{results['1']['final']['val_top1']:.2f} / 71.00" in emca_row
-    assert next(line for line in markdown.splitlines() if line.startswith("| R-18 | SE |")).count("– /") == 7
-    assert "incomplete" in markdown and "unfinished" in markdown
-    assert "ignoring" in result.stderr and "broken" in result.stderr
+    lines = markdown.splitlines()
+    # Digits at 16 px is not the paper's protocol: our numbers stand alone, and a note says why.
+    resnet_row = next(line for line in lines if line.startswith("| R-18 | ResNet |"))
+    assert f"| {results['0']['final']['val_top1']:.2f} |" in resnet_row and "70.40" not in resnet_row and " / " not in resnet_row
+    emca_row = next(line for line in lines if line.startswith("| R-18 | EMCA-SE |"))
+    assert f"| {results['1']['final']['val_top1']:.2f} |" in emca_row and "71.00" not in emca_row
+    assert "_Ours alone, measured on digits at 16 px, not the paper's imagenet at 224 px: R-18 ResNet, R-18 EMCA-SE._" in lines
+    # Only the rows the runs fill: no R-18 SE row, no R-34 / R-50 rows.
+    assert not any(line.startswith(("| R-18 | SE |", "| R-34", "| R-50")) for line in lines)
+    assert "resnet50" not in markdown and "emca_srm" not in markdown
+    assert "incomplete" in markdown and "unfinished" in markdown and "broken" in markdown
+    assert "Traceback" not in result.stderr
 
     records = list(csv.DictReader((out / "tables.csv").open()))
     # (Table 9 repeats Table 4's top-1 when test_eval.py's eval.json is in the shared sweep.)
@@ -161,7 +177,7 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     assert (out / "figure9_val_top1.png").stat().st_size > 0
 
 
-def test_measurements_take_speeds_from_eval_json_and_the_newest_duplicate(trained_sweep, tmp_path):
+def test_measurements_take_speeds_from_eval_json_and_count_a_copied_run_once(trained_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
     eval_json = {"val": {"top1": 1.0, "top5": 2.0}, "params": 5_000_000, "gflops": 0.5,
@@ -169,14 +185,17 @@ def test_measurements_take_speeds_from_eval_json_and_the_newest_duplicate(traine
                            "fps_pipeline": {"images_per_second": 200.0}}}
     (sweep / "1" / "checkpoints").mkdir(exist_ok=True)
     (sweep / "1" / "checkpoints" / "eval.json").write_text(json.dumps(eval_json))
+    results = json.loads((sweep / "1" / "results.json").read_text())
     runs = find_runs([sweep])
     measured, notes = measurements(runs)
-    emca_se = emca("resnet18", "se", "prev_stage_all")
-    assert measured[emca_se]["fps"] == 10.0 and measured[emca_se]["fps_pipeline"] == 200.0
-    assert measured[emca_se]["params"] == 5.0 and measured[emca_se]["top1"] != 1.0  # accuracy from results.json
-    shutil.copytree(sweep / "1", sweep / "again")
+    emca_se = measured[emca("resnet18", "se", "prev_stage_all")].values
+    assert emca_se["fps"] == (10.0,) and emca_se["fps_pipeline"] == (200.0,)
+    # Accuracy and parameters from results.json, the run's own record; parameters in 2^20 units.
+    assert emca_se["params"] == (results["params"] / 2**20,) and emca_se["top1"] == (results["final"]["val_top1"],)
+    shutil.copytree(sweep / "1", sweep / "again")  # the same run (its run_id) in two folders: not a repeat
     measured, notes = measurements(find_runs([sweep]))
-    assert any("2 runs of resnet18 emca_se" in note for note in notes)
+    assert measured[emca("resnet18", "se", "prev_stage_all")].values["top1"] == (results["final"]["val_top1"],)
+    assert any(note.startswith(f"one run (run_id {results['run_id']}) in 2 folders") for note in notes)
 
 
 def _run_folder(root: Path, name: str, content: str) -> Path:

@@ -1,14 +1,20 @@
 """The paper's published numbers (PAPER.md §6, ImageNet), kept verbatim and parsed on import.
 
 The text blocks below are copied character for character from PAPER.md §6 so that a reader can
-diff them against the source; the parser turns them into lookups. Parameter counts are the
-authors' (not sum(numel)): compare deltas and ratios, never absolute counts.
+diff them against the source; the parser turns them into lookups. The paper's units are binary
+(PAPER.md §6): its "M" parameters are 2^20, its GFLOPs 2^30 multiply-accumulates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+PARAM_UNIT = 2**20  # the paper's "M": plain R-18/34/50 sum(numel) / 2^20 = 11.148 / 20.788 / 24.373
+GFLOP_UNIT = 2**30  # the paper's "G" of multiply-accumulates
+# Dataset and input size of every run behind these numbers (PAPER.md §5): ours are compared with
+# them only when measured the same way.
+PROTOCOL = ("imagenet", 224)
 
 # Table 2 / Table 3: FPS (batch 1), #P (M), top-1, top-5 for SE | ECA | SRM.
 TABLE_2_3_TEXT = """\
@@ -76,8 +82,8 @@ TABLE_2_3_ROWS = ("all", "first(=none)", "last", "prev_stage_last", "prev_stage_
 class Reference:
     """One published measurement; a field the paper does not give is None."""
 
-    params: Optional[float] = None  # millions, as the authors counted them (not sum(numel))
-    gflops: Optional[float] = None
+    params: Optional[float] = None  # in PARAM_UNIT (2^20) parameters
+    gflops: Optional[float] = None  # in GFLOP_UNIT (2^30) multiply-accumulates, at 224 px
     top1: Optional[float] = None
     top5: Optional[float] = None
     fps: Optional[float] = None  # batch 1, one loader worker

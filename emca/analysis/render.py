@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from typing import Iterable
 
 from emca.analysis.tables import Table
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "–": "--", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "Δ": r"$\Delta$"}
+                  "–": "--", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "Δ": r"$\Delta$", "±": r"$\pm$", "°": r"$^\circ$"}
+
+_POWER = re.compile(r"(\d+\^\d+)")  # the captured group keeps the powers in re.split's result
 
 
 def markdown(table: Table) -> str:
@@ -22,16 +25,27 @@ def markdown(table: Table) -> str:
 
 
 def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+    """Text for LaTeX: special characters escaped, powers such as the units' 2^20 typeset as math."""
+    out = []
+    for index, part in enumerate(_POWER.split(text)):
+        if index % 2:  # a power: 2^20 -> $2^{20}$
+            base, exponent = part.split("^")
+            out.append(f"${base}^{{{exponent}}}$")
+        else:
+            out.append("".join(_LATEX_SPECIAL.get(char, char) for char in part))
+    return "".join(out)
 
 
 def latex(table: Table) -> str:
+    """A booktabs table. LaTeX numbers the caption, so the caption leaves out the paper's number
+    (the comment line keeps it); the label tab:<name> lets the text refer to the table."""
     columns = "ll" + "r" * (len(table.header) - 2)
     lines = [
         f"% {table.title}",
         r"\begin{table}[t]",
         r"\centering",
-        rf"\caption{{{latex_escape(table.title)}}}",
+        rf"\caption{{{latex_escape(table.caption)}}}",
+        rf"\label{{tab:{table.name}}}",
         rf"\begin{{tabular}}{{{columns}}}",
         r"\toprule",
         " & ".join(latex_escape(cell) for cell in table.header) + r" \\",

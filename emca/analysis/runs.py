@@ -1,11 +1,15 @@
 """Finding training runs under sweep folders and reading what they measured.
 
-A run folder is any folder holding .hydra/config.yaml (what Hydra writes for every job of a run
-or a multirun). Its results.json (written by train.py when the run completed) gives accuracy,
-parameters, GFLOPs and the per-epoch validation curve; an eval.json (written by eval.py, in the run
-folder or next to its checkpoints) adds the paper's speeds, the rotated accuracies (Table 9) and
-the learned-scale statistics (Figure 6). A run without either is listed as
+A run folder is any folder holding results.json or .hydra/config.yaml (which the trainer writes
+for every run it accepts). Its results.json (written by train.py when the run completed) gives
+accuracy, parameters, GFLOPs and the per-epoch validation curve; an eval.json (written by eval.py,
+in the run folder or next to its checkpoints) adds the paper's speeds, the rotated accuracies
+(Table 9) and the learned-scale statistics (Figure 6). A run without either is listed as
 incomplete: a gap in the tables, not an error.
+
+What a run is (model, dataset, image size, run id) is read from what the run itself recorded:
+results.json, or for a run eval.py measured before it completed, its checkpoint. Never from
+.hydra/config.yaml, which a later command in the same folder may have rewritten.
 """
 
 from __future__ import annotations
@@ -13,15 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from omegaconf import OmegaConf
-
-from emca.analysis.tables import SCALE_STATISTICS
+from emca.analysis import paper_reference as paper
+from emca.analysis.complexity import build_variant, count_macs
+from emca.analysis.tables import SCALE_STATISTICS, Measured
 from emca.analysis.variants import Variant, variant_from_config
-from emca.engine.checkpoint import CHECKPOINT_DIR, GENERATIONS
+from emca.engine.checkpoint import CHECKPOINT_DIR, GENERATIONS, LAST, load_checkpoint
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -33,17 +37,27 @@ ACCURACIES = ("final", "best")
 @dataclass
 class Run:
     path: Path
-    variant: Variant
-    dataset: Optional[str]
     results: Optional[dict[str, Any]]
     evaluation: Optional[dict[str, Any]]
+    # What the run recorded itself to be; None for an incomplete run.
+    variant: Optional[Variant] = None
+    dataset: Optional[str] = None
+    image_size: Optional[int] = None
+    run_id: Optional[str] = None
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
         return self.results is not None or self.evaluation is not None
 
+    @property
+    def protocol(self) -> tuple[Optional[str], Optional[int]]:
+        return self.dataset, self.image_size
+
     def measurement(self, accuracy: str = "final") -> dict[str, float]:
-        """The table metrics this run has (params in millions); absent keys are gaps."""
+        """The table metrics this run has, as recorded: params a count, gflops conv and linear
+        multiply-accumulates / 1e9 (measurements() converts both to the paper's units); absent
+        keys are gaps."""
         values: dict[str, float] = {}
         results, evaluation = self.results or {}, self.evaluation or {}
         if accuracy not in ACCURACIES:
@@ -53,10 +67,11 @@ class Run:
             values.update(top1=chosen["val_top1"], top5=chosen["val_top5"])
         elif "val" in evaluation:
             values.update(top1=evaluation["val"]["top1"], top5=evaluation["val"]["top5"])
-        params = evaluation.get("params", results.get("params"))
+        # The run's own counts first: eval.json's are of the same model.
+        params = results.get("params", evaluation.get("params"))
         if params is not None:
-            values["params"] = params / 1e6
-        gflops = evaluation.get("gflops", results.get("gflops"))
+            values["params"] = params
+        gflops = results.get("gflops", evaluation.get("gflops"))
         if gflops is not None:
             values["gflops"] = gflops
         for key, speed in (evaluation.get("speed") or {}).items():
@@ -100,7 +115,7 @@ def _contents_problem(document: Any, evaluation: bool) -> Optional[str]:
     here once, so that a hand-edited or foreign file is one warning rather than a traceback later."""
     if not isinstance(document, dict):
         return f"it holds {JSON_TYPES.get(type(document), 'something')}, not a JSON object"
-    run = Run(Path(), None, None, None if evaluation else document, document if evaluation else None)  # type: ignore[arg-type]
+    run = Run(Path(), None if evaluation else document, document if evaluation else None)
     try:
         numbers = [value for accuracy in ACCURACIES for value in run.measurement(accuracy).values()]
         numbers += [value for value in run.top1_curve() if value is not None]
@@ -112,6 +127,20 @@ def _contents_problem(document: Any, evaluation: bool) -> Optional[str]:
         return "a measurement in it is not a number"
     if device is not None and not isinstance(device, str):
         return "speed.device is not a string"
+    return None if evaluation else _label_problem(document)
+
+
+def _label_problem(results: dict[str, Any]) -> Optional[str]:
+    """Why results.json cannot say which run it is (None: it can)."""
+    try:
+        model, variant = results["model"], variant_from_config(results["config"])
+        recorded = (model["backbone"], model["attention"], model.get("coverage"))
+    except Exception as error:  # missing or foreign fields (OmegaConf's errors among them)
+        return f"it does not record its model as train.py does ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    if recorded != (variant.backbone, variant.attention, variant.coverage):
+        return f"its model {recorded} is not the one its config describes ({variant.describe()})"
+    if not isinstance(results.get("dataset"), str) or not isinstance(results.get("image_size"), int):
+        return "its dataset or image_size is not what train.py writes"
     return None
 
 
@@ -120,17 +149,50 @@ def _newest_eval(run_dir: Path) -> Optional[dict[str, Any]]:
     return _read_json(max(found, key=lambda path: path.stat().st_mtime)) if found else None
 
 
-def read_run(run_dir: Path) -> Optional[Run]:
-    """The run in run_dir, or None (with a warning) when its config cannot be read."""
-    config_path = run_dir / ".hydra" / "config.yaml"
+def read_run(run_dir: Path) -> Run:
+    """The run in run_dir, labelled from its results.json, or (measured by eval.py alone) from
+    the checkpoint its eval.json names; incomplete when neither can be read."""
+    results, evaluation = _read_json(run_dir / RESULTS), _newest_eval(run_dir)
+    if results is not None:
+        run = Run(run_dir, results, evaluation, variant_from_config(results["config"]), results["dataset"],
+                  results["image_size"], results.get("run_id"), results["config"])
+        return _without_foreign_eval(run)
+    if evaluation is None:
+        return Run(run_dir, None, None)
+    state = _checkpoint_of(run_dir, evaluation)
+    if state is None:
+        return Run(run_dir, None, None)
+    dataset = evaluation.get("dataset") or {}
+    return Run(run_dir, None, evaluation, variant_from_config(state["config"]), dataset.get("name"),
+               evaluation.get("image_size"), state.get("run_id"), state["config"])
+
+
+def _checkpoint_of(run_dir: Path, evaluation: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The checkpoint eval.json measured (or the run's last one, where that moved), for its config."""
+    named = Path(str(evaluation.get("checkpoint") or run_dir / CHECKPOINT_DIR / LAST))
+    path = named if named.is_file() else run_dir / CHECKPOINT_DIR / named.name
     try:
-        cfg = OmegaConf.load(config_path)
-        variant = variant_from_config(cfg)
-        dataset = OmegaConf.select(cfg, "dataset.name", default=None, throw_on_resolution_failure=False)
-    except Exception as error:  # a hand-edited or foreign config: skip the folder, say why
-        log.warning("ignoring %s: cannot read its model from %s (%s)", run_dir, config_path, " ".join(str(error).split())[:200])
+        state = load_checkpoint(path)
+        variant_from_config(state["config"])
+        return state
+    except Exception as error:  # missing, damaged or foreign: the run is a gap, say why
+        log.warning("ignoring %s: its run has no results.json and the checkpoint it measured (%s) does not say which model "
+                    "it is (%s); rerun eval.py on the run's checkpoint", run_dir / EVAL, path, " ".join(str(error).split())[:200])
         return None
-    return Run(run_dir, variant, dataset, _read_json(run_dir / RESULTS), _newest_eval(run_dir))
+
+
+def _without_foreign_eval(run: Run) -> Run:
+    """The run, without an eval.json measured on another dataset or image size than it trained on."""
+    evaluation = run.evaluation
+    if evaluation is None or "dataset" not in evaluation:
+        return run
+    measured = ((evaluation["dataset"] or {}).get("name"), evaluation.get("image_size"))
+    if measured == run.protocol:
+        return run
+    log.warning("ignoring the eval.json of %s: it measured %s at %s px, the run trained on %s at %s px; "
+                "rerun eval.py without dataset overrides", run.path, *measured, *run.protocol)
+    run.evaluation = None
+    return run
 
 
 def find_runs(roots: Iterable[Path]) -> list[Run]:
@@ -143,44 +205,95 @@ def find_runs(roots: Iterable[Path]) -> list[Run]:
             continue
         for folder, subfolders, _ in os.walk(root):
             subfolders[:] = sorted(name for name in subfolders if name not in (".hydra", CHECKPOINT_DIR, GENERATIONS))
-            if (Path(folder) / ".hydra" / "config.yaml").is_file():
-                run = read_run(Path(folder))
-                if run is not None:
-                    runs.append(run)
+            if (Path(folder) / RESULTS).is_file() or (Path(folder) / ".hydra" / "config.yaml").is_file():
+                runs.append(read_run(Path(folder)))
     return runs
 
 
-def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Variant, dict[str, float]], list[str]]:
-    """{table cell: metrics} from the completed runs, and notes on what was set aside.
-
-    When several runs fill one cell the most recently finished one is used and the others named.
-    """
-    by_cell: dict[Variant, list[Run]] = {}
-    notes = []
+def _same_runs_once(runs: list[Run], notes: list[str]) -> list[Run]:
+    """Each run once: a folder copied elsewhere holds the same run (its run_id), not a repeat."""
+    by_id: dict[str, list[Run]] = {}
     for run in runs:
-        if not run.complete:
-            notes.append(f"incomplete (no usable {RESULTS} or {EVAL}): {run.path}")
-            continue
-        by_cell.setdefault(run.variant.cell(), []).append(run)
+        by_id.setdefault(run.run_id or str(run.path), []).append(run)
+    for run_id, copies in by_id.items():
+        if len(copies) > 1:
+            copies.sort(key=_finished_at)
+            notes.append(f"one run (run_id {run_id}) in {len(copies)} folders, counted once from the newest, "
+                         f"{copies[-1].path}: {', '.join(str(run.path) for run in copies[:-1])}")
+    return [copies[-1] for copies in by_id.values()]
+
+
+def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Variant, Measured], list[str]]:
+    """{table cell: what its runs measured} from the completed runs, and notes on what was set aside.
+
+    Runs of one model (options included) on one dataset and image size are repeats (seeds): a cell
+    holds all their values. Where runs of other options or datasets compete for a cell, the paper's
+    protocol and options win, then the larger group; the others are named in the notes.
+    """
+    notes, groups = [], {}
+    runs = list(runs)
+    notes += [f"incomplete (no usable {RESULTS} or {EVAL}): {run.path}" for run in runs if not run.complete]
+    for run in _same_runs_once([run for run in runs if run.complete], notes):
+        groups.setdefault((run.variant, run.protocol), []).append(run)
+    by_cell: dict[Variant, list[list[Run]]] = {}
+    for group in groups.values():
+        by_cell.setdefault(group[0].variant.cell(), []).append(group)
     measured, chosen_runs = {}, []
     for cell, candidates in by_cell.items():
-        candidates.sort(key=_finished_at)
+        candidates.sort(key=lambda group: (group[0].protocol == paper.PROTOCOL, not group[0].variant.options, len(group)))
         chosen = candidates[-1]
-        chosen_runs.append(chosen)
-        measured[cell] = chosen.measurement(accuracy)
-        if len(candidates) > 1:
-            others = ", ".join(str(run.path) for run in candidates[:-1])
-            notes.append(f"{len(candidates)} runs of {cell.describe()}: using {chosen.path} (newest), not {others}")
-        if chosen.variant.options:
-            notes.append(f"{chosen.path} differs from the paper's options: {chosen.variant.describe()}")
-    # What our numbers depend on besides the model: the resolution of GFLOPs and the speed device.
-    sizes = sorted({size for run in chosen_runs if (size := (run.evaluation or run.results or {}).get("image_size"))})
-    if sizes:
-        notes.append(f"GFLOPs at {', '.join(f'{size} px' for size in sizes)} (the paper's: 224 px).")
+        chosen_runs += chosen
+        measured[cell] = _measured(chosen, accuracy)
+        notes += _group_notes(chosen, candidates[:-1])
     devices = sorted({(run.evaluation.get("speed") or {}).get("device") for run in chosen_runs if run.evaluation} - {None})
     if devices:
         notes.append(f"Our speeds on {'; '.join(devices)} (eval.py); the paper's on the authors' Titan-XP machines.")
     return measured, notes
+
+
+def _measured(group: list[Run], accuracy: str) -> Measured:
+    """Every run's values, parameters and GFLOPs in the paper's units."""
+    values: dict[str, list[float]] = {}
+    for run in group:
+        for key, value in run.measurement(accuracy).items():
+            values.setdefault(key, []).append(value)
+    if "params" in values:
+        values["params"] = [count / paper.PARAM_UNIT for count in values["params"]]
+    if "gflops" in values:
+        # Recorded: conv and linear layers alone; the paper's counter adds BatchNorm and pooling.
+        extra = count_macs(build_variant(group[0].variant), group[0].image_size)[1]
+        values["gflops"] = [(gflops * 1e9 + extra) / paper.GFLOP_UNIT for gflops in values["gflops"]]
+    return Measured({key: tuple(value) for key, value in values.items()}, group[0].protocol)
+
+
+def _group_notes(chosen: list[Run], set_aside: list[list[Run]]) -> list[str]:
+    """What a reader of the cell should know: repeats, options off the paper's, runs not shown."""
+    variant, notes = chosen[0].variant, []
+    if len(chosen) > 1:
+        seeds = ", ".join(str((run.config.get("trainer") or {}).get("seed")) for run in chosen)
+        differing = _differing_keys([run.config for run in chosen]) - {"trainer.seed"}
+        notes.append(f"{len(chosen)} runs of {variant.describe()} (seeds {seeds}) averaged"
+                     + (f"; their configs also differ in {', '.join(sorted(differing))}" if differing else "")
+                     + f": {', '.join(str(run.path) for run in chosen)}")
+    if variant.options:
+        notes.append(f"{', '.join(str(run.path) for run in chosen)} differs from the paper's options: {variant.describe()}")
+    for group in set_aside:
+        notes.append(f"not shown, {variant.cell().describe()} has runs closer to the paper's: {group[0].variant.describe()} "
+                     f"on {group[0].dataset} at {group[0].image_size} px ({', '.join(str(run.path) for run in group)})")
+    return notes
+
+
+def _differing_keys(configs: list[dict[str, Any]], prefix: str = "") -> set[str]:
+    """The dotted keys whose values are not the same in every config."""
+    keys = dict.fromkeys(key for config in configs for key in config)
+    differing = set()
+    for key in keys:
+        values = [config.get(key) for config in configs]
+        if all(isinstance(value, dict) for value in values):
+            differing |= _differing_keys(values, f"{prefix}{key}.")
+        elif any(value != values[0] for value in values):
+            differing.add(prefix + key)
+    return differing
 
 
 def _finished_at(run: Run) -> float:

@@ -1,16 +1,19 @@
 """The paper's tables (PAPER.md §6) as specifications, filled with our measurements beside theirs.
 
 A TableSpec lists the cells of one paper table: for every (backbone, row, column group) the
-Variant that fills it and the published Reference. Filling a spec with measurements gives a
-Table (header + rows of text + long-format records), which render.py writes as Markdown, CSV or
-LaTeX. The experiment presets in configs/experiment/ sweep exactly the variants of these specs
+Variant that fills it and the published Reference. Filling a spec with measurements (a Measured per
+variant: every run's values, and the dataset and image size they were measured on) gives a Table
+(header + rows of text + long-format records), which render.py writes as Markdown, CSV or LaTeX.
+Parameters and GFLOPs are in the paper's units (PAPER.md §6), so they compare digit for digit.
+The experiment presets in configs/experiment/ sweep exactly the variants of these specs
 (tests/test_experiments.py checks it).
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from emca.analysis import paper_reference as paper
 from emca.analysis.paper_reference import Reference
@@ -29,11 +32,10 @@ DEFAULT_COVERAGE = "prev_stage_all"
 class Metric:
     label: str
     digits: int
-    # Whether ours - paper means something: parameter counts follow different conventions
-    # (PAPER.md §6), so their difference is left out (--complexity compares deltas instead).
-    differenced: bool = True
     # Whether PAPER.md has the paper's value: cells of unpublished metrics show ours alone.
     published: bool = True
+    # A property of the model, the same in every run of it: repeats show it once, not as mean ± std.
+    per_model: bool = False
 
 
 ROTATIONS = (90, 180, 270)
@@ -44,8 +46,8 @@ SCALE_STATISTICS = {"mean": ("mean", 3, 1), "variance": ("var", 4, 1), "below_ha
 
 METRICS = {
     "fps": Metric("FPS", 0),
-    "params": Metric("#P (M)", 3, differenced=False),
-    "gflops": Metric("GFLOPs", 3),
+    "params": Metric("#P (M)", 3, per_model=True),
+    "gflops": Metric("GFLOPs", 3, per_model=True),
     "top1": Metric("top-1", 2),
     "top5": Metric("top-5", 2),
     "fps_model": Metric("FPS†", 0),
@@ -68,7 +70,8 @@ class Entry:
 @dataclass(frozen=True)
 class TableSpec:
     name: str
-    title: str
+    paper_name: str  # "Table 4": the number the paper gives it
+    caption: str
     row_header: str
     metrics: tuple[str, ...]
     entries: tuple[Entry, ...]
@@ -78,10 +81,16 @@ class TableSpec:
     required: tuple[str, ...] = ()
     # Whether make_tables --complexity lists its variants (not for tables of Table 4's variants).
     complexity: bool = True
+    # (dataset, image size) of the paper's runs behind this table: ours are differenced only then.
+    protocol: tuple[str, int] = paper.PROTOCOL
 
-    def filled_by(self, measured: Mapping[Variant, Mapping[str, float]]) -> bool:
+    @property
+    def title(self) -> str:
+        return f"{self.paper_name}: {self.caption}"
+
+    def filled_by(self, measured: Mapping[Variant, "Measured"]) -> bool:
         required = set(self.required or self.metrics)
-        return any(required & measured[variant].keys() for variant in self.variants() if variant in measured)
+        return any(required & measured[variant].values.keys() for variant in self.variants() if variant in measured)
 
     def variants(self) -> list[Variant]:
         """Every variant the table needs, in table order, once each."""
@@ -101,7 +110,7 @@ def _table2() -> TableSpec:
               paper.TABLE_2_3[(backbone, "first(=none)" if row == "first" else row, kind)])
         for backbone in BACKBONES for row in ("all", "first", "last") for kind in KINDS
     )
-    return TableSpec("table2", "Table 2: integration strategies of plain channel attention", "integration",
+    return TableSpec("table2", "Table 2", "integration strategies of plain channel attention", "integration",
                      ("fps", "params", "top1", "top5"), entries, tuple(KIND_LABELS.values()))
 
 
@@ -113,7 +122,7 @@ def _table3() -> TableSpec:
         entries += [Entry(backbone, f"EMCA {coverage}", KIND_LABELS[kind], emca(backbone, kind, coverage),
                           paper.TABLE_2_3[(backbone, label, kind)])
                     for coverage, label in COVERAGE_ROWS.items() for kind in KINDS]
-    return TableSpec("table3", "Table 3: EMCA coverage regions (rows) with SE / ECA / SRM excitation", "coverage",
+    return TableSpec("table3", "Table 3", "EMCA coverage regions (rows) with SE / ECA / SRM excitation", "coverage",
                      ("fps", "params", "top1", "top5"), tuple(entries), tuple(KIND_LABELS.values()))
 
 
@@ -135,7 +144,7 @@ def _table4() -> TableSpec:
         Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
         for backbone in BACKBONES for method, variant in _methods(backbone)
     )
-    return TableSpec("table4", f"Table 4: each CA module and its EMCA version (EMCA coverage {DEFAULT_COVERAGE})", "method",
+    return TableSpec("table4", "Table 4", f"each CA module and its EMCA version (EMCA coverage {DEFAULT_COVERAGE})", "method",
                      ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"), entries)
 
 
@@ -145,7 +154,7 @@ def _table5() -> TableSpec:
                for method, variant in _methods(backbone)]
     entries += [Entry(backbone, f"{method} (not in this framework)", None, None, Reference(top1=top1))
                 for method, top1 in paper.TABLE_5_OTHERS.items()]
-    return TableSpec("table5", "Table 5: EMCA against other attention methods (R-50)", "method",
+    return TableSpec("table5", "Table 5", "EMCA against other attention methods (R-50)", "method",
                      ("params", "gflops", "top1", "top5"), tuple(entries))
 
 
@@ -155,7 +164,7 @@ def _table9() -> TableSpec:
         Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
         for backbone in BACKBONES for method, variant in _methods(backbone)
     )
-    return TableSpec("table9", "Table 9: robustness, top-1 on validation images rotated clockwise (never seen in training)",
+    return TableSpec("table9", "Table 9", "robustness, top-1 on validation images rotated clockwise (never seen in training)",
                      "method", ("top1", *rotated), entries, required=rotated, complexity=False)
 
 
@@ -165,11 +174,25 @@ def _figure6() -> TableSpec:
         Entry(backbone, _method_label(method), None, variant, None)
         for backbone in BACKBONES for method, variant in _methods(backbone) if variant.attention != "none"
     )
-    return TableSpec("figure6", "Figure 6: learned scales of the first attention module of each stage (s1-s4), "
+    return TableSpec("figure6", "Figure 6", "learned scales of the first attention module of each stage (s1-s4), "
                      "per-channel averages over the validation set", "method", metrics, entries, complexity=False)
 
 
 TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (_table2(), _table3(), _table4(), _table5(), _table9(), _figure6())}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the runs of one table cell measured: each metric's value in every run that has it,
+    and the (dataset, image size) those runs were measured on."""
+
+    values: Mapping[str, Sequence[float]]
+    protocol: tuple[Optional[str], Optional[int]] = paper.PROTOCOL
+
+    @classmethod
+    def single(cls, metrics: Mapping[str, float], protocol: tuple[Optional[str], Optional[int]] = paper.PROTOCOL
+               ) -> "Measured":
+        return cls({key: (value,) for key, value in metrics.items()}, protocol)
 
 
 @dataclass
@@ -177,103 +200,213 @@ class Table:
     """A filled table: display rows (text) for Markdown / LaTeX and long records for CSV."""
 
     name: str
-    title: str
+    title: str  # "Table 4: ..." as Markdown prints it
+    caption: str  # the same without the number, which LaTeX gives
     header: list[str]
     rows: list[list[str]]
     records: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class KnownDifference:
+    """Why our parameter count of some variants cannot print as the paper's (each claim checked
+    by computing it in tests/test_tables_units.py)."""
+
+    applies: Callable[[Variant], bool]
+    note: str
+
+
+PARAM_DIFFERENCES = (
+    KnownDifference(
+        lambda v: v.attention.endswith("srm"),
+        "#P of SRM rows: ours include SRM's channel-wise FC (cfc, 2 parameters per channel and module), which the paper's "
+        "counter missed (thop skips a Parameter held directly by a non-leaf module); without it ours print as the paper's.",
+    ),
+    KnownDifference(
+        lambda v: v.backbone == "resnet18" and v.attention == "emca_se" and v.coverage in ("prev_stage_all", "all_stages_last"),
+        "#P of R-18 EMCA-SE prev_stage_all / all_stages_last: ours are 11,733,041 parameters, 1 short of the 11,733,042 that "
+        "print as the paper's 11.190; with attention.include_stem=true (the stem as stage 0, as in the authors' code) "
+        "they are 11,733,043 / 11,733,046 = 11.190.",
+    ),
+)
+
+
 def format_number(value: Optional[float], digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def compare_cell(ours: Optional[float], reference: Optional[float], metric: Metric) -> str:
-    """'ours / paper (ours - paper)', or ours alone for a metric the paper's numbers lack; a dash
-    for what is missing."""
-    if not metric.published:
-        return format_number(ours, metric.digits)
-    text = f"{format_number(ours, metric.digits)} / {format_number(reference, metric.digits)}"
-    if metric.differenced and ours is not None and reference is not None:
-        text += f" ({ours - reference:+.{metric.digits}f})"
+def mean_and_std(values: Sequence[float], metric: Metric) -> tuple[Optional[float], Optional[float]]:
+    """The mean of the runs' values and their sample standard deviation (None for one run or a
+    property of the model, which every run shares)."""
+    if not values:
+        return None, None
+    spread = len(values) > 1 and not metric.per_model
+    return statistics.fmean(values), statistics.stdev(values) if spread else None
+
+
+def format_ours(values: Sequence[float], metric: Metric) -> str:
+    """'71.02', or '71.02 ± 0.15 (n=3)' for repeated runs; '–' without any."""
+    mean, std = mean_and_std(values, metric)
+    text = format_number(mean, metric.digits)
+    return text if std is None else f"{text} ± {std:.{metric.digits}f} (n={len(values)})"
+
+
+def compare_cell(values: Sequence[float], reference: Optional[float], metric: Metric, comparable: bool = True) -> str:
+    """'ours / paper (ours - paper)' for runs that followed the paper's protocol; ours alone for
+    other runs and for metrics the paper's numbers lack; a dash for what is missing. The difference
+    is that of the printed numbers, so that it reads off the cell."""
+    ours = format_ours(values, metric)
+    if not metric.published or not comparable:
+        return ours
+    text = f"{ours} / {format_number(reference, metric.digits)}"
+    mean, _ = mean_and_std(values, metric)
+    if mean is not None and reference is not None:
+        text += f" ({round(mean, metric.digits) - reference:+.{metric.digits}f})"
     return text
 
 
-def fill_table(spec: TableSpec, measured: Mapping[Variant, Mapping[str, float]]) -> Table:
-    """The spec with our numbers (by variant; missing variants are gaps) beside the paper's."""
+def _rows(spec: TableSpec) -> dict[tuple[str, str], dict[Optional[str], Entry]]:
+    """{(backbone, row label): {column group: entry}} in table order."""
+    by_row: dict[tuple[str, str], dict[Optional[str], Entry]] = {}
+    for entry in spec.entries:
+        by_row.setdefault((entry.backbone, entry.row), {})[entry.group] = entry
+    return by_row
+
+
+def _params_differ(values: Sequence[float], reference: Optional[float]) -> bool:
+    return bool(values) and reference is not None and round(statistics.fmean(values), METRICS["params"].digits) != reference
+
+
+def fill_table(spec: TableSpec, measured: Mapping[Variant, Measured], full: bool = False) -> Table:
+    """The spec with our numbers (by variant) beside the paper's: only the rows some run fills,
+    or every row of the paper's layout with `full` (missing variants are gaps)."""
     metrics = [(key, METRICS[key]) for key in spec.metrics]
     groups = spec.groups or (None,)
     header = ["backbone", spec.row_header] + [
         f"{group} {metric.label}" if group else metric.label for group in groups for _, metric in metrics
     ]
-    by_row: dict[tuple[str, str], dict[Optional[str], Entry]] = {}
-    for entry in spec.entries:
-        by_row.setdefault((entry.backbone, entry.row), {})[entry.group] = entry
-
-    rows, records = [], []
-    for (backbone, row_label), cells in by_row.items():
+    rows, records, apart, differing, left_out = [], [], {}, [], 0
+    for (backbone, row_label), cells in _rows(spec).items():
+        if not full and not any(entry.variant in measured for entry in cells.values()):
+            left_out += 1
+            continue
         row = [paper.SHORT_NAME.get(backbone, backbone), row_label]
         for group in groups:
             entry = cells.get(group)
-            ours = measured.get(entry.variant, {}) if entry and entry.variant else {}
+            cell = measured.get(entry.variant) if entry and entry.variant else None
+            comparable = cell is None or cell.protocol == spec.protocol
+            if not comparable:
+                apart.setdefault(cell.protocol, []).append(f"{row[0]} {row_label}" + (f" {group}" if group else ""))
             for key, metric in metrics:
                 reference = getattr(entry.reference, key, None) if entry and entry.reference else None
-                row.append(compare_cell(ours.get(key), reference, metric))
-                records.append({
-                    "table": spec.name, "backbone": backbone, "row": row_label, "group": group or "", "metric": key,
-                    "ours": ours.get(key), "paper": reference,
-                    "difference": ours[key] - reference if metric.differenced and ours.get(key) is not None and reference is not None else None,
-                })
+                values = tuple(cell.values.get(key, ())) if cell else ()
+                row.append(compare_cell(values, reference, metric, comparable))
+                records.append(_record(spec.name, backbone, row_label, group, key, values, reference, metric, comparable))
+                if key == "params" and comparable and _params_differ(values, reference):
+                    differing.append(entry.variant)
         rows.append(row)
-    notes = ["Cells: ours / paper (ours - paper); '–' = not measured or not published."
-             if any(metric.published for _, metric in metrics) else "Cells: ours ('–' = not measured); PAPER.md has no published values."]
+    notes = _cell_notes(spec, [measured[v] for v in spec.variants() if v in measured], apart)
+    notes += [known.note for known in PARAM_DIFFERENCES if any(map(known.applies, differing))]
+    if left_out:
+        notes.append(f"Only the rows our runs fill ({left_out} of the paper's left out): make_tables --full prints them all.")
+    return Table(spec.name, spec.title, spec.caption, header, rows, records, notes)
+
+
+def _record(table: str, backbone: str, row: str, group: Optional[str], metric_key: str, values: Sequence[float],
+            reference: Optional[float], metric: Metric, comparable: bool) -> dict:
+    """One CSV line: our mean, its spread and run count, the paper's value and (when the runs
+    followed the paper's protocol) the difference, unrounded."""
+    mean, std = mean_and_std(values, metric)
+    published = reference if metric.published else None
+    return {"table": table, "backbone": backbone, "row": row, "group": group or "", "metric": metric_key,
+            "ours": mean, "std": std, "runs": len(values) or None, "paper": published,
+            "difference": mean - published if comparable and mean is not None and published is not None else None}
+
+
+def units_note(metric_keys: Iterable[str]) -> list[str]:
+    """The paper's units, for tables with parameter or GFLOPs columns."""
+    if not {"params", "gflops"} & set(metric_keys):
+        return []
+    return ["#P in M = 2^20 parameters and GFLOPs in 2^30 multiply-accumulates, the paper's units (PAPER.md §6). GFLOPs "
+            "count conv and linear layers, 2 per BatchNorm output and 1 per averaged element: that gives the paper's "
+            "plain-ResNet GFLOPs to the digit and its attention rows within 0.2 %."]
+
+
+def _protocol_text(protocol: tuple[Optional[str], Optional[int]]) -> str:
+    dataset, size = protocol
+    return f"{dataset or 'an unrecorded dataset'} at {f'{size} px' if size else 'an unrecorded size'}"
+
+
+def _cell_notes(spec: TableSpec, shown: list[Measured], apart: Mapping[tuple, list[str]]) -> list[str]:
+    """How to read the cells: format, units, repeats, and which cells stand alone and why."""
+    if not any(METRICS[key].published for key in spec.metrics):
+        notes, apart = ["Cells: ours ('–' = not measured); PAPER.md has no published values."], {}
+    else:
+        notes = ["Cells: ours / paper (ours - paper); '–' = not measured or not published."]
+    if any(len(values) > 1 for cell in shown for key, values in cell.values.items() if not METRICS[key].per_model):
+        notes.append("Repeated runs of a variant (seeds): mean ± sample standard deviation (n = runs).")
     if any(key.startswith("top1_rot") for key in spec.metrics):
         notes.append("Rotated columns: ours alone (PAPER.md has no published values); top-1 is the unrotated accuracy.")
-    if "params" in spec.metrics:
-        notes.append("#P: ours = sum(numel), the paper's = the authors' own count; compare deltas with make_tables --complexity.")
-    return Table(spec.name, spec.title, header, rows, records, notes)
+    notes += units_note(spec.metrics)
+    notes += [f"Ours alone, measured on {_protocol_text(protocol)}, not the paper's {_protocol_text(spec.protocol)}: "
+              f"{', '.join(labels)}." for protocol, labels in apart.items()]
+    return notes
 
 
-def complexity_table(spec: TableSpec, counts: Mapping[Variant, tuple[int, float]]) -> Table:
-    """Parameters and GFLOPs of every variant of the spec, and their increase over the plain
-    ResNet of the same backbone, ours beside the paper's.
+def complexity_table(spec: TableSpec, counts: Mapping[Variant, tuple[int, float]], image_size: int = 224) -> Table:
+    """Parameters and GFLOPs (the paper's units) of every variant of the spec, and their increase
+    over the plain ResNet of the same backbone, ours beside the paper's.
 
-    counts: {variant: (parameters, GFLOPs)}, the plain ResNet of every backbone included.
+    counts: {variant: (parameters, GFLOPs in 2^30 units)}, the plain ResNet of every backbone included.
     """
-    header = ["backbone", spec.row_header, "#P ours (M)", "#P paper (M)", "ΔP ours", "ΔP paper",
-              "GFLOPs ours", "GFLOPs paper", "ΔGFLOPs ours", "ΔGFLOPs paper"]
-    rows, records, seen = [], [], set()
-    for entry in spec.entries:
-        if entry.variant is None or entry.variant in seen:
-            continue
-        seen.add(entry.variant)
-        backbone = entry.backbone
-        params, gflops = counts[entry.variant]
-        base_params, base_gflops = counts[plain(backbone)]
+    header = ["backbone", spec.row_header, "#P (M)", "GFLOPs", "ΔP (M)", "ΔGFLOPs"]
+    comparable = image_size == spec.protocol[1]  # parameters do not depend on it; GFLOPs do
+    rows, records, differing = [], [], []
+    for entry in _first_entries(spec):
+        variant, backbone, reference = entry.variant, entry.backbone, entry.reference or Reference()
+        params, gflops = counts[variant][0] / paper.PARAM_UNIT, counts[variant][1]
+        base_params, base_gflops = counts[plain(backbone)][0] / paper.PARAM_UNIT, counts[plain(backbone)][1]
         paper_base = paper.TABLE_4_5[(backbone, "ResNet")]
-        reference = entry.reference
-        paper_params = reference.params if reference else None
-        paper_gflops = reference.gflops if reference else None
         values = {
-            "params_m": params / 1e6,
-            "paper_params_m": paper_params,
-            "delta_params": params - base_params,
-            "paper_delta_params": None if paper_params is None else round((paper_params - paper_base.params) * 1e6),
-            "gflops": gflops,
-            "paper_gflops": paper_gflops,
-            "delta_gflops": gflops - base_gflops,
-            "paper_delta_gflops": None if paper_gflops is None else paper_gflops - paper_base.gflops,
+            "params": counts[variant][0], "params_m": params, "paper_params_m": reference.params,
+            "delta_params_m": params - base_params, "paper_delta_params_m": _minus(reference.params, paper_base.params),
+            "gflops": gflops, "paper_gflops": reference.gflops,
+            "delta_gflops": gflops - base_gflops, "paper_delta_gflops": _minus(reference.gflops, paper_base.gflops),
         }
         label = entry.row if entry.group is None else f"{entry.row} {entry.group}"
         rows.append([paper.SHORT_NAME.get(backbone, backbone), label,
-                     format_number(values["params_m"], 3), format_number(values["paper_params_m"], 3),
-                     f"{values['delta_params']:,}", "–" if values["paper_delta_params"] is None else f"{values['paper_delta_params']:,}",
-                     format_number(values["gflops"], 3), format_number(values["paper_gflops"], 3),
-                     format_number(values["delta_gflops"], 4), format_number(values["paper_delta_gflops"], 3)])
+                     compare_cell((params,), reference.params, METRICS["params"]),
+                     compare_cell((gflops,), reference.gflops, METRICS["gflops"], comparable),
+                     _delta_cell(values["delta_params_m"], values["paper_delta_params_m"], True),
+                     _delta_cell(values["delta_gflops"], values["paper_delta_gflops"], comparable)])
         records.append({"table": spec.name, "backbone": backbone, "row": label, **values})
-    notes = [
-        "Ours: sum(numel) and multiply-adds at the given resolution, 1000 classes; the paper's: the authors' counts.",
-        "Δ: increase over the plain ResNet of the same backbone (the paper's from its Table 4 ResNet rows); "
-        "the paper rounds to 1 K parameters / 0.001 GFLOPs.",
-    ]
-    return Table(f"{spec.name}_complexity", f"{spec.title}: complexity", header, rows, records, notes)
+        if _params_differ((params,), reference.params):
+            differing.append(variant)
+    notes = ["Cells: ours / paper (ours - paper). Ours: counted on each model built with the paper's options "
+             "(SE without biases) and 1000 classes."] + units_note(["params", "gflops"])
+    notes.append("Δ: increase over the plain ResNet of the same backbone (the paper's from its Table 4 ResNet rows).")
+    if not comparable:
+        notes.append(f"GFLOPs at {image_size} px, ours alone (the paper's are at {spec.protocol[1]} px).")
+    notes += [known.note for known in PARAM_DIFFERENCES if any(map(known.applies, differing))]
+    return Table(f"{spec.name}_complexity", f"{spec.title}: complexity", f"{spec.caption}: complexity",
+                 header, rows, records, notes)
+
+
+def _first_entries(spec: TableSpec) -> list[Entry]:
+    """The first entry of each variant (Table 2 and 3 list some models twice)."""
+    first: dict[Variant, Entry] = {}
+    for entry in spec.entries:
+        if entry.variant is not None:
+            first.setdefault(entry.variant, entry)
+    return list(first.values())
+
+
+def _minus(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    return None if value is None or base is None else value - base
+
+
+def _delta_cell(ours: float, reference: Optional[float], comparable: bool, digits: int = 3) -> str:
+    """'ours / paper' (a difference of increases would say nothing the absolute columns do not)."""
+    ours_text = format_number(ours, digits)
+    return f"{ours_text} / {format_number(reference, digits)}" if comparable else ours_text

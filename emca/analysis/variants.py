@@ -13,11 +13,22 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emca.models import coverage_name
+from emca.models import coverage_name, default_integration
 from emca.models.config import AttentionConfig
 
-# Attention options that leave the paper's table cell unchanged, with their paper values.
-_PAPER_OPTIONS = {name: getattr(AttentionConfig, name) for name in ("se_ratio", "eca_kernel", "gating", "align", "include_stem")}
+# Attention options that leave the paper's table cell unchanged, with their paper values: the
+# config's defaults, except SE without biases (the authors' SE, whose parameter counts the paper prints).
+PAPER_OPTIONS = {**{name: getattr(AttentionConfig, name) for name in ("se_ratio", "eca_kernel", "gating", "align",
+                                                                     "include_stem")},
+                 "se_bias": False}
+_SE, _ECA, _EMCA = ("se", "emca_se"), ("eca", "emca_eca"), ("emca_se", "emca_eca", "emca_srm")
+# The attentions whose model reads each option: another attention's value of it changes nothing.
+_READ_BY = {"se_ratio": _SE, "se_bias": _SE, "eca_kernel": _ECA, "gating": _EMCA, "align": _EMCA, "include_stem": _EMCA}
+
+
+def paper_options(attention: str) -> dict[str, Any]:
+    """The paper's values of the options this attention reads."""
+    return {key: value for key, value in PAPER_OPTIONS.items() if attention in _READ_BY[key]}
 
 
 @dataclass(frozen=True)
@@ -73,13 +84,15 @@ def variant_from_config(cfg: Any) -> Variant:
     coverage = None
     if attention.startswith("emca_"):
         coverage = coverage_name(_plain(cfg.coverage.stages), _plain(cfg.coverage.blocks))
+    # A key the config lacks was written before the option existed: the model had the default.
     options = tuple(
         (key, value)
-        for key, paper_value in _PAPER_OPTIONS.items()
-        if (value := _plain(cfg.attention.get(key, paper_value))) != paper_value
-        and not (key == "include_stem" and not attention.startswith("emca_"))
+        for key, paper_value in paper_options(attention).items()
+        if (value := _plain(cfg.attention.get(key, getattr(AttentionConfig, key)))) != paper_value
     )
-    return Variant(backbone, attention, str(cfg.attention.integration), coverage, options)
+    # null: the model's default for this attention, which is what the run built.
+    integration = cfg.attention.get("integration") or default_integration(attention)
+    return Variant(backbone, attention, str(integration), coverage, options)
 
 
 def _plain(value: Any) -> Any:
