@@ -8,8 +8,8 @@ from ..layers import EMCA
 
 
 def count_parameters(model: nn.Module) -> int:
-    """sum(p.numel()) over all parameters (the torchvision convention; PAPER.md §6 explains why
-    the authors' counts differ)."""
+    """sum(p.numel()) over all parameters (the torchvision convention; the paper counts the same in
+    units of 2^20, PAPER.md §6)."""
     return sum(p.numel() for p in model.parameters())
 
 
