@@ -31,9 +31,15 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads with --clock wall (the cpu clock runs one thread)")
-    parser.add_argument("--clock", choices=CLOCKS, default=None,
-                        help="wall time, or process CPU time on one thread (default: cpu on a CPU device, wall on CUDA)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads with --clock wall (the cpu clock runs one thread)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default=None,
+        help="wall time, or process CPU time on one thread (default: cpu on a CPU device, wall on CUDA)",
+    )
     parser.add_argument("--allocator", choices=ALLOCATORS, default="keep",
                         help="CPU only. keep: malloc keeps freed memory for the next step, as CUDA's caching allocator "
                              "does (default); system: glibc's own policy, which returns it to the kernel")
@@ -121,7 +127,9 @@ def describe_allocator(device: torch.device, allocator: str, faults_per_call: fl
     `call` what one timed call runs (a step, an epoch)."""
     if device.type == "cuda":
         return "CUDA caching allocator"
-    policy = "malloc keeps freed memory (--allocator keep)" if allocator == "keep" else "the C library's own malloc policy"
+    policy = (
+        "malloc keeps freed memory (--allocator keep)" if allocator == "keep" else "the C library's own malloc policy"
+    )
     return f"{policy}; at most {faults_per_call:.0f} page faults per timed {call} of any variant"
 
 
@@ -147,7 +155,7 @@ class Timing:
         return statistics.median(self.round_ratios(other))
 
     def round_ratios(self, other: "Timing") -> list[float]:
-        return [a / b for a, b in zip(self.samples, other.samples)]
+        return [a / b for a, b in zip(self.samples, other.samples, strict=True)]
 
 
 def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -198,7 +206,9 @@ def interleaved_timings(
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     timer_fn = {"cpu": time.process_time}.get(clock, benchmark.utils.timer.timer)
     timers = {
-        name: benchmark.Timer(stmt="step()", globals={"step": step}, timer=timer_fn, num_threads=torch.get_num_threads())
+        name: benchmark.Timer(
+            stmt="step()", globals={"step": step}, timer=timer_fn, num_threads=torch.get_num_threads()
+        )
         for name, step in steps.items()
     }
     # Warm up round-robin too, so the allocator meets the interleaved sequence of step sizes before
@@ -269,7 +279,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], text_c
     cells = [[str(v) for v in header]] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [
-        "  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(
+            c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
         for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))

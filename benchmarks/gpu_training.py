@@ -69,9 +69,15 @@ def main(argv=None) -> None:
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     torch.backends.cudnn.benchmark = True
     common = [
-        f"backbone={args.backbone}", f"attention={args.attention}", f"dataset.batch_size={args.batch_size}",
-        f"dataset.image_size={args.image_size}", f"dataset.workers={args.workers}", f"trainer.device={device.type}",
-        f"trainer.amp={args.amp}", f"trainer.channels_last={args.channels_last}", f"trainer.max_steps_per_epoch={args.steps}",
+        f"backbone={args.backbone}",
+        f"attention={args.attention}",
+        f"dataset.batch_size={args.batch_size}",
+        f"dataset.image_size={args.image_size}",
+        f"dataset.workers={args.workers}",
+        f"trainer.device={device.type}",
+        f"trainer.amp={args.amp}",
+        f"trainer.channels_last={args.channels_last}",
+        f"trainer.max_steps_per_epoch={args.steps}",
     ]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -79,27 +85,40 @@ def main(argv=None) -> None:
         os.environ.setdefault("EMCA_CACHE", str(scratch / "cache"))
         root = image_folder_root(args.data, scratch / "tree")
         trainers = {
-            "synthetic": build_trainer([*common, "dataset=imagenet", "loader=synthetic", f"loader.steps_per_epoch={args.steps}"],
-                                       scratch / "synthetic"),
-            "dali": build_trainer([*common, "dataset=imagefolder", f"dataset.root={root}", "loader=dali"], scratch / "dali"),
+            "synthetic": build_trainer(
+                [*common, "dataset=imagenet", "loader=synthetic", f"loader.steps_per_epoch={args.steps}"],
+                scratch / "synthetic",
+            ),
+            "dali": build_trainer(
+                [*common, "dataset=imagefolder", f"dataset.root={root}", "loader=dali"], scratch / "dali"
+            ),
         }
         if trainers["dali"].steps_per_epoch == 0:
             sys.exit(f"{args.data} holds fewer training images than one batch of {args.batch_size}: lower --batch-size")
-        timings = interleaved_timings({name: trainer_epoch(t) for name, t in trainers.items()}, args.rounds, args.warmup)
+        timings = interleaved_timings(
+            {name: trainer_epoch(t) for name, t in trainers.items()}, args.rounds, args.warmup
+        )
 
     steps = {name: t.steps_per_epoch for name, t in trainers.items()}
     rates = {name: steps[name] * args.batch_size / timing.median for name, timing in timings.items()}
     rows = [[name, steps[name], f"{rates[name]:.0f}", f"{timing.spread:.0%}", f"{rates[name] / rates['synthetic']:.3f}"]
             for name, timing in timings.items()]
-    print("\n".join([
-        f"device   {describe_device(device)}",
-        f"setting  {args.backbone} attention={args.attention}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-        f"amp {args.amp}, {'channels_last' if args.channels_last else 'NCHW'}, DALI threads {args.workers}, data {args.data}",
-        f"time     {args.rounds} interleaved rounds of one epoch (at most {args.steps} steps) each, wall clock, median"
-        + ("" if device.type == "cuda" else "  [CPU smoke test: not a GPU figure]"),
-        "",
-        format_table(["loader", "steps", "images/s", "spread", "x synthetic"], rows),
-    ]))
+    print(
+        "\n".join(
+            [
+                f"device   {describe_device(device)}",
+                f"setting  {args.backbone} attention={args.attention}, batch {args.batch_size}, "
+                f"{args.image_size}x{args.image_size}, "
+                f"amp {args.amp}, {'channels_last' if args.channels_last else 'NCHW'}, DALI threads {args.workers}, "
+                f"data {args.data}",
+                f"time     {args.rounds} interleaved rounds of one epoch (at most {args.steps} steps) each, wall "
+                "clock, median"
+                + ("" if device.type == "cuda" else "  [CPU smoke test: not a GPU figure]"),
+                "",
+                format_table(["loader", "steps", "images/s", "spread", "x synthetic"], rows),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

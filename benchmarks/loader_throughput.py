@@ -57,8 +57,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         os.environ.setdefault("EMCA_CACHE", scratch)
-        dataset = DatasetConfig(name="imagefolder", root=str(image_tree(args.data, Path(scratch))), image_size=args.image_size,
-                                batch_size=args.batch_size, workers=args.threads)
+        dataset = DatasetConfig(
+            name="imagefolder",
+            root=str(image_tree(args.data, Path(scratch))),
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            workers=args.threads,
+        )
         cpu = torch.device("cpu")
         variants = {
             "dali-cpu": (build_loaders(dataset, LoaderConfig(name="dali"), device=cpu).train, cpu),
@@ -76,9 +81,12 @@ def main() -> None:
                     rates[name].append(count / seconds)
 
     images_per_epoch = len(variants["torchvision"][0]) * args.batch_size
-    print(f"train pipeline at {args.image_size} px, {images_per_epoch} images/epoch from {args.data}, batch {args.batch_size}, "
-          f"{args.threads} threads/workers, {args.epochs} timed epochs after {args.warmup} warm-up, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print(
+        f"train pipeline at {args.image_size} px, {images_per_epoch} images/epoch from {args.data}, batch "
+        f"{args.batch_size}, "
+        f"{args.threads} threads/workers, {args.epochs} timed epochs after {args.warmup} warm-up, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs"
+    )
     print(f"{'loader':<12} {'median img/s':>12} {'min':>8} {'max':>8}")
     for name, values in rates.items():
         print(f"{name:<12} {statistics.median(values):>12.1f} {min(values):>8.1f} {max(values):>8.1f}")

@@ -19,8 +19,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from _timing import (MIB, Timing, add_run_arguments, describe_allocator, describe_device, format_table, interleaved_timings,
-                     peak_memory, prepare_run, ratio_verdict, tensor_bytes)
+from _timing import (
+    MIB,
+    Timing,
+    add_run_arguments,
+    describe_allocator,
+    describe_device,
+    format_table,
+    interleaved_timings,
+    peak_memory,
+    prepare_run,
+    ratio_verdict,
+    tensor_bytes,
+)
 from emca.engine.precision import amp_dtype, autocast
 from emca.models.resnet import EMCAResNet
 
@@ -58,12 +69,18 @@ EMCA_ECA_R50_BUDGET = 1.05
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
-    parser.add_argument("--variants", nargs="+", default=[v.label for v in VARIANTS], choices=[v.label for v in VARIANTS])
+    parser.add_argument(
+        "--variants", nargs="+", default=[v.label for v in VARIANTS], choices=[v.label for v in VARIANTS]
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=7, help="round-robin passes over the variants; the median is reported")
-    parser.add_argument("--steps-per-round", type=int, default=1, help="training steps timed together per variant and round")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="round-robin passes over the variants; the median is reported"
+    )
+    parser.add_argument(
+        "--steps-per-round", type=int, default=1, help="training steps timed together per variant and round"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the rounds")
     add_run_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (compile time is not timed)")
@@ -109,7 +126,9 @@ class Measurement:
 
 def measure_backbone(backbone: str, variants: list[Variant], args, device: torch.device) -> list[Measurement]:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(
+        memory_format=memory_format
+    )
     targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     steps, models = {}, {}
     for variant in variants:
@@ -117,7 +136,9 @@ def measure_backbone(backbone: str, variants: list[Variant], args, device: torch
         model = EMCAResNet(backbone, num_classes=args.num_classes, attention=variant.attention,
                            integration=variant.integration, coverage=variant.coverage)
         models[variant.label] = model = model.to(device, memory_format=memory_format).train()
-        steps[variant.label] = make_training_step(torch.compile(model) if args.compile else model, images, targets, args.amp)
+        steps[variant.label] = make_training_step(
+            torch.compile(model) if args.compile else model, images, targets, args.amp
+        )
 
     timings = interleaved_timings(steps, args.rounds, args.warmup, args.steps_per_round, args.clock)
     measurements = []
@@ -178,7 +199,10 @@ def check_targets(found: dict[tuple[str, str], Measurement]) -> list[str]:
             lines.append(f"{name} time {ratio_verdict(m.timing.round_ratios(dense.timing), 1.0, strict=True)}")
             # Peak memory is deterministic: one measurement, no noise.
             memory = m.memory_ratio(dense)
-            lines.append(f"{name} memory {memory:.4f}x ({m.peak_bytes / MIB:.1f} vs {dense.peak_bytes / MIB:.1f} MiB): {'PASS' if memory < 1 else 'MISS'}")
+            lines.append(
+                f"{name} memory {memory:.4f}x ({m.peak_bytes / MIB:.1f} vs {dense.peak_bytes / MIB:.1f} MiB): "
+                f"{'PASS' if memory < 1 else 'MISS'}"
+            )
     return lines
 
 

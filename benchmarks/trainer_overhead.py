@@ -24,8 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _timing import (add_run_arguments, describe_allocator, describe_device, format_table, interleaved_timings, prepare_run,
-                     ratio_verdict)
+from _timing import (
+    add_run_arguments,
+    describe_allocator,
+    describe_device,
+    format_table,
+    interleaved_timings,
+    prepare_run,
+    ratio_verdict,
+)
 from _trainer import build_trainer, trainer_epoch
 from emca.engine.precision import amp_dtype, autocast
 from emca.engine.trainer import Trainer
@@ -89,21 +96,38 @@ def main(argv=None) -> None:
 
     bare = timings["bare PyTorch loop"]
     images = args.steps * args.batch_size
-    rows = [[name, f"{t.median:.3f}", f"{images / t.median:.1f}", f"{t.spread:.0%}", "-" if t is bare else f"{t.ratio_to(bare):.3f}"]
-            for name, t in timings.items()]
+    rows = [
+        [
+            name,
+            f"{t.median:.3f}",
+            f"{images / t.median:.1f}",
+            f"{t.spread:.0%}",
+            "-" if t is bare else f"{t.ratio_to(bare):.3f}",
+        ]
+        for name, t in timings.items()
+    ]
     verdict = ratio_verdict(timings["EMCA-Train trainer"].round_ratios(bare), 1 + OVERHEAD_BUDGET)
-    print("\n".join([
-        f"device   {describe_device(device)}",
-        f"alloc    {describe_allocator(device, args.allocator, max(t.faults_per_call for t in timings.values()), 'epoch')}",
-        f"setting  {args.backbone} {args.attention}, batch {args.batch_size}, {args.image_size}x{args.image_size}, amp {args.amp}, "
-        f"{'channels_last' if args.channels_last else 'NCHW'}, synthetic batches, {args.steps} steps per epoch, "
-        f"trainer logs every {args.log_every} steps",
-        f"time     {args.rounds} interleaved rounds of one epoch each, {args.clock} clock; x bare: median of the per-round ratios",
-        "",
-        format_table(["loop", "s/epoch", "images/s", "spread", "x bare"], rows),
-        "",
-        f"target   trainer time vs bare loop, at most {1 + OVERHEAD_BUDGET:.2f}x ({OVERHEAD_BUDGET:.0%} overhead): {verdict}",
-    ]))
+    print(
+        "\n".join(
+            [
+                f"device   {describe_device(device)}",
+                "alloc    "
+                + describe_allocator(device, args.allocator, max(t.faults_per_call for t in timings.values()), "epoch"),
+                f"setting  {args.backbone} {args.attention}, batch {args.batch_size}, "
+                f"{args.image_size}x{args.image_size}, amp {args.amp}, "
+                f"{'channels_last' if args.channels_last else 'NCHW'}, synthetic batches, {args.steps} steps per "
+                "epoch, "
+                f"trainer logs every {args.log_every} steps",
+                f"time     {args.rounds} interleaved rounds of one epoch each, {args.clock} clock; x bare: median of "
+                "the per-round ratios",
+                "",
+                format_table(["loop", "s/epoch", "images/s", "spread", "x bare"], rows),
+                "",
+                f"target   trainer time vs bare loop, at most {1 + OVERHEAD_BUDGET:.2f}x ({OVERHEAD_BUDGET:.0%} "
+                f"overhead): {verdict}",
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def require_int(option: str, value: Any, minimum: int, error: type[Exception] = ValueError, nullable: bool = False) -> None:
+def require_int(
+    option: str, value: Any, minimum: int, error: type[Exception] = ValueError, nullable: bool = False
+) -> None:
     """An integer >= minimum (or null when nullable); also for untyped options such as eval.yaml's."""
     if nullable and value is None:
         return

@@ -22,7 +22,10 @@ class EMCASlurmLauncher(SlurmLauncher):
         # after running it.)
         cloudpickle.register_pickle_by_value(sys.modules[type(self).__module__])
         extra = self.params.get("additional_parameters") or {}
-        self.params["additional_parameters"] = {**slurm.warning_sbatch_parameters(self.params["signal_delay_s"]), **extra}
+        self.params["additional_parameters"] = {
+            **slurm.warning_sbatch_parameters(self.params["signal_delay_s"]),
+            **extra,
+        }
 
     def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any):
         """Runs in every SLURM task of the job."""
@@ -34,5 +37,6 @@ class EMCASlurmLauncher(SlurmLauncher):
         """Called by submitit on the warning signal (rank 0 only): the submission to requeue."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(self, slurm.with_resume_auto(sweep_overrides, replace=True), *args, **kwargs)
-
+        return submitit.helpers.DelayedSubmission(
+            self, slurm.with_resume_auto(sweep_overrides, replace=True), *args, **kwargs
+        )

@@ -31,16 +31,24 @@ USER_ERRORS = (EvalError, CheckpointError, DatasetError)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run folders or checkpoint files, one column each")
-    parser.add_argument("--out", type=Path, default=Path("gradcam_grid.png"), help="the figure's PNG (default: gradcam_grid.png)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("gradcam_grid.png"), help="the figure's PNG (default: gradcam_grid.png)"
+    )
     chooser = parser.add_mutually_exclusive_group()
     chooser.add_argument("--images", type=int, default=4, help="N images from N different classes (default 4)")
-    chooser.add_argument("--classes", nargs="+", help="the first validation image of each of these classes (folder names)")
+    chooser.add_argument(
+        "--classes", nargs="+", help="the first validation image of each of these classes (folder names)"
+    )
     chooser.add_argument("--indices", nargs="+", type=int, help="these positions in val/'s sorted listing")
     parser.add_argument("--layer", default=AUTO, help="auto (default) or a module name, e.g. layer3.1")
     parser.add_argument("--names", nargs="+", help="column titles, one per run (default: backbone and attention)")
-    parser.add_argument("--dataset-root", type=Path, help="where the first run's dataset is now (default: where it trained)")
+    parser.add_argument(
+        "--dataset-root", type=Path, help="where the first run's dataset is now (default: where it trained)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.images < 1:
@@ -60,7 +68,9 @@ def checkpoint_of(run: Path) -> Path:
 def column_title(state: dict) -> str:
     arch = state["fingerprint"]["architecture"]
     coverage = arch.get("coverage")
-    return f"{arch['backbone']} {arch['attention']}" + (f" {coverage_name(coverage['stages'], coverage['blocks'])}" if coverage else "")
+    return f"{arch['backbone']} {arch['attention']}" + (
+        f" {coverage_name(coverage['stages'], coverage['blocks'])}" if coverage else ""
+    )
 
 
 def draw(args: argparse.Namespace) -> tuple[int, int]:
@@ -78,8 +88,14 @@ def draw(args: argparse.Namespace) -> tuple[int, int]:
     dataset_cfg = dict(first_state["config"]["dataset"])
     if args.dataset_root:
         dataset_cfg["root"] = str(args.dataset_root)
-    chosen = choose_images(dataset_cfg, first_state.get("classes"), device, count=args.images, wanted_classes=args.classes,
-                           indices=args.indices)
+    chosen = choose_images(
+        dataset_cfg,
+        first_state.get("classes"),
+        device,
+        count=args.images,
+        wanted_classes=args.classes,
+        indices=args.indices,
+    )
     names = args.names or [column_title(state) for _, state, _ in runs]
     columns = [(name, heat_maps(model, chosen, args.layer)) for name, (_, _, model) in zip(names, runs, strict=True)]
     return save_grid(chosen, columns, args.out)

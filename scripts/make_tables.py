@@ -32,21 +32,42 @@ from emca.models import BACKBONES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("sweep_dirs", nargs="*", type=Path, help="folders holding runs (searched recursively)")
-    parser.add_argument("--out", type=Path, help="where to write files (default: SWEEP_DIR/tables, or ./tables with --complexity)")
-    parser.add_argument("--tables", nargs="+", choices=sorted(TABLES), help="which tables (default: every table a run fills; all with --complexity)")
-    parser.add_argument("--accuracy", choices=ACCURACIES, default="final", help="the epoch whose accuracy is reported (default: final)")
-    parser.add_argument("--full", action="store_true", help="print every row of the paper's tables, not only those runs fill")
-    parser.add_argument("--complexity", action="store_true", help="count params / GFLOPs of every variant instead of reading runs")
-    parser.add_argument("--backbones", nargs="+", choices=BACKBONES, help="--complexity: only these backbones (e.g. resnet18)")
-    parser.add_argument("--image-size", type=int, default=224, help="--complexity: input resolution for GFLOPs (default 224)")
+    parser.add_argument(
+        "--out", type=Path, help="where to write files (default: SWEEP_DIR/tables, or ./tables with --complexity)"
+    )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        choices=sorted(TABLES),
+        help="which tables (default: every table a run fills; all with --complexity)",
+    )
+    parser.add_argument(
+        "--accuracy", choices=ACCURACIES, default="final", help="the epoch whose accuracy is reported (default: final)"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="print every row of the paper's tables, not only those runs fill"
+    )
+    parser.add_argument(
+        "--complexity", action="store_true", help="count params / GFLOPs of every variant instead of reading runs"
+    )
+    parser.add_argument(
+        "--backbones", nargs="+", choices=BACKBONES, help="--complexity: only these backbones (e.g. resnet18)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="--complexity: input resolution for GFLOPs (default 224)"
+    )
     args = parser.parse_args(argv)
     if not args.complexity and not args.sweep_dirs:
         parser.error("give at least one SWEEP_DIR (or --complexity)")
     if args.complexity and args.tables and not any(TABLES[name].complexity for name in args.tables):
-        parser.error(f"--complexity counts the variants of {', '.join(n for n, s in TABLES.items() if s.complexity)}; "
-                     f"{', '.join(args.tables)} hold(s) only measured results: drop --complexity and give the sweep folders")
+        parser.error(
+            f"--complexity counts the variants of {', '.join(n for n, s in TABLES.items() if s.complexity)}; "
+            f"{', '.join(args.tables)} hold(s) only measured results: drop --complexity and give the sweep folders"
+        )
     if args.complexity and args.full:
         parser.error("--full prints the rows runs leave empty; --complexity counts every row already: drop one of them")
     if args.image_size < 1:
@@ -75,7 +96,11 @@ def run_tables(args: argparse.Namespace) -> list[Table] | None:
     notes += [f"not in {', '.join(names) or 'any paper table'}: {run.variant.describe()} ({run.path})"
               for run in runs if run.complete and run.variant.cell() not in placed]
     datasets = sorted({f"{run.dataset} at {run.image_size} px" for run in runs if run.complete})
-    notes.insert(0, f"{len(runs)} run folder(s), trained on {', '.join(datasets) or 'nothing yet'}; {args.accuracy}-epoch accuracy.")
+    notes.insert(
+        0,
+        f"{len(runs)} run folder(s), trained on {', '.join(datasets) or 'nothing yet'}; "
+        f"{args.accuracy}-epoch accuracy.",
+    )
     tables = [fill_table(TABLES[name], measured, args.full) for name in names]
     for table in tables:
         table.notes += notes
@@ -92,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     tables = complexity_tables(args) if args.complexity else run_tables(args)
     if tables is None:
-        print(f"error: no run folders (with results.json or .hydra/config.yaml) under {', '.join(map(str, args.sweep_dirs))}", file=sys.stderr)
+        print(
+            "error: no run folders (with results.json or .hydra/config.yaml) under "
+            f"{', '.join(map(str, args.sweep_dirs))}",
+            file=sys.stderr,
+        )
         return 1
     text = "\n".join(render.markdown(table) for table in tables)
     print(text)

@@ -27,7 +27,9 @@ def find_raw(raw: Path) -> Path:
             return candidate.resolve()
     if not raw.is_dir():
         raise PrepareError(f"{raw} is not a folder; pass the unpacked tiny-imagenet-200 folder")
-    raise PrepareError(f"{raw} has no wnids.txt; pass the unpacked tiny-imagenet-200 folder (with wnids.txt, train/, val/)")
+    raise PrepareError(
+        f"{raw} has no wnids.txt; pass the unpacked tiny-imagenet-200 folder (with wnids.txt, train/, val/)"
+    )
 
 
 def read_wnids(raw: Path) -> list[str]:
@@ -66,7 +68,9 @@ def prepare(raw: Path, out: Path, force: bool = False) -> dict[str, int]:
     val_pairs = read_val_annotations(raw, wnids)
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise PrepareError(f"{out} is not empty; choose an empty OUT or pass --force to replace its train/ and val/")
+            raise PrepareError(
+                f"{out} is not empty; choose an empty OUT or pass --force to replace its train/ and val/"
+            )
         for split in ("train", "val"):
             shutil.rmtree(out / split, ignore_errors=True)
 
@@ -99,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as error:
         print(f"prepare_tiny_imagenet: error: {error}", file=sys.stderr)
         return 1
-    print(f"{args.out}: {counts['classes']} classes, {counts['train']} train and {counts['val']} val images (symlinks); "
-          f"use dataset=tiny_imagenet dataset.root={args.out}")
+    print(
+        f"{args.out}: {counts['classes']} classes, {counts['train']} train and {counts['val']} val images (symlinks); "
+        f"use dataset=tiny_imagenet dataset.root={args.out}"
+    )
     return 0
 
 

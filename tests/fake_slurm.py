@@ -51,7 +51,9 @@ def sbatch(script_path: str) -> None:
     )
     (state_dir() / "state").write_text("RUNNING")
     log = open(state_dir() / "job.log", "ab")
-    subprocess.Popen([sys.executable, __file__, "_run", script_path], env=env, stdout=log, stderr=log, start_new_session=True)
+    subprocess.Popen(
+        [sys.executable, __file__, "_run", script_path], env=env, stdout=log, stderr=log, start_new_session=True
+    )
     print(f"Submitted batch job {JOB_ID}")
 
 
@@ -82,7 +84,7 @@ def srun(args: list[str]) -> int:
         env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank % tasks_per_node),
                    SLURM_NODEID=str(rank // tasks_per_node))
 
-        def path(pattern: str) -> str:
+        def path(pattern: str, rank: int = rank) -> str:
             return pattern.replace("%j", job_id).replace("%t", str(rank))
 
         stdout = open(path(outputs["--output"]), "ab")

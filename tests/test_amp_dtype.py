@@ -5,7 +5,7 @@ network in float32, and the float32 path is the one without autocast."""
 import pytest
 import torch
 
-from emca.models import EMCAResNet, attention_modules
+from emca.models import EMCAResNet
 
 ATTENTIONS = ("none", "se", "eca", "srm", "emca_se", "emca_eca", "emca_srm")
 EMCA_OPTIONS = (

@@ -30,8 +30,26 @@ def table_header(output: str, first_column: str) -> list[str]:
 def test_model_cost_prints_times_memory_and_targets():
     output = run_benchmark("model_cost.py", "--backbones", "resnet18", "--variants", "ResNet", "ECA", "EMCA-ECA",
                            "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--warmup", "0")
-    assert table_header(output, "backbone") == ["backbone", "variant", "attention", "in", "params", "M", "ms/img", "spread",
-                                                "x", "plain", "x", "dense", "peak", "MiB", "x", "plain", "x", "dense"]
+    assert table_header(output, "backbone") == [
+        "backbone",
+        "variant",
+        "attention",
+        "in",
+        "params",
+        "M",
+        "ms/img",
+        "spread",
+        "x",
+        "plain",
+        "x",
+        "dense",
+        "peak",
+        "MiB",
+        "x",
+        "plain",
+        "x",
+        "dense",
+    ]
     rows = [line.split()[:2] for line in output.splitlines() if line.startswith("resnet18")]
     assert rows == [["resnet18", "ResNet"], ["resnet18", "ECA"], ["resnet18", "EMCA-ECA"]]
     assert "target   resnet18 EMCA-ECA vs ECA, below 1x: time" in output
@@ -70,7 +88,9 @@ print(kept, (page_faults() - before) / 4)
 @pytest.mark.parametrize("keep", [True, False])
 def test_kept_memory_is_reused_without_page_faults(keep):
     code = FAULTS_OF_REUSED_BLOCKS.format(benchmarks=str(BENCHMARKS), keep=keep)
-    kept, faults = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    kept, faults = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     if keep and kept != "True":
         pytest.skip("the C library is not glibc: mallopt is not available")
     # 64 MiB is 16,384 pages of 4 KiB: glibc maps it afresh on every allocation unless told to keep it.
@@ -90,7 +110,9 @@ def test_ratio_verdict_names_results_that_noise_could_flip():
     assert ratio_verdict([1.01, 1.02, 1.02, 1.03, 1.03, 1.03, 1.04, 1.04, 1.04, 1.04, 1.20], 1.05) == \
         "1.030x (95% CI 1.020-1.040): PASS"
     assert ratio_verdict([1.06] * 7, 1.05) == "1.060x (95% CI 1.060-1.060): MISS"
-    assert ratio_verdict([0.97, 0.99, 1.00, 1.01], 1.0, strict=True) == "0.995x (95% CI 0.970-1.010): PASS, within noise"
+    assert (
+        ratio_verdict([0.97, 0.99, 1.00, 1.01], 1.0, strict=True) == "0.995x (95% CI 0.970-1.010): PASS, within noise"
+    )
     assert ratio_verdict([1.07], 1.05) == "1.070x (95% CI 1.070-1.070): MISS"
 
 

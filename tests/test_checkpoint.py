@@ -22,12 +22,17 @@ from emca.models import build_model
 
 def tiny_model(attention="emca_eca", coverage=None, num_classes=10):
     coverage = coverage or {"stages": 1, "blocks": "all"}
-    return build_model({"name": "resnet18"}, {"name": attention, "integration": "first"}, coverage, num_classes=num_classes)
+    return build_model(
+        {"name": "resnet18"}, {"name": attention, "integration": "first"}, coverage, num_classes=num_classes
+    )
 
 
 def epoch_state(epoch: int, best: int, megabytes: int = 1) -> dict:
     """A checkpoint of `epoch` that names `best` as its best epoch; every weight equals the epoch."""
-    return {"progress": {"epoch": epoch, "best": {"epoch": best}}, "weights": torch.full((megabytes << 18,), float(epoch))}
+    return {
+        "progress": {"epoch": epoch, "best": {"epoch": best}},
+        "weights": torch.full((megabytes << 18,), float(epoch)),
+    }
 
 
 def assert_consistent(store: CheckpointStore) -> int:
@@ -55,7 +60,9 @@ def test_last_and_best_are_replaced_together(tmp_path):
             (store.link / "eval_gradcam" / "0.png").write_bytes(b"png")
     # An unimproved epoch links the previous best.pt into its generation rather than copying it.
     assert inodes[2] == inodes[1] and inodes[4] == inodes[3] != inodes[2]
-    assert (store.link / "eval.json").read_text() == "{}" and (store.link / "eval_gradcam" / "0.png").read_bytes() == b"png"
+    assert (store.link / "eval.json").read_text() == "{}" and (
+        store.link / "eval_gradcam" / "0.png"
+    ).read_bytes() == b"png"
     # One generation on disk, behind the symlink.
     assert [p.name for p in (tmp_path / GENERATIONS).iterdir()] == [store.current().name]
     assert (tmp_path / CHECKPOINT_DIR).is_symlink()
@@ -114,7 +121,9 @@ def test_a_kill_at_any_instant_leaves_consistent_checkpoints(tmp_path):
     store = CheckpointStore(tmp_path)
     epochs = []
     for _ in range(8):  # each writer resumes the numbering from what the previous one left
-        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
         try:
             writer.stdout.readline()  # one save complete
             time.sleep(random.uniform(0.0, 0.2))  # somewhere inside a later one
@@ -144,7 +153,10 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(tmp_path):
     path = tmp_path / "last.pt"
     eca = tiny_model("emca_eca")
     torch.save({"fingerprint": architecture_fingerprint(eca), "model": eca.state_dict()}, path)
-    assert load_checkpoint(path, architecture_fingerprint(tiny_model("emca_eca")))["model"].keys() == eca.state_dict().keys()
+    assert (
+        load_checkpoint(path, architecture_fingerprint(tiny_model("emca_eca")))["model"].keys()
+        == eca.state_dict().keys()
+    )
 
     for other in (tiny_model("emca_se"), tiny_model("emca_eca", {"stages": 1, "blocks": 1}), tiny_model(num_classes=7)):
         with pytest.raises(CheckpointError) as error:

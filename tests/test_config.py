@@ -54,7 +54,12 @@ def test_sgd_paper_is_the_papers_recipe(compose_train):
     assert milestone_epochs(opt.milestones, cfg.trainer.epochs) == [30, 60, 90]
 
 
-@pytest.mark.parametrize("preset", sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "preset",
+    sorted(
+        str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml")
+    ),
+)
 def test_every_experiment_preset_composes_and_validates(compose_train, preset):
     assert isinstance(OmegaConf.to_object(compose_train(f"+experiment={preset}")), TrainConfig)
 

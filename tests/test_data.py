@@ -34,7 +34,7 @@ def loader_cfg(name, **overrides):
 
 def run_epoch(loader, epoch=0):
     loader.set_epoch(epoch)
-    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader], strict=True)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -131,7 +131,7 @@ def test_epochs_depend_only_on_seed_and_epoch(image_tree, loader):
     images, labels = run_epoch(bundle.train, 3)
     # A fresh loader jumping straight to epoch 3 (a resumed run) sees exactly the same batches.
     resumed = build_loaders(cfg, loader_cfg(loader), seed=7)
-    assert all(torch.equal(a, b) for a, b in zip((images, labels), run_epoch(resumed.train, 3)))
+    assert all(torch.equal(a, b) for a, b in zip((images, labels), run_epoch(resumed.train, 3), strict=True))
     other_images, other_labels = run_epoch(bundle.train, 4)
     assert not torch.equal(images, other_images)
     other_seed, _ = run_epoch(build_loaders(cfg, loader_cfg(loader), seed=8).train, 3)
@@ -140,7 +140,10 @@ def test_epochs_depend_only_on_seed_and_epoch(image_tree, loader):
 
 def test_torchvision_augmentation_does_not_depend_on_worker_count(image_tree):
     root = image_tree({"train": {"a": 6, "b": 6}, "val": {"a": 1}})
-    runs = [run_epoch(build_loaders(dataset_cfg(root, workers=w, batch_size=4), loader_cfg("torchvision")).train, 1) for w in (0, 2)]
+    runs = [
+        run_epoch(build_loaders(dataset_cfg(root, workers=w, batch_size=4), loader_cfg("torchvision")).train, 1)
+        for w in (0, 2)
+    ]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
@@ -198,7 +201,9 @@ def test_digits_generation_is_safe_when_processes_race(tmp_path):
 
 def test_synthetic_loader_reads_no_files():
     cfg = dataset_cfg("/nonexistent", image_size=24, batch_size=8, num_classes=None)
-    bundle = build_loaders(cfg, loader_cfg("synthetic", steps_per_epoch=3, val_steps=2), world_size=2, channels_last=True)
+    bundle = build_loaders(
+        cfg, loader_cfg("synthetic", steps_per_epoch=3, val_steps=2), world_size=2, channels_last=True
+    )
     assert (bundle.num_classes, bundle.num_train, bundle.num_val) == (1000, 24, 16)
     assert (len(bundle.train), len(bundle.val)) == (3, 2)
     bundle.train.set_epoch(0)
@@ -243,7 +248,9 @@ def test_validation_alone_still_checks_its_folder_and_class_names(image_tree, tm
     with pytest.raises(DatasetError, match="class folders that the training classes lack \\(z\\)"):
         build_loaders(dataset_cfg(root), loader_cfg("torchvision"), train=False, classes=["a", "b"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="has no val/ folder; dataset 'imagefolder' expects .*/val/<class>/ image folders$"):
+    with pytest.raises(
+        DatasetError, match="has no val/ folder; dataset 'imagefolder' expects .*/val/<class>/ image folders$"
+    ):
         build_loaders(dataset_cfg(tmp_path / "empty"), loader_cfg("torchvision"), train=False)
     with pytest.raises(DatasetError, match="does not exist; set dataset.root to a folder with val/ class folders$"):
         build_loaders(dataset_cfg(tmp_path / "missing"), loader_cfg("torchvision"), train=False)

@@ -75,7 +75,9 @@ def ddp_worker(out: Path) -> None:
     metrics = trainer.evaluate(trainer.model, 0, None, stop)
     trainer.data.val.set_epoch(0)
     local = sum(len(labels) for _, labels in trainer.data.val)
-    (out / f"rank{ctx.rank}.json").write_text(json.dumps({"local": local, "reduced": metrics.count, "top1": metrics.top1}))
+    (out / f"rank{ctx.rank}.json").write_text(
+        json.dumps({"local": local, "reduced": metrics.count, "top1": metrics.top1})
+    )
 
 
 if __name__ == "__main__":

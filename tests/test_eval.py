@@ -42,8 +42,13 @@ def tiny_model(attention="emca_se", integration="first", coverage=("all", 1), nu
 
 def random_batches(count=3, batch=4, size=16, num_classes=5):
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, num_classes, (batch,), generator=generator))
-            for _ in range(count)]
+    return [
+        (
+            torch.randn(batch, 3, size, size, generator=generator),
+            torch.randint(0, num_classes, (batch,), generator=generator),
+        )
+        for _ in range(count)
+    ]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,11 +127,15 @@ def test_rotation_zero_equals_plain_evaluation_and_others_see_rotated_images():
 
 
 # ----------------------------------------------------------------------------- learned scales
-@pytest.mark.parametrize("integration, first_blocks", [("first", [0, 0, 0, 0]), ("last", [1, 1, 1, 1]), ("all", [0, 0, 0, 0])])
+@pytest.mark.parametrize(
+    "integration, first_blocks", [("first", [0, 0, 0, 0]), ("last", [1, 1, 1, 1]), ("all", [0, 0, 0, 0])]
+)
 def test_first_attention_module_of_each_stage(integration, first_blocks):
     model = tiny_model("se", integration)
     chosen = first_attention_per_stage(model)
-    assert list(chosen) == [f"layer{stage}.{block}.attn" for stage, block in zip(range(1, 5), first_blocks)]
+    assert list(chosen) == [
+        f"layer{stage}.{block}.attn" for stage, block in zip(range(1, 5), first_blocks, strict=True)
+    ]
     assert [stage for stage, _ in chosen.values()] == [1, 2, 3, 4]
 
 
@@ -218,8 +227,15 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
     result = run_python("eval.py", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}")
     assert result.returncode == 0, result.stderr[-3000:]
     speed = json.loads((tmp_path / "run" / "checkpoints" / "eval.json").read_text())["speed"]
-    counts = {key: (speed[key]["warmup_requested"], speed[key]["warmup_batches"], speed[key]["timed_batches"], speed[key]["few_batches"])
-              for key in ("fps", "fps_model", "fps_pipeline")}
+    counts = {
+        key: (
+            speed[key]["warmup_requested"],
+            speed[key]["warmup_batches"],
+            speed[key]["timed_batches"],
+            speed[key]["few_batches"],
+        )
+        for key in ("fps", "fps_model", "fps_pipeline")
+    }
     assert counts == {"fps": (10, 10, 350, False), "fps_model": (10, 10, 50, False), "fps_pipeline": (10, 1, 1, True)}
     assert "FPS‡ from few batches, a rough figure: 1 warm-up + 1 timed batches (warm-up cut from 10)" in result.stdout
     assert "FPS from few" not in result.stdout and "FPS† from few" not in result.stdout
@@ -244,8 +260,13 @@ def test_eval_reads_a_validation_folder_alone_with_the_runs_class_names(evaluate
     # Digit 0 left out: the other folders keep their labels (the run's names, not val/'s positions).
     shutil.copytree(tmp_path / "whole", tmp_path / "no_zero", symlinks=True)
     (tmp_path / "no_zero" / "val" / "0").unlink()
-    result = run_python("eval.py", *common, f"dataset.root={tmp_path / 'no_zero'}", f"output={tmp_path / 'no_zero.json'}",
-                        env=sweep_env(sweep_base))
+    result = run_python(
+        "eval.py",
+        *common,
+        f"dataset.root={tmp_path / 'no_zero'}",
+        f"output={tmp_path / 'no_zero.json'}",
+        env=sweep_env(sweep_base),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     no_zero = json.loads((tmp_path / "no_zero.json").read_text())
     assert no_zero["val"]["images"] == 360 - len(list((digits_val / "0").iterdir()))
@@ -263,13 +284,18 @@ def test_make_tables_fills_table9_and_figure6_from_eval_json(evaluated, trained_
     emca_row = next(line for line in table9 if line.startswith("| R-18 | EMCA-SE |")).strip("| ").split(" | ")[2:]
     top1 = results["final"]["val_top1"]
     # A digits run stands alone: no difference to the paper's ImageNet number.
-    assert emca_row == [f"{top1:.2f}", *(f"{report['rotation'][degrees]['top1']:.2f}" for degrees in ("90", "180", "270"))]
+    assert emca_row == [
+        f"{top1:.2f}",
+        *(f"{report['rotation'][degrees]['top1']:.2f}" for degrees in ("90", "180", "270")),
+    ]
     # The plain run has no eval.json: its rotated cells are gaps.
     assert next(line for line in table9 if line.startswith("| R-18 | ResNet |")).endswith("| – | – | – |")
     figure6 = lines[next(i for i, line in enumerate(lines) if line.startswith("### Figure 6")):]
     emca_row = next(line for line in figure6 if line.startswith("| R-18 | EMCA-SE |")).strip("| ").split(" | ")[2:]
-    expected = [f"{stage['mean']:.3f}|{stage['variance']:.4f}|{100 * stage['below_half']:.1f}|{100 * stage['zeros']:.1f}"
-                for stage in report["learned_scales"]]
+    expected = [
+        f"{stage['mean']:.3f}|{stage['variance']:.4f}|{100 * stage['below_half']:.1f}|{100 * stage['zeros']:.1f}"
+        for stage in report["learned_scales"]
+    ]
     assert "|".join(emca_row) == "|".join(expected)
     assert not any(line.startswith("| R-18 | ResNet |") for line in figure6)
 
@@ -327,9 +353,18 @@ def eval_options(*overrides: str):
         ("speed.model_iterations=0", "speed.model_iterations=0 must be an integer >= 1"),
         ("speed.warmup=-1", "speed.warmup=-1 must be an integer >= 0"),
         ("gradcam.images=-1", "gradcam.images=-1 must be an integer >= 0"),
-        ("gradcam.indices=[1,-2]", "gradcam.indices=[1, -2] must be null or a list of validation image positions >= 0, e.g. [0,120,300]"),
-        ("gradcam.indices=[]", "gradcam.indices=[] must be null or a list of validation image positions >= 0, e.g. [0,120,300]"),
-        ("gradcam.classes=cat", "gradcam.classes='cat' must be null or a list of class folder names, e.g. [n01440764,n02102040]"),
+        (
+            "gradcam.indices=[1,-2]",
+            "gradcam.indices=[1, -2] must be null or a list of validation image positions >= 0, e.g. [0,120,300]",
+        ),
+        (
+            "gradcam.indices=[]",
+            "gradcam.indices=[] must be null or a list of validation image positions >= 0, e.g. [0,120,300]",
+        ),
+        (
+            "gradcam.classes=cat",
+            "gradcam.classes='cat' must be null or a list of class folder names, e.g. [n01440764,n02102040]",
+        ),
         ("gradcam.layer=''", "gradcam.layer='' must be auto or a module name, e.g. layer3.1"),
     ],
 )
@@ -357,13 +392,17 @@ def test_eval_py_names_a_folder_a_damaged_checkpoint_and_a_folder_output(tmp_pat
     (checkpoints / "last.pt").write_bytes(b"PK\x03\x04 cut short")
     torch.save({"fingerprint": {}}, checkpoints / "best.pt")
     cases = {
-        f"checkpoint={tmp_path / 'run'} is a folder, not a checkpoint file; give the file, e.g. {checkpoints / 'last.pt'}":
-            [f"checkpoint={tmp_path / 'run'}"],
+        f"checkpoint={tmp_path / 'run'} is a folder, not a checkpoint file; give the file, e.g. "
+        f"{checkpoints / 'last.pt'}": [
+            f"checkpoint={tmp_path / 'run'}"
+        ],
         f"checkpoint={checkpoints / 'last.pt'} cannot be read: it is damaged (truncated or not a PyTorch checkpoint); "
         f"{checkpoints / 'best.pt'} may be intact": [f"checkpoint={checkpoints / 'last.pt'}"],
         # Refused before the checkpoint is read, so before any of the work it would have thrown away.
-        f"output={tmp_path} must be a file path, not a folder (e.g. {tmp_path.resolve() / 'eval.json'})":
-            [f"checkpoint={checkpoints / 'last.pt'}", f"output={tmp_path}"],
+        f"output={tmp_path} must be a file path, not a folder (e.g. {tmp_path.resolve() / 'eval.json'})": [
+            f"checkpoint={checkpoints / 'last.pt'}",
+            f"output={tmp_path}",
+        ],
     }
     for expected, overrides in cases.items():
         result = run_python("eval.py", *overrides)

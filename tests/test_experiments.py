@@ -30,7 +30,9 @@ def sweep_jobs(table: str, *command_line: str) -> list[list[str]]:
     preset = compose("train", overrides=[f"+experiment={table}"], return_hydra_config=True)
     params = [f"{key}={value}" for key, value in preset.hydra.sweeper.params.items()]
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(params + [f"+experiment={table}", *command_line]), None)
+    [jobs] = BasicSweeper.split_arguments(
+        parser.parse_overrides(params + [f"+experiment={table}", *command_line]), None
+    )
     return jobs
 
 
@@ -55,8 +57,11 @@ def test_command_line_sweeps_replace_the_presets_lists(hydra_configs):
     jobs = sweep_jobs("table3", "backbone=resnet18")
     assert len(jobs) == 15 and {v.backbone for v in job_variants(jobs)} == {"resnet18"}
     jobs = sweep_jobs("table3", "backbone=resnet18,resnet50", "+experiment/table3=glob(emca_se_*)")
-    assert {v for v in job_variants(jobs)} == {emca(b, "se", c) for b in ("resnet18", "resnet50")
-                                                for c in ("none", "prev_stage_last", "prev_stage_all", "all_stages_last")}
+    assert {v for v in job_variants(jobs)} == {
+        emca(b, "se", c)
+        for b in ("resnet18", "resnet50")
+        for c in ("none", "prev_stage_last", "prev_stage_all", "all_stages_last")
+    }
     jobs = sweep_jobs("table2", "attention=eca", "attention.integration=last")
     assert [(v.attention, v.integration) for v in job_variants(jobs)] == [("eca", "last")] * 3
 

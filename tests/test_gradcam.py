@@ -59,8 +59,10 @@ def image_list(per_class: list[int]) -> ImageList:
 
 
 # ----------------------------------------------------------------------------- the layer
-@pytest.mark.parametrize("size, layer, extent", [(224, "layer4.1", (7, 7)), (64, "layer4.1", (2, 2)), (32, "layer3.1", (2, 2)),
-                                                 (16, "layer2.1", (2, 2))])
+@pytest.mark.parametrize(
+    "size, layer, extent",
+    [(224, "layer4.1", (7, 7)), (64, "layer4.1", (2, 2)), (32, "layer3.1", (2, 2)), (16, "layer2.1", (2, 2))],
+)
 def test_auto_picks_the_deepest_block_with_at_least_2x2_output(size, layer, extent):
     assert choose_layer(tiny_model(), size) == (layer, extent)
     assert choose_layer(tiny_model("none"), size) == (layer, extent)  # where attention sits does not matter
@@ -70,7 +72,10 @@ def test_a_named_layer_is_used_and_an_unusable_one_is_one_line():
     assert choose_layer(tiny_model(), 16, "layer4.0") == ("layer4.0", (1, 1))
     with pytest.raises(GradcamError) as error:
         choose_layer(tiny_model(), 16, "layer9.0")
-    assert error.value.spelled("gradcam.", "=") == "gradcam.layer=layer9.0 is not a module of this model; give a residual block such as layer4.1, or auto"
+    assert (
+        error.value.spelled("gradcam.", "=")
+        == "gradcam.layer=layer9.0 is not a module of this model; give a residual block such as layer4.1, or auto"
+    )
     with pytest.raises(GradcamError, match="fc outputs no feature map"):
         choose_layer(tiny_model(), 16, "fc")
     with pytest.raises(GradcamError, match="finds no block with a 2x2 output at 4 px"):
@@ -105,15 +110,23 @@ def test_explicit_indices_and_classes_are_honoured():
     assert pick_images(images, classes=["c2", "c0"]) == [5, 0]
     with pytest.raises(GradcamError) as error:
         pick_images(images, indices=[3, 9])
-    assert error.value.spelled("--", " ") == "--indices [3, 9] reaches outside the 9 validation images; give positions 0-8"
-    with pytest.raises(GradcamError, match=r"classes=\['c1', 'cat'\] names cat, with no validation image; give class folder names, e.g. c0, c1, c2"):
+    assert (
+        error.value.spelled("--", " ") == "--indices [3, 9] reaches outside the 9 validation images; give positions 0-8"
+    )
+    with pytest.raises(
+        GradcamError,
+        match=r"classes=\['c1', 'cat'\] names cat, with no validation image; give class folder names, e.g. c0, c1, c2",
+    ):
         pick_images(images, classes=["c1", "cat"])
 
 
 def test_eval_py_honours_classes_and_indices_and_names_a_wrong_one(two_runs, run_script, tmp_path):
     checkpoint = two_runs[0] / "checkpoints" / "best.pt"
     quick = [f"checkpoint={checkpoint}", "speed.enabled=false", "rotations=[0]", "learned_scales=false"]
-    for option, key, expected in [("gradcam.classes=[7,3]", "labels", ["7", "3"]), ("gradcam.indices=[200,5]", "indices", [200, 5])]:
+    for option, key, expected in [
+        ("gradcam.classes=[7,3]", "labels", ["7", "3"]),
+        ("gradcam.indices=[200,5]", "indices", [200, 5]),
+    ]:
         out = tmp_path / f"{key}.json"
         result = run_script("eval.py", *quick, option, f"output={out}", env=ONE_THREAD)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -123,7 +136,10 @@ def test_eval_py_honours_classes_and_indices_and_names_a_wrong_one(two_runs, run
         assert all(Path(path).is_file() for path in gradcam["images"])
     result = run_script("eval.py", *quick, "gradcam.indices=[360]", f"output={tmp_path / 'x.json'}", env=ONE_THREAD)
     assert result.returncode == 1
-    assert result.stderr == "error: gradcam.indices=[360] reaches outside the 360 validation images; give positions 0-359\n"
+    assert (
+        result.stderr
+        == "error: gradcam.indices=[360] reaches outside the 360 validation images; give positions 0-359\n"
+    )
 
 
 # ----------------------------------------------------------------------------- side by side
@@ -136,15 +152,29 @@ def test_the_grid_script_draws_one_row_per_image_and_a_column_per_run(two_runs, 
         dpi = round(png.info["dpi"][0])
         assert png.size == (round(3 * PANEL_INCHES * dpi), round(3 * PANEL_INCHES * dpi))  # 1 + 2 columns, 3 rows
     explicit = tmp_path / "explicit.png"
-    result = run_script("scripts/gradcam_grid.py", two_runs[0], two_runs[1] / "checkpoints" / "last.pt", "--indices", "0", "359",
-                        "--out", explicit, env=ONE_THREAD)
+    result = run_script(
+        "scripts/gradcam_grid.py",
+        two_runs[0],
+        two_runs[1] / "checkpoints" / "last.pt",
+        "--indices",
+        "0",
+        "359",
+        "--out",
+        explicit,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0 and "2 images x (input + 2 runs)" in result.stdout, result.stderr[-2000:]
     with Image.open(explicit) as png:
         assert png.size == (round(3 * PANEL_INCHES * dpi), round(2 * PANEL_INCHES * dpi))
 
 
 def test_the_grid_script_errors_are_one_line(two_runs, run_script, tmp_path):
-    result = run_script("scripts/gradcam_grid.py", *two_runs, "--layer", "layer9.9", "--out", tmp_path / "x.png", env=ONE_THREAD)
+    result = run_script(
+        "scripts/gradcam_grid.py", *two_runs, "--layer", "layer9.9", "--out", tmp_path / "x.png", env=ONE_THREAD
+    )
     assert result.returncode == 1
-    assert result.stderr == "error: --layer layer9.9 is not a module of this model; give a residual block such as layer4.1, or auto\n"
+    assert (
+        result.stderr
+        == "error: --layer layer9.9 is not a module of this model; give a residual block such as layer4.1, or auto\n"
+    )
     assert not (tmp_path / "x.png").exists()

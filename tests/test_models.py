@@ -70,11 +70,16 @@ def test_bias_free_se_rows_have_the_papers_counts(depth, attention, integration,
     assert round(count_parameters(model) / 2**20, 3) == paper
 
 
-@pytest.mark.parametrize("make", [
-    lambda: EMCAResNet("resnet18", attention="se", se_bias=False),
-    lambda: build_model({"name": "resnet18"}, {"name": "emca_se", "se_bias": False}, {"stages": "all", "blocks": 1}, 10),
-    lambda: timm.create_model("emca_se_resnet18", se_bias=False),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EMCAResNet("resnet18", attention="se", se_bias=False),
+        lambda: build_model(
+            {"name": "resnet18"}, {"name": "emca_se", "se_bias": False}, {"stages": "all", "blocks": 1}, 10
+        ),
+        lambda: timm.create_model("emca_se_resnet18", se_bias=False),
+    ],
+)
 def test_se_bias_false_reaches_every_se_excitation(make):
     excitations = [m.excitation for m in attention_modules(make()).values()]
     assert len(excitations) > 0 and all(isinstance(e, SEExcitation) for e in excitations)
@@ -92,11 +97,17 @@ def test_table_presets_build_the_authors_se(repo_root):
     import emca.config  # noqa: F401  (the training schema)
 
     with initialize_config_dir(config_dir=str(repo_root / "configs"), version_base="1.3"):
-        for overrides in (["+experiment=table2", "attention=se"], ["+experiment=table3", "+experiment/table3=emca_se_none"],
-                          ["+experiment=table4", "attention=emca_se"], ["+experiment=table5", "attention=se"]):
+        for overrides in (
+            ["+experiment=table2", "attention=se"],
+            ["+experiment=table3", "+experiment/table3=emca_se_none"],
+            ["+experiment=table4", "attention=emca_se"],
+            ["+experiment=table5", "attention=se"],
+        ):
             assert compose("train", overrides=overrides).attention.se_bias is False, overrides
         assert compose("train", overrides=["attention=se"]).attention.se_bias is True  # Hu et al.'s SE otherwise
-        cfg = compose("train", overrides=["+experiment=table2", "attention=se", "attention.integration=all", "backbone=resnet50"])
+        cfg = compose(
+            "train", overrides=["+experiment=table2", "attention=se", "attention.integration=all", "backbone=resnet50"]
+        )
     assert count_parameters(build_model(cfg.backbone, cfg.attention, cfg.coverage, num_classes=1000)) == 28_071_976
 
 
@@ -284,7 +295,7 @@ def test_repeat_fusion_is_the_weighted_sum_of_repeated_descriptors(num_statistic
     sources = [torch.randn(3, c, num_statistics, dtype=torch.float64) for c in widths]
     module.double()
     expected = module.scale_weights[0] * own
-    for weight, source in zip(module.scale_weights[1:], sources):
+    for weight, source in zip(module.scale_weights[1:], sources, strict=True):
         expected = expected + weight * source.repeat(1, 8 // source.shape[1], 1)
     torch.testing.assert_close(module.fuse(own, sources), torch.relu(expected), rtol=1e-12, atol=1e-12)
 
@@ -368,13 +379,17 @@ def test_timm_registry_names_and_paper_defaults():
         "coverage": {"stages": 1, "blocks": "all"},
         "num_classes": 7,
     }
-    model = timm.create_model("emca_resnet50", attention="emca_eca", coverage="prev_stage_all", integration="first", num_classes=1000)
+    model = timm.create_model(
+        "emca_resnet50", attention="emca_eca", coverage="prev_stage_all", integration="first", num_classes=1000
+    )
     assert [row["attention_blocks"] for row in stage_layout(model)] == [[0]] * 4
     with pytest.raises(ValueError, match="no pretrained"):
         timm.create_model("emca_resnet18", pretrained=True)
 
 
-@pytest.mark.parametrize("integration,expected", [("all", [[0, 1, 2], [0, 1, 2, 3]]), ("first", [[0], [0]]), ("last", [[2], [3]])])
+@pytest.mark.parametrize(
+    "integration,expected", [("all", [[0, 1, 2], [0, 1, 2, 3]]), ("first", [[0], [0]]), ("last", [[2], [3]])]
+)
 def test_integration_places_attention(integration, expected):
     model = EMCAResNet("resnet50", attention="eca", integration=integration)
     assert [row["attention_blocks"] for row in stage_layout(model)][:2] == expected
@@ -383,7 +398,15 @@ def test_integration_places_attention(integration, expected):
 def test_build_model_from_config_mappings():
     model = build_model(
         {"name": "resnet18"},
-        {"name": "emca_se", "integration": "first", "se_ratio": 8, "eca_kernel": "adaptive", "gating": "residual", "align": "repeat", "include_stem": False},
+        {
+            "name": "emca_se",
+            "integration": "first",
+            "se_ratio": 8,
+            "eca_kernel": "adaptive",
+            "gating": "residual",
+            "align": "repeat",
+            "include_stem": False,
+        },
         {"name": "custom", "stages": "all", "blocks": 1},
         num_classes=3,
     )
@@ -439,8 +462,17 @@ def test_emca_costs_less_than_dense_attention():
 
 def test_model_summary_script(repo_root):
     result = subprocess.run(
-        [sys.executable, "scripts/model_summary.py", "backbone=resnet50", "attention=emca_se", "coverage=prev_stage_all"],
-        cwd=repo_root, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "scripts/model_summary.py",
+            "backbone=resnet50",
+            "attention=emca_se",
+            "coverage=prev_stage_all",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "parameters 26,257,448" in result.stdout

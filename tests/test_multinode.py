@@ -59,8 +59,13 @@ def test_two_nodes_with_c10d_rendezvous_match_one_node_with_two_processes(tmp_pa
     nodes = [torchrun("--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--rdzv_backend=c10d",
                       f"--rdzv_endpoint={endpoint}", "--rdzv_id=emca-multinode-test", cwd=tmp_path / "two_nodes")
              for rank in (0, 1)]
-    single = torchrun("--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-                      cwd=tmp_path / "one_node")
+    single = torchrun(
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        cwd=tmp_path / "one_node",
+    )
     for process in (*nodes, single):
         finish(process)
 
@@ -75,4 +80,4 @@ def test_two_nodes_with_c10d_rendezvous_match_one_node_with_two_processes(tmp_pa
     for name, tensor in checkpoints[0]["model"].items():
         assert torch.equal(tensor, checkpoints[1]["model"][name]), name
     momenta = [[state["momentum_buffer"] for state in c["optimizer"]["state"].values()] for c in checkpoints]
-    assert all(torch.equal(a, b) for a, b in zip(*momenta))
+    assert all(torch.equal(a, b) for a, b in zip(*momenta, strict=True))

@@ -17,7 +17,11 @@ from conftest import SYNTHETIC_RUN
 @pytest.fixture(autouse=True)
 def restore_torch_determinism():
     """The trainer sets process-wide determinism flags; leave them as other tests expect them."""
-    state = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    state = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
     yield
     torch.use_deterministic_algorithms(state[0])
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[1], state[2]
@@ -32,18 +36,30 @@ TRAIN_OPTION_ERRORS = {
     ("trainer.log_every=0",): "trainer.log_every=0 must be at least 1",
     ("trainer.max_steps_per_epoch=0",): "trainer.max_steps_per_epoch=0 must be at least 1",
     ("trainer.seed=-1",): "trainer.seed=-1 must be an integer in [0, 2**32)",  # was numpy's traceback
-    ("trainer.dist_timeout_s=0",): "trainer.dist_timeout_s=0.0 must be > 0 (seconds a collective waits for the other ranks)",
-    ("trainer.resume=/",): "trainer.resume=/ is a folder, not a checkpoint file; give the file, e.g. /checkpoints/last.pt",
+    (
+        "trainer.dist_timeout_s=0",
+    ): "trainer.dist_timeout_s=0.0 must be > 0 (seconds a collective waits for the other ranks)",
+    (
+        "trainer.resume=/",
+    ): "trainer.resume=/ is a folder, not a checkpoint file; give the file, e.g. /checkpoints/last.pt",
     # optimizer (optim.py, schedule.py)
     ("optimizer.lr=-1",): "optimizer.lr=-1.0 must be > 0",
     ("optimizer.lr=0",): "optimizer.lr=0.0 must be > 0",
     ("optimizer.lr_scale_batch=0",): "optimizer.lr_scale_batch=0 must be an integer >= 1 or null",
     ("optimizer.momentum=1",): "optimizer.momentum=1.0 must be in [0, 1)",
     ("optimizer.momentum=-0.5",): "optimizer.momentum=-0.5 must be in [0, 1)",
-    ("optimizer.nesterov=true", "optimizer.momentum=0"): "optimizer.momentum=0.0 must be > 0 with optimizer.nesterov=true",
+    (
+        "optimizer.nesterov=true",
+        "optimizer.momentum=0",
+    ): "optimizer.momentum=0.0 must be > 0 with optimizer.nesterov=true",
     ("optimizer.weight_decay=-1",): "optimizer.weight_decay=-1.0 must be >= 0",
-    ("optimizer.milestones=[0.6,0.3]",): "optimizer.milestones=[0.6, 0.3] must be increasing fractions of trainer.epochs in (0, 1], e.g. [0.3, 0.6, 0.9]",
-    ("optimizer.milestones=[0.5,30]",): "optimizer.milestones=[0.5, 30.0] must be increasing fractions of trainer.epochs in (0, 1], e.g. [0.3, 0.6, 0.9]",
+    (
+        "optimizer.milestones=[0.6,0.3]",
+    ): "optimizer.milestones=[0.6, 0.3] must be increasing fractions of trainer.epochs in (0, 1], e.g. [0.3, 0.6, 0.9]",
+    (
+        "optimizer.milestones=[0.5,30]",
+    ): "optimizer.milestones=[0.5, 30.0] must be increasing fractions of trainer.epochs in (0, 1], "
+    "e.g. [0.3, 0.6, 0.9]",
     ("optimizer.gamma=0",): "optimizer.gamma=0.0 must be > 0",
     ("optimizer.warmup_epochs=-1",): "optimizer.warmup_epochs=-1 must be an integer >= 0",
     ("optimizer.warmup_epochs=2",): "optimizer.warmup_epochs=2 must be < trainer.epochs (2)",
@@ -55,16 +71,23 @@ TRAIN_OPTION_ERRORS = {
     ("dataset.epochs=0",): "dataset.epochs=0 must be an integer >= 1",
     ("dataset.image_size=0",): "dataset.image_size=0 must be positive",
     ("dataset.crop_padding=-1",): "dataset.crop_padding=-1 must be >= 0",
-    ("dataset.batch_size=0",): "dataset.batch_size=0 is the global batch and must be a positive multiple of the number of "
-                               "processes (1); set dataset.batch_size to a multiple of 1",
+    (
+        "dataset.batch_size=0",
+    ): "dataset.batch_size=0 is the global batch and must be a positive multiple of the number of "
+    "processes (1); set dataset.batch_size to a multiple of 1",
     ("loader.prefetch_queue_depth=0",): "loader.prefetch_queue_depth=0 must be an integer >= 1",
     ("loader.prefetch_factor=0",): "loader.prefetch_factor=0 must be an integer >= 1",
     ("loader.steps_per_epoch=0",): "loader.steps_per_epoch=0 must be an integer >= 1",
     ("loader.val_steps=0",): "loader.val_steps=0 must be an integer >= 1",
     # model (emca/models/config.py)
-    ("backbone.name=resnet7",): "backbone.name='resnet7' must be one of resnet18, resnet34, resnet50, resnet101, resnet152",
+    (
+        "backbone.name=resnet7",
+    ): "backbone.name='resnet7' must be one of resnet18, resnet34, resnet50, resnet101, resnet152",
     ("attention=se", "attention.se_ratio=0"): "attention.se_ratio=0 must be an integer >= 1",
-    ("attention=eca", "attention.eca_kernel=5"): "attention.eca_kernel=5 must be 'adaptive' or one odd size per stage, e.g. [3, 5, 5, 7]",
+    (
+        "attention=eca",
+        "attention.eca_kernel=5",
+    ): "attention.eca_kernel=5 must be 'adaptive' or one odd size per stage, e.g. [3, 5, 5, 7]",
 }
 
 
@@ -110,7 +133,11 @@ def test_train_py_resuming_from_a_folder_says_so_and_names_the_file(run_script, 
 def test_a_folder_given_as_a_checkpoint_names_the_file_inside(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(tmp_path, option="checkpoint")
-    assert str(error.value) == f"checkpoint={tmp_path} is a folder, not a checkpoint file; give the file, e.g. {tmp_path / 'checkpoints' / LAST}"
+    assert (
+        str(error.value)
+        == f"checkpoint={tmp_path} is a folder, not a checkpoint file; give the file, e.g. "
+           f"{tmp_path / 'checkpoints' / LAST}"
+    )
     torch.save({"fingerprint": {}}, tmp_path / LAST)  # the checkpoints folder itself
     with pytest.raises(CheckpointError, match=f"give the file, e.g. {tmp_path / LAST}$"):
         load_checkpoint(tmp_path)
@@ -122,17 +149,23 @@ def _damaged(path):
     path.write_bytes(buffer.getvalue()[:500])
 
 
-@pytest.mark.parametrize("content", [None, b"", b"not a checkpoint\n", bytes(2000)], ids=["truncated", "empty", "text", "zeros"])
+@pytest.mark.parametrize(
+    "content", [None, b"", b"not a checkpoint\n", bytes(2000)], ids=["truncated", "empty", "text", "zeros"]
+)
 def test_a_damaged_checkpoint_says_so_and_names_the_sibling_that_may_be_intact(content, tmp_path):
     last = tmp_path / LAST
     _damaged(last) if content is None else last.write_bytes(content)
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(last)
-    assert str(error.value) == f"checkpoint {last} cannot be read: it is damaged (truncated or not a PyTorch checkpoint)"
+    assert (
+        str(error.value) == f"checkpoint {last} cannot be read: it is damaged (truncated or not a PyTorch checkpoint)"
+    )
     torch.save({"fingerprint": {}}, tmp_path / BEST)
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(last)
-    assert str(error.value).endswith(f"checkpoint); {tmp_path / BEST} may be intact") and "weights_only" not in str(error.value)
+    assert str(error.value).endswith(f"checkpoint); {tmp_path / BEST} may be intact") and "weights_only" not in str(
+        error.value
+    )
 
 
 def test_a_damaged_best_hard_linked_to_last_is_not_called_intact(tmp_path):

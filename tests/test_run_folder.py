@@ -51,12 +51,18 @@ def finished_run(tmp_path_factory):
     return runs / "run", runs / "other"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ((), "already holds a run .*pass trainer.resume=auto"),  # a fresh start over a run
-    (("trainer.resume={other}/checkpoints/last.pt",), "holds another run .* choose a new hydra.run.dir"),
-    (("attention=se", "trainer.resume=auto", "trainer.epochs=2"), "refusing checkpoint .* it holds resnet18 / attention emca_eca"),
-    (("trainer.resume=auto", "trainer.epochs=2", "optimizer.warmup_epochs=3"), "warmup_epochs"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ((), "already holds a run .*pass trainer.resume=auto"),  # a fresh start over a run
+        (("trainer.resume={other}/checkpoints/last.pt",), "holds another run .* choose a new hydra.run.dir"),
+        (
+            ("attention=se", "trainer.resume=auto", "trainer.epochs=2"),
+            "refusing checkpoint .* it holds resnet18 / attention emca_eca",
+        ),
+        (("trainer.resume=auto", "trainer.epochs=2", "optimizer.warmup_epochs=3"), "warmup_epochs"),
+    ],
+)
 def test_a_refused_command_leaves_the_folder_byte_for_byte(finished_run, overrides, message):
     run, other = finished_run
     before = snapshot(run)

@@ -35,7 +35,7 @@ def test_warmup_then_cosine():
     factor = lr_factor("cosine", epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup)
     ramp = [factor(i) for i in range(warmup * steps)]
     assert ramp[0] == pytest.approx(1 / 50) and ramp[-1] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(ramp, ramp[1:]))
+    assert all(a < b for a, b in zip(ramp, ramp[1:], strict=False))
     assert factor(warmup * steps) == pytest.approx(1.0)
     middle = warmup * steps + (epochs - warmup) * steps // 2
     assert factor(middle) == pytest.approx(0.5)
@@ -81,7 +81,12 @@ def test_scheduler_state_resumes_the_same_rates():
 
 
 def _srm_resnet18():
-    return build_model({"name": "resnet18"}, {"name": "emca_srm", "integration": "first"}, {"stages": 1, "blocks": "all"}, num_classes=10)
+    return build_model(
+        {"name": "resnet18"},
+        {"name": "emca_srm", "integration": "first"},
+        {"stages": 1, "blocks": "all"},
+        num_classes=10,
+    )
 
 
 def test_no_weight_decay_kinds():
@@ -111,7 +116,9 @@ def test_optimizer_groups_and_scaled_lr():
     # The paper's recipe: one group, weight decay on everything, lr 0.1 per 256 images.
     plain = build_optimizer(model, OmegaConf.structured(OptimizerConfig()), global_batch=64, attention_name="emca_srm")
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == pytest.approx(0.025)
-    unscaled = build_optimizer(model, OmegaConf.structured(OptimizerConfig(lr_scale_batch=None)), global_batch=64, attention_name="emca_srm")
+    unscaled = build_optimizer(
+        model, OmegaConf.structured(OptimizerConfig(lr_scale_batch=None)), global_batch=64, attention_name="emca_srm"
+    )
     assert unscaled.param_groups[0]["lr"] == 0.1
 
 

@@ -44,7 +44,10 @@ def test_launcher_options_and_defaults():
     assert launcher_cfg.max_num_timeout > 0  # a timed-out job is requeued
     launcher = instantiate(launcher_cfg)
     assert type(launcher).__name__ == "EMCASlurmLauncher"
-    assert launcher.params["additional_parameters"] == {"signal": f"USR1@{launcher_cfg.signal_delay_s}", "requeue": True}
+    assert launcher.params["additional_parameters"] == {
+        "signal": f"USR1@{launcher_cfg.signal_delay_s}",
+        "requeue": True,
+    }
     # Extra sbatch flags are kept next to ours.
     launcher = instantiate(compose_launcher("+hydra.launcher.additional_parameters.mail-type=END"))
     assert launcher.params["additional_parameters"]["mail-type"] == "END"
@@ -72,7 +75,9 @@ def fake_slurm(tmp_path, monkeypatch):
     record.mkdir()
     for command in ("sbatch", "srun", "scontrol", "sacct"):
         wrapper = bin_dir / command
-        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).parent / "fake_slurm.py"}" {command} "$@"\n')
+        wrapper.write_text(
+            f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).parent / "fake_slurm.py"}" {command} "$@"\n'
+        )
         wrapper.chmod(0o755)
     with socket.socket() as probe:  # submitit takes MASTER_PORT from the environment when it is set
         probe.bind(("127.0.0.1", 0))
@@ -88,7 +93,10 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 2
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            pytest.fail(f"the submitting process ended (status {process.returncode}) before {what}:\n{process.stdout.read()[-3000:]}")
+            pytest.fail(
+                f"the submitting process ended (status {process.returncode}) before "
+                f"{what}:\n{process.stdout.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.2)
@@ -98,8 +106,13 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 2
 def test_slurm_job_is_warned_saves_requeues_and_finishes_the_run(fake_slurm, tmp_path):
     sweep = tmp_path / "sweep"
     # Submitted from outside the repository: the job must not need the repository root on sys.path.
-    submit = subprocess.Popen([sys.executable, REPO_ROOT / "train.py", "-m", *LAUNCHER, *JOB, f"hydra.sweep.dir={sweep}"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    submit = subprocess.Popen(
+        [sys.executable, REPO_ROOT / "train.py", "-m", *LAUNCHER, *JOB, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run = sweep / "0"
     try:
         # SLURM's time-limit warning reaches every task once epoch 1 is saved (the trainer acts on

@@ -69,7 +69,9 @@ def test_a_stop_signal_saves_and_exits_cleanly(compose_train, tmp_path, loader, 
 
 
 def test_torchrun_ranks_save_when_the_process_group_is_signalled(tmp_path):
-    process = start(torchrun_args(REPO_ROOT / "train.py", *LONG_EPOCH, "dataset.workers=1", f"hydra.run.dir={tmp_path}"))
+    process = start(
+        torchrun_args(REPO_ROOT / "train.py", *LONG_EPOCH, "dataset.workers=1", f"hydra.run.dir={tmp_path}")
+    )
     try:
         wait_for(process, "epoch 1/1 step 2/")
         os.killpg(process.pid, signal.SIGTERM)
@@ -93,7 +95,9 @@ def rank_pid(launcher_pid: int, rank: int) -> int:
 
 
 def test_a_stopped_rank_fails_the_others_after_the_timeout(tmp_path):
-    process = start(torchrun_args(REPO_ROOT / "train.py", *LONG_EPOCH, "trainer.dist_timeout_s=5", f"hydra.run.dir={tmp_path}"))
+    process = start(
+        torchrun_args(REPO_ROOT / "train.py", *LONG_EPOCH, "trainer.dist_timeout_s=5", f"hydra.run.dir={tmp_path}")
+    )
     stopped = None
     try:
         wait_for(process, "epoch 1/1 step 2/")

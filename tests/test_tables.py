@@ -38,15 +38,31 @@ def test_reference_blocks_are_verbatim_copies_of_the_paper_notes():
 
 def test_reference_numbers_parse_back():
     assert len(paper.TABLE_2_3) == 3 * 6 * 3 and len(paper.TABLE_4_5) == 3 * 7
-    assert paper.TABLE_2_3[("resnet50", "prev_stage_all", "se")] == paper.Reference(params=25.037, top1=77.33, top5=93.52, fps=90)
+    assert paper.TABLE_2_3[("resnet50", "prev_stage_all", "se")] == paper.Reference(
+        params=25.037, top1=77.33, top5=93.52, fps=90
+    )
     assert paper.TABLE_2_3[("resnet34", "all", "srm")].fps == 82
     assert paper.TABLE_2_3[("resnet18", "first(=none)", "srm")].top1 == 71.31
     r18 = paper.TABLE_4_5[("resnet18", "ResNet")]
-    assert (r18.params, r18.gflops, r18.top1, r18.fps, r18.fps_model, r18.fps_pipeline) == (11.148, 1.694, 70.40, 270, 23552, 859)
+    assert (r18.params, r18.gflops, r18.top1, r18.fps, r18.fps_model, r18.fps_pipeline) == (
+        11.148,
+        1.694,
+        70.40,
+        270,
+        23552,
+        859,
+    )
     assert paper.TABLE_4_5[("resnet50", "EMCA-SRM")].fps_pipeline == 532
     assert paper.TABLE_4_5[("resnet34", "ECA")].top1 == 74.13  # 'ECA*' in the paper
     assert paper.RETRAINED_BY_AUTHORS == {"ECA", "SRM"}
-    assert paper.TABLE_5_OTHERS == {"FcaNet": 77.27, "EPSANet": 77.31, "SANet": 77.25, "CBAM": 77.34, "BAM": 75.98, "A2-Nets": 77.00}
+    assert paper.TABLE_5_OTHERS == {
+        "FcaNet": 77.27,
+        "EPSANet": 77.31,
+        "SANet": 77.25,
+        "CBAM": 77.34,
+        "BAM": 75.98,
+        "A2-Nets": 77.00,
+    }
 
 
 # ----------------------------------------------------------------------------- table specs
@@ -54,7 +70,15 @@ def test_table_specs_cover_the_papers_rows():
     assert len(TABLES["table2"].variants()) == 27
     assert len(TABLES["table3"].variants()) == 45
     assert len(TABLES["table4"].variants()) == 21
-    assert [v.attention for v in TABLES["table5"].variants()] == ["none", "se", "emca_se", "eca", "emca_eca", "srm", "emca_srm"]
+    assert [v.attention for v in TABLES["table5"].variants()] == [
+        "none",
+        "se",
+        "emca_se",
+        "eca",
+        "emca_eca",
+        "srm",
+        "emca_srm",
+    ]
     # Table 3's EMCA 'none' row and Table 2's 'first' row both quote the paper's first(=none) numbers.
     t3 = {(e.variant, e.group): e.reference for e in TABLES["table3"].entries}
     t2 = {(e.variant, e.group): e.reference for e in TABLES["table2"].entries}
@@ -77,7 +101,9 @@ def test_filled_table_puts_ours_beside_the_paper_and_leaves_gaps():
 
 
 def test_markdown_latex_and_csv_renderings():
-    table = fill_table(TABLES["table3"], {emca("resnet34", "eca", "prev_stage_all"): Measured.single({"top1": 74.0})}, full=True)
+    table = fill_table(
+        TABLES["table3"], {emca("resnet34", "eca", "prev_stage_all"): Measured.single({"top1": 74.0})}, full=True
+    )
     markdown = render.markdown(table)
     assert markdown.count("\n| R-") == 15 and "| R-34 | EMCA prev_stage_all |" in markdown
     assert "74.00 / 74.46 (-0.46)" in markdown
@@ -85,7 +111,14 @@ def test_markdown_latex_and_csv_renderings():
     assert r"prev\_stage\_all" in latex and r"\begin{tabular}{ll" + "r" * 12 + "}" in latex and "–" not in latex
     records = list(csv.DictReader(io.StringIO(render.csv_text([table]))))
     assert len(records) == 45 * 4
-    cell = next(r for r in records if r["backbone"] == "resnet34" and r["row"] == "EMCA prev_stage_all" and r["group"] == "ECA" and r["metric"] == "top1")
+    cell = next(
+        r
+        for r in records
+        if r["backbone"] == "resnet34"
+        and r["row"] == "EMCA prev_stage_all"
+        and r["group"] == "ECA"
+        and r["metric"] == "top1"
+    )
     assert (float(cell["ours"]), float(cell["paper"]), float(cell["difference"])) == pytest.approx((74.0, 74.46, -0.46))
 
 
@@ -100,24 +133,33 @@ def test_complexity_table_compares_increases_over_the_plain_resnet():
     delta = table.header.index("ΔP (M)")
     assert rows["ResNet"][delta] == "0.000 / 0.000" and rows["ResNet"][2] == "11.148 / 11.148 (+0.000)"
     assert rows["SE"][delta] == f"{(se_params - counts[plain('resnet18')][0]) / 2**20:.3f} / 0.083"  # 11.231 - 11.148
-    assert rows["SE"][table.header.index("GFLOPs")] == f"{counts[channel_attention('resnet18', 'se')][1]:.3f}"  # 32 px: ours alone
+    assert (
+        rows["SE"][table.header.index("GFLOPs")] == f"{counts[channel_attention('resnet18', 'se')][1]:.3f}"
+    )  # 32 px: ours alone
     assert len(table.rows) == 7
 
 
 def test_variant_from_config_reads_the_coverage_fields_not_the_name():
-    cfg = {"backbone": {"name": "resnet50"}, "attention": {"name": "emca_eca", "integration": "first", "gating": "residual"},
-           "coverage": {"name": "prev_stage_all", "stages": "all", "blocks": 1}}
+    cfg = {
+        "backbone": {"name": "resnet50"},
+        "attention": {"name": "emca_eca", "integration": "first", "gating": "residual"},
+        "coverage": {"name": "prev_stage_all", "stages": "all", "blocks": 1},
+    }
     variant = variant_from_config(cfg)
     assert variant.cell() == emca("resnet50", "eca", "all_stages_last")
     assert variant.options == (("gating", "residual"),)
-    assert variant_from_config({**cfg, "attention": {"name": "none", "integration": "all"}}) == Variant("resnet50", "none")
+    assert variant_from_config({**cfg, "attention": {"name": "none", "integration": "all"}}) == Variant(
+        "resnet50", "none"
+    )
     # integration null is the model's default (first for EMCA), which is what the run built.
     assert variant_from_config({**cfg, "attention": {"name": "emca_eca", "integration": None}}).integration == "first"
     # se_bias: the paper's SE has none; a config without the key predates it and had biases.
     se = {**cfg, "attention": {"name": "se", "integration": "all"}}
     assert variant_from_config(se).options == (("se_bias", True),)
     assert variant_from_config({**se, "attention": {**se["attention"], "se_bias": False}}).options == ()
-    assert variant_from_config({**cfg, "attention": {"name": "eca", "integration": "all", "se_bias": True}}).options == ()
+    assert (
+        variant_from_config({**cfg, "attention": {"name": "eca", "integration": "all", "se_bias": True}}).options == ()
+    )
 
 
 # ----------------------------------------------------------------------------- make_tables
@@ -131,7 +173,9 @@ def test_make_tables_complexity_mode(tmp_path):
 
 
 def test_make_tables_complexity_mode_refuses_tables_of_measured_results(tmp_path):
-    result = run_python("scripts/make_tables.py", "--complexity", "--tables", "table9", "figure6", "--out", str(tmp_path))
+    result = run_python(
+        "scripts/make_tables.py", "--complexity", "--tables", "table9", "figure6", "--out", str(tmp_path)
+    )
     assert result.returncode == 2 and "table9, figure6 hold(s) only measured results" in result.stderr
     assert not TABLES["table9"].complexity and not TABLES["figure6"].complexity
     assert TABLES["table9"].variants() == TABLES["table4"].variants()
@@ -153,14 +197,23 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     markdown = result.stdout
     # plain ResNet-18 and EMCA-SE (prev_stage_all) fill Table 4, the EMCA run also Table 3's row.
-    assert "Table 3:" in markdown and "Table 4:" in markdown and "Table 2:" not in markdown and "Table 5:" not in markdown
+    assert (
+        "Table 3:" in markdown and "Table 4:" in markdown and "Table 2:" not in markdown and "Table 5:" not in markdown
+    )
     lines = markdown.splitlines()
     # Digits at 16 px is not the paper's protocol: our numbers stand alone, and a note says why.
     resnet_row = next(line for line in lines if line.startswith("| R-18 | ResNet |"))
-    assert f"| {results['0']['final']['val_top1']:.2f} |" in resnet_row and "70.40" not in resnet_row and " / " not in resnet_row
+    assert (
+        f"| {results['0']['final']['val_top1']:.2f} |" in resnet_row
+        and "70.40" not in resnet_row
+        and " / " not in resnet_row
+    )
     emca_row = next(line for line in lines if line.startswith("| R-18 | EMCA-SE |"))
     assert f"| {results['1']['final']['val_top1']:.2f} |" in emca_row and "71.00" not in emca_row
-    assert "_Ours alone, measured on digits at 16 px, not the paper's imagenet at 224 px: R-18 ResNet, R-18 EMCA-SE._" in lines
+    assert (
+        "_Ours alone, measured on digits at 16 px, not the paper's imagenet at 224 px: R-18 ResNet, R-18 EMCA-SE._"
+        in lines
+    )
     # Only the rows the runs fill: no R-18 SE row, no R-34 / R-50 rows.
     assert not any(line.startswith(("| R-18 | SE |", "| R-34", "| R-50")) for line in lines)
     assert "resnet50" not in markdown and "emca_srm" not in markdown
@@ -171,8 +224,11 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     # (Table 9 repeats Table 4's top-1 when test_eval.py's eval.json is in the shared sweep.)
     top1 = {(r["table"], r["row"]): r["ours"] for r in records
             if r["metric"] == "top1" and r["backbone"] == "resnet18" and r["ours"] and r["table"] != "table9"}
-    assert top1 == {("table4", "ResNet"): str(results["0"]["final"]["val_top1"]), ("table4", "EMCA-SE"): str(results["1"]["final"]["val_top1"]),
-                    ("table3", "EMCA prev_stage_all"): str(results["1"]["final"]["val_top1"])}
+    assert top1 == {
+        ("table4", "ResNet"): str(results["0"]["final"]["val_top1"]),
+        ("table4", "EMCA-SE"): str(results["1"]["final"]["val_top1"]),
+        ("table3", "EMCA prev_stage_all"): str(results["1"]["final"]["val_top1"]),
+    }
     assert (out / "table3.tex").is_file() and (out / "table4.tex").is_file()
     assert (out / "figure9_val_top1.png").stat().st_size > 0
 
@@ -180,9 +236,17 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
 def test_measurements_take_speeds_from_eval_json_and_count_a_copied_run_once(trained_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
-    eval_json = {"val": {"top1": 1.0, "top5": 2.0}, "params": 5_000_000, "gflops": 0.5,
-                 "speed": {"device": "cpu", "fps": {"images_per_second": 10.0}, "fps_model": {"images_per_second": 300.0},
-                           "fps_pipeline": {"images_per_second": 200.0}}}
+    eval_json = {
+        "val": {"top1": 1.0, "top5": 2.0},
+        "params": 5_000_000,
+        "gflops": 0.5,
+        "speed": {
+            "device": "cpu",
+            "fps": {"images_per_second": 10.0},
+            "fps_model": {"images_per_second": 300.0},
+            "fps_pipeline": {"images_per_second": 200.0},
+        },
+    }
     (sweep / "1" / "checkpoints").mkdir(exist_ok=True)
     (sweep / "1" / "checkpoints" / "eval.json").write_text(json.dumps(eval_json))
     results = json.loads((sweep / "1" / "results.json").read_text())
@@ -202,7 +266,9 @@ def _run_folder(root: Path, name: str, content: str) -> Path:
     """A run folder (plain ResNet-18) whose results.json or eval.json holds `content`."""
     run = root / "0"
     (run / ".hydra").mkdir(parents=True, exist_ok=True)
-    (run / ".hydra" / "config.yaml").write_text("backbone: {name: resnet18}\nattention: {name: none}\ndataset: {name: digits}\n")
+    (run / ".hydra" / "config.yaml").write_text(
+        "backbone: {name: resnet18}\nattention: {name: none}\ndataset: {name: digits}\n"
+    )
     (run / name).write_text(content)
     return run
 
@@ -221,7 +287,9 @@ def _run_folder(root: Path, name: str, content: str) -> Path:
         ("eval.json", '{"speed": {"device": 3}}', "speed.device is not a string"),
     ],
 )
-def test_a_results_or_eval_json_the_tables_cannot_use_is_one_warning_and_a_gap(name, content, problem, tmp_path, caplog):
+def test_a_results_or_eval_json_the_tables_cannot_use_is_one_warning_and_a_gap(
+    name, content, problem, tmp_path, caplog
+):
     run = _run_folder(tmp_path, name, content)
     [found] = find_runs([tmp_path])
     assert found.results is None and found.evaluation is None and not found.complete
@@ -241,7 +309,10 @@ def test_make_tables_refuses_impossible_arguments_in_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     for arguments, message in (
         (["--image-size", "0"], "error: --image-size=0 must be >= 1"),
-        (["--out", str(tmp_path / "file")], f"error: --out={tmp_path / 'file'} is a file; give a folder for the tables"),
+        (
+            ["--out", str(tmp_path / "file")],
+            f"error: --out={tmp_path / 'file'} is a file; give a folder for the tables",
+        ),
         (["--backbones", "resnet7"], "error: argument --backbones: invalid choice: 'resnet7'"),
     ):
         result = run_python("scripts/make_tables.py", "--complexity", "--tables", "table4", *arguments)

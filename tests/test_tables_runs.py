@@ -42,13 +42,26 @@ def write_run(folder: Path, backbone: str = "resnet18", attention: str = "se", c
               dataset: str = "imagenet", image_size: int = 224, seed: int = 0, top1: float = 70.0,
               params: int = 11_776_552, gflops: float = 1.8, run_id: Optional[str] = None, **overrides: Any) -> Path:
     """A run folder with the results.json train.py writes (the fields make_tables reads)."""
-    config = run_config(backbone, attention, coverage if attention.startswith("emca_") else None, dataset, image_size, seed, **overrides)
+    config = run_config(
+        backbone, attention, coverage if attention.startswith("emca_") else None, dataset, image_size, seed, **overrides
+    )
     results = {
-        "status": "completed", "run_id": run_id or f"{folder.name}-{seed}", "run_dir": str(folder),
-        "model": {"backbone": backbone, "attention": attention, "coverage": coverage if attention.startswith("emca_") else None},
-        "dataset": dataset, "final": {"epoch": 100, "val_top1": top1, "val_top5": top1 + 20, "val_loss": 1.0},
-        "best": {"epoch": 99, "val_top1": top1 + 0.1, "val_top5": top1 + 20}, "params": params, "gflops": gflops,
-        "image_size": image_size, "val_top1_per_epoch": [top1 - 1, top1], "config": config,
+        "status": "completed",
+        "run_id": run_id or f"{folder.name}-{seed}",
+        "run_dir": str(folder),
+        "model": {
+            "backbone": backbone,
+            "attention": attention,
+            "coverage": coverage if attention.startswith("emca_") else None,
+        },
+        "dataset": dataset,
+        "final": {"epoch": 100, "val_top1": top1, "val_top5": top1 + 20, "val_loss": 1.0},
+        "best": {"epoch": 99, "val_top1": top1 + 0.1, "val_top5": top1 + 20},
+        "params": params,
+        "gflops": gflops,
+        "image_size": image_size,
+        "val_top1_per_epoch": [top1 - 1, top1],
+        "config": config,
     }
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
@@ -92,7 +105,10 @@ def test_a_difference_to_the_paper_only_under_its_protocol(tmp_path):
     assert rows[("R-18", "SE")]["top-1"] == "71.00 / 70.59 (+0.41)"
     assert rows[("R-18", "ECA*")]["top-1"] == "60.00" and rows[("R-18", "ECA*")]["FPS"] == "–"
     assert rows[("R-18", "ResNet")]["top-1"] == "93.33"  # not '93.33 / 70.40 (+22.93)'
-    assert "_Ours alone, measured on imagenet at 64 px, not the paper's imagenet at 224 px: R-18 ECA*._" in render.markdown(table)
+    assert (
+        "_Ours alone, measured on imagenet at 64 px, not the paper's imagenet at 224 px: R-18 ECA*._"
+        in render.markdown(table)
+    )
     assert "Ours alone, measured on digits at 224 px, not the paper's imagenet at 224 px: R-18 ResNet." in table.notes
     digits = [r for r in table.records if r["row"] == "ResNet" and r["metric"] == "top1"]
     assert digits[0]["difference"] is None
@@ -119,7 +135,9 @@ def test_only_rows_with_runs_unless_full(tmp_path):
     write_run(tmp_path / "0")
     rows, table, _ = table4(tmp_path)
     assert list(rows) == [("R-18", "SE")]
-    assert "Only the rows our runs fill (20 of the paper's left out): make_tables --full prints them all." in table.notes
+    assert (
+        "Only the rows our runs fill (20 of the paper's left out): make_tables --full prints them all." in table.notes
+    )
     rows, table, _ = table4(tmp_path, full=True)
     assert len(rows) == 21 and rows[("R-50", "EMCA-SRM")]["top-1"] == "– / 77.20"
     assert not any(note.startswith("Only the rows") for note in table.notes)
@@ -131,7 +149,12 @@ def test_labels_come_from_results_json_not_a_rewritten_hydra_config(tmp_path):
     (run / ".hydra" / "config.yaml").write_text("backbone: {name: resnet50}\nattention: {name: srm, integration: all}\n"
                                                 "dataset: {name: digits, image_size: 32}\n")
     [found] = find_runs([tmp_path])
-    assert (found.variant, found.dataset, found.image_size, found.run_id) == (emca("resnet18", "se", "prev_stage_all"), "imagenet", 224, "0-0")
+    assert (found.variant, found.dataset, found.image_size, found.run_id) == (
+        emca("resnet18", "se", "prev_stage_all"),
+        "imagenet",
+        224,
+        "0-0",
+    )
     rows, _, _ = table4(tmp_path)
     assert list(rows) == [("R-18", "EMCA-SE")] and rows[("R-18", "EMCA-SE")]["top-1"] == "71.50 / 71.00 (+0.50)"
 
@@ -143,8 +166,10 @@ def test_a_results_json_whose_model_and_config_disagree_is_a_warning_and_a_gap(t
     (run / "results.json").write_text(json.dumps(results))
     [found] = find_runs([tmp_path])
     assert not found.complete
-    assert caplog.messages == [f"ignoring {run / 'results.json'}: its model ('resnet18', 'eca', None) is not the one its "
-                               "config describes (resnet18 se integration=all); its run is a gap in the tables until the file is restored"]
+    assert caplog.messages == [
+        f"ignoring {run / 'results.json'}: its model ('resnet18', 'eca', None) is not the one its "
+        "config describes (resnet18 se integration=all); its run is a gap in the tables until the file is restored"
+    ]
 
 
 def test_a_run_measured_by_eval_py_alone_is_labelled_from_its_checkpoint(tmp_path):
@@ -160,7 +185,10 @@ def test_a_run_measured_by_eval_py_alone_is_labelled_from_its_checkpoint(tmp_pat
     [found] = find_runs([tmp_path])
     assert (found.variant, found.protocol, found.run_id) == (plain("resnet18"), ("imagenet", 224), "abc")
     rows, _, _ = table4(tmp_path)
-    assert rows[("R-18", "ResNet")]["top-1"] == "70.50 / 70.40 (+0.10)" and rows[("R-18", "ResNet")]["#P (M)"] == "11.148 / 11.148 (+0.000)"
+    assert (
+        rows[("R-18", "ResNet")]["top-1"] == "70.50 / 70.40 (+0.10)"
+        and rows[("R-18", "ResNet")]["#P (M)"] == "11.148 / 11.148 (+0.000)"
+    )
 
 
 def test_latex_has_the_caption_without_the_papers_number_and_a_label(tmp_path):

@@ -50,9 +50,30 @@ def test_plain_resnets_are_exactly_the_papers_numbers_in_its_unit(backbone, coun
 
 # Table 4's #P, ours (the paper's options: SE without biases), as exact counts.
 TABLE_4_COUNTS = {
-    "resnet18": {"SE": 11_776_552, "EMCA-SE": 11_733_041, "ECA": 11_689_548, "EMCA-ECA": 11_689_539, "SRM": 11_697_192, "EMCA-SRM": 11_693_361},
-    "resnet34": {"SE": 21_954_856, "EMCA-SE": 21_841_208, "ECA": 21_797_746, "EMCA-ECA": 21_797_706, "SRM": 21_812_776, "EMCA-SRM": 21_801_528},
-    "resnet50": {"SE": 28_071_976, "EMCA-SE": 26_253_368, "ECA": 25_557_118, "EMCA-ECA": 25_557_070, "SRM": 25_617_448, "EMCA-SRM": 25_572_408},
+    "resnet18": {
+        "SE": 11_776_552,
+        "EMCA-SE": 11_733_041,
+        "ECA": 11_689_548,
+        "EMCA-ECA": 11_689_539,
+        "SRM": 11_697_192,
+        "EMCA-SRM": 11_693_361,
+    },
+    "resnet34": {
+        "SE": 21_954_856,
+        "EMCA-SE": 21_841_208,
+        "ECA": 21_797_746,
+        "EMCA-ECA": 21_797_706,
+        "SRM": 21_812_776,
+        "EMCA-SRM": 21_801_528,
+    },
+    "resnet50": {
+        "SE": 28_071_976,
+        "EMCA-SE": 26_253_368,
+        "ECA": 25_557_118,
+        "EMCA-ECA": 25_557_070,
+        "SRM": 25_617_448,
+        "EMCA-SRM": 25_572_408,
+    },
 }
 
 
@@ -60,7 +81,9 @@ TABLE_4_COUNTS = {
 def test_table4_parameter_counts_are_pinned_and_print_as_the_papers_but_the_explained_ones(backbone):
     for method, count in TABLE_4_COUNTS[backbone].items():
         kind = method.removeprefix("EMCA-").lower()
-        variant = emca(backbone, kind, "prev_stage_all") if method.startswith("EMCA") else channel_attention(backbone, kind)
+        variant = (
+            emca(backbone, kind, "prev_stage_all") if method.startswith("EMCA") else channel_attention(backbone, kind)
+        )
         assert count_parameters(build_variant(variant)) == count, method
         explained = any(known.applies(variant) for known in PARAM_DIFFERENCES)
         assert (printed(count) != paper.TABLE_4_5[(backbone, method)].params) == explained, method
@@ -78,18 +101,33 @@ def test_every_cell_that_differs_from_the_paper_has_exactly_one_note_and_every_n
 
 
 def test_srm_note_without_the_channel_wise_fc_every_srm_cell_prints_as_the_papers(param_cells):
-    srm = [(variant, reference, count, cfc) for _, variant, reference, count, cfc in param_cells if variant.attention.endswith("srm")]
+    srm = [
+        (variant, reference, count, cfc)
+        for _, variant, reference, count, cfc in param_cells
+        if variant.attention.endswith("srm")
+    ]
     assert len(srm) == 3 * (3 + 5 + 2)  # per backbone: Table 2 (3 rows) + Table 3 (5 rows) + Table 4 (2 rows)
     for variant, reference, count, cfc in srm:
         assert cfc > 0 and printed(count) != reference and printed(count - cfc) == reference, variant.describe()
 
 
 def test_r18_emca_se_note_include_stem_gives_the_papers_count():
-    for coverage, default, with_stem in (("prev_stage_all", 11_733_041, 11_733_043), ("all_stages_last", 11_733_041, 11_733_046)):
+    for coverage, default, with_stem in (
+        ("prev_stage_all", 11_733_041, 11_733_043),
+        ("all_stages_last", 11_733_041, 11_733_046),
+    ):
         stages, blocks = COVERAGE_PRESETS[coverage]
-        counts = [count_parameters(build_model({"name": "resnet18"}, {"name": "emca_se", "integration": "first", "se_bias": False,
-                                                                      "include_stem": stem}, {"stages": stages, "blocks": blocks}, 1000))
-                  for stem in (False, True)]
+        counts = [
+            count_parameters(
+                build_model(
+                    {"name": "resnet18"},
+                    {"name": "emca_se", "integration": "first", "se_bias": False, "include_stem": stem},
+                    {"stages": stages, "blocks": blocks},
+                    1000,
+                )
+            )
+            for stem in (False, True)
+        ]
         assert counts == [default, with_stem]
         reference = paper.TABLE_2_3[("resnet18", coverage, "se")].params
         assert printed(default) != reference == printed(with_stem) == 11.190
@@ -98,8 +136,14 @@ def test_r18_emca_se_note_include_stem_gives_the_papers_count():
 
 def test_the_papers_se_has_no_biases_and_hu_et_als_has_the_published_28_09_m():
     stages, blocks = COVERAGE_PRESETS["none"]
-    se = [count_parameters(build_model({"name": "resnet50"}, {"name": "se", "se_bias": bias}, {"stages": stages, "blocks": blocks}, 1000))
-          for bias in (False, True)]
+    se = [
+        count_parameters(
+            build_model(
+                {"name": "resnet50"}, {"name": "se", "se_bias": bias}, {"stages": stages, "blocks": blocks}, 1000
+            )
+        )
+        for bias in (False, True)
+    ]
     assert se == [28_071_976, 28_088_024]
     assert printed(se[0]) == paper.TABLE_4_5[("resnet50", "SE")].params and round(se[1] / 1e6, 2) == 28.09
 
@@ -109,8 +153,14 @@ def test_eca_cells_print_as_the_papers_with_either_kernel_rule(param_cells):
     few parameters, below the printed digit."""
     eca = [(variant, reference) for _, variant, reference, _, _ in param_cells if variant.attention.endswith("eca")]
     for variant, reference in eca:
-        fixed = Variant(variant.backbone, variant.attention, variant.integration, variant.coverage, (("eca_kernel", (3, 5, 5, 7)),))
-        assert printed(count_parameters(build_variant(fixed))) == reference == printed(count_parameters(build_variant(variant)))
+        fixed = Variant(
+            variant.backbone, variant.attention, variant.integration, variant.coverage, (("eca_kernel", (3, 5, 5, 7)),)
+        )
+        assert (
+            printed(count_parameters(build_variant(fixed)))
+            == reference
+            == printed(count_parameters(build_variant(variant)))
+        )
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,25 @@ from emca.engine.trainer import Preempted, RunAborted, Trainer, train
 
 from conftest import QUICK_RUN, REPO_ROOT, SYNTHETIC_RUN
 
-RUN_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "results.json", "checkpoints/last.pt", "checkpoints/best.pt")
+RUN_FILES = (
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    "train.log",
+    "results.json",
+    "checkpoints/last.pt",
+    "checkpoints/best.pt",
+)
 DETERMINISTIC = (*QUICK_RUN, "trainer.deterministic=true")
 
 
 @pytest.fixture(autouse=True)
 def restore_torch_determinism():
     """The trainer sets process-wide determinism flags; leave them as other tests expect them."""
-    state = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    state = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
     yield
     torch.use_deterministic_algorithms(state[0])
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[1], state[2]
@@ -136,7 +147,9 @@ def uninterrupted(tmp_path_factory, compose_train):
 
 
 @pytest.mark.parametrize("loader", ["torchvision", "dali"])
-def test_stopped_after_an_epoch_and_resumed_is_bit_identical(loader, uninterrupted, compose_train, tmp_path, monkeypatch):
+def test_stopped_after_an_epoch_and_resumed_is_bit_identical(
+    loader, uninterrupted, compose_train, tmp_path, monkeypatch
+):
     expected = uninterrupted(loader)
     evaluate = Trainer.evaluate
 
@@ -187,7 +200,9 @@ def test_stopped_mid_epoch_and_resumed_is_bit_identical(uninterrupted, compose_t
     assert resumed["progress"]["interrupted_epoch"] is None
 
 
-def test_stopped_during_validation_saves_at_once_and_resumes_exactly(uninterrupted, compose_train, tmp_path, monkeypatch):
+def test_stopped_during_validation_saves_at_once_and_resumes_exactly(
+    uninterrupted, compose_train, tmp_path, monkeypatch
+):
     import emca.engine.trainer as trainer_module
 
     expected = uninterrupted("torchvision")
@@ -249,7 +264,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(compose_tra
 
     forward = torch.nn.CrossEntropyLoss.forward
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", lambda self, *args: forward(self, *args) * float("nan"))
-    with pytest.raises(RunAborted, match=r"non-finite training loss \(nan\) at epoch 2 step 2: stopped; the last good checkpoint .*last\.pt is kept"):
+    with pytest.raises(
+        RunAborted,
+        match=r"non-finite training loss \(nan\) at epoch 2 step 2: stopped; the last good checkpoint .*last\.pt is "
+              r"kept",
+    ):
         train(compose_train(*SYNTHETIC_RUN, "trainer.resume=auto"), str(tmp_path))
     kept = checkpoint(tmp_path)
     assert kept["progress"]["epoch"] == 1
@@ -273,5 +292,8 @@ def test_startup_errors_abort_before_any_checkpoint_is_touched(compose_train, tm
         train(compose_train(*SYNTHETIC_RUN), str(tmp_path))
     # A dataset problem.
     with pytest.raises(RunAborted, match=str(tmp_path / "nowhere")):
-        train(compose_train(*QUICK_RUN, "dataset=imagefolder", f"dataset.root={tmp_path / 'nowhere'}"), str(tmp_path / "other"))
+        train(
+            compose_train(*QUICK_RUN, "dataset=imagefolder", f"dataset.root={tmp_path / 'nowhere'}"),
+            str(tmp_path / "other"),
+        )
     assert last.read_bytes() == before

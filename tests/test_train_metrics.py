@@ -43,10 +43,26 @@ def test_scale_histograms_cover_every_scale_of_every_module():
     assert histograms.counts[0].tolist() == [1, 2, 2, 3]
     assert histograms.counts[1].sum() == 0
     count, total, squares = histograms.moments[0].tolist()
-    assert count == 8 and total == pytest.approx(scales.sum().item()) and squares == pytest.approx((scales**2).sum().item())
-    assert histograms.minimum[0] == pytest.approx(scales.min().item()) and histograms.bucket_limits() == [0.25, 0.5, 0.75, 1.0]
+    assert (
+        count == 8
+        and total == pytest.approx(scales.sum().item())
+        and squares == pytest.approx((scales**2).sum().item())
+    )
+    assert histograms.minimum[0] == pytest.approx(scales.min().item()) and histograms.bucket_limits() == [
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+    ]
 
 
 def test_flatten_config_for_hparams():
-    flat = flatten_config({"optimizer": {"lr": 0.1, "milestones": [0.3, 0.6]}, "trainer": {"resume": None, "amp": "off"}})
-    assert flat == {"optimizer.lr": 0.1, "optimizer.milestones": "[0.3, 0.6]", "trainer.resume": "None", "trainer.amp": "off"}
+    flat = flatten_config(
+        {"optimizer": {"lr": 0.1, "milestones": [0.3, 0.6]}, "trainer": {"resume": None, "amp": "off"}}
+    )
+    assert flat == {
+        "optimizer.lr": 0.1,
+        "optimizer.milestones": "[0.3, 0.6]",
+        "trainer.resume": "None",
+        "trainer.amp": "off",
+    }

@@ -22,13 +22,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from emca.analysis.evaluation import evaluate
-from emca.analysis.gradcam import AUTO, GradcamError, choose_layer, heat_maps, load_images, pick_images, save_gradcam, validation_images
+from emca.analysis.gradcam import (
+    AUTO,
+    GradcamError,
+    choose_layer,
+    heat_maps,
+    load_images,
+    pick_images,
+    save_gradcam,
+    validation_images,
+)
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.models import coverage_name
 from emca.data import build_loaders
 from emca.data.folder import ImageList
-from emca.engine.checkpoint import architecture_fingerprint, atomic_write, check_fingerprint, describe_architecture, load_checkpoint
+from emca.engine.checkpoint import (
+    architecture_fingerprint,
+    atomic_write,
+    check_fingerprint,
+    describe_architecture,
+    load_checkpoint,
+)
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
 from emca.engine.precision import amp_dtype as parse_amp
@@ -55,7 +70,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     # model its configuration describes is built (restore_model).
     state = load_checkpoint(path, option="checkpoint")
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise EvalError(f"{path} holds no training configuration ('config'); eval.py needs a checkpoint written by train.py")
+        raise EvalError(
+            f"{path} holds no training configuration ('config'); eval.py needs a checkpoint written by train.py"
+        )
     if "fingerprint" not in state:
         raise EvalError(f"{path} has no architecture fingerprint; eval.py needs a checkpoint written by train.py")
     return state
@@ -96,7 +113,13 @@ def check_options(cfg: DictConfig) -> None:
     require(isinstance(rotations, Sequence) and all(is_int(degrees) and degrees % 90 == 0 for degrees in rotations),
             "rotations", rotations, "a list of multiples of 90 degrees, e.g. [0,90,180,270]", EvalError)
     for option in ("learned_scales", "speed.enabled"):
-        require(isinstance(OmegaConf.select(cfg, option), bool), option, OmegaConf.select(cfg, option), "true or false", EvalError)
+        require(
+            isinstance(OmegaConf.select(cfg, option), bool),
+            option,
+            OmegaConf.select(cfg, option),
+            "true or false",
+            EvalError,
+        )
     require(cfg.channels_last is None or isinstance(cfg.channels_last, bool), "channels_last", cfg.channels_last,
             "true, false or null", EvalError)
     minimums = {"speed.single_workers": 0, "speed.batch": 1, "speed.workers": 0, "speed.model_iterations": 1,
@@ -110,14 +133,24 @@ def check_options(cfg: DictConfig) -> None:
 def check_gradcam_options(options: DictConfig) -> None:
     """gradcam.*: one way of choosing the images, each of the right type."""
     indices, classes = options.indices, options.classes
-    require(indices is None or (isinstance(indices, Sequence) and len(indices) > 0 and all(is_int(i) and i >= 0 for i in indices)),
-            "gradcam.indices", indices, "null or a list of validation image positions >= 0, e.g. [0,120,300]", EvalError)
+    require(
+        indices is None
+        or (isinstance(indices, Sequence) and len(indices) > 0 and all(is_int(i) and i >= 0 for i in indices)),
+        "gradcam.indices",
+        indices,
+        "null or a list of validation image positions >= 0, e.g. [0,120,300]",
+        EvalError,
+    )
     require(classes is None or (isinstance(classes, Sequence) and not isinstance(classes, str) and len(classes) > 0
                                 and all(isinstance(c, (str, int)) for c in classes)),
             "gradcam.classes", classes, "null or a list of class folder names, e.g. [n01440764,n02102040]", EvalError)
     require(isinstance(options.layer, str) and options.layer != "", "gradcam.layer", options.layer,
             f"{AUTO} or a module name, e.g. layer3.1", EvalError)
-    given = [option for option, value in (("images", options.images > 0), ("classes", classes), ("indices", indices)) if value]
+    given = [
+        option
+        for option, value in (("images", options.images > 0), ("classes", classes), ("indices", indices))
+        if value
+    ]
     if len(given) > 1:
         raise EvalError(f"gradcam.{given[0]} and gradcam.{given[1]} both choose the Grad-CAM images; give one of them")
 
@@ -127,7 +160,9 @@ def output_path(output: Optional[str], checkpoint: Path) -> Path:
     if not output:
         return checkpoint.parent / EVAL_FILE
     path = Path(output).expanduser().resolve()
-    require(not path.is_dir(), "output", Path(output), f"a file path, not a folder (e.g. {path / EVAL_FILE})", EvalError)
+    require(
+        not path.is_dir(), "output", Path(output), f"a file path, not a folder (e.g. {path / EVAL_FILE})", EvalError
+    )
     return path
 
 
@@ -162,11 +197,14 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
                          channels_last=channels_last, seed=seed, train=False, classes=classes)
     if data.num_classes != architecture["num_classes"]:
         raise EvalError(
-            f"dataset {dataset_cfg['name']} at {dataset_cfg['root']} has {data.num_classes} classes but the checkpoint's "
+            f"dataset {dataset_cfg['name']} at {dataset_cfg['root']} has {data.num_classes} classes but the "
+            "checkpoint's "
             f"model predicts {architecture['num_classes']} ({describe_architecture(state['fingerprint'])})"
         )
 
-    gradcam_plan = plan_gradcam(model, dataset_cfg, data.classes, cfg.gradcam) if gradcam_requested(cfg.gradcam) else None
+    gradcam_plan = (
+        plan_gradcam(model, dataset_cfg, data.classes, cfg.gradcam) if gradcam_requested(cfg.gradcam) else None
+    )
     rotations = [0] + [degrees for degrees in cfg.rotations if degrees % 360]
     scales = LearnedScales(model, ctx.device) if cfg.learned_scales and attention_modules(model) else None
     if ctx.is_main:
@@ -186,8 +224,14 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": (state.get("progress") or {}).get("epoch"),
         "model": architecture,
-        "dataset": {"name": dataset_cfg["name"], "root": str(dataset_cfg["root"]), "image_size": image_size,
-                    "val_resize": dataset_cfg.get("val_resize"), "num_val": data.num_val, "num_classes": data.num_classes},
+        "dataset": {
+            "name": dataset_cfg["name"],
+            "root": str(dataset_cfg["root"]),
+            "image_size": image_size,
+            "val_resize": dataset_cfg.get("val_resize"),
+            "num_val": data.num_val,
+            "num_classes": data.num_classes,
+        },
         "loader": loader_cfg["name"],
         "device": describe_device(ctx.device),
         "world_size": ctx.world_size,
@@ -205,13 +249,22 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     }
     if scales is not None:
         title = f"Learned scales, {describe_architecture(state['fingerprint'])}, {data.num_val} val images"
-        report["learned_scales_plot"] = str(plot_scales(report["learned_scales"], output.with_name(f"{output.stem}_scales.png"), title))
+        report["learned_scales_plot"] = str(
+            plot_scales(report["learned_scales"], output.with_name(f"{output.stem}_scales.png"), title)
+        )
     if cfg.speed.enabled:
-        report["speed"] = measure_speeds(model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, amp_dtype, seed,
-                                         data.classes)
+        report["speed"] = measure_speeds(
+            model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, amp_dtype, seed, data.classes
+        )
     if gradcam_plan is not None:
-        report["gradcam"] = gradcam_maps(model, gradcam_plan, dataset_cfg, ctx.device, channels_last, output.with_name(f"{output.stem}_gradcam"))
-    report.update(created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), git=git_commit(), versions=library_versions())
+        report["gradcam"] = gradcam_maps(
+            model, gradcam_plan, dataset_cfg, ctx.device, channels_last, output.with_name(f"{output.stem}_gradcam")
+        )
+    report.update(
+        created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        git=git_commit(),
+        versions=library_versions(),
+    )
     if output.exists():
         log.info(f"replacing {output}")
     atomic_write(output, lambda file: file.write((json.dumps(report, indent=2) + "\n").encode()))
@@ -219,25 +272,64 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     return report
 
 
-def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, amp_dtype, seed, classes) -> dict[str, Any]:
+def measure_speeds(
+    model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, amp_dtype, seed, classes
+) -> dict[str, Any]:
     """FPS, FPS-dagger and FPS-double-dagger on this process' device alone."""
 
     def val_loader(batch_size: int, workers: int):
         settings = {**dataset_cfg, "batch_size": batch_size, "workers": workers}
-        return build_loaders(settings, loader_cfg, rank=0, world_size=1, device=device, channels_last=channels_last, seed=seed,
-                             train=False, classes=classes).val
+        return build_loaders(
+            settings,
+            loader_cfg,
+            rank=0,
+            world_size=1,
+            device=device,
+            channels_last=channels_last,
+            seed=seed,
+            train=False,
+            classes=classes,
+        ).val
 
     warmup = speed_cfg.warmup
     log.info("speed: FPS (batch 1, %d worker(s))", speed_cfg.single_workers)
-    fps = time_pipeline(model, val_loader(1, speed_cfg.single_workers), device, batch_size=1, workers=speed_cfg.single_workers,
-                        warmup=warmup, max_images=speed_cfg.single_images, amp_dtype=amp_dtype)
+    fps = time_pipeline(
+        model,
+        val_loader(1, speed_cfg.single_workers),
+        device,
+        batch_size=1,
+        workers=speed_cfg.single_workers,
+        warmup=warmup,
+        max_images=speed_cfg.single_images,
+        amp_dtype=amp_dtype,
+    )
     log.info("speed: FPS-dagger (model only, batch %d)", speed_cfg.batch)
-    fps_model = time_model(model, device, batch_size=speed_cfg.batch, image_size=dataset_cfg["image_size"], warmup=warmup,
-                           iterations=speed_cfg.model_iterations, channels_last=channels_last, amp_dtype=amp_dtype)
+    fps_model = time_model(
+        model,
+        device,
+        batch_size=speed_cfg.batch,
+        image_size=dataset_cfg["image_size"],
+        warmup=warmup,
+        iterations=speed_cfg.model_iterations,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
+    )
     log.info("speed: FPS-double-dagger (validation pass, batch %d, %d workers)", speed_cfg.batch, speed_cfg.workers)
-    fps_pipeline = time_pipeline(model, val_loader(speed_cfg.batch, speed_cfg.workers), device, batch_size=speed_cfg.batch,
-                                 workers=speed_cfg.workers, warmup=warmup, amp_dtype=amp_dtype)
-    return {"device": describe_device(device), "fps": fps.as_dict(), "fps_model": fps_model.as_dict(), "fps_pipeline": fps_pipeline.as_dict()}
+    fps_pipeline = time_pipeline(
+        model,
+        val_loader(speed_cfg.batch, speed_cfg.workers),
+        device,
+        batch_size=speed_cfg.batch,
+        workers=speed_cfg.workers,
+        warmup=warmup,
+        amp_dtype=amp_dtype,
+    )
+    return {
+        "device": describe_device(device),
+        "fps": fps.as_dict(),
+        "fps_model": fps_model.as_dict(),
+        "fps_pipeline": fps_pipeline.as_dict(),
+    }
 
 
 def gradcam_requested(options: DictConfig) -> bool:
@@ -263,16 +355,26 @@ def gradcam_maps(model, plan, dataset_cfg, device, channels_last, out_dir: Path)
     maps = heat_maps(model, chosen, layer)
     paths = save_gradcam(chosen, maps, out_dir)
     names = chosen.class_names
-    return {"target_layer": maps.layer, "layer_extent": list(maps.extent), "indices": chosen.positions,
-            "labels": [names[int(label)] for label in chosen.labels], "predictions": [names[p] for p in maps.predictions],
-            "sources": chosen.paths, "images": [str(path) for path in paths]}
+    return {
+        "target_layer": maps.layer,
+        "layer_extent": list(maps.extent),
+        "indices": chosen.positions,
+        "labels": [names[int(label)] for label in chosen.labels],
+        "predictions": [names[p] for p in maps.predictions],
+        "sources": chosen.paths,
+        "images": [str(path) for path in paths],
+    }
 
 
 SPEED_NAMES = {"fps": "FPS", "fps_model": "FPS†", "fps_pipeline": "FPS‡"}
 
 
 def _batches(speed: dict[str, Any]) -> str:
-    cut = f" (warm-up cut from {speed['warmup_requested']})" if speed["warmup_batches"] < speed["warmup_requested"] else ""
+    cut = (
+        f" (warm-up cut from {speed['warmup_requested']})"
+        if speed["warmup_batches"] < speed["warmup_requested"]
+        else ""
+    )
     return f"{speed['warmup_batches']} warm-up + {speed['timed_batches']} timed batches{cut}"
 
 
@@ -285,11 +387,16 @@ def format_summary(report: dict[str, Any]) -> str:
         f"model       {model['backbone']} attention={model['attention']}"
         + (f" coverage={coverage_name(coverage['stages'], coverage['blocks'])}" if coverage else "")
         + f", {model['num_classes']} classes",
-        f"data        {dataset['name']} validation, {dataset['num_val']} images at {dataset['image_size']} px via {report['loader']}; "
+        f"data        {dataset['name']} validation, {dataset['num_val']} images at {dataset['image_size']} px via "
+        f"{report['loader']}; "
         f"{report['world_size']} process(es), amp {report['amp']}",
-        f"accuracy    top-1 {report['val']['top1']:.2f}%  top-5 {report['val']['top5']:.2f}%  loss {report['val']['loss']:.4f}",
-        "rotation    " + "  ".join(f"{degrees}°: {m['top1']:.2f}%" for degrees, m in report["rotation"].items()) + "  (top-1, clockwise)",
-        f"complexity  {report['params'] / 1e6:.3f} M parameters (sum of numel), {report['gflops']:.3f} GFLOPs at {report['image_size']} px",
+        f"accuracy    top-1 {report['val']['top1']:.2f}%  top-5 {report['val']['top5']:.2f}%  loss "
+        f"{report['val']['loss']:.4f}",
+        "rotation    "
+        + "  ".join(f"{degrees}°: {m['top1']:.2f}%" for degrees, m in report["rotation"].items())
+        + "  (top-1, clockwise)",
+        f"complexity  {report['params'] / 1e6:.3f} M parameters (sum of numel), {report['gflops']:.3f} GFLOPs at "
+        f"{report['image_size']} px",
     ]
     speed = report.get("speed")
     if speed:
@@ -297,14 +404,16 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"speed       FPS {fps['images_per_second']:.1f} (batch 1, {fps['workers']} worker)  "
             f"FPS† {fps_model['images_per_second']:.1f} (model only, batch {fps_model['batch_size']})  "
-            f"FPS‡ {fps_pipeline['images_per_second']:.1f} (validation pass, batch {fps_pipeline['batch_size']}, {fps_pipeline['workers']} workers)"
+            f"FPS‡ {fps_pipeline['images_per_second']:.1f} (validation pass, batch {fps_pipeline['batch_size']}, "
+            f"{fps_pipeline['workers']} workers)"
         )
         lines.append(f"            on {speed['device']}")
         lines += [f"            {name} from few batches, a rough figure: {_batches(speed[key])}"
                   for key, name in SPEED_NAMES.items() if speed[key]["few_batches"]]
     for row in report.get("learned_scales") or []:
         lines.append(
-            f"scales      stage {row['stage']} {row['module']}: mean {row['mean']:.3f}  variance {row['variance']:.4f}  "
+            f"scales      stage {row['stage']} {row['module']}: mean {row['mean']:.3f}  variance {row['variance']:.4f} "
+            " "
             f"below 0.5 {100 * row['below_half']:.1f}%  zeros {100 * row['zeros']:.1f}%  ({row['channels']} channels)"
         )
     if report.get("gradcam"):

@@ -68,7 +68,9 @@ def paper_gflops(model: nn.Module, image_size: int = 224) -> float:
     return sum(count_macs(model, image_size)) / GFLOP_UNIT
 
 
-def count_variants(variants: Iterable[Variant], image_size: int = 224, num_classes: int = 1000) -> dict[Variant, tuple[int, float]]:
+def count_variants(
+    variants: Iterable[Variant], image_size: int = 224, num_classes: int = 1000
+) -> dict[Variant, tuple[int, float]]:
     """{variant: (parameters, GFLOPs in the paper's unit)} for the variants and the plain ResNet of each backbone."""
     wanted = list(dict.fromkeys(variants))
     wanted += [plain(backbone) for backbone in dict.fromkeys(v.backbone for v in wanted)]

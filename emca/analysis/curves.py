@@ -21,11 +21,11 @@ def plot_top1_curves(runs: Iterable[Run], path: Path, title: str = "Validation t
     if not by_backbone:
         return None
     figure, axes = plt.subplots(1, len(by_backbone), figsize=(6 * len(by_backbone), 4.5), squeeze=False)
-    for axis, (backbone, backbone_runs) in zip(axes[0], sorted(by_backbone.items())):
+    for axis, (backbone, backbone_runs) in zip(axes[0], sorted(by_backbone.items()), strict=True):
         for run in backbone_runs:
             points = [(epoch, top1) for epoch, top1 in enumerate(run.top1_curve(), start=1) if top1 is not None]
             label = run.variant.describe().removeprefix(f"{backbone} ")
-            axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+            axis.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=label)
         axis.set_title(SHORT_NAME.get(backbone, backbone))
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -107,8 +107,11 @@ def pick_images(images: ImageList, count: int = 0, classes: Optional[Sequence[An
     if indices:
         outside = [index for index in indices if not 0 <= index < len(images)]
         if outside:
-            raise GradcamError("indices", list(indices),
-                               f"reaches outside the {len(images)} validation images; give positions 0-{len(images) - 1}")
+            raise GradcamError(
+                "indices",
+                list(indices),
+                f"reaches outside the {len(images)} validation images; give positions 0-{len(images) - 1}",
+            )
         return list(indices)
     by_class = _positions_by_class(images.labels)
     if classes:
@@ -116,8 +119,11 @@ def pick_images(images: ImageList, count: int = 0, classes: Optional[Sequence[An
         missing = [str(name) for name in classes if by_class.get(named.get(str(name), -1)) is None]
         if missing:
             known = ", ".join(images.classes[label] for label in sorted(by_class)[:5])
-            raise GradcamError("classes", [str(name) for name in classes],
-                               f"names {', '.join(missing)}, with no validation image; give class folder names, e.g. {known}")
+            raise GradcamError(
+                "classes",
+                [str(name) for name in classes],
+                f"names {', '.join(missing)}, with no validation image; give class folder names, e.g. {known}",
+            )
         return [by_class[named[str(name)]][0] for name in classes]
     return _spread_over_classes(by_class, count)
 
@@ -161,8 +167,16 @@ class Chosen:
     inputs: torch.Tensor  # normalised, on the device: what the models see
 
 
-def choose_images(dataset_cfg: dict[str, Any], classes: Optional[Sequence[str]], device: torch.device, *, channels_last: bool = False,
-                  count: int = 0, wanted_classes: Optional[Sequence[Any]] = None, indices: Optional[Sequence[int]] = None) -> Chosen:
+def choose_images(
+    dataset_cfg: dict[str, Any],
+    classes: Optional[Sequence[str]],
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+    count: int = 0,
+    wanted_classes: Optional[Sequence[Any]] = None,
+    indices: Optional[Sequence[int]] = None,
+) -> Chosen:
     """The images pick_images chooses among the dataset's validation images, loaded and normalised."""
     images = validation_images(dataset_cfg, classes)
     return load_images(images, pick_images(images, count, wanted_classes, indices), dataset_cfg, device, channels_last)
@@ -175,8 +189,14 @@ def load_images(images: ImageList, positions: Sequence[int], dataset_cfg: dict[s
     dataset = ImageListDataset(images, prep, train=False)  # the torchvision loader's decoding, resize and crop
     pairs = [dataset[(position, 0)] for position in positions]
     pixels = torch.stack([image for image, _ in pairs])
-    return Chosen(list(positions), [images.paths[p] for p in positions], torch.tensor([label for _, label in pairs]), list(images.classes),
-                  pixels, BatchNormalizer(prep, device, channels_last)(pixels))
+    return Chosen(
+        list(positions),
+        [images.paths[p] for p in positions],
+        torch.tensor([label for _, label in pairs]),
+        list(images.classes),
+        pixels,
+        BatchNormalizer(prep, device, channels_last)(pixels),
+    )
 
 
 # ----------------------------------------------------------------------------- maps and figures

@@ -89,7 +89,14 @@ class Run:
         return list((self.results or {}).get("val_top1_per_epoch") or [])
 
 
-JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+JSON_TYPES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -104,7 +111,11 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
     else:
         problem = _contents_problem(document, evaluation=path.name == EVAL)
     if problem:
-        fix = "rerun eval.py to rewrite it" if path.name == EVAL else "its run is a gap in the tables until the file is restored"
+        fix = (
+            "rerun eval.py to rewrite it"
+            if path.name == EVAL
+            else "its run is a gap in the tables until the file is restored"
+        )
         log.warning("ignoring %s: %s; %s", path, problem, fix)
         return None
     return document
@@ -136,7 +147,8 @@ def _label_problem(results: dict[str, Any]) -> Optional[str]:
         model, variant = results["model"], variant_from_config(results["config"])
         recorded = (model["backbone"], model["attention"], model.get("coverage"))
     except Exception as error:  # missing or foreign fields (OmegaConf's errors among them)
-        return f"it does not record its model as train.py does ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+        reason = " ".join(str(error).split())[:200]
+        return f"it does not record its model as train.py does ({type(error).__name__}: {reason})"
     if recorded != (variant.backbone, variant.attention, variant.coverage):
         return f"its model {recorded} is not the one its config describes ({variant.describe()})"
     if not isinstance(results.get("dataset"), str) or not isinstance(results.get("image_size"), int):
@@ -176,8 +188,13 @@ def _checkpoint_of(run_dir: Path, evaluation: dict[str, Any]) -> Optional[dict[s
         variant_from_config(state["config"])
         return state
     except Exception as error:  # missing, damaged or foreign: the run is a gap, say why
-        log.warning("ignoring %s: its run has no results.json and the checkpoint it measured (%s) does not say which model "
-                    "it is (%s); rerun eval.py on the run's checkpoint", run_dir / EVAL, path, " ".join(str(error).split())[:200])
+        log.warning(
+            "ignoring %s: its run has no results.json and the checkpoint it measured (%s) does not say which model "
+            "it is (%s); rerun eval.py on the run's checkpoint",
+            run_dir / EVAL,
+            path,
+            " ".join(str(error).split())[:200],
+        )
         return None
 
 
@@ -240,12 +257,16 @@ def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Var
         by_cell.setdefault(group[0].variant.cell(), []).append(group)
     measured, chosen_runs = {}, []
     for cell, candidates in by_cell.items():
-        candidates.sort(key=lambda group: (group[0].protocol == paper.PROTOCOL, not group[0].variant.options, len(group)))
+        candidates.sort(
+            key=lambda group: (group[0].protocol == paper.PROTOCOL, not group[0].variant.options, len(group))
+        )
         chosen = candidates[-1]
         chosen_runs += chosen
         measured[cell] = _measured(chosen, accuracy)
         notes += _group_notes(chosen, candidates[:-1])
-    devices = sorted({(run.evaluation.get("speed") or {}).get("device") for run in chosen_runs if run.evaluation} - {None})
+    devices = sorted(
+        {(run.evaluation.get("speed") or {}).get("device") for run in chosen_runs if run.evaluation} - {None}
+    )
     if devices:
         notes.append(f"Our speeds on {'; '.join(devices)} (eval.py); the paper's on the authors' Titan-XP machines.")
     return measured, notes
@@ -276,10 +297,14 @@ def _group_notes(chosen: list[Run], set_aside: list[list[Run]]) -> list[str]:
                      + (f"; their configs also differ in {', '.join(sorted(differing))}" if differing else "")
                      + f": {', '.join(str(run.path) for run in chosen)}")
     if variant.options:
-        notes.append(f"{', '.join(str(run.path) for run in chosen)} differs from the paper's options: {variant.describe()}")
+        notes.append(
+            f"{', '.join(str(run.path) for run in chosen)} differs from the paper's options: {variant.describe()}"
+        )
     for group in set_aside:
-        notes.append(f"not shown, {variant.cell().describe()} has runs closer to the paper's: {group[0].variant.describe()} "
-                     f"on {group[0].dataset} at {group[0].image_size} px ({', '.join(str(run.path) for run in group)})")
+        notes.append(
+            f"not shown, {variant.cell().describe()} has runs closer to the paper's: {group[0].variant.describe()} "
+            f"on {group[0].dataset} at {group[0].image_size} px ({', '.join(str(run.path) for run in group)})"
+        )
     return notes
 
 
@@ -297,5 +322,9 @@ def _differing_keys(configs: list[dict[str, Any]], prefix: str = "") -> set[str]
 
 
 def _finished_at(run: Run) -> float:
-    times = [path.stat().st_mtime for path in (run.path / RESULTS, run.path / EVAL, run.path / CHECKPOINT_DIR / EVAL) if path.is_file()]
+    times = [
+        path.stat().st_mtime
+        for path in (run.path / RESULTS, run.path / EVAL, run.path / CHECKPOINT_DIR / EVAL)
+        if path.is_file()
+    ]
     return max(times, default=0.0)

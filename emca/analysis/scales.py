@@ -45,7 +45,10 @@ class LearnedScales:
                       for stage, _ in self.modules.values()]
         self._images = torch.zeros(len(self.modules), dtype=torch.float64, device=device)
         self._recording = False
-        self._handles = [module.gate.register_forward_hook(self._hook(index)) for index, (_, module) in enumerate(self.modules.values())]
+        self._handles = [
+            module.gate.register_forward_hook(self._hook(index))
+            for index, (_, module) in enumerate(self.modules.values())
+        ]
 
     def _hook(self, index: int):
         def record(_module, _inputs, scales: torch.Tensor) -> None:
@@ -79,7 +82,9 @@ class LearnedScales:
     def statistics(self) -> list[dict[str, Any]]:
         """Per stage: the module, its per-channel average scales and their summary."""
         rows = []
-        for (name, (stage, _)), sums, images in zip(self.modules.items(), self._sums, self._images.tolist()):
+        for (name, (stage, _)), sums, images in zip(
+            self.modules.items(), self._sums, self._images.tolist(), strict=True
+        ):
             average = sums / max(images, 1.0)
             rows.append({
                 "stage": stage,
@@ -98,7 +103,7 @@ class LearnedScales:
 def plot_scales(statistics: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Figure 6: each stage's per-channel average scale, with the 0.5 line and the summary."""
     figure, axes = plt.subplots(len(statistics), 1, figsize=(8, 2.2 * len(statistics)), squeeze=False)
-    for axis, row in zip(axes[:, 0], statistics):
+    for axis, row in zip(axes[:, 0], statistics, strict=True):
         values = row["per_channel_mean"]
         axis.bar(range(len(values)), values, width=1.0, color="tab:blue")
         axis.axhline(0.5, color="tab:red", linewidth=0.8, linestyle="--")

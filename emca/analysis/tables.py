@@ -23,7 +23,12 @@ BACKBONES = ("resnet18", "resnet34", "resnet50")
 KINDS = paper.KINDS
 KIND_LABELS = {"se": "SE", "eca": "ECA", "srm": "SRM"}
 # Table 3's EMCA rows (coverage presets) and the paper's label of each.
-COVERAGE_ROWS = {"none": "first(=none)", "prev_stage_last": "prev_stage_last", "prev_stage_all": "prev_stage_all", "all_stages_last": "all_stages_last"}
+COVERAGE_ROWS = {
+    "none": "first(=none)",
+    "prev_stage_last": "prev_stage_last",
+    "prev_stage_all": "prev_stage_all",
+    "all_stages_last": "all_stages_last",
+}
 # The coverage of the EMCA rows in Tables 4 and 5: the paper's default.
 DEFAULT_COVERAGE = "prev_stage_all"
 
@@ -42,7 +47,12 @@ ROTATIONS = (90, 180, 270)
 STAGES = (1, 2, 3, 4)
 # Figure 6's summary of the learned scales: eval.json 'learned_scales' key -> (column label, digits,
 # factor from eval.json's value to the table's: shares are fractions there, percent here).
-SCALE_STATISTICS = {"mean": ("mean", 3, 1), "variance": ("var", 4, 1), "below_half": ("% <0.5", 1, 100), "zeros": ("% zero", 1, 100)}
+SCALE_STATISTICS = {
+    "mean": ("mean", 3, 1),
+    "variance": ("var", 4, 1),
+    "below_half": ("% <0.5", 1, 100),
+    "zeros": ("% zero", 1, 100),
+}
 
 METRICS = {
     "fps": Metric("FPS", 0),
@@ -144,8 +154,14 @@ def _table4() -> TableSpec:
         Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
         for backbone in BACKBONES for method, variant in _methods(backbone)
     )
-    return TableSpec("table4", "Table 4", f"each CA module and its EMCA version (EMCA coverage {DEFAULT_COVERAGE})", "method",
-                     ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"), entries)
+    return TableSpec(
+        "table4",
+        "Table 4",
+        f"each CA module and its EMCA version (EMCA coverage {DEFAULT_COVERAGE})",
+        "method",
+        ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"),
+        entries,
+    )
 
 
 def _table5() -> TableSpec:
@@ -164,8 +180,16 @@ def _table9() -> TableSpec:
         Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
         for backbone in BACKBONES for method, variant in _methods(backbone)
     )
-    return TableSpec("table9", "Table 9", "robustness, top-1 on validation images rotated clockwise (never seen in training)",
-                     "method", ("top1", *rotated), entries, required=rotated, complexity=False)
+    return TableSpec(
+        "table9",
+        "Table 9",
+        "robustness, top-1 on validation images rotated clockwise (never seen in training)",
+        "method",
+        ("top1", *rotated),
+        entries,
+        required=rotated,
+        complexity=False,
+    )
 
 
 def _figure6() -> TableSpec:
@@ -178,7 +202,9 @@ def _figure6() -> TableSpec:
                      "per-channel averages over the validation set", "method", metrics, entries, complexity=False)
 
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (_table2(), _table3(), _table4(), _table5(), _table9(), _figure6())}
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec for spec in (_table2(), _table3(), _table4(), _table5(), _table9(), _figure6())
+}
 
 
 @dataclass(frozen=True)
@@ -220,12 +246,19 @@ class KnownDifference:
 PARAM_DIFFERENCES = (
     KnownDifference(
         lambda v: v.attention.endswith("srm"),
-        "#P of SRM rows: ours include SRM's channel-wise FC (cfc, 2 parameters per channel and module), which the paper's "
-        "counter missed (thop skips a Parameter held directly by a non-leaf module); without it ours print as the paper's.",
+        "#P of SRM rows: ours include SRM's channel-wise FC (cfc, 2 parameters per channel and module), which the "
+        "paper's "
+        "counter missed (thop skips a Parameter held directly by a non-leaf module); without it ours print as the "
+        "paper's.",
     ),
     KnownDifference(
-        lambda v: v.backbone == "resnet18" and v.attention == "emca_se" and v.coverage in ("prev_stage_all", "all_stages_last"),
-        "#P of R-18 EMCA-SE prev_stage_all / all_stages_last: ours are 11,733,041 parameters, 1 short of the 11,733,042 that "
+        lambda v: (
+            v.backbone == "resnet18"
+            and v.attention == "emca_se"
+            and v.coverage in ("prev_stage_all", "all_stages_last")
+        ),
+        "#P of R-18 EMCA-SE prev_stage_all / all_stages_last: ours are 11,733,041 parameters, 1 short of the "
+        "11,733,042 that "
         "print as the paper's 11.190; with attention.include_stem=true (the stem as stage 0, as in the authors' code) "
         "they are 11,733,043 / 11,733,046 = 11.190.",
     ),
@@ -275,7 +308,11 @@ def _rows(spec: TableSpec) -> dict[tuple[str, str], dict[Optional[str], Entry]]:
 
 
 def _params_differ(values: Sequence[float], reference: Optional[float]) -> bool:
-    return bool(values) and reference is not None and round(statistics.fmean(values), METRICS["params"].digits) != reference
+    return (
+        bool(values)
+        and reference is not None
+        and round(statistics.fmean(values), METRICS["params"].digits) != reference
+    )
 
 
 def fill_table(spec: TableSpec, measured: Mapping[Variant, Measured], full: bool = False) -> Table:
@@ -302,14 +339,18 @@ def fill_table(spec: TableSpec, measured: Mapping[Variant, Measured], full: bool
                 reference = getattr(entry.reference, key, None) if entry and entry.reference else None
                 values = tuple(cell.values.get(key, ())) if cell else ()
                 row.append(compare_cell(values, reference, metric, comparable))
-                records.append(_record(spec.name, backbone, row_label, group, key, values, reference, metric, comparable))
+                records.append(
+                    _record(spec.name, backbone, row_label, group, key, values, reference, metric, comparable)
+                )
                 if key == "params" and comparable and _params_differ(values, reference):
                     differing.append(entry.variant)
         rows.append(row)
     notes = _cell_notes(spec, [measured[v] for v in spec.variants() if v in measured], apart)
     notes += [known.note for known in PARAM_DIFFERENCES if any(map(known.applies, differing))]
     if left_out:
-        notes.append(f"Only the rows our runs fill ({left_out} of the paper's left out): make_tables --full prints them all.")
+        notes.append(
+            f"Only the rows our runs fill ({left_out} of the paper's left out): make_tables --full prints them all."
+        )
     return Table(spec.name, spec.title, spec.caption, header, rows, records, notes)
 
 
@@ -328,9 +369,11 @@ def units_note(metric_keys: Iterable[str]) -> list[str]:
     """The paper's units, for tables with parameter or GFLOPs columns."""
     if not {"params", "gflops"} & set(metric_keys):
         return []
-    return ["#P in M = 2^20 parameters and GFLOPs in 2^30 multiply-accumulates, the paper's units (PAPER.md §6). GFLOPs "
-            "count conv and linear layers, 2 per BatchNorm output and 1 per averaged element: that gives the paper's "
-            "plain-ResNet GFLOPs to the digit and its attention rows within 0.2 %."]
+    return [
+        "#P in M = 2^20 parameters and GFLOPs in 2^30 multiply-accumulates, the paper's units (PAPER.md §6). GFLOPs "
+        "count conv and linear layers, 2 per BatchNorm output and 1 per averaged element: that gives the paper's "
+        "plain-ResNet GFLOPs to the digit and its attention rows within 0.2 %."
+    ]
 
 
 def _protocol_text(protocol: tuple[Optional[str], Optional[int]]) -> str:

@@ -182,7 +182,9 @@ def architecture_fingerprint(model: nn.Module) -> dict[str, Any]:
 def describe_architecture(fingerprint: dict[str, Any]) -> str:
     arch = fingerprint["architecture"]
     coverage = arch.get("coverage")
-    coverage_text = "no coverage" if coverage is None else f"coverage stages={coverage['stages']} blocks={coverage['blocks']}"
+    coverage_text = (
+        "no coverage" if coverage is None else f"coverage stages={coverage['stages']} blocks={coverage['blocks']}"
+    )
     return f"{arch['backbone']} / attention {arch['attention']} / {coverage_text} / {arch['num_classes']} classes"
 
 
@@ -191,13 +193,17 @@ def check_checkpoint_path(path: Path, option: str | None = None) -> str:
     named = f"{option}={path}" if option else f"checkpoint {path}"
     if path.is_dir():
         inside = next((file for file in (path / LAST, path / CHECKPOINT_DIR / LAST) if file.is_file()), None)
-        raise CheckpointError(f"{named} is a folder, not a checkpoint file; give the file, e.g. {inside or path / CHECKPOINT_DIR / LAST}")
+        raise CheckpointError(
+            f"{named} is a folder, not a checkpoint file; give the file, e.g. {inside or path / CHECKPOINT_DIR / LAST}"
+        )
     if not path.is_file():
         raise CheckpointError(f"{named} does not exist")
     return named
 
 
-def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any] | None = None, option: str | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, expected_fingerprint: dict[str, Any] | None = None, option: str | None = None
+) -> dict[str, Any]:
     """Read a checkpoint written by CheckpointStore.save, refusing one of a different architecture.
 
     Without expected_fingerprint the architecture is not checked (eval.py first builds the model
@@ -213,7 +219,9 @@ def load_checkpoint(path: Path, expected_fingerprint: dict[str, Any] | None = No
         # last.pt and best.pt are distinct files unless the last epoch was the best (a hard link).
         other = path.with_name({LAST: BEST, BEST: LAST}.get(path.name, path.name))
         hint = f"; {other} may be intact" if other.is_file() and not os.path.samefile(other, path) else ""
-        raise CheckpointError(f"{named} cannot be read: it is damaged (truncated or not a PyTorch checkpoint){hint}") from error
+        raise CheckpointError(
+            f"{named} cannot be read: it is damaged (truncated or not a PyTorch checkpoint){hint}"
+        ) from error
     if expected_fingerprint is not None:
         check_fingerprint(state, path, expected_fingerprint)
     return state
@@ -226,7 +234,10 @@ def check_fingerprint(state: Any, path: Path, expected_fingerprint: dict[str, An
         raise CheckpointError(f"{path} is not an EMCA-Train checkpoint (no architecture fingerprint)")
     if found != expected_fingerprint:
         if found["architecture"] != expected_fingerprint["architecture"]:
-            detail = f"it holds {describe_architecture(found)}, this run builds {describe_architecture(expected_fingerprint)}"
+            detail = (f"it holds {describe_architecture(found)}, "
+                      f"this run builds {describe_architecture(expected_fingerprint)}")
         else:
-            detail = f"its parameter names or shapes differ from this run's {describe_architecture(expected_fingerprint)}"
+            detail = (
+                f"its parameter names or shapes differ from this run's {describe_architecture(expected_fingerprint)}"
+            )
         raise CheckpointError(f"refusing checkpoint {path}: {detail}")

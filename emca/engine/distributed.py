@@ -132,7 +132,9 @@ def setup_distributed(requested_device: str, device_option: str = "trainer.devic
     default); a stopped or hung rank then becomes an error on every other rank, not a hang.
     """
     if timeout_s is not None and not timeout_s > 0:
-        raise ValueError(f"trainer.dist_timeout_s={timeout_s} must be > 0 (seconds a collective waits for the other ranks)")
+        raise ValueError(
+            f"trainer.dist_timeout_s={timeout_s} must be > 0 (seconds a collective waits for the other ranks)"
+        )
     rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -155,7 +157,9 @@ def setup_distributed(requested_device: str, device_option: str = "trainer.devic
 def _host_group(timeout_s: Optional[float]) -> Optional[Any]:
     if dist.get_backend() == "gloo":
         return None
-    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None)
+    return dist.new_group(
+        backend="gloo", timeout=datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+    )
 
 
 def shared_run_dir(ctx: DistributedContext, own_run_dir: str) -> str:

@@ -47,7 +47,12 @@ class MetricSums:
         """Sum over ranks (a collective: every rank calls it) and return the means."""
         loss_sum, top1, top5, count = self.reduce_totals(ctx)
         denominator = max(count, 1.0)
-        return Metrics(loss=loss_sum / denominator, top1=100.0 * top1 / denominator, top5=100.0 * top5 / denominator, count=int(count))
+        return Metrics(
+            loss=loss_sum / denominator,
+            top1=100.0 * top1 / denominator,
+            top5=100.0 * top5 / denominator,
+            count=int(count),
+        )
 
 
 @dataclass(frozen=True)

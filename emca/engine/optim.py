@@ -45,7 +45,9 @@ def check_sgd_options(optimizer_cfg) -> None:
     require_int("optimizer.lr_scale_batch", optimizer_cfg.lr_scale_batch, 1, nullable=True)
     require(0 <= optimizer_cfg.momentum < 1, "optimizer.momentum", optimizer_cfg.momentum, "in [0, 1)")
     if optimizer_cfg.nesterov:
-        require(optimizer_cfg.momentum > 0, "optimizer.momentum", optimizer_cfg.momentum, "> 0 with optimizer.nesterov=true")
+        require(
+            optimizer_cfg.momentum > 0, "optimizer.momentum", optimizer_cfg.momentum, "> 0 with optimizer.nesterov=true"
+        )
     # torch checks only its default decay, not the per-group values given here.
     require(optimizer_cfg.weight_decay >= 0, "optimizer.weight_decay", optimizer_cfg.weight_decay, ">= 0")
 

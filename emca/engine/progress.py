@@ -50,7 +50,9 @@ class EpochProgress(contextlib.AbstractContextManager):
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics.loss:.4f}", top1=f"{metrics.top1:.2f}", img_s=f"{images_per_s:.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics.loss:.4f}", top1=f"{metrics.top1:.2f}", img_s=f"{images_per_s:.0f}", refresh=False
+            )
             return
         done = self.step - self.first_step
         seconds_per_step = (time.perf_counter() - self.started) / max(done, 1)

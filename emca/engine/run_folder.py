@@ -108,7 +108,8 @@ class RunFolder(contextlib.AbstractContextManager):
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise RunFolderError(
-                    f"run folder {self.path} is in use by {holder}; wait for that run to end or choose another hydra.run.dir"
+                    f"run folder {self.path} is in use by {holder}; wait for that run to end or choose another "
+                    "hydra.run.dir"
                 ) from None
             # A refused run unlinks its new file while holding it: lock only the file the name refers to now.
             if path.exists() and os.fstat(fd).st_ino == os.stat(path).st_ino:
@@ -133,7 +134,8 @@ class RunFolder(contextlib.AbstractContextManager):
             check_checkpoint_path(source, "trainer.resume")
             if held and not self._continues(source, last):
                 raise RunFolderError(
-                    f"run folder {self.path} holds another run ({', '.join(held)}); to start from {source} choose a new "
+                    f"run folder {self.path} holds another run ({', '.join(held)}); to start from {source} choose a "
+                    "new "
                     f"hydra.run.dir, or continue the folder's own run with trainer.resume=auto"
                 )
         elif last.is_file() and resume == "auto":
@@ -145,12 +147,15 @@ class RunFolder(contextlib.AbstractContextManager):
             )
         elif held and (os.path.lexists(self.path / RESULTS) or self.store.best.is_file()):
             raise RunFolderError(
-                f"run folder {self.path} holds results or best.pt but no {last}: it cannot be continued; choose another hydra.run.dir"
+                f"run folder {self.path} holds results or best.pt but no {last}: it cannot be continued; choose "
+                "another hydra.run.dir"
             )
         else:
             return None  # an empty folder, or (resume=auto) a run that died before its first checkpoint
         if (self.path / RESULTS).is_file() and self._finished(source, epochs):
-            raise RunCompleted(f"run {self.path} has already completed {epochs} epochs ({self.path / RESULTS}); nothing to do")
+            raise RunCompleted(
+                f"run {self.path} has already completed {epochs} epochs ({self.path / RESULTS}); nothing to do"
+            )
         return source
 
     @staticmethod

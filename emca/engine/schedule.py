@@ -20,7 +20,7 @@ def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
     """Milestones given as fractions of the run, rounded to whole epochs ([0.3, 0.6, 0.9] of 100 ->
     [30, 60, 90]), so that the recipe scales with trainer.epochs."""
     fractions = list(fractions)
-    increasing = all(a < b for a, b in zip(fractions, fractions[1:]))
+    increasing = all(a < b for a, b in zip(fractions, fractions[1:], strict=False))
     require(increasing and all(0.0 < fraction <= 1.0 for fraction in fractions), "optimizer.milestones", fractions,
             "increasing fractions of trainer.epochs in (0, 1], e.g. [0.3, 0.6, 0.9]")
     # Half rounds up (Python's round() would send 4.5 to 4 but 13.5 to 14); a milestone is never

@@ -114,7 +114,8 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
                 raise
             # A rank that died, hung or was stopped: every other rank fails here after the timeout.
             raise RunAborted(
-                f"rank {ctx.rank}: a collective failed ({' '.join(str(error).split())[:200]}); another rank stopped, hung "
+                f"rank {ctx.rank}: a collective failed ({' '.join(str(error).split())[:200]}); another rank stopped, "
+                "hung "
                 f"or died (waited up to trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); "
                 f"continue with trainer.resume=auto"
             ) from None
@@ -156,7 +157,9 @@ class Trainer:
         # The training model: DDP (gradient all-reduce) and torch.compile wrap the same parameters.
         self.train_model: nn.Module = self.model
         if ctx.is_distributed:
-            self.train_model = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
         if trainer_cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -178,7 +181,9 @@ class Trainer:
         self.coverage_name = coverage_name(coverage["stages"], coverage["blocks"]) if coverage else None
         if trainer_cfg.sync_bn and ctx.is_distributed:
             if ctx.device.type != "cuda":
-                raise ValueError("trainer.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
+                raise ValueError(
+                    "trainer.sync_bn=true needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation"
+                )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if trainer_cfg.channels_last else torch.preserve_format
         self.model = model.to(ctx.device, memory_format=memory_format)
@@ -201,8 +206,10 @@ class Trainer:
                 f"{self.parameters / 1e6:.3f} M parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px"
             )
             log.info(
-                f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} val images, "
-                f"{self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over {ctx.world_size} process(es), "
+                f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} val "
+                "images, "
+                f"{self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over {ctx.world_size} "
+                "process(es), "
                 f"{self.steps_per_epoch} steps/epoch on {ctx.device}"
             )
             optimizer_cfg = cfg.optimizer
@@ -235,7 +242,9 @@ class Trainer:
             self.run_id = state["run_id"]
         progress = Progress(**state["progress"])
         if self.ctx.is_main:
-            log.info(f"resumed from {path}: epoch {progress.epoch} completed, step {progress.step_in_epoch} of the next")
+            log.info(
+                f"resumed from {path}: epoch {progress.epoch} completed, step {progress.step_in_epoch} of the next"
+            )
         return progress
 
     # ----------------------------------------------------------------------------- the run
@@ -251,11 +260,17 @@ class Trainer:
                 write_results(self.run_dir, results)
                 board.hparams(
                     results["config"],
-                    {"hparams/best_val_top1": results["best"]["val_top1"], "hparams/final_val_top1": results["final"]["val_top1"],
-                     "hparams/final_val_top5": results["final"]["val_top5"]},
+                    {
+                        "hparams/best_val_top1": results["best"]["val_top1"],
+                        "hparams/final_val_top1": results["final"]["val_top1"],
+                        "hparams/final_val_top5": results["final"]["val_top5"],
+                    },
                 )
-                log.info(f"done: final val top-1 {results['final']['val_top1']:.2f}%, best {results['best']['val_top1']:.2f}% "
-                         f"(epoch {results['best']['epoch']}); {self.run_dir / RESULTS}")
+                log.info(
+                    f"done: final val top-1 {results['final']['val_top1']:.2f}%, best "
+                    f"{results['best']['val_top1']:.2f}% "
+                    f"(epoch {results['best']['epoch']}); {self.run_dir / RESULTS}"
+                )
             return results
         finally:
             if board is not None:
@@ -284,7 +299,12 @@ class Trainer:
             self._stop_for(stop)
 
         progress.epoch, progress.step_in_epoch, progress.interrupted_epoch = epoch + 1, 0, None
-        record = {"epoch": epoch + 1, "train_loss": train_metrics.loss, "train_top1": train_metrics.top1, "lr": epoch_lr}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_metrics.loss,
+            "train_top1": train_metrics.top1,
+            "lr": epoch_lr,
+        }
         improved = False
         if val is not None:
             record.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
@@ -346,14 +366,18 @@ class Trainer:
         """Stop on a NaN / Inf loss before anything is saved: the last checkpoint stays the last good one."""
         if not math.isfinite(metrics.loss):
             kept = self.store.last
-            kept_text = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint had been written yet"
+            kept_text = (
+                f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint had been written yet"
+            )
             raise RunAborted(
                 f"non-finite training loss ({metrics.loss}) at epoch {epoch + 1} step {step + 1}: stopped; {kept_text} "
                 f"(lower optimizer.lr, add optimizer.warmup_epochs or use trainer.amp=bf16 instead of fp16)"
             )
         return metrics
 
-    def evaluate(self, model: nn.Module, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest) -> Optional[Metrics]:
+    def evaluate(
+        self, model: nn.Module, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest
+    ) -> Optional[Metrics]:
         """Top-1 / top-5 / loss of `model` over the whole validation set, summed over ranks; None
         when a stop signal cut the pass short.
 
@@ -431,10 +455,13 @@ class Trainer:
     def _log_epoch(self, record: dict[str, Any], progress: Progress, seconds: float) -> None:
         if not self.ctx.is_main:
             return
-        text = f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f}%"
+        text = (f"epoch {record['epoch']}/{self.epochs}: "
+                f"train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f}%")
         if "val_top1" in record:
-            text += (f"; val loss {record['val_loss']:.4f} top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% "
-                     f"(best {progress.best['val_top1']:.2f}% at epoch {progress.best['epoch']})")
+            text += (
+                f"; val loss {record['val_loss']:.4f} top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% "
+                f"(best {progress.best['val_top1']:.2f}% at epoch {progress.best['epoch']})"
+            )
         log.info(f"{text}; {seconds:.1f} s")
 
     def _results(self, progress: Progress) -> dict[str, Any]:
@@ -450,7 +477,12 @@ class Trainer:
             "model": {"backbone": cfg.backbone.name, "attention": cfg.attention.name, "coverage": self.coverage_name},
             "dataset": cfg.dataset.name,
             "loader": cfg.loader.name,
-            "final": {"epoch": final["epoch"], "val_top1": final["val_top1"], "val_top5": final["val_top5"], "val_loss": final["val_loss"]},
+            "final": {
+                "epoch": final["epoch"],
+                "val_top1": final["val_top1"],
+                "val_top5": final["val_top5"],
+                "val_loss": final["val_loss"],
+            },
             "best": progress.best,
             "epoch_reached": progress.epoch,
             "epochs": self.epochs,

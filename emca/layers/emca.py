@@ -59,7 +59,7 @@ class EMCA(nn.Module):
             self.source_runs = _equal_width_runs(self.source_channels)
         else:
             self.aligners = nn.ModuleList(nn.Linear(c, channels, bias=False) for c in self.source_channels)
-            for aligner, c in zip(self.aligners, self.source_channels):
+            for aligner, c in zip(self.aligners, self.source_channels, strict=True):
                 _init_as_repeat(aligner.weight, c)
 
         # With a single scale there is nothing to fuse: the module is then exactly the plain
@@ -80,7 +80,8 @@ class EMCA(nn.Module):
         return self.excitation.num_statistics
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, R={self.num_scales}, sources={list(self.source_channels)}, align={self.align}, gating={self.gating}"
+        return (f"channels={self.channels}, R={self.num_scales}, sources={list(self.source_channels)}, "
+                f"align={self.align}, gating={self.gating}")
 
     def fuse(self, own: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         """Channel alignment, stacking and the MAB's scale fusion: -> (B, C0, K)."""
@@ -89,7 +90,9 @@ class EMCA(nn.Module):
             return own
         if self.aligners is not None:
             # Linear acts on the channel axis: (B, C_j, K) -> (B, K, C_j) -> (B, K, C0) -> (B, C0, K)
-            aligned = [aligner(s.transpose(1, 2)).transpose(1, 2) for aligner, s in zip(self.aligners, sources)]
+            aligned = [
+                aligner(s.transpose(1, 2)).transpose(1, 2) for aligner, s in zip(self.aligners, sources, strict=True)
+            ]
             return F.relu(torch.stack([own, *aligned], dim=-1) @ weights)
         # Repeating a descriptor commutes with the weighted sum, so each run of equally wide sources
         # (one per covered stage) is summed at its own width and added to every repeat of it through a

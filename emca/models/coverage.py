@@ -32,7 +32,9 @@ class CoverageRegion:
             return spec
         if isinstance(spec, str):
             if spec not in PRESETS:
-                raise ValueError(f"unknown coverage preset '{spec}': choose one of {list(PRESETS)} or give {{stages, blocks}}")
+                raise ValueError(
+                    f"unknown coverage preset '{spec}': choose one of {list(PRESETS)} or give {{stages, blocks}}"
+                )
             return cls(*PRESETS[spec])
         if isinstance(spec, Mapping) or hasattr(spec, "keys"):
             missing = {"stages", "blocks"} - set(spec.keys())
@@ -79,7 +81,8 @@ def coverage_sources(
     if region.stages != ALL and region.stages > max_stages:
         raise ValueError(
             f"coverage.stages={region.stages} asks for more preceding stages than {backbone} has: "
-            f"at most {max_stages} ({num_stages} stages{', plus the stem' if include_stem else ''}); use a smaller value or 'all'"
+            f"at most {max_stages} ({num_stages} stages{', plus the stem' if include_stem else ''}); use a smaller "
+            "value or 'all'"
         )
     sources: list[list[int]] = []
     for stage in range(1, num_stages + 1):

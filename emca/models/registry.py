@@ -26,7 +26,9 @@ def _register(backbone: str, attention: str | None) -> None:
 
     entrypoint.__name__ = name
     entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"{backbone} with {'EMCA-' + attention.upper() if attention else 'configurable channel attention'}."
+    entrypoint.__doc__ = (
+        f"{backbone} with {'EMCA-' + attention.upper() if attention else 'configurable channel attention'}."
+    )
     entrypoint.__module__ = __name__
     register_model(entrypoint)
 

@@ -117,7 +117,9 @@ class EMCAResNet(tv_resnet.ResNet):
         if not isinstance(se_bias, bool):  # bool("false") would silently be True
             raise ValueError(f"se_bias must be true or false, got {se_bias!r}")
         spec = BACKBONES[backbone]
-        super().__init__(spec.block, list(spec.stage_depths), num_classes=num_classes, zero_init_residual=zero_init_residual)
+        super().__init__(
+            spec.block, list(spec.stage_depths), num_classes=num_classes, zero_init_residual=zero_init_residual
+        )
         self.backbone_name = backbone
         self.attention_name = attention
         self.stage_depths = spec.stage_depths
@@ -129,7 +131,9 @@ class EMCAResNet(tv_resnet.ResNet):
         self.pooled_outputs: frozenset[int] = frozenset()
         self.num_statistics = 1
         if attention != "none":
-            self._add_attention(attention, integration, eca_kernel, {"se_ratio": se_ratio, "se_bias": se_bias}, gating, align)
+            self._add_attention(
+                attention, integration, eca_kernel, {"se_ratio": se_ratio, "se_bias": se_bias}, gating, align
+            )
 
         self.pretrained_cfg = {
             "input_size": (3, 224, 224),
@@ -150,20 +154,28 @@ class EMCAResNet(tv_resnet.ResNet):
         kind = attention.removeprefix("emca_")
         stage_channels = self.stage_channels
         eca_kernels = resolve_eca_kernels(eca_kernel, stage_channels) if kind == "eca" else [None] * 4
-        output_channels = [self.conv1.out_channels] + [c for c, n in zip(stage_channels, self.stage_depths) for _ in range(n)]
+        output_channels = [self.conv1.out_channels] + [
+            c for c, n in zip(stage_channels, self.stage_depths, strict=True) for _ in range(n)
+        ]
 
         if attention.startswith("emca"):
-            sources_per_stage = coverage_sources(self.coverage, self.stage_depths, self.include_stem, self.backbone_name)
+            sources_per_stage = coverage_sources(
+                self.coverage, self.stage_depths, self.include_stem, self.backbone_name
+            )
         else:
             sources_per_stage = [[] for _ in self._stages]
 
         needed = set()
-        for stage, channels, kernel, sources in zip(self._stages, stage_channels, eca_kernels, sources_per_stage):
+        for stage, channels, kernel, sources in zip(
+            self._stages, stage_channels, eca_kernels, sources_per_stage, strict=True
+        ):
             for index in attention_blocks(integration, len(stage)):
                 excitation = create_excitation(kind, channels, eca_kernel=kernel, **se_options)
                 block = stage[index]
                 if attention.startswith("emca"):
-                    block.attn = EMCA(channels, [output_channels[s] for s in sources], excitation, align=align, gating=gating)
+                    block.attn = EMCA(
+                        channels, [output_channels[s] for s in sources], excitation, align=align, gating=gating
+                    )
                     block.source_indices = tuple(sources)
                     needed.update(sources)
                 else:
@@ -207,7 +219,9 @@ class EMCAResNet(tv_resnet.ResNet):
         return {
             "backbone": self.backbone_name,
             "attention": self.attention_name,
-            "coverage": None if self.coverage is None else {"stages": self.coverage.stages, "blocks": self.coverage.blocks},
+            "coverage": None
+            if self.coverage is None
+            else {"stages": self.coverage.stages, "blocks": self.coverage.blocks},
             "num_classes": self.fc.out_features,
         }
 

@@ -35,7 +35,7 @@ def measure_gflops(model: nn.Module, image_size: int = 224) -> float:
 def stage_layout(model: nn.Module) -> list[dict]:
     """Per stage: its blocks, which carry attention, and R_i of each EMCA module."""
     rows = []
-    for stage_index, (stage, channels) in enumerate(zip(model._stages, model.stage_channels), start=1):
+    for stage_index, (stage, channels) in enumerate(zip(model._stages, model.stage_channels, strict=True), start=1):
         attended = [i for i, block in enumerate(stage) if block.attn is not None]
         rows.append(
             {
