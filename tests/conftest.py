@@ -30,6 +30,25 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_determinism():
+    """The trainer sets process-wide determinism flags; leave them as other tests expect them."""
+    cudnn = torch.backends.cudnn
+    state = torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic
+    yield
+    torch.use_deterministic_algorithms(state[0])
+    cudnn.benchmark, cudnn.deterministic = state[1], state[2]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's in-process work: the 2-core machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- data fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture

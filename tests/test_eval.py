@@ -51,12 +51,7 @@ def random_batches(count=3, batch=4, size=16, num_classes=5):
     ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_python(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:

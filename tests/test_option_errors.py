@@ -14,19 +14,6 @@ from emca.options import require, require_int, shown
 from conftest import SYNTHETIC_RUN
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_determinism():
-    """The trainer sets process-wide determinism flags; leave them as other tests expect them."""
-    state = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cudnn.benchmark,
-        torch.backends.cudnn.deterministic,
-    )
-    yield
-    torch.use_deterministic_algorithms(state[0])
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[1], state[2]
-
-
 # Every option of the train schema that has impossible values, with the whole line it gets. The
 # synthetic run trains 2 epochs (digits_quick), so a warm-up of 2 epochs leaves none to train.
 TRAIN_OPTION_ERRORS = {

@@ -26,19 +26,6 @@ RUN_FILES = (
 DETERMINISTIC = (*QUICK_RUN, "trainer.deterministic=true")
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_determinism():
-    """The trainer sets process-wide determinism flags; leave them as other tests expect them."""
-    state = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cudnn.benchmark,
-        torch.backends.cudnn.deterministic,
-    )
-    yield
-    torch.use_deterministic_algorithms(state[0])
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[1], state[2]
-
-
 def checkpoint(run_dir, name="last.pt"):
     return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
 
