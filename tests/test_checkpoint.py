@@ -54,15 +54,8 @@ def test_last_and_best_are_replaced_together(tmp_path):
         store.save(epoch_state(epoch, best), improved=improved)
         assert assert_consistent(store) == epoch
         inodes[epoch] = store.best.stat().st_ino
-        if epoch == 2:  # what eval.py writes beside the checkpoints travels with them
-            (store.link / "eval.json").write_text("{}")
-            (store.link / "eval_gradcam").mkdir()
-            (store.link / "eval_gradcam" / "0.png").write_bytes(b"png")
     # An unimproved epoch links the previous best.pt into its generation rather than copying it.
     assert inodes[2] == inodes[1] and inodes[4] == inodes[3] != inodes[2]
-    assert (store.link / "eval.json").read_text() == "{}" and (
-        store.link / "eval_gradcam" / "0.png"
-    ).read_bytes() == b"png"
     # One generation on disk, behind the symlink.
     assert [p.name for p in (tmp_path / GENERATIONS).iterdir()] == [store.current().name]
     assert (tmp_path / CHECKPOINT_DIR).is_symlink()
@@ -93,6 +86,23 @@ def test_a_failed_save_keeps_the_previous_checkpoints(tmp_path, monkeypatch, fai
     assert assert_consistent(store) == 2
     store.save(epoch_state(3, 3), improved=True)  # the next save clears what the failed one left
     assert assert_consistent(store) == 3 and len(list((tmp_path / GENERATIONS).iterdir())) == 1
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    import builtins
+
+    import emca.engine.checkpoint as checkpoint_module
+
+    store = CheckpointStore(tmp_path)
+    store.prepare()
+    store.save(epoch_state(1, 1), improved=True)
+    # Every checkpoint write goes to /dev/full, which fails as a full disk does.
+    monkeypatch.setattr(checkpoint_module, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    with pytest.raises(CheckpointError, match=r"No space left on device; .*last\.pt is kept") as error:
+        store.save(epoch_state(2, 2, megabytes=8), improved=True)
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    assert assert_consistent(store) == 1 and len(list((tmp_path / GENERATIONS).iterdir())) == 1
 
 
 KILLED_WRITER = textwrap.dedent(

@@ -95,7 +95,8 @@ def evaluated(trained_sweep, sweep_base):
         env=sweep_env(sweep_base),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((checkpoint.parent / "eval.json").read_text())
+    # In the run folder: the checkpoints' generation folder is replaced at each save.
+    report = json.loads((trained_sweep / "1" / "eval.json").read_text())
     return result, report, json.loads((trained_sweep / "1" / "results.json").read_text())
 
 
@@ -221,7 +222,7 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
     train(compose_train(*QUICK_RUN), str(tmp_path / "run"))
     result = run_python("eval.py", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    speed = json.loads((tmp_path / "run" / "checkpoints" / "eval.json").read_text())["speed"]
+    speed = json.loads((tmp_path / "run" / "eval.json").read_text())["speed"]
     counts = {
         key: (
             speed[key]["warmup_requested"],
@@ -234,7 +235,7 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
     assert counts == {"fps": (10, 10, 350, False), "fps_model": (10, 10, 50, False), "fps_pipeline": (10, 1, 1, True)}
     assert "FPS‡ from few batches, a rough figure: 1 warm-up + 1 timed batches (warm-up cut from 10)" in result.stdout
     assert "FPS from few" not in result.stdout and "FPS† from few" not in result.stdout
-    assert f"wrote       {tmp_path / 'run' / 'checkpoints' / 'eval.json'}" in result.stdout
+    assert f"wrote       {tmp_path / 'run' / 'eval.json'}" in result.stdout
 
 
 def test_eval_reads_a_validation_folder_alone_with_the_runs_class_names(evaluated, trained_sweep, sweep_base, tmp_path):

@@ -38,6 +38,7 @@ from emca.models import coverage_name
 from emca.data import build_loaders
 from emca.data.folder import ImageList
 from emca.engine.checkpoint import (
+    CHECKPOINT_DIR,
     architecture_fingerprint,
     atomic_write,
     check_fingerprint,
@@ -156,9 +157,12 @@ def check_gradcam_options(options: DictConfig) -> None:
 
 
 def output_path(output: Optional[str], checkpoint: Path) -> Path:
-    """Where eval.json goes (refused before any work when that is a folder)."""
+    """Where eval.json goes (refused before any work when that is a folder): by default beside the
+    checkpoint, or in the run folder for a run's checkpoints/ (the trainer replaces that folder's
+    generations as it saves: a file put there would not survive the next save)."""
     if not output:
-        return checkpoint.parent / EVAL_FILE
+        folder = checkpoint.parent
+        return (folder.parent if folder.name == CHECKPOINT_DIR else folder) / EVAL_FILE
     path = Path(output).expanduser().resolve()
     require(
         not path.is_dir(), "output", Path(output), f"a file path, not a folder (e.g. {path / EVAL_FILE})", EvalError

@@ -5,6 +5,7 @@ symlink to a generation folder `.checkpoints/NNNNNN/` that holds both, and a sav
 generation (best.pt hard-linked from the previous one when the epoch did not improve), fsyncs it
 and swaps the symlink with one rename. Whatever moment the process dies at, `checkpoints/` is one
 complete generation, so what its last.pt says about best.pt is true of the best.pt beside it.
+Nothing else lives in a generation (eval.py writes beside the run folder's `checkpoints` link).
 Single files (results.json, eval.json) use atomic_write: a temporary file, fsynced and renamed.
 """
 
@@ -111,24 +112,17 @@ class CheckpointStore:
         new = self.generations / f"{self._next_number():06d}"
         try:
             new.mkdir(parents=True)
-            with open(new / LAST, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
+            fsync_dir(self.generations)
+            _write_synced(new / LAST, state)
             if improved:
                 _link_or_copy(new / LAST, new / BEST)
-            if current is not None:
-                # best.pt when it did not improve, and whatever else was put beside the checkpoints
-                # (eval.py's eval.json and figures): linked, not copied.
-                for entry in current.iterdir():
-                    if entry.is_dir():
-                        shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy)
-                    elif entry.name != LAST and not (improved and entry.name == BEST):
-                        _link_or_copy(entry, new / entry.name)
+            elif current is not None and (current / BEST).is_file():
+                _link_or_copy(current / BEST, new / BEST)  # linked, not copied
             fsync_dir(new)
             self._point_to(new)
         except OSError as error:
-            shutil.rmtree(new, ignore_errors=True)
+            if self.current() != new.resolve():  # once the link points to it, it is the committed generation
+                shutil.rmtree(new, ignore_errors=True)
             kept = f"{self.last} is kept" if current is not None else "no earlier checkpoint exists"
             raise CheckpointError(
                 f"cannot write checkpoint {new / LAST}: {error.strerror or error}; {kept} "
@@ -154,9 +148,21 @@ class CheckpointStore:
 
     def _remove_others(self, keep: Optional[Path]) -> None:
         """Generations other than `keep`: superseded ones and those a kill left uncommitted."""
+        if keep is None and self.link.is_symlink():
+            return  # a dangling link: leave every generation for a person to look at
         for entry in self.generations.iterdir():
             if entry.is_dir() and entry.name.isdigit() and (keep is None or entry.resolve() != keep.resolve()):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _write_synced(path: Path, state: dict[str, Any]) -> None:
+    with open(path, "wb") as file:
+        try:
+            torch.save(state, file)
+        except RuntimeError as error:  # torch's zip writer may report a failed write as its own error
+            raise OSError(errno.EIO, " ".join(str(error).split())[:200]) from error
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

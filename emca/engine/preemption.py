@@ -27,12 +27,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SIGINT_EXIT_STATUS = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C
 
 
-class StoppedBeforeTraining(Exception):
-    """A stop signal arrived before StopRequest.arm(): nothing had been trained, nothing is saved."""
+class StoppedBeforeTraining(BaseException):
+    """A stop signal arrived before StopRequest.arm(): nothing had been trained, nothing is saved.
+
+    A BaseException, like KeyboardInterrupt: no `except Exception` on the way may swallow it.
+    """
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.exit_status = SIGINT_EXIT_STATUS if signum == signal.SIGINT else 0
+        self.exit_status = exit_status(signum)
+
+
+def exit_status(signum: Optional[int]) -> int:
+    return SIGINT_EXIT_STATUS if signum == signal.SIGINT else 0
 
 
 class StopRequest(contextlib.AbstractContextManager):
@@ -48,7 +55,8 @@ class StopRequest(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # After a stop the process is on its way out: a repeat (torchrun's forward) must not kill it.
+            signal.signal(signum, signal.SIG_IGN if self.requested else handler)
         self._previous.clear()
 
     def arm(self) -> None:
@@ -56,10 +64,11 @@ class StopRequest(contextlib.AbstractContextManager):
         self.armed = True
 
     def _record(self, signum: int, _frame) -> None:
+        if self.signal is not None:
+            return  # a repeat changes nothing
+        self.signal = signum
         if not self.armed:
             raise StoppedBeforeTraining(signum)
-        if self.signal is None:
-            self.signal = signum
 
     @property
     def requested(self) -> bool:
@@ -72,7 +81,7 @@ class StopRequest(contextlib.AbstractContextManager):
 
     @property
     def exit_status(self) -> int:
-        return SIGINT_EXIT_STATUS if self.signal == signal.SIGINT else 0
+        return exit_status(self.signal)
 
     def hand_over(self) -> None:
         """Pass the signal on to the handler that was there before ours, if it was a function."""

@@ -1,8 +1,10 @@
 """A run folder belongs to one run: only the process that owns it writes to it.
 
-The owner (rank 0) holds an exclusive lock on `<run folder>/.lock` for the whole run; the kernel
-drops it when the process ends, however it ends, so a lock left by a killed run is stale and simply
-taken over (the file stays, naming the last owner). Before anything is written, the folder's
+The owner (rank 0) holds an exclusive POSIX record lock (lockf) on `<run folder>/.lock` for the
+whole run: the kernel drops it when the process ends, however it ends, so a lock left by a killed
+run is stale and simply taken over; unlike flock it is not inherited by forked DataLoader workers
+(an orphaned worker cannot keep a requeued run out) and works over NFS through its lock manager
+(the file stays, naming the last owner). Before anything is written, the folder's
 contents decide whether the command may use it: a folder that holds any artefact of a run
 (checkpoints, results.json, the recorded config, the log, event files) is refused unless the
 command continues that run. A refusal leaves the folder byte for byte as it was: a lock file this
@@ -25,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from emca.engine.checkpoint import GENERATIONS, CheckpointStore, atomic_write, check_checkpoint_path
+from emca.engine.checkpoint import CHECKPOINT_DIR, GENERATIONS, CheckpointStore, atomic_write, check_checkpoint_path
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ LOCK = ".lock"
 LOG_FILE = "train.log"
 CONFIG_DIR = ".hydra"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
-ARTEFACTS = (CONFIG_DIR, LOG_FILE, RESULTS, GENERATIONS, "checkpoints")
+ARTEFACTS = (CONFIG_DIR, LOG_FILE, RESULTS, GENERATIONS, CHECKPOINT_DIR)
 EVENTS_GLOB = "events.out.tfevents.*"
 
 
@@ -69,17 +71,21 @@ class RunFolder(contextlib.AbstractContextManager):
             logging.getLogger().addHandler(self._early_lines)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, error, _traceback) -> None:
         logging.getLogger().removeHandler(self._early_lines)
         self._early_lines.close()
         if self._log_file is not None:
+            if isinstance(error, Exception):  # the run's own log keeps why it ended (the console gets it from train.py)
+                self._log_file.handle(logging.makeLogRecord(
+                    {"name": "train", "levelno": logging.ERROR, "levelname": "ERROR", "msg": "%s", "args": (error,)}))
             logging.getLogger().removeHandler(self._log_file)
             self._log_file.close()
         if self._lock_fd is None:
             return
         if not self.adopted and self._times_before_lock is not None:
             (self.path / LOCK).unlink(missing_ok=True)  # while still holding it: no one can take the name meanwhile
-            os.utime(self.path, ns=self._times_before_lock)
+            with contextlib.suppress(OSError):  # only a folder's owner may set its times
+                os.utime(self.path, ns=self._times_before_lock)
         os.close(self._lock_fd)
         if not self.adopted:
             with contextlib.suppress(OSError):
@@ -103,8 +109,8 @@ class RunFolder(contextlib.AbstractContextManager):
                     f"cannot write the run folder {self.path} ({error.strerror}); choose a writable hydra.run.dir"
                 ) from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EACCES or EAGAIN: another process holds it
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise RunFolderError(
@@ -185,6 +191,8 @@ class RunFolder(contextlib.AbstractContextManager):
         try:
             self.store.prepare()
         except OSError as error:
+            with contextlib.suppress(OSError):
+                self.store.generations.rmdir()  # what prepare may have created: the refusal leaves no trace
             raise RunFolderError(f"cannot write checkpoints under {self.path} ({error.strerror}); fix its permissions "
                                  f"or choose another hydra.run.dir") from None
         self.adopted = True

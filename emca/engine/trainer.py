@@ -9,6 +9,7 @@ and with trainer.deterministic=true on CPU ends with bit-identical weights.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -17,7 +18,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from hydra.errors import CompactHydraException
@@ -95,11 +96,9 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
     except ValueError as error:
         raise RunAborted(str(error)) from error
     run_dir = Path(shared_run_dir(ctx, hydra_output_dir))
-    with RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop:
+    with RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop, _collective_failures(ctx, cfg):
         try:
-            source = _decided_on_main(ctx, lambda: folder.claim(cfg.trainer.resume, cfg.trainer.epochs))
-            trainer = Trainer(cfg, ctx, folder.store, source)
-            _decided_on_main(ctx, lambda: folder.adopt(records))
+            trainer = _start(cfg, ctx, folder, records)
         except RunCompleted as done:
             if ctx.is_main:
                 log.info(f"{done}")
@@ -107,18 +106,38 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
         except StoppedBeforeTraining as stopped:
             log.warning(f"{stopped} received before training started: nothing to save; stopped")
             raise Preempted(str(stopped), stopped.exit_status) from None
-        try:
-            return trainer.fit(stop)
-        except RuntimeError as error:
-            if not (ctx.is_distributed and is_collective_failure(error)):
-                raise
-            # A rank that died, hung or was stopped: every other rank fails here after the timeout.
-            raise RunAborted(
-                f"rank {ctx.rank}: a collective failed ({' '.join(str(error).split())[:200]}); another rank stopped, "
-                "hung "
-                f"or died (waited up to trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); "
-                f"continue with trainer.resume=auto"
-            ) from None
+        return trainer.fit(stop)
+
+
+def _start(cfg: DictConfig, ctx: DistributedContext, folder: RunFolder, records: Optional[dict[str, str]]) -> "Trainer":
+    """Claim the run folder (rank 0), build the trainer on every rank, then take the folder."""
+    source = _decided_on_main(ctx, lambda: folder.claim(cfg.trainer.resume, cfg.trainer.epochs))
+    failure = None
+    try:
+        trainer = Trainer(cfg, ctx, folder.store, source)
+    except RunAborted as error:
+        failure = error
+    # Every rank has built its trainer (and read the checkpoint) before rank 0 writes the folder.
+    if ctx.any_rank(failure is not None):
+        raise failure or RunAborted(f"rank {ctx.rank}: another rank could not start (its error is above); "
+                                    "nothing was written")
+    _decided_on_main(ctx, lambda: folder.adopt(records))
+    return trainer
+
+
+@contextlib.contextmanager
+def _collective_failures(ctx: DistributedContext, cfg: DictConfig) -> Iterator[None]:
+    """A rank that died, hung or was stopped: every other rank fails in one line after the timeout."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not (ctx.is_distributed and is_collective_failure(error)):
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise RunAborted(
+            f"rank {ctx.rank}: a collective failed ({reason}); another rank stopped, hung or died (waited up to "
+            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); continue with trainer.resume=auto"
+        ) from None
 
 
 def _decided_on_main(ctx: DistributedContext, decide):
@@ -127,10 +146,13 @@ def _decided_on_main(ctx: DistributedContext, decide):
     if ctx.is_main:
         try:
             outcome = ("value", decide())
-        except (RunFolderError, CheckpointError) as error:
+        except (RunFolderError, CheckpointError, OSError) as error:
             outcome = ("refused", str(error))
         except RunCompleted as done:
             outcome = ("completed", str(done))
+        except BaseException as error:  # a bug, or a stop signal: the other ranks must not wait for rank 0
+            ctx.broadcast_from_main(("refused", f"rank 0 stopped ({type(error).__name__}: {error})"))
+            raise
     kind, value = ctx.broadcast_from_main(outcome)
     if kind == "refused":
         raise RunAborted(value)
@@ -257,7 +279,11 @@ class Trainer:
                 self._run_epoch(epoch, stop, board)
             results = self._results(progress)
             if self.ctx.is_main:
-                write_results(self.run_dir, results)
+                try:
+                    write_results(self.run_dir, results)
+                except OSError as error:
+                    raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are "
+                                     "intact: fix the folder, then rerun with trainer.resume=auto") from None
                 board.hparams(
                     results["config"],
                     {
@@ -413,11 +439,21 @@ class Trainer:
             raise RunAborted(f"parameters became non-finite by training step {progress.global_step}: stopped; "
                              f"{self.store.last} is kept (lower optimizer.lr or add optimizer.warmup_epochs)")
         self.ctx.broadcast_buffers(self.model)
-        if not self.ctx.is_main:
-            return
+        failure = None
+        if self.ctx.is_main:
+            try:
+                self.store.save(self._state(progress, rng), improved=best)
+            except CheckpointError as error:
+                failure = str(error)
+        failure = self.ctx.broadcast_from_main(failure)  # every rank stops together
+        if failure:
+            raise RunAborted(failure)
+
+    def _state(self, progress: Progress, rng: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds (rank 0)."""
         progress.wall_s += time.perf_counter() - self.started
         self.started = time.perf_counter()
-        state = {
+        return {
             "format": 1,
             "run_id": self.run_id,
             "fingerprint": self.fingerprint,
@@ -431,16 +467,12 @@ class Trainer:
             # The label of every output, so that eval.py can read a validation folder alone.
             "classes": list(self.data.classes),
         }
-        try:
-            self.store.save(state, improved=best)
-        except CheckpointError as error:
-            raise RunAborted(str(error)) from None
 
     def _stop_for(self, stop: StopRequest) -> None:
         if self.ctx.is_main:
             progress = self.progress
             if progress.step_in_epoch >= self.steps_per_epoch:
-                position = f"after training epoch {progress.epoch + 1}, whose validation runs again on resume"
+                position = f"after training epoch {progress.epoch + 1} (its validation, if due, runs on resume)"
             elif progress.step_in_epoch:
                 position = f"in epoch {progress.epoch + 1} after step {progress.step_in_epoch}"
             else:
