@@ -119,7 +119,7 @@ class DaliLoader:
         in_flight = indices[done * self.batch_size:(done + self.prefetch_queue_depth + 2) * self.batch_size]
         culprit = find_undecodable([self.images.paths[i] for i in in_flight])
         if culprit is not None:
-            return DatasetError(f"cannot decode image {culprit[0]} ({culprit[1]}); remove or replace the file")
+            return DatasetError(culprit[1].describe(culprit[0]))
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         return DatasetError(f"DALI pipeline failed and no undecodable file was found near batch {done}: {' '.join(lines[-4:])}")
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DatasetError
+from .folder import folder_error
 
 DATASETS = ("digits", "tiny_imagenet", "imagenet", "imagefolder")
 
@@ -41,9 +42,13 @@ def ensure_digits(root: Path) -> None:
     ranks or runs starting together never see half a dataset, and a loser of the race just
     discards its copy and uses the winner's.
     """
-    if (root / _COMPLETE).is_file():
-        return
-    if root.exists() and any(root.iterdir()):
+    try:
+        if (root / _COMPLETE).is_file():
+            return
+        occupied = root.exists() and any(root.iterdir())
+    except OSError as error:
+        raise folder_error(root, error) from None
+    if occupied:
         raise DatasetError(f"{root} exists but is not a generated digits dataset; remove it or point dataset.root at an empty or missing folder")
     try:
         root.parent.mkdir(parents=True, exist_ok=True)

@@ -11,15 +11,39 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from emca.engine.preemption import stop_signals_blocked
 
 from .errors import DatasetError
-from .folder import ImageList
+from .folder import ImageList, describe_failure, open_image
 from .sampling import derive_seed
 from .transforms import BatchNormalizer, Preprocessing, train_image, val_image
+
+# PIL's modes for 16-bit greyscale: PNG and TIFF (I;16, I;16B) and PGM (I, which PIL's reader scales
+# to 0-65535 whatever the file's maxval).
+_SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The RGB image DALI's decoder makes of `path` (tests/test_pixel_formats.py compares the two).
+
+    Alpha is dropped, leaving the colour stored under it (as DALI does); ICC profiles are ignored
+    by both. Raises whatever PIL or the file system raise.
+    """
+    with open_image(path) as image:
+        image.load()
+        if "exif" in image.info:
+            # Rotate/flip by the EXIF orientation, as DALI does (JPEG, PNG eXIf, WebP; PIL orients
+            # TIFFs itself). Only an EXIF block counts: getexif() alone would also read ImageMagick's
+            # legacy PNG text chunk ('Raw profile type exif'), which DALI and browsers ignore.
+            ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in _SIXTEEN_BIT_GREY:
+            # convert("RGB") would clip 16-bit values at 255; DALI rounds v * 255 / 65535. (point()
+            # takes I but not I;16B.)
+            image = image.convert("I").point(lambda v: v * (1 / 257) + 0.5).convert("L")
+        return image.convert("RGB")  # greyscale, CMYK, palette -> RGB
 
 
 class ImageListDataset(Dataset):
@@ -36,10 +60,9 @@ class ImageListDataset(Dataset):
         index, epoch_seed = key
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")  # greyscale, CMYK, palette -> RGB
+            image = load_rgb(path)
         except Exception as error:
-            raise DatasetError(f"cannot decode image {path} ({type(error).__name__}: {error}); remove or replace the file") from None
+            raise DatasetError(describe_failure(path, error).describe(path)) from None
         if self.train:
             # Distinct integer seeds give independent Mersenne-Twister streams.
             image = train_image(image, self.prep, random.Random((epoch_seed << 32) | index))
