@@ -264,6 +264,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(compose_tra
     assert (tmp_path / "results.json").read_bytes() == results_before
 
 
+def test_an_image_that_fails_mid_run_is_one_line(compose_train, tmp_path, monkeypatch):
+    from emca.data import DatasetError
+    from emca.data.torch_loader import ImageListDataset
+
+    getitem, served = ImageListDataset.__getitem__, itertools.count()
+
+    def fail_later(self, key):
+        if next(served) == 100:  # in the first epoch's fourth batch: screened fine, gone now
+            raise DatasetError(f"cannot decode image {self.paths[key[0]]} (removed); remove or replace the file")
+        return getitem(self, key)
+
+    monkeypatch.setattr(ImageListDataset, "__getitem__", fail_later)
+    with pytest.raises(RunAborted, match=r"cannot decode image .*; .*last\.pt is kept, continue with trainer.resume"):
+        train(compose_train(*QUICK_RUN, "trainer.max_steps_per_epoch=null"), str(tmp_path))
+
+
 def test_startup_errors_abort_before_any_checkpoint_is_touched(compose_train, tmp_path):
     train(compose_train(*SYNTHETIC_RUN, "trainer.epochs=1", "trainer.max_steps_per_epoch=1"), str(tmp_path))
     last = tmp_path / "checkpoints" / "last.pt"

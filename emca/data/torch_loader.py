@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from emca.engine.preemption import stop_signals_blocked
+from emca.engine.preemption import detach_worker, stop_signals_blocked
 
 from .errors import DatasetError
 from .folder import ImageList, describe_failure, open_image
@@ -100,7 +100,7 @@ class TorchvisionLoader:
             ImageListDataset(images, prep, train), batch_size=batch_size, sampler=self.sampler,
             drop_last=train, num_workers=workers, pin_memory=pin,
             persistent_workers=persistent_workers and workers > 0,
-            prefetch_factor=prefetch_factor if workers > 0 else None,
+            prefetch_factor=prefetch_factor if workers > 0 else None, worker_init_fn=detach_worker,
         )
         self.normalize = BatchNormalizer(prep, device, channels_last)
         self.device = device

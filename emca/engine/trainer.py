@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from emca.analysis.evaluation import evaluate
-from emca.data import build_loaders
+from emca.data import DatasetError, build_loaders
 from emca.engine.checkpoint import CheckpointError, CheckpointStore, architecture_fingerprint, load_checkpoint
 from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
                                      silence_non_main_logging)
@@ -106,7 +106,10 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
         except StoppedBeforeTraining as stopped:
             log.warning(f"{stopped} received before training started: nothing to save; stopped")
             raise Preempted(str(stopped), stopped.exit_status) from None
-        return trainer.fit(stop)
+        try:
+            return trainer.fit(stop)
+        except DatasetError as error:  # an image that became unreadable or undecodable mid-run
+            raise RunAborted(f"{error}; {trainer.store.last} is kept, continue with trainer.resume=auto") from None
 
 
 def _start(cfg: DictConfig, ctx: DistributedContext, folder: RunFolder, records: Optional[dict[str, str]]) -> "Trainer":
