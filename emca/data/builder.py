@@ -51,13 +51,17 @@ def cache_dir() -> Path:
 
 def _load_split(split_dir: Path, classes, dataset: DatasetConfig) -> ImageList:
     images = list_split(split_dir, classes)
-    return screen_images(images, split_dir, on_bad_image=dataset.on_bad_image, cache_dir=cache_dir(), threads=max(1, dataset.workers))
+    return screen_images(
+        images, split_dir, on_bad_image=dataset.on_bad_image, cache_dir=cache_dir(), threads=max(1, dataset.workers)
+    )
 
 
 def _check_class_count(dataset: DatasetConfig, classes, folder: Optional[Path]) -> None:
     """dataset.num_classes against the classes read from `folder`, or given (folder None)."""
     if dataset.num_classes is not None and dataset.num_classes != len(classes):
-        found = f"{folder} has {len(classes)} class folders" if folder else f"the given class list has {len(classes)} names"
+        found = (
+            f"{folder} has {len(classes)} class folders" if folder else f"the given class list has {len(classes)} names"
+        )
         raise DatasetError(
             f"dataset.num_classes={dataset.num_classes} but {found}; "
             f"set dataset.num_classes={len(classes)} (or null to read it from the folder)"
@@ -65,7 +69,7 @@ def _check_class_count(dataset: DatasetConfig, classes, folder: Optional[Path]) 
 
 
 def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1,
-                  device: torch.device = torch.device("cpu"), channels_last: bool = False, seed: int = 0,
+                  device: torch.device | str = "cpu", channels_last: bool = False, seed: int = 0,
                   train: bool = True, classes: Optional[Sequence[str]] = None) -> DataBundle:
     """Train and val loaders for this rank; raises DatasetError (one line) on any data problem.
 
@@ -111,10 +115,15 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
         classes = val_images.classes
     classes = list(classes)
     if train_images is not None and train_batches_per_epoch(len(train_images), dataset.batch_size) == 0:
-        raise DatasetError(f"{root / 'train'} has {len(train_images)} images, fewer than one global batch; lower dataset.batch_size={dataset.batch_size}")
+        raise DatasetError(
+            f"{root / 'train'} has {len(train_images)} images, fewer than one global batch; lower "
+            f"dataset.batch_size={dataset.batch_size}"
+        )
 
     shards = dict(
-        train=lambda epoch: train_shard(len(train_images), dataset.batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size),
+        train=lambda epoch: train_shard(
+            len(train_images), dataset.batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size
+        ),
         val=lambda epoch: val_shard(len(val_images), rank=rank, world_size=world_size),
     )
     common = dict(batch_size=batch, workers=dataset.workers, seed=seed, device=device, channels_last=channels_last)
@@ -127,7 +136,9 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
         try:
             from .dali_loader import DaliLoader
         except ImportError as error:
-            raise DatasetError(f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision") from None
+            raise DatasetError(
+                f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision"
+            ) from None
 
         make = partial(DaliLoader, rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth,
                        use_gpu=loader.dali_use_gpu, **common)

@@ -47,7 +47,11 @@ def train_pipeline(files, labels, prep: Preprocessing, gpu: bool, channels_last:
         # of the 2*pad+1 integer offsets, exactly like pad-then-RandomCrop.
         images = fn.crop(images, device=device, crop=[size + 2 * pad] * 2, out_of_bounds_policy="pad", fill_values=0)
         offsets = [k / (2 * pad) for k in range(2 * pad + 1)] if pad else [0.5]
-        window = dict(crop=[size, size], crop_pos_x=fn.random.uniform(values=offsets), crop_pos_y=fn.random.uniform(values=offsets))
+        window = dict(
+            crop=[size, size],
+            crop_pos_x=fn.random.uniform(values=offsets),
+            crop_pos_y=fn.random.uniform(values=offsets),
+        )
     mirror = fn.random.coin_flip(probability=0.5) if prep.hflip else 0
     images = _normalize(images, prep, device, channels_last, mirror=mirror, **window)
     return images, label
@@ -93,11 +97,18 @@ class DaliLoader:
     def _pipeline(self, indices: np.ndarray):
         build = train_pipeline if self.train else val_pipeline
         return build(
-            files=[self.images.paths[i] for i in indices], labels=self.images.labels[indices].tolist(),
-            prep=self.prep, gpu=self.gpu, channels_last=self.channels_last,
-            batch_size=self.batch_size, num_threads=self.threads,
-            device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device()) if self.gpu else None,
-            seed=derive_seed(self.seed, self.epoch, self.rank), prefetch_queue_depth=self.prefetch_queue_depth,
+            files=[self.images.paths[i] for i in indices],
+            labels=self.images.labels[indices].tolist(),
+            prep=self.prep,
+            gpu=self.gpu,
+            channels_last=self.channels_last,
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if self.gpu
+            else None,
+            seed=derive_seed(self.seed, self.epoch, self.rank),
+            prefetch_queue_depth=self.prefetch_queue_depth,
         )
 
     def __iter__(self):
@@ -107,9 +118,14 @@ class DaliLoader:
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         done = 0
         try:
-            batches = DALIGenericIterator([self._pipeline(indices)], ["images", "labels"], reader_name=READER, last_batch_policy=policy)
+            batches = DALIGenericIterator(
+                [self._pipeline(indices)], ["images", "labels"], reader_name=READER, last_batch_policy=policy
+            )
             for (batch,) in batches:
-                yield self._to_torch(batch["images"]), batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+                yield (
+                    self._to_torch(batch["images"]),
+                    batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True),
+                )
                 done += 1
         except RuntimeError as error:
             raise self._decode_error(indices, done, error) from None
@@ -121,7 +137,9 @@ class DaliLoader:
         if culprit is not None:
             return DatasetError(culprit[1].describe(culprit[0]))
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        return DatasetError(f"DALI pipeline failed and no undecodable file was found near batch {done}: {' '.join(lines[-4:])}")
+        return DatasetError(
+            f"DALI pipeline failed and no undecodable file was found near batch {done}: {' '.join(lines[-4:])}"
+        )
 
     def _to_torch(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

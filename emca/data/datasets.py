@@ -49,12 +49,18 @@ def ensure_digits(root: Path) -> None:
     except OSError as error:
         raise folder_error(root, error) from None
     if occupied:
-        raise DatasetError(f"{root} exists but is not a generated digits dataset; remove it or point dataset.root at an empty or missing folder")
+        raise DatasetError(
+            f"{root} exists but is not a generated digits dataset; remove it or point dataset.root at an empty or "
+            "missing folder"
+        )
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     except OSError as error:
-        raise DatasetError(f"cannot create the digits dataset under {root.parent} ({error}); set dataset.root or EMCA_CACHE to a writable folder") from None
+        raise DatasetError(
+            f"cannot create the digits dataset under {root.parent} ({error}); set dataset.root or EMCA_CACHE to a "
+            "writable folder"
+        ) from None
     try:
         _write_digits(staging)
         (staging / _COMPLETE).touch()
@@ -75,7 +81,9 @@ def _write_digits(out: Path) -> None:
     # Pixel values are 0..16 ink levels.
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     indices = np.arange(len(pixels))
-    train, val = train_test_split(indices, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
+    train, val = train_test_split(
+        indices, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
+    )
     for split, chosen in (("train", train), ("val", val)):
         for i in sorted(chosen):
             folder = out / split / str(digits.target[i])

@@ -256,14 +256,18 @@ def list_split(split_dir: Path, classes: Optional[Sequence[str]] = None) -> Imag
     unknown = [name for name in own if name not in index]
     if unknown:
         raise DatasetError(
-            f"{split_dir} has class folders that the training classes lack ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
+            f"{split_dir} has class folders that the training classes lack "
+            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
             "validation classes must be a subset of the training classes"
         )
     paths, labels = [], []
     for name in own:
         files = _images_under(split_dir / name)
         if not files:
-            raise DatasetError(f"class folder {split_dir / name} has no images ({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+            raise DatasetError(
+                f"class folder {split_dir / name} has no images ({', '.join(IMG_EXTENSIONS)}); add images or remove "
+                "the folder"
+            )
         paths.extend(files)
         labels.extend([index[name]] * len(files))
     return ImageList(paths, np.asarray(labels, dtype=np.int64), classes)
@@ -429,7 +433,9 @@ def _save_known_good(cache_file: Path, fingerprints: np.ndarray) -> None:
         log.warning("could not cache image checks in %s: %s", cache_file.parent, error)
 
 
-def screen_images(images: ImageList, split_dir: Path, *, on_bad_image: str, cache_dir: Path, threads: int = 1) -> ImageList:
+def screen_images(
+    images: ImageList, split_dir: Path, *, on_bad_image: str, cache_dir: Path, threads: int = 1
+) -> ImageList:
     """Drop (on_bad_image='skip') or refuse (on_bad_image='error') files that fail check_image."""
     fingerprints = _fingerprints(images.paths)
     cache_file = _cache_file(split_dir, cache_dir)
@@ -439,7 +445,7 @@ def screen_images(images: ImageList, split_dir: Path, *, on_bad_image: str, cach
         return images
     with ThreadPoolExecutor(max(1, threads)) as pool:
         problems = list(pool.map(check_image, [images.paths[i] for i in unchecked]))
-    bad = {int(i): why for i, why in zip(unchecked, problems) if why is not None}
+    bad = {int(i): why for i, why in zip(unchecked, problems, strict=True) if why is not None}
     good = np.ones(len(images), dtype=bool)
     good[list(bad)] = False
     _save_known_good(cache_file, np.union1d(known_good, fingerprints[good & (fingerprints != 0)]))

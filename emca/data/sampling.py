@@ -34,7 +34,9 @@ def train_batches_per_epoch(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch
 
 
-def train_shard(num_samples: int, global_batch: int, *, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+def train_shard(
+    num_samples: int, global_batch: int, *, seed: int, epoch: int, rank: int, world_size: int
+) -> np.ndarray:
     """This rank's sample indices for a training epoch, in the order to visit them.
 
     One (seed, epoch)-shuffled permutation is shared by all ranks and dealt out round-robin

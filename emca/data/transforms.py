@@ -61,17 +61,25 @@ class Preprocessing:
         # 0.875 is the classic 224/256 centre-crop ratio.
         val_resize = round(size / 0.875) if cfg.val_resize is None else int(cfg.val_resize)
         if val_resize < size:
-            raise DatasetError(f"dataset.val_resize={val_resize} is smaller than dataset.image_size={size}; the centre crop needs val_resize >= image_size")
+            raise DatasetError(
+                f"dataset.val_resize={val_resize} is smaller than dataset.image_size={size}; the centre crop needs "
+                "val_resize >= image_size"
+            )
         if cfg.train_crop not in TRAIN_CROPS:
             raise DatasetError(f"dataset.train_crop={cfg.train_crop!r} is not one of {', '.join(TRAIN_CROPS)}")
         scale = _pair(cfg.crop_scale, "crop_scale")
         if scale[1] > 1:
-            raise DatasetError(f"dataset.crop_scale={list(scale)} is a fraction of the image area and must not exceed 1")
+            raise DatasetError(
+                f"dataset.crop_scale={list(scale)} is a fraction of the image area and must not exceed 1"
+            )
         if int(cfg.crop_padding) < 0:
             raise DatasetError(f"dataset.crop_padding={cfg.crop_padding} must be >= 0")
         mean, std = _triple(cfg.mean, "mean"), _triple(cfg.std, "std")
         if max(mean) <= 1 and max(std) <= 1:
-            raise DatasetError(f"dataset.mean/std look like 0-1 values ({list(mean)}); give them on the 0-255 scale, e.g. 123.675 for 0.485")
+            raise DatasetError(
+                f"dataset.mean/std look like 0-1 values ({list(mean)}); give them on the 0-255 scale, e.g. 123.675 for "
+                "0.485"
+            )
         if min(std) <= 0:
             raise DatasetError(f"dataset.std={list(std)} must be positive")
         return cls(size, val_resize, cfg.train_crop, scale, _pair(cfg.crop_ratio, "crop_ratio"),
