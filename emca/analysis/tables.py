@@ -149,11 +149,16 @@ def _method_label(method: str) -> str:
     return method + "*" if method in paper.RETRAINED_BY_AUTHORS else method
 
 
-def _table4() -> TableSpec:
-    entries = tuple(
+def _method_entries() -> tuple[Entry, ...]:
+    """Every backbone x (ResNet, each CA module, its EMCA version): the rows of Tables 4 and 9."""
+    return tuple(
         Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
         for backbone in BACKBONES for method, variant in _methods(backbone)
     )
+
+
+def _table4() -> TableSpec:
+    entries = _method_entries()
     return TableSpec(
         "table4",
         "Table 4",
@@ -176,10 +181,7 @@ def _table5() -> TableSpec:
 
 def _table9() -> TableSpec:
     rotated = tuple(f"top1_rot{degrees}" for degrees in ROTATIONS)
-    entries = tuple(
-        Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
-        for backbone in BACKBONES for method, variant in _methods(backbone)
-    )
+    entries = _method_entries()
     return TableSpec(
         "table9",
         "Table 9",
