@@ -175,13 +175,10 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     check_options(cfg)
     given = Path(cfg.checkpoint).expanduser()  # as given in the errors, not through the checkpoints/ symlink
     checkpoint = given.resolve()
-    # Beside the path as given: run/checkpoints/eval.json, where make_tables looks, rather than the
-    # generation folder the checkpoints/ link leads to today (the same folder, named for good).
+    # Named from the path as given (run/checkpoints/...), not from the generation folder it leads to.
     output = output_path(cfg.output, Path(os.path.abspath(given)))
     state = read_checkpoint(given)
     train_cfg = state["config"]
-    model = restore_model(checkpoint, state)
-    architecture = state["fingerprint"]["architecture"]
     trainer_cfg = train_cfg.get("trainer", {})
     amp = str(_option(cfg.amp, trainer_cfg.get("amp", "off")))
     try:
@@ -190,21 +187,11 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         raise EvalError(str(error)) from None
     channels_last = bool(_option(cfg.channels_last, trainer_cfg.get("channels_last", False)))
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = model.to(ctx.device, memory_format=memory_format).eval()
+    model = restore_model(checkpoint, state).to(ctx.device, memory_format=memory_format).eval()
 
     dataset_cfg, loader_cfg = data_configs(train_cfg, cfg)
     seed = trainer_cfg.get("seed", 0)
-    # Only val/ is read. Labels index the run's class names (kept in its checkpoints); a checkpoint
-    # without them falls back to val/'s class folders, which the class-count check below guards.
-    classes = state.get("classes")
-    data = build_loaders(dataset_cfg, loader_cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                         channels_last=channels_last, seed=seed, train=False, classes=classes)
-    if data.num_classes != architecture["num_classes"]:
-        raise EvalError(
-            f"dataset {dataset_cfg['name']} at {dataset_cfg['root']} has {data.num_classes} classes but the "
-            "checkpoint's "
-            f"model predicts {architecture['num_classes']} ({describe_architecture(state['fingerprint'])})"
-        )
+    data = validation_data(state, dataset_cfg, loader_cfg, ctx, channels_last, seed)
 
     gradcam_plan = (
         plan_gradcam(model, dataset_cfg, data.classes, cfg.gradcam) if gradcam_requested(cfg.gradcam) else None
@@ -222,35 +209,10 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     if not ctx.is_main:
         return None
 
-    image_size = dataset_cfg["image_size"]
-    plain = metrics[0]
-    report: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "checkpoint_epoch": (state.get("progress") or {}).get("epoch"),
-        "model": architecture,
-        "dataset": {
-            "name": dataset_cfg["name"],
-            "root": str(dataset_cfg["root"]),
-            "image_size": image_size,
-            "val_resize": dataset_cfg.get("val_resize"),
-            "num_val": data.num_val,
-            "num_classes": data.num_classes,
-        },
-        "loader": loader_cfg["name"],
-        "device": describe_device(ctx.device),
-        "world_size": ctx.world_size,
-        "amp": amp,
-        "channels_last": channels_last,
-        "val": {"top1": plain.top1, "top5": plain.top5, "loss": plain.loss, "images": plain.count},
-        "rotation": {str(degrees): {"top1": m.top1, "top5": m.top5, "loss": m.loss} for degrees, m in metrics.items()},
-        "params": count_parameters(model),
-        "gflops": measure_gflops(model, image_size),
-        "image_size": image_size,
-        "learned_scales": scales.statistics() if scales else None,
-        "learned_scales_plot": None,
-        "speed": None,
-        "gradcam": None,
-    }
+    report = base_report(checkpoint, state, dataset_cfg, loader_cfg, data, ctx, metrics)
+    report.update(amp=amp, channels_last=channels_last, params=count_parameters(model),
+                  gflops=measure_gflops(model, dataset_cfg["image_size"]),
+                  learned_scales=scales.statistics() if scales else None)
     if scales is not None:
         title = f"Learned scales, {describe_architecture(state['fingerprint'])}, {data.num_val} val images"
         report["learned_scales_plot"] = str(
@@ -274,6 +236,56 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     atomic_write(output, lambda file: file.write((json.dumps(report, indent=2) + "\n").encode()))
     report["output"] = str(output)
     return report
+
+
+def validation_data(state: dict[str, Any], dataset_cfg: dict[str, Any], loader_cfg: dict[str, Any],
+                    ctx: DistributedContext, channels_last: bool, seed: int):
+    """The validation loader of this rank. Only val/ is read; labels index the run's class names
+    (kept in its checkpoints), and a checkpoint without them falls back to val/'s class folders,
+    which the class-count check guards."""
+    data = build_loaders(dataset_cfg, loader_cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                         channels_last=channels_last, seed=seed, train=False, classes=state.get("classes"))
+    predicted = state["fingerprint"]["architecture"]["num_classes"]
+    if data.num_classes != predicted:
+        raise EvalError(
+            f"dataset {dataset_cfg['name']} at {dataset_cfg['root']} has {data.num_classes} classes but the "
+            f"checkpoint's model predicts {predicted} ({describe_architecture(state['fingerprint'])})"
+        )
+    return data
+
+
+def base_report(checkpoint: Path, state: dict[str, Any], dataset_cfg: dict[str, Any], loader_cfg: dict[str, Any],
+                data, ctx: DistributedContext, metrics: dict) -> dict[str, Any]:
+    """eval.json's description of what was evaluated, and the accuracies (the rest is filled in after)."""
+    image_size = dataset_cfg["image_size"]
+    plain = metrics[0]
+    return {
+        "checkpoint": str(checkpoint),
+        "checkpoint_epoch": (state.get("progress") or {}).get("epoch"),
+        "model": state["fingerprint"]["architecture"],
+        "dataset": {
+            "name": dataset_cfg["name"],
+            "root": str(dataset_cfg["root"]),
+            "image_size": image_size,
+            "val_resize": dataset_cfg.get("val_resize"),
+            "num_val": data.num_val,
+            "num_classes": data.num_classes,
+        },
+        "loader": loader_cfg["name"],
+        "device": describe_device(ctx.device),
+        "world_size": ctx.world_size,
+        "amp": None,
+        "channels_last": None,
+        "val": {"top1": plain.top1, "top5": plain.top5, "loss": plain.loss, "images": plain.count},
+        "rotation": {str(degrees): {"top1": m.top1, "top5": m.top5, "loss": m.loss} for degrees, m in metrics.items()},
+        "params": None,
+        "gflops": None,
+        "image_size": image_size,
+        "learned_scales": None,
+        "learned_scales_plot": None,
+        "speed": None,
+        "gradcam": None,
+    }
 
 
 def measure_speeds(
