@@ -44,8 +44,8 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` through a temporary file in its folder: it holds the old or the new content.
 
-    Stale temporary files of killed writers are not swept here: the run folder's lock makes a run
-    the only writer, and another process's file may still be in flight.
+    Stale temporary files of killed writers are not swept here: besides the run that owns a folder,
+    eval.py writes into it too (eval.json), and that process's temporary file may still be in flight.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
