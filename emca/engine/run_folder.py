@@ -1,4 +1,5 @@
-"""A run folder belongs to one run: only the process that owns it writes to it.
+"""A run folder belongs to one run: only the process that owns it writes its training artefacts
+(eval.py adds its own eval.json beside them, outside the checkpoints' generations).
 
 The owner (rank 0) holds an exclusive POSIX record lock (lockf) on `<run folder>/.lock` for the
 whole run: the kernel drops it when the process ends, however it ends, so a lock left by a killed
