@@ -113,8 +113,10 @@ KILLED_WRITER = textwrap.dedent(
     from emca.engine.checkpoint import CheckpointStore
     store = CheckpointStore(Path(sys.argv[1]))
     store.prepare()
-    epoch = torch.load(store.last, weights_only=True)["progress"]["epoch"] if store.last.exists() else 0
-    best = 0
+    # Resume both counters from last.pt, as the trainer does: a reset best would name an epoch
+    # the linked best.pt does not hold.
+    progress = torch.load(store.last, weights_only=True)["progress"] if store.last.exists() else None
+    epoch, best = (progress["epoch"], progress["best"]["epoch"]) if progress else (0, 0)
     while True:
         epoch += 1
         improved = epoch % 3 != 2
