@@ -1,0 +1,179 @@
+"""FcaNet's multi-spectral channel attention, a branch module.
+
+Qin, Zhang, Wu, Li, "FcaNet: Frequency Channel Attention Networks", ICCV 2021 (arXiv:2012.11879);
+the authors' code is https://github.com/cfzd/FcaNet (model/layer.py: MultiSpectralAttentionLayer,
+model/fcanet.py: where it sits in the ResNets).
+
+Global average pooling is, up to a factor, the (0, 0) coefficient of a 2-D DCT-II of each channel.
+FcaNet splits the channels into n equal groups and squeezes group i with the i-th of n selected DCT
+basis functions instead, then excites as SE does (FC C -> C/r, ReLU, FC C/r -> C, sigmoid; no
+biases in the authors' code) and gates the branch with the result.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The authors choose the DCT size per block from the block's `planes` (model/fcanet.py, `c2wh`):
+# the spatial size that the block's output has at a 224 px input (R-18..152: 56, 28, 14, 7). So the
+# DCT covers the whole map at ImageNet resolution and the adaptive pooling in front never fires.
+SPATIAL_SIZE_AT_224 = {64: 56, 128: 28, 256: 14, 512: 7}
+
+# Frequency rankings, as (u, v) pairs on a 7 x 7 DCT grid: u is the frequency down the rows (H), v
+# along the columns (W). They transcribe the authors' get_freq_indices (model/layer.py), where they
+# are two parallel lists of x (= u) and y (= v) indices. "top": the 49 components ranked by the
+# ImageNet accuracy of a ResNet-50 whose attention uses that one component alone (the paper's
+# single-frequency study), best first; "bot": the same ranking read from its worst end; "low":
+# lowest frequencies first (roughly by u + v). A selection "top16" takes the first 16 pairs.
+_TOP = (
+    (0, 0), (0, 1), (6, 0), (0, 5), (0, 2), (1, 0), (1, 2), (4, 0),
+    (5, 0), (1, 6), (3, 0), (0, 4), (0, 6), (0, 3), (3, 5), (2, 2),
+    (4, 6), (6, 3), (3, 3), (5, 3), (5, 5), (2, 1), (6, 1), (5, 2),
+    (5, 4), (3, 2), (3, 1), (4, 1), (2, 3), (2, 0), (6, 5), (1, 3),
+)  # fmt: skip
+_LOW = (
+    (0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (2, 1), (1, 2),
+    (2, 2), (0, 3), (3, 0), (4, 0), (0, 4), (1, 3), (3, 1), (0, 5),
+    (1, 4), (2, 3), (3, 2), (4, 1), (5, 0), (0, 6), (1, 5), (2, 4),
+    (3, 3), (4, 2), (5, 1), (6, 0), (1, 6), (2, 5), (3, 4), (4, 3),
+)  # fmt: skip
+_BOT = (
+    (6, 6), (1, 4), (3, 4), (3, 6), (2, 6), (4, 3), (1, 1), (2, 4),
+    (4, 4), (4, 5), (5, 6), (1, 5), (4, 2), (6, 2), (2, 5), (5, 1),
+    (6, 4), (1, 3), (6, 5), (2, 0), (2, 3), (4, 1), (3, 1), (3, 2),
+    (5, 4), (5, 2), (6, 1), (2, 1), (5, 5), (5, 3), (3, 3), (6, 3),
+)  # fmt: skip
+RANKINGS = {"top": _TOP, "low": _LOW, "bot": _BOT}
+SELECTION_SIZES = (1, 2, 4, 8, 16, 32)
+FREQUENCY_SELECTIONS = tuple(f"{ranking}{n}" for ranking in RANKINGS for n in SELECTION_SIZES)
+
+# The rankings are defined on a 7 x 7 grid (the last stage's map at 224 px).
+BASE_GRID = 7
+
+
+def frequency_pairs(selection: str) -> tuple[tuple[int, int], ...]:
+    """'top16' -> the first 16 (u, v) pairs of the 'top' ranking, on the 7 x 7 grid."""
+    if selection not in FREQUENCY_SELECTIONS:
+        raise ValueError(f"unknown frequency selection '{selection}': choose one of {list(FREQUENCY_SELECTIONS)}")
+    ranking, count = selection[:3], int(selection[3:])
+    return RANKINGS[ranking][:count]
+
+
+def fca_dct_size(channels: int, expansion: int = 4) -> int:
+    """The authors' DCT size for a block whose output (the attention's input) has `channels`
+    channels: their c2wh of planes = channels / expansion (4 for Bottleneck, 1 for BasicBlock).
+
+    Our branch modules get the block's output channels, not its planes, and the output channels
+    alone are ambiguous across block types (256 is R-50's first stage but R-34's third), so the
+    block's expansion has to be named; the default is the Bottleneck of R-50/101/152.
+    """
+    planes, remainder = divmod(channels, expansion)
+    if remainder or planes not in SPATIAL_SIZE_AT_224:
+        known = sorted(p * expansion for p in SPATIAL_SIZE_AT_224)
+        raise ValueError(
+            f"no FcaNet DCT size for {channels} channels with block expansion {expansion} (the authors define "
+            f"it for {known}); pass dct_size explicitly"
+        )
+    return SPATIAL_SIZE_AT_224[planes]
+
+
+def dct_basis_1d(length: int, frequency: int) -> torch.Tensor:
+    """Orthonormal DCT-II basis vector: cos(pi k (t + 1/2) / N) * sqrt((1 if k == 0 else 2) / N).
+
+    The authors' code uses this orthonormal scaling (the paper's equations leave it out), so the
+    (0, 0) coefficient of an N x N map is N times its mean rather than N^2 times.
+    """
+    positions = torch.arange(length, dtype=torch.float64) + 0.5
+    scale = math.sqrt((1.0 if frequency == 0 else 2.0) / length)
+    return torch.cos(math.pi * frequency * positions / length) * scale
+
+
+def dct_basis(size: int, pairs) -> torch.Tensor:
+    """(len(pairs), size, size) float64: the 2-D basis functions B_uv[h, w] = b_u[h] * b_v[w]."""
+    return torch.stack([torch.outer(dct_basis_1d(size, u), dct_basis_1d(size, v)) for u, v in pairs])
+
+
+class MultiSpectralAttention(nn.Module):
+    """y -> y * sigmoid(W2 relu(W1 dct_pool(y))), as FcaNet's MultiSpectralAttentionLayer.
+
+    dct_size: the square map the DCT is taken on; a branch of another size is first adaptively
+        average-pooled to it (as the authors do for detection inputs). None: the authors' per-stage
+        size for a Bottleneck block, fca_dct_size(channels) (256/512/1024/2048 -> 56/28/14/7); for
+        a BasicBlock ResNet pass dct_size=fca_dct_size(channels, expansion=1).
+    frequencies: one of FREQUENCY_SELECTIONS ('top16' in all of the authors' ImageNet models). The
+        7 x 7-grid indices are multiplied by dct_size // 7, so that every stage sees the same
+        relative frequencies (the authors': "(2, 2) in 14 x 14 is (1, 1) in 7 x 7").
+
+    The channels are split into len(pairs) consecutive equal groups; group i is squeezed with the
+    i-th basis function. The parameters are the two FCs only (fc.0, fc.2, bias-free: the keys of the
+    authors' `att.fc`), so a model has SE-without-bias's parameter count.
+    """
+
+    def __init__(self, channels: int, dct_size: int | None = None, reduction: int = 16, frequencies: str = "top16"):
+        super().__init__()
+        pairs = frequency_pairs(frequencies)
+        if channels % len(pairs):
+            raise ValueError(
+                f"FcaNet splits the channels into {len(pairs)} equal groups ('{frequencies}'): {channels} channels "
+                "do not divide"
+            )
+        if dct_size is None:
+            dct_size = fca_dct_size(channels)
+        if isinstance(dct_size, bool) or not isinstance(dct_size, int) or dct_size < BASE_GRID:
+            # Below 7 the scale dct_size // 7 is 0 and every group would get the (0, 0) component.
+            raise ValueError(f"dct_size must be an integer >= {BASE_GRID} (the frequency grid), got {dct_size!r}")
+        scale = dct_size // BASE_GRID
+        self.channels = channels
+        self.dct_size = dct_size
+        self.frequencies = tuple((u * scale, v * scale) for u, v in pairs)
+        # A buffer, not a parameter: the fixed DCT is what the authors train (their README compares
+        # it with learnable tensors), and it must not count as a parameter. Non-persistent: it is a
+        # function of (dct_size, frequencies) alone, so a checkpoint need not carry it (the authors'
+        # persistent C x H x W filters add 5.5 M numbers to an R-50 state_dict) and the state_dict
+        # stays that of the learned weights. It still follows .to(device / dtype).
+        basis = dct_basis(dct_size, self.frequencies).to(torch.get_default_dtype())
+        self.register_buffer("basis", basis, persistent=False)
+        hidden = max(channels // reduction, 1)
+        # Sequential for the authors' key layout (fc.0.weight, fc.2.weight); their fc.3 is our gate.
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels, bias=False),
+        )
+        self.gate = nn.Sigmoid()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, dct_size={self.dct_size}, groups={len(self.frequencies)}"
+
+    def spectrum(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, C): each channel's coefficient of its group's DCT basis function."""
+        d = self.dct_size
+        if y.shape[-2:] != (d, d):
+            y = F.adaptive_avg_pool2d(y, (d, d))
+        b, c = y.shape[:2]
+        n = self.basis.shape[0]
+        # One (C/n x d^2) @ (d^2 x 1) product per group, instead of the authors' multiply by a
+        # C x d x d filter and sum: no feature-map-sized temporary, and the basis is stored once
+        # per group rather than once per channel.
+        groups = y.reshape(b, n, c // n, d * d)
+        return (groups @ self.basis.to(y.dtype).reshape(n, d * d, 1)).reshape(b, c)
+
+    def factors(self, y: torch.Tensor) -> torch.Tensor:
+        """The per-channel factors (B, C, 1, 1) in y's dtype (the gate is computed in the FCs' dtype
+        under autocast), so that the block output keeps the branch's dtype."""
+        return self.gate(self.fc(self.spectrum(y)))[:, :, None, None].to(y.dtype)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.factors(y)
+
+
+__all__ = [
+    "FREQUENCY_SELECTIONS",
+    "MultiSpectralAttention",
+    "dct_basis",
+    "dct_basis_1d",
+    "fca_dct_size",
+    "frequency_pairs",
+]
