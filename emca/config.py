@@ -5,6 +5,7 @@ is read, in one line naming the option, the value and what is accepted (emca/opt
 
 configs/train.yaml names `train_schema` first in its defaults list; the group YAML files
 (configs/<group>/*.yaml) are then merged into the typed nodes below and validated field by field.
+The `attention` group has no YAML files: its choices are registered here from the attention table.
 Importing this module registers the schema and the resolvers configs/train.yaml uses.
 """
 
@@ -19,7 +20,7 @@ from omegaconf import MISSING, OmegaConf
 
 from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
-from emca.models.config import AttentionConfig, BackboneConfig, CoverageConfig
+from emca.models.config import AttentionConfig, BackboneConfig, CoverageConfig, attention_choices
 
 
 class AmpMode(Enum):
@@ -108,7 +109,11 @@ def _run_dir(default: str) -> str:
 
 def register() -> None:
     """Register the schema and the resolvers configs/train.yaml uses (idempotent)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    # The `attention` group's choices come from the attention table, not from YAML files.
+    for name, node in attention_choices().items():
+        store.store(group="attention", name=name, node=node)
     # Non-zero torchrun ranks get a scratch job folder (see emca.engine.distributed).
     OmegaConf.register_new_resolver("emca.run_dir", _run_dir, replace=True)
 

@@ -9,6 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import emca.config  # noqa: F401  (registers the attention group's choices)
 from emca.models import build_model
 from emca.models.summary import format_summary
 

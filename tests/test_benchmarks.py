@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, SHARED_DATA
-from emca.layers.pooling import STD_EPS, pool_statistics
+from emca.layers.pooling import STD_EPS, pool_descriptor
 from emca.models.resnet import EMCAResNet
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
@@ -145,33 +145,40 @@ def test_gpu_training_code_path_runs_on_cpu_with_dali():
 
 
 # --------------------------------------------------------------------------- the model's fast paths
-def reference_pooling(x: torch.Tensor, num_statistics: int) -> torch.Tensor:
-    if num_statistics == 1:
-        return x.mean(dim=(2, 3)).unsqueeze(-1)
+def reference_pooling(x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The statistics written plainly, one per channel, in the order the name gives them."""
+    flat = x.flatten(2)
+    if pooling == "mean":
+        return flat.mean(-1, keepdim=True)
+    if pooling == "mean_max":
+        return torch.stack((flat.sum(-1) / flat.shape[-1], flat.max(-1).values), dim=-1)
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     return torch.stack((mean, torch.sqrt(var + STD_EPS)), dim=-1)
 
 
-@pytest.mark.parametrize("num_statistics", [1, 2])
+POOLINGS = ["mean", "mean_std", "mean_max"]
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 4, 1, 1)])
-def test_pooling_backward_is_the_exact_gradient(num_statistics, shape):
+def test_pooling_backward_is_the_exact_gradient(pooling, shape):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: pool_statistics(t, num_statistics), (x,))
+    assert torch.autograd.gradcheck(lambda t: pool_descriptor(t, pooling), (x,))
 
 
-@pytest.mark.parametrize("num_statistics", [1, 2])
+@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_pooling_matches_the_plain_formulas(num_statistics, memory_format):
+def test_pooling_matches_the_plain_formulas(pooling, memory_format):
     torch.manual_seed(0)
     x = torch.randn(4, 16, 7, 7).contiguous(memory_format=memory_format).requires_grad_()
-    weights = torch.randn(4, 16, num_statistics)
-    ours = pool_statistics(x, num_statistics)
+    weights = torch.randn(4, 16, 1 if pooling == "mean" else 2)
+    ours = pool_descriptor(x, pooling)
     (ours_grad,) = torch.autograd.grad((ours * weights).sum(), x)
-    reference = reference_pooling(x, num_statistics)
+    reference = reference_pooling(x, pooling)
     (reference_grad,) = torch.autograd.grad((reference * weights).sum(), x)
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-6, atol=1e-6)
-    if num_statistics == 1:  # the mean is the very same computation
+    if pooling == "mean":  # the mean is the very same computation
         assert torch.equal(ours, reference) and torch.equal(ours_grad, reference_grad)
 
 
@@ -182,7 +189,7 @@ def test_mean_pooling_passes_back_a_broadcast_gradient():
     feature = x * 1.0
     seen = []
     feature.register_hook(lambda grad: seen.append(grad))
-    pool_statistics(feature, 1).sum().backward()
+    pool_descriptor(feature, "mean").sum().backward()
     assert seen[0].stride()[2:] == (0, 0)
     torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 20))
 

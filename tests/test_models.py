@@ -127,8 +127,10 @@ def test_eca_kernels_table():
 def test_eca_explicit_kernel_list_is_used_per_stage():
     model = EMCAResNet("resnet50", attention="eca", integration="first", eca_kernel=[3, 5, 5, 7])
     assert [s[0].attn.excitation.conv.kernel_size[0] for s in model._stages] == [3, 5, 5, 7]
-    with pytest.raises(ValueError, match="one odd size per stage"):
+    with pytest.raises(ValueError, match="eca_kernel lists 3 values but the backbone has 4 stages"):
         EMCAResNet("resnet50", attention="eca", eca_kernel=[3, 5, 7])
+    with pytest.raises(ValueError, match="ECA kernel size must be a positive odd number"):
+        EMCAResNet("resnet50", attention="eca", eca_kernel=[3, 5, 4, 7])
 
 
 def test_srm_adds_four_parameters_per_channel_per_module():
@@ -191,7 +193,7 @@ def test_se_resnet_matches_timm_forward_and_backward(depth):
 def test_srm_matches_the_published_formula():
     torch.manual_seed(0)
     y = torch.randn(4, 8, 5, 5)
-    module = ChannelAttention(SRMExcitation(8)).train()
+    module = ChannelAttention(SRMExcitation(8), "mean_std").train()
     nn.init.normal_(module.excitation.cfc)
     mean = y.mean((2, 3))
     std = (y.var((2, 3), unbiased=False) + 1e-5).sqrt()
@@ -264,7 +266,7 @@ def test_repeat_alignment_needs_divisible_channels():
 
 def test_hand_computed_emca_forward():
     """C0 = 4, one source with 2 channels (repeat), R = 2, ECA kernel 3 with known weights."""
-    module = EMCA(4, [2], ECAExcitation(4, kernel_size=3))
+    module = EMCA(4, [2], ECAExcitation(4, kernel=3))
     with torch.no_grad():
         module.scale_weights.copy_(torch.tensor([1.0, -2.0]))
         module.excitation.conv.weight.copy_(torch.tensor([[[0.5, 1.0, -1.0]]]))
@@ -283,12 +285,13 @@ def test_hand_computed_emca_forward():
 
 
 @pytest.mark.parametrize("num_statistics", [1, 2])
-def test_repeat_fusion_is_the_weighted_sum_of_repeated_descriptors(num_statistics):
+def test_repeat_fusion_is_the_weighted_sum_of_repeated_descriptors(num_statistics):  # mean | mean_std
     """The MAB of Algorithm 1 written out: relu(sum_r w_r * repeat(S_r)), over sources of several
     widths in runs (two stages of a coverage region) and alone, against the grouped broadcast sums."""
     torch.manual_seed(0)
     widths = [4, 4, 2, 2, 2, 8, 4]
-    module = EMCA(8, widths, SRMExcitation(8) if num_statistics == 2 else ECAExcitation(8, kernel_size=3))
+    module = EMCA(8, widths, SRMExcitation(8), pooling="mean_std") if num_statistics == 2 else EMCA(
+        8, widths, ECAExcitation(8, kernel=3))
     with torch.no_grad():
         module.scale_weights.normal_()
     own = torch.randn(3, 8, num_statistics, dtype=torch.float64)
@@ -321,13 +324,13 @@ def test_coverage_none_equals_plain_attention_in_first_block():
 
 def test_pooled_block_outputs_are_computed_once_and_shared(monkeypatch):
     calls = []
-    original = resnet_module.pool_statistics
+    original = resnet_module.pool_descriptor
 
-    def counting(x, k):
+    def counting(x, pooling):
         calls.append(x.shape[1])
-        return original(x, k)
+        return original(x, pooling)
 
-    monkeypatch.setattr(resnet_module, "pool_statistics", counting)
+    monkeypatch.setattr(resnet_module, "pool_descriptor", counting)
     model = EMCAResNet("resnet50", attention="emca_eca", coverage="all_stages_all", integration="all")
     model(torch.randn(1, 3, 64, 64))
     # Every block of stages 1-3 is read by several modules (all_stages_all, integration=all) but

@@ -74,7 +74,7 @@ TRAIN_OPTION_ERRORS = {
     (
         "attention=eca",
         "attention.eca_kernel=5",
-    ): "attention.eca_kernel=5 must be 'adaptive' or one odd size per stage, e.g. [3, 5, 5, 7]",
+    ): "attention.eca_kernel=5 must be 'adaptive' or a list of one value per stage",
 }
 
 

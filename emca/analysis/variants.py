@@ -13,35 +13,34 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from emca.layers.create_attn import is_emca, option_defaults, reads
 from emca.models import coverage_name, default_integration
 from emca.models.config import AttentionConfig
 
 # Attention options that leave the paper's table cell unchanged, with their paper values: the
-# config's defaults, except SE without biases (the authors' SE, whose parameter counts the paper prints).
-PAPER_OPTIONS = {**{name: getattr(AttentionConfig, name) for name in ("se_ratio", "eca_kernel", "gating", "align",
-                                                                     "include_stem")},
-                 "se_bias": False}
-_SE, _ECA, _EMCA = ("se", "emca_se"), ("eca", "emca_eca"), ("emca_se", "emca_eca", "emca_srm")
-# The attentions whose model reads each option: another attention's value of it changes nothing.
-_READ_BY = {"se_ratio": _SE, "se_bias": _SE, "eca_kernel": _ECA, "gating": _EMCA, "align": _EMCA, "include_stem": _EMCA}
+# schema's defaults, except SE without biases (the authors' SE, whose parameter counts the paper prints).
+_EMCA_OPTIONS = ("gating", "align", "include_stem")
+PAPER_OPTIONS = {**{name: getattr(AttentionConfig, name) for name in _EMCA_OPTIONS},
+                 **option_defaults(), "se_bias": False}
 
 
 def paper_options(attention: str) -> dict[str, Any]:
-    """The paper's values of the options this attention reads."""
-    return {key: value for key, value in PAPER_OPTIONS.items() if attention in _READ_BY[key]}
+    """The paper's values of the options this attention reads (emca.layers.create_attn.reads)."""
+    read = reads(attention) + (_EMCA_OPTIONS if is_emca(attention) else ())
+    return {key: PAPER_OPTIONS[key] for key in read}
 
 
 @dataclass(frozen=True)
 class Variant:
     backbone: str  # resnet18 | resnet34 | resnet50 | ...
-    attention: str  # none | se | eca | srm | emca_se | emca_eca | emca_srm
-    integration: Optional[str] = None  # all | first | last; None for the plain ResNet
+    attention: str  # none or a name of emca.layers.ATTENTIONS
+    integration: Optional[str] = None  # all | first | last; None for the plain ResNet and non-branch methods
     coverage: Optional[str] = None  # coverage preset name (or stages=..,blocks=..), EMCA only
     options: tuple[tuple[str, Any], ...] = ()  # attention options that differ from the paper's
 
     @property
     def is_emca(self) -> bool:
-        return self.attention.startswith("emca_")
+        return is_emca(self.attention)
 
     def cell(self) -> "Variant":
         """The table cell this variant fills (options dropped)."""
@@ -82,7 +81,7 @@ def variant_from_config(cfg: Any) -> Variant:
     if attention == "none":
         return Variant(backbone, attention)
     coverage = None
-    if attention.startswith("emca_"):
+    if is_emca(attention):
         coverage = coverage_name(_plain(cfg.coverage.stages), _plain(cfg.coverage.blocks))
     # A key the config lacks was written before the option existed: the model had the default.
     options = tuple(
@@ -92,7 +91,7 @@ def variant_from_config(cfg: Any) -> Variant:
     )
     # null: the model's default for this attention, which is what the run built.
     integration = cfg.attention.get("integration") or default_integration(attention)
-    return Variant(backbone, attention, str(integration), coverage, options)
+    return Variant(backbone, attention, None if integration is None else str(integration), coverage, options)
 
 
 def _plain(value: Any) -> Any:

@@ -1,17 +1,23 @@
-"""Small building blocks of channel attention, each doing one thing (in the spirit of timm.layers)."""
+"""Small building blocks of attention, one module per method (in the spirit of timm.layers), and the
+table that declares them (create_attn.ATTENTION_KINDS)."""
 
 from .channel_attention import ChannelAttention
+from .create_attn import ATTENTION_KINDS, ATTENTIONS, AttentionKind, kind_of
 from .emca import EMCA
-from .excitation import ECAExcitation, SEExcitation, SRMExcitation, create_excitation, eca_kernel_size
-from .pooling import pool_statistics
+from .excitation import ECAExcitation, SEExcitation, SRMExcitation, eca_kernel_size
+from .pooling import POOLINGS, pool_descriptor
 
 __all__ = [
+    "ATTENTIONS",
+    "ATTENTION_KINDS",
+    "AttentionKind",
     "ChannelAttention",
     "EMCA",
     "ECAExcitation",
+    "POOLINGS",
     "SEExcitation",
     "SRMExcitation",
-    "create_excitation",
     "eca_kernel_size",
-    "pool_statistics",
+    "kind_of",
+    "pool_descriptor",
 ]

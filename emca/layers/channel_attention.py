@@ -1,9 +1,10 @@
 """Plain channel attention (SE, ECA, SRM as published): pool the residual branch, excite, gate."""
 
+
 import torch
 from torch import nn
 
-from .pooling import pool_statistics
+from .pooling import pool_descriptor
 
 
 class ChannelAttention(nn.Module):
@@ -13,20 +14,20 @@ class ChannelAttention(nn.Module):
     hook, as timm's attention layers allow.
     """
 
-    def __init__(self, excitation: nn.Module):
+    def __init__(self, excitation: nn.Module, pooling: str = "mean"):
         super().__init__()
         self.excitation = excitation
+        self.pooling = pooling  # what the excitation reads (emca.layers.pooling.POOLINGS)
         self.gate = nn.Sigmoid()
 
-    @property
-    def num_statistics(self) -> int:
-        return self.excitation.num_statistics
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling}"
 
     def factors(self, y: torch.Tensor) -> torch.Tensor:
         """The per-channel factors (B, C, 1, 1) that the module multiplies y by, in y's dtype: under
         autocast an excitation with a float32 parameter (SRM's cfc) gives float32 factors, which
         would promote the block output and so every later block to float32."""
-        return self.gate(self.excitation(pool_statistics(y, self.num_statistics)))[:, :, None, None].to(y.dtype)
+        return self.gate(self.excitation(pool_descriptor(y, self.pooling)))[:, :, None, None].to(y.dtype)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.factors(y)

@@ -7,7 +7,7 @@ the pooled descriptors of R - 1 earlier block outputs (the coverage region):
     CDA   descriptors with fewer channels are aligned to C0 (repeat, or a learnable linear map)
     stack S = (B, R, C0, K)
     MAB   X_a = ReLU(sum_r w_r * S[:, r])          (the paper's W_m1: R weights, shared by channels)
-          Z   = sigmoid(W_m2(X_a))                 (W_m2 = SE, ECA or SRM excitation)
+          Z   = sigmoid(W_m2(X_a))                 (W_m2 = any excitation of the attention table)
     out   x0 * Z   (gating='multiply')  or  x0 * (1 + Z)  (gating='residual', the authors' code)
 
 Aligning pooled vectors instead of feature maps is exact (pooling commutes with channel repetition)
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pooling import pool_statistics
+from .pooling import POOLINGS, pool_descriptor
 
 ALIGNMENTS = ("repeat", "linear")
 GATINGS = ("multiply", "residual")
@@ -35,8 +35,11 @@ class EMCA(nn.Module):
         *,
         align: str = "repeat",
         gating: str = "multiply",
+        pooling: str = "mean",
     ):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got '{pooling}'")
         if align not in ALIGNMENTS:
             raise ValueError(f"align must be one of {ALIGNMENTS}, got '{align}'")
         if gating not in GATINGS:
@@ -45,6 +48,7 @@ class EMCA(nn.Module):
         self.source_channels = tuple(source_channels)
         self.align = align
         self.gating = gating
+        self.pooling = pooling  # what W_m2 reads; the sources are pooled the same way (by the backbone)
         self.excitation = excitation
         self.gate = nn.Sigmoid()
 
@@ -75,13 +79,9 @@ class EMCA(nn.Module):
         """R_i: the block's own branch plus the covered earlier outputs."""
         return 1 + len(self.source_channels)
 
-    @property
-    def num_statistics(self) -> int:
-        return self.excitation.num_statistics
-
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, R={self.num_scales}, sources={list(self.source_channels)}, "
-                f"align={self.align}, gating={self.gating}")
+                f"align={self.align}, gating={self.gating}, pooling={self.pooling}")
 
     def fuse(self, own: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         """Channel alignment, stacking and the MAB's scale fusion: -> (B, C0, K)."""
@@ -110,7 +110,7 @@ class EMCA(nn.Module):
         the block output and so every later block to float32)."""
         if len(sources) != len(self.source_channels):
             raise ValueError(f"EMCA expects {len(self.source_channels)} source descriptors, got {len(sources)}")
-        own = pool_statistics(y, self.num_statistics)
+        own = pool_descriptor(y, self.pooling)
         scales = self.gate(self.excitation(self.fuse(own, sources)))[:, :, None, None]
         return (1 + scales if self.gating == "residual" else scales).to(y.dtype)
 

@@ -1,8 +1,9 @@
 """Spatial pooling of a feature map into a per-channel descriptor of shape (B, C, K).
 
-K = 1 holds the mean (SE, ECA); K = 2 holds mean and standard deviation (SRM's style pooling).
-One descriptor format for every module lets EMCA stack, align and fuse descriptors without caring
-which excitation follows.
+A pooling is named (POOLINGS): `mean` (K = 1: SE, ECA), `mean_std` (K = 2: SRM's style pooling),
+`mean_max` (K = 2: CBAM's channel attention). One descriptor format for every module lets EMCA
+stack, align and fuse descriptors without caring which excitation follows; the name, not K, says
+what the statistics are (mean+std and mean+max are both K = 2).
 
 The mean-and-std pooling is an autograd Function with a hand-written backward: it runs on full
 feature maps, once per SRM module and once per covered block output, and torch.var_mean is several
@@ -72,10 +73,20 @@ class _MeanPool(torch.autograd.Function):
         return (grad / (height * width)).unsqueeze(-1).expand(batch, channels, height, width)
 
 
-def pool_statistics(x: torch.Tensor, num_statistics: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, num_statistics): channel mean, then (optionally) channel std."""
-    if num_statistics == 1:
-        return _MeanPool.apply(x)
-    if num_statistics == 2:
-        return _MeanStdPool.apply(x).to(x.dtype)
-    raise ValueError(f"num_statistics must be 1 (mean) or 2 (mean, std), got {num_statistics}")
+def _mean_max(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack((x.mean(dim=(2, 3)), x.amax(dim=(2, 3))), dim=-1)
+
+
+# name -> (B, C, H, W) -> (B, C, K), in x's dtype.
+POOLINGS = {
+    "mean": _MeanPool.apply,
+    "mean_std": lambda x: _MeanStdPool.apply(x).to(x.dtype),
+    "mean_max": _mean_max,
+}
+
+
+def pool_descriptor(x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, K): the named per-channel statistics (POOLINGS)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling '{pooling}': choose one of {list(POOLINGS)}")
+    return POOLINGS[pooling](x)

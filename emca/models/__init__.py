@@ -7,34 +7,32 @@ from torch import nn
 from . import registry  # noqa: F401  (registers the emca_* names with timm)
 from .coverage import PRESETS as COVERAGE_PRESETS
 from .coverage import CoverageRegion, coverage_name, coverage_sources
-from .resnet import ATTENTIONS, BACKBONES, INTEGRATIONS, EMCAResNet, default_integration
+from ..layers.create_attn import ATTENTIONS, INTEGRATIONS, default_integration, option_defaults
+from .resnet import BACKBONES, EMCAResNet
 
 
 def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) -> EMCAResNet:
     """Build from the three config groups (DictConfigs, dataclasses or mappings)."""
     import timm
+    from omegaconf import OmegaConf
 
     def get(cfg, key, default=None):
-        if isinstance(cfg, Mapping) or hasattr(cfg, "keys"):
-            return cfg.get(key, default)
-        return getattr(cfg, key, default)
+        mapping = isinstance(cfg, Mapping) or hasattr(cfg, "keys")
+        value = cfg.get(key, default) if mapping else getattr(cfg, key, default)
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
-    eca_kernel = get(attention, "eca_kernel", "adaptive")
-    if eca_kernel is not None and not isinstance(eca_kernel, str):
-        eca_kernel = list(eca_kernel)
+    options = {key: get(attention, key, default) for key, default in option_defaults().items()}
     return timm.create_model(
         f"emca_{get(backbone, 'name')}",
         num_classes=num_classes,
         attention=get(attention, "name", "none"),
         integration=get(attention, "integration"),
         coverage={"stages": get(coverage, "stages"), "blocks": get(coverage, "blocks")},
-        se_ratio=get(attention, "se_ratio", 16),
-        se_bias=get(attention, "se_bias", True),
-        eca_kernel=eca_kernel,
         gating=get(attention, "gating", "multiply"),
         align=get(attention, "align", "repeat"),
         include_stem=bool(get(attention, "include_stem", False)),
         zero_init_residual=bool(get(backbone, "zero_init_residual", False)),
+        **options,
     )
 
 

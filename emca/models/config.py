@@ -1,10 +1,11 @@
 """Structured-config schemas of the model groups: backbone, attention, coverage."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
-from emca.options import require, require_int
+from emca.layers.create_attn import ATTENTION_KINDS, ATTENTIONS, AttentionKind, default_integration
+from emca.options import require, require_int, shown
 
 from .resnet import BACKBONES
 
@@ -16,19 +17,34 @@ class BackboneConfig:
 
 
 @dataclass
-class AttentionConfig:
-    name: str = "none"  # none | se | eca | srm | emca_se | emca_eca | emca_srm
-    # all | first | last: which blocks of each stage carry it; null: the method's own default
-    # (emca.models.default_integration: all for SE / ECA / SRM, first for EMCA).
+class AttentionBase:
+    # none, a method of the attention table (emca/layers/create_attn.py) or emca_<method>.
+    name: str = "none"
+    # all | first | last: which blocks of each stage carry a branch attention; null: the method's
+    # own default (emca.layers.create_attn.default_integration: all for the plain methods, first for
+    # EMCA, unset for the methods that sit at stage ends or in the block).
     integration: Optional[str] = None
-    se_ratio: int = 16
-    # SE's two FC layers with biases (Hu et al., timm) or without (the EMCA authors' SE, whose
-    # parameter counts the paper prints; the table presets use it). SE and EMCA-SE only.
-    se_bias: bool = True
-    eca_kernel: Any = "adaptive"  # 'adaptive' or one odd size per stage, e.g. [3, 5, 5, 7]
-    gating: str = "multiply"  # multiply: x0*Z (paper) | residual: x0*(1+Z) (authors' code)
-    align: str = "repeat"  # repeat | linear (learnable channel alignment)
-    include_stem: bool = False  # the stem output acts as a one-block stage 0
+    gating: str = "multiply"  # EMCA: multiply: x0*Z (paper) | residual: x0*(1+Z) (authors' code)
+    align: str = "repeat"  # EMCA: repeat | linear (learnable channel alignment)
+    include_stem: bool = False  # EMCA: the stem output acts as a one-block stage 0
+
+
+def _option_field(kind: AttentionKind, option: str) -> tuple[str, Any, Any]:
+    """(config field, type, default) of a table option; untyped where a list per stage is allowed."""
+    default = kind.options[option]
+    typed = isinstance(default, (bool, int, float, str)) and option not in kind.per_stage
+    return kind.field(option), type(default) if typed else Any, field(default=default)
+
+
+# The method options, one field <method>_<option> per option of the attention table, with the
+# table's default (se_ratio, se_bias, eca_kernel, cbam_reduction, ...): the table states each once.
+AttentionConfig = make_dataclass(
+    "AttentionConfig",
+    [_option_field(kind, option) for kind in ATTENTION_KINDS for option in kind.options],
+    bases=(AttentionBase,),
+)
+AttentionConfig.__module__ = __name__
+AttentionConfig.__doc__ = "The attention group: the method, where it sits, EMCA's options and every method option."
 
 
 @dataclass
@@ -36,6 +52,12 @@ class CoverageConfig:
     name: str = "prev_stage_all"
     stages: Any = 1  # int or 'all'
     blocks: Any = "all"  # int or 'all'
+
+
+def attention_choices() -> dict[str, Any]:
+    """The Hydra `attention` group, one choice per name of ATTENTIONS: its name and, written out
+    although it is the default, its integration (a run's saved config names the table cell by it)."""
+    return {name: AttentionConfig(name=name, integration=default_integration(name)) for name in ATTENTIONS}
 
 
 def check_model_options(backbone: Any, attention: Any) -> None:
@@ -48,7 +70,15 @@ def check_model_options(backbone: Any, attention: Any) -> None:
 
     name = get(backbone, "name")
     require(name in BACKBONES, "backbone.name", name, f"one of {', '.join(BACKBONES)}")
-    require_int("attention.se_ratio", get(attention, "se_ratio", 16), 1)
-    kernel = get(attention, "eca_kernel", "adaptive")
-    require(kernel in (None, "adaptive") or (isinstance(kernel, Sequence) and not isinstance(kernel, str)),
-            "attention.eca_kernel", kernel, "'adaptive' or one odd size per stage, e.g. [3, 5, 5, 7]")
+    attention_name = get(attention, "name", "none")
+    require(attention_name in ATTENTIONS, "attention.name", attention_name, f"one of {', '.join(ATTENTIONS)}")
+    for kind in ATTENTION_KINDS:
+        for option, default in kind.options.items():
+            value = get(attention, kind.field(option), default)
+            if isinstance(default, bool):
+                require(isinstance(value, bool), f"attention.{kind.field(option)}", value, "true or false")
+            elif isinstance(default, int):
+                require_int(f"attention.{kind.field(option)}", value, 1)
+            elif option in kind.per_stage:
+                require(value == default or (isinstance(value, Sequence) and not isinstance(value, str)),
+                        f"attention.{kind.field(option)}", value, f"{shown(default)} or a list of one value per stage")

@@ -1,10 +1,15 @@
-"""timm registrations: `timm.create_model('emca_resnet50', attention='emca_eca', ...)`.
+"""timm registrations, derived from the attention table (emca.layers.create_attn):
+
+    emca_resnet50              attention chosen by keyword: create_model('emca_resnet50', attention='cbam')
+    emca_<kind>_resnet50       EMCA with that excitation: emca_se_resnet50, emca_cbam_resnet50, ...
+    emca_resnet50_<kind>       the plain method: emca_resnet50_se, emca_resnet50_bam, ...
 
 Names are prefixed `emca_` so that none shadows timm's own (seresnet50, ecaresnet50d, ...).
 """
 
 from timm.models import register_model
 
+from ..layers.create_attn import ATTENTIONS, EMCA_PREFIX, is_emca
 from .resnet import BACKBONES, EMCAResNet
 
 
@@ -17,23 +22,27 @@ def _create(backbone: str, pretrained: bool = False, **kwargs) -> EMCAResNet:
 
 
 def _register(backbone: str, attention: str | None) -> None:
-    name = f"emca_{backbone}" if attention is None else f"emca_{attention}_{backbone}"
+    if attention is None:
+        name = f"emca_{backbone}"
+    elif is_emca(attention):
+        name = f"{attention}_{backbone}"
+    else:
+        name = f"emca_{backbone}_{attention}"
 
     def entrypoint(pretrained: bool = False, **kwargs) -> EMCAResNet:
-        if attention is not None:  # integration and coverage default to the paper's in EMCAResNet
-            kwargs.setdefault("attention", f"emca_{attention}")
+        if attention is not None:  # integration and coverage default to the method's in EMCAResNet
+            kwargs.setdefault("attention", attention)
         return _create(backbone, pretrained, **kwargs)
 
     entrypoint.__name__ = name
     entrypoint.__qualname__ = name
-    entrypoint.__doc__ = (
-        f"{backbone} with {'EMCA-' + attention.upper() if attention else 'configurable channel attention'}."
-    )
+    described = attention.removeprefix(EMCA_PREFIX).upper() if attention else "configurable channel attention"
+    entrypoint.__doc__ = f"{backbone} with {'EMCA-' if attention and is_emca(attention) else ''}{described}."
     entrypoint.__module__ = __name__
     register_model(entrypoint)
 
 
 for _backbone in BACKBONES:
     _register(_backbone, None)
-    for _attention in ("se", "eca", "srm"):
+    for _attention in ATTENTIONS[1:]:
         _register(_backbone, _attention)

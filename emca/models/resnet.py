@@ -12,12 +12,11 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from ..layers import EMCA, ChannelAttention, create_excitation, pool_statistics
-from ..layers.excitation import resolve_eca_kernels
+from ..layers import EMCA, ChannelAttention
+from ..layers.create_attn import (ATTENTIONS, INTEGRATIONS, AttentionKind, create_attention, create_excitation,
+                                  default_integration, is_emca, kind_of, kind_options, option_defaults)
+from ..layers.pooling import pool_descriptor
 from .coverage import CoverageRegion, coverage_sources
-
-ATTENTIONS = ("none", "se", "eca", "srm", "emca_se", "emca_eca", "emca_srm")
-INTEGRATIONS = ("all", "first", "last")
 
 
 @dataclass(frozen=True)
@@ -27,28 +26,36 @@ class BackboneSpec:
 
 
 class AttentionSlot(nn.Module):
-    """Mixin for torchvision's blocks: an optional attention module on the residual branch, and the
-    indices of the earlier block outputs (pooled by the backbone) that an EMCA module reads."""
+    """Mixin for torchvision's blocks: an optional attention module on the residual branch (`attn`),
+    the indices of the earlier block outputs (pooled by the backbone) that an EMCA module reads, and
+    an optional module applied to the block's output (`after`, a block-place method's)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.attn: nn.Module | None = None
+        self.after: nn.Module | None = None
         self.source_indices: tuple[int, ...] = ()
 
     def add_shortcut(self, y: torch.Tensor, identity: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
-        """identity + attention(y). The gate's multiply and the shortcut's add are one addcmul: one
-        pass over the feature map instead of two, and no gated map kept alive in between."""
+        """identity + attention(y). A per-channel gate's multiply and the shortcut's add are one
+        addcmul: one pass over the feature map instead of two, and no gated map kept alive in between."""
         if self.attn is None:
             return y + identity
-        factors = self.attn.factors(y, sources) if isinstance(self.attn, EMCA) else self.attn.factors(y)
-        return torch.addcmul(identity, y, factors)
+        if isinstance(self.attn, EMCA):
+            return torch.addcmul(identity, y, self.attn.factors(y, sources))
+        if isinstance(self.attn, ChannelAttention):
+            return torch.addcmul(identity, y, self.attn.factors(y))
+        return self.attn(y) + identity
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.after is None else self.after(out)
 
 
 class BasicBlock(AttentionSlot, tv_resnet.BasicBlock):
     def forward(self, x: torch.Tensor, sources: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(self.add_shortcut(y, identity, sources))
+        return self.finish(self.relu(self.add_shortcut(y, identity, sources)))
 
 
 class Bottleneck(AttentionSlot, tv_resnet.Bottleneck):
@@ -57,7 +64,7 @@ class Bottleneck(AttentionSlot, tv_resnet.Bottleneck):
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return self.relu(self.add_shortcut(y, identity, sources))
+        return self.finish(self.relu(self.add_shortcut(y, identity, sources)))
 
 
 BACKBONES = {
@@ -67,12 +74,6 @@ BACKBONES = {
     "resnet101": BackboneSpec(Bottleneck, (3, 4, 23, 3)),
     "resnet152": BackboneSpec(Bottleneck, (3, 8, 36, 3)),
 }
-
-
-def default_integration(attention: str) -> str:
-    """Where the attention sits when a config does not say (integration None): every block for plain
-    SE / ECA / SRM (the usual dense integration), the first block of each stage for EMCA (PAPER.md §4)."""
-    return "first" if attention.startswith("emca") else "all"
 
 
 def attention_blocks(integration: str, depth: int) -> list[int]:
@@ -87,7 +88,12 @@ def attention_blocks(integration: str, depth: int) -> list[int]:
 
 
 class EMCAResNet(tv_resnet.ResNet):
-    """torchvision ResNet + channel attention per block, with EMCA's shared pooled descriptors."""
+    """torchvision ResNet + an attention method of the table (emca.layers.create_attn), with EMCA's
+    shared pooled descriptors.
+
+    Method options are keyword arguments named as their config fields (se_ratio=8, cbam_reduction=8);
+    an option of another method is accepted and ignored, as a config holds every method's fields.
+    """
 
     def __init__(
         self,
@@ -96,26 +102,24 @@ class EMCAResNet(tv_resnet.ResNet):
         attention: str = "none",
         integration: str | None = None,
         coverage: Any = "prev_stage_all",
-        se_ratio: int = 16,
-        se_bias: bool = True,
-        eca_kernel: Any = "adaptive",
         gating: str = "multiply",
         align: str = "repeat",
         include_stem: bool = False,
         zero_init_residual: bool = False,
+        **options: Any,
     ):
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone '{backbone}': choose one of {list(BACKBONES)}")
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention '{attention}': choose one of {list(ATTENTIONS)}")
-        if integration is None:
-            integration = default_integration(attention)
-        if integration not in INTEGRATIONS:
-            raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
+        _check_integration(attention, integration)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if not isinstance(se_bias, bool):  # bool("false") would silently be True
-            raise ValueError(f"se_bias must be true or false, got {se_bias!r}")
+        unknown = sorted(set(options) - set(option_defaults()))
+        if unknown:
+            raise ValueError(f"unknown attention option {unknown[0]}: choose from {sorted(option_defaults())}")
+        if not isinstance(options.get("se_bias", True), bool):  # bool("false") would silently be True
+            raise ValueError(f"se_bias must be true or false, got {options['se_bias']!r}")
         spec = BACKBONES[backbone]
         super().__init__(
             spec.block, list(spec.stage_depths), num_classes=num_classes, zero_init_residual=zero_init_residual
@@ -125,15 +129,16 @@ class EMCAResNet(tv_resnet.ResNet):
         self.stage_depths = spec.stage_depths
         # A plain tuple, not a ModuleList, so that state_dict keys stay torchvision's layer1..layer4.
         self._stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        # A stage_end method's module per stage (nn.Identity where none sits; no state_dict keys).
+        self.stage_attn: nn.ModuleList | None = None
 
-        self.include_stem = bool(include_stem) and attention.startswith("emca")
-        self.coverage = CoverageRegion.parse(coverage) if attention.startswith("emca") else None
+        self.include_stem = bool(include_stem) and is_emca(attention)
+        self.coverage = CoverageRegion.parse(coverage) if is_emca(attention) else None
         self.pooled_outputs: frozenset[int] = frozenset()
-        self.num_statistics = 1
+        self.pooling = "mean"  # what the EMCA modules' excitation reads, hence how sources are pooled
         if attention != "none":
-            self._add_attention(
-                attention, integration, eca_kernel, {"se_ratio": se_ratio, "se_bias": se_bias}, gating, align
-            )
+            self._add_attention(kind_of(attention), integration or default_integration(attention), options,
+                                gating, align)
 
         self.pretrained_cfg = {
             "input_size": (3, 224, 224),
@@ -150,38 +155,48 @@ class EMCAResNet(tv_resnet.ResNet):
     def stage_channels(self) -> list[int]:
         return [_out_channels(stage[-1]) for stage in self._stages]
 
-    def _add_attention(self, attention, integration, eca_kernel, se_options, gating, align):
-        kind = attention.removeprefix("emca_")
-        stage_channels = self.stage_channels
-        eca_kernels = resolve_eca_kernels(eca_kernel, stage_channels) if kind == "eca" else [None] * 4
-        output_channels = [self.conv1.out_channels] + [
-            c for c, n in zip(stage_channels, self.stage_depths, strict=True) for _ in range(n)
-        ]
-
-        if attention.startswith("emca"):
-            sources_per_stage = coverage_sources(
-                self.coverage, self.stage_depths, self.include_stem, self.backbone_name
+    def _add_attention(self, kind: AttentionKind, integration, fields, gating, align):
+        carried = kind.stages or range(1, len(self._stages) + 1)
+        if kind.stages is not None and max(kind.stages) > len(self._stages):
+            raise ValueError(
+                f"{kind.name} sits in stages {kind.stages} but {self.backbone_name} has {len(self._stages)}"
+            )
+        per_stage = [kind_options(kind, fields, i, len(self._stages)) for i in range(len(self._stages))]
+        if is_emca(self.attention_name):
+            self._add_emca(kind, integration, per_stage, gating, align)
+        elif kind.place == "branch":
+            for number in carried:
+                stage = self._stages[number - 1]
+                for index in attention_blocks(integration, len(stage)):
+                    stage[index].attn = create_attention(kind, _out_channels(stage[index]), per_stage[number - 1])
+        elif kind.place == "stage_end":
+            self.stage_attn = nn.ModuleList(
+                create_attention(kind, c, options) if number in carried else nn.Identity()
+                for number, (c, options) in enumerate(zip(self.stage_channels, per_stage, strict=True), 1)
             )
         else:
-            sources_per_stage = [[] for _ in self._stages]
+            positions = kind.positions(self.stage_depths) if kind.positions else [
+                (i, j) for i in range(len(self._stages)) for j in range(self.stage_depths[i])]
+            for stage, index in positions:
+                kind.module(self._stages[stage][index], **per_stage[stage])
 
+    def _add_emca(self, kind: AttentionKind, integration, per_stage, gating, align):
+        output_channels = [self.conv1.out_channels] + [
+            c for c, n in zip(self.stage_channels, self.stage_depths, strict=True) for _ in range(n)
+        ]
+        sources_per_stage = coverage_sources(self.coverage, self.stage_depths, self.include_stem, self.backbone_name)
         needed = set()
-        for stage, channels, kernel, sources in zip(
-            self._stages, stage_channels, eca_kernels, sources_per_stage, strict=True
+        for stage, channels, options, sources in zip(
+            self._stages, self.stage_channels, per_stage, sources_per_stage, strict=True
         ):
             for index in attention_blocks(integration, len(stage)):
-                excitation = create_excitation(kind, channels, eca_kernel=kernel, **se_options)
-                block = stage[index]
-                if attention.startswith("emca"):
-                    block.attn = EMCA(
-                        channels, [output_channels[s] for s in sources], excitation, align=align, gating=gating
-                    )
-                    block.source_indices = tuple(sources)
-                    needed.update(sources)
-                else:
-                    block.attn = ChannelAttention(excitation)
-                self.num_statistics = excitation.num_statistics
+                excitation = create_excitation(kind, channels, options)
+                stage[index].attn = EMCA(channels, [output_channels[s] for s in sources], excitation,
+                                         align=align, gating=gating, pooling=kind.pooling)
+                stage[index].source_indices = tuple(sources)
+                needed.update(sources)
         self.pooled_outputs = frozenset(needed)
+        self.pooling = kind.pooling
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -189,14 +204,16 @@ class EMCAResNet(tv_resnet.ResNet):
         # once here and shared by every module that covers it.
         pooled: dict[int, torch.Tensor] = {}
         if 0 in self.pooled_outputs:
-            pooled[0] = pool_statistics(x, self.num_statistics)
+            pooled[0] = pool_descriptor(x, self.pooling)
         index = 1
-        for stage in self._stages:
+        for number, stage in enumerate(self._stages):
             for block in stage:
                 x = block(x, [pooled[i] for i in block.source_indices])
                 if index in self.pooled_outputs:
-                    pooled[index] = pool_statistics(x, self.num_statistics)
+                    pooled[index] = pool_descriptor(x, self.pooling)
                 index += 1
+            if self.stage_attn is not None:
+                x = self.stage_attn[number](x)
         return x
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,6 +241,17 @@ class EMCAResNet(tv_resnet.ResNet):
             else {"stages": self.coverage.stages, "blocks": self.coverage.blocks},
             "num_classes": self.fc.out_features,
         }
+
+
+def _check_integration(attention: str, integration: str | None) -> None:
+    if integration is None or attention == "none":
+        return
+    if integration not in INTEGRATIONS:
+        raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
+    kind = kind_of(attention)
+    if kind.place != "branch":
+        raise ValueError(f"integration={integration} applies to branch attention, but {attention} sits at "
+                         f"{kind.place.replace('_', ' ')} (see its table entry): leave attention.integration unset")
 
 
 def _out_channels(block: nn.Module) -> int:

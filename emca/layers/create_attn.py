@@ -1,0 +1,150 @@
+"""The attention table: the one place an attention method is declared (as timm's create_attn).
+
+An AttentionKind names the method's module, what its excitation pools, where it sits in a ResNet,
+its options with their defaults, and whether its excitation can serve as EMCA's W_m2. Everything
+else is derived from ATTENTION_KINDS:
+- ATTENTIONS, the names `attention=` accepts: none, every kind, and emca_<name> for each kind
+  with an excitation (EMCA-SE, EMCA-CBAM, ...);
+- the timm registry names (emca.models.registry), the Hydra `attention` choices and the config
+  schema's option fields `<name>_<option>` (emca.models.config);
+- which options each attention reads (emca.analysis.variants) and the table presets' rows.
+
+Adding a method: write its module in emca/layers/<method>.py and add one AttentionKind below.
+
+Where a method sits (`place`):
+- branch: gates (or otherwise transforms) a block's residual branch before the shortcut add, in
+  the blocks `integration` picks (all | first | last of each stage), as SE does.
+- stage_end: transforms a whole stage's output, as BAM does between stages.
+- block: changes the block itself; `module(block, **options)` edits a torchvision block in place
+  (replaces its 3x3 convolution, as EPSANet, or appends a module to its output, as A2-Nets), in
+  the blocks `positions(stage_depths)` lists (every block by default).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from torch import nn
+
+from .channel_attention import ChannelAttention
+from .excitation import ECAExcitation, SEExcitation, SRMExcitation
+from .pooling import POOLINGS
+
+PLACES = ("branch", "stage_end", "block")
+INTEGRATIONS = ("all", "first", "last")
+EMCA_PREFIX = "emca_"
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    name: str  # attention=<name>; its options are the config fields <name>_<option>
+    label: str  # how the paper's tables print it
+    place: str  # branch | stage_end | block (module docstring)
+    # branch / stage_end: module(channels, **options); block: module(block, **options) edits the block.
+    # A branch kind without a module is plain channel attention: pool, excitation, sigmoid, gate.
+    module: Optional[Callable[..., Any]] = None
+    # (channels, **options) -> (B, C, K) descriptor to (B, C) gate logits; `pooling` names the
+    # descriptor. A kind with an excitation is also offered as EMCA's W_m2 (attention=emca_<name>).
+    excitation: Optional[Callable[..., nn.Module]] = None
+    pooling: Optional[str] = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # option -> default
+    per_stage: tuple[str, ...] = ()  # options that may instead list one value per stage
+    stages: Optional[tuple[int, ...]] = None  # the (1-based) stages that carry it; None: all
+    positions: Optional[Callable[[Sequence[int]], tuple[tuple[int, int], ...]]] = None  # block kinds
+
+    def __post_init__(self):
+        if self.place not in PLACES:
+            raise ValueError(f"attention kind {self.name}: place must be one of {PLACES}, got '{self.place}'")
+        if (self.excitation is None) != (self.pooling is None) or (self.pooling and self.pooling not in POOLINGS):
+            raise ValueError(f"attention kind {self.name}: an excitation needs a pooling of {list(POOLINGS)}")
+        if self.module is None and (self.place != "branch" or self.excitation is None):
+            raise ValueError(f"attention kind {self.name}: give a module, or an excitation for plain channel attention")
+
+    def field(self, option: str) -> str:
+        """The config field of one of its options: se + ratio -> se_ratio."""
+        return f"{self.name}_{option}"
+
+
+ATTENTION_KINDS: tuple[AttentionKind, ...] = (
+    AttentionKind("se", "SE", "branch", excitation=SEExcitation, pooling="mean",
+                  options={"ratio": 16, "bias": True}),
+    AttentionKind("eca", "ECA", "branch", excitation=ECAExcitation, pooling="mean",
+                  options={"kernel": "adaptive"}, per_stage=("kernel",)),
+    AttentionKind("srm", "SRM", "branch", excitation=SRMExcitation, pooling="mean_std"),
+)
+
+KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
+ATTENTIONS: tuple[str, ...] = (
+    "none",
+    *KINDS,
+    *(EMCA_PREFIX + kind.name for kind in ATTENTION_KINDS if kind.excitation is not None),
+)
+
+
+def is_emca(attention: str) -> bool:
+    return attention.startswith(EMCA_PREFIX)
+
+
+def kind_of(attention: str) -> AttentionKind:
+    """The table entry of an attention name (emca_cbam -> cbam); ValueError naming the choices."""
+    if attention not in ATTENTIONS or attention == "none":
+        raise ValueError(f"unknown attention '{attention}': choose one of {list(ATTENTIONS)}")
+    return KINDS[attention.removeprefix(EMCA_PREFIX)]
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every method option as its config field, with its default: {'se_ratio': 16, ...}."""
+    return {kind.field(option): default for kind in ATTENTION_KINDS for option, default in kind.options.items()}
+
+
+def reads(attention: str) -> tuple[str, ...]:
+    """The config fields of the method options that this attention's modules read."""
+    if attention == "none":
+        return ()
+    kind = kind_of(attention)
+    used = _accepted(kind.excitation, kind.options) if is_emca(attention) else kind.options
+    return tuple(kind.field(option) for option in used)
+
+
+def default_integration(attention: str) -> Optional[str]:
+    """Which blocks of each stage carry a branch attention when the config does not say: every block
+    for the plain methods (their dense integration), the first one for EMCA (PAPER.md §4). None for
+    methods that sit elsewhere (stage_end, block): their table entry says where."""
+    if attention == "none" or kind_of(attention).place != "branch":
+        return None
+    return "first" if is_emca(attention) else "all"
+
+
+def kind_options(kind: AttentionKind, fields: Mapping[str, Any], stage: int, num_stages: int) -> dict[str, Any]:
+    """A kind's options for one stage (0-based), from config fields (missing ones: the default)."""
+    options = {}
+    for option, default in kind.options.items():
+        value = fields.get(kind.field(option), default)
+        if option in kind.per_stage and isinstance(value, (list, tuple)):
+            if len(value) != num_stages:
+                raise ValueError(
+                    f"{kind.field(option)} lists {len(value)} values but the backbone has {num_stages} stages: "
+                    f"give one per stage or a single value"
+                )
+            value = value[stage]
+        options[option] = value
+    return options
+
+
+def create_attention(kind: AttentionKind, channels: int, options: Mapping[str, Any]) -> nn.Module:
+    """A branch or stage_end module of `channels` channels."""
+    if kind.module is None:
+        return ChannelAttention(create_excitation(kind, channels, options), kind.pooling)
+    return kind.module(channels, **options)
+
+
+def create_excitation(kind: AttentionKind, channels: int, options: Mapping[str, Any]) -> nn.Module:
+    """The kind's excitation, given the options it accepts (CBAM's spatial kernel is not its excitation's)."""
+    return kind.excitation(channels, **_accepted(kind.excitation, options))
+
+
+def _accepted(function: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    parameters = inspect.signature(function).parameters
+    return {key: value for key, value in options.items() if key in parameters}
