@@ -20,6 +20,7 @@ from omegaconf import MISSING, OmegaConf
 
 from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
+from emca.layers.create_attn import ATTENTIONS
 from emca.models.config import AttentionConfig, BackboneConfig, CoverageConfig, attention_choices
 
 
@@ -116,6 +117,8 @@ def register() -> None:
         store.store(group="attention", name=name, node=node)
     # Non-zero torchrun ranks get a scratch job folder (see emca.engine.distributed).
     OmegaConf.register_new_resolver("emca.run_dir", _run_dir, replace=True)
+    # configs/experiment/table5.yaml sweeps every attention of the table: ${emca.attentions:}.
+    OmegaConf.register_new_resolver("emca.attentions", lambda: ",".join(ATTENTIONS), replace=True)
 
 
 register()

@@ -125,7 +125,7 @@ def test_gradients_reach_every_parameter(shared_se):
 
 
 @pytest.mark.parametrize("shared_se", [True, False])
-@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("size", ["small"])
 def test_parameter_count(size, shared_se):
     opts = psa_conv_options(size)
     module = PSAConv(256, 256, reduction=16, shared_se=shared_se, **opts)
@@ -148,19 +148,18 @@ def test_resnet50_small_matches_published_count():
 
 def test_basic_block_conv2():
     # ResNet-18/34: PSAConv replaces BasicBlock.conv2 (planes -> planes, stride 1); the 64-channel stage fits
-    # the small groups, not the large ones.
+    # the small groups, not 32 groups per branch.
     block = BasicBlock(64, 64)
     block.conv2 = PSAConv(64, 64, **psa_conv_options("small"))
     assert block(torch.randn(2, 64, 8, 8)).shape == (2, 64, 8, 8)
     with pytest.raises(ValueError, match="divisible by 32"):
-        PSAConv(64, 64, **psa_conv_options("large"))
+        PSAConv(64, 64, groups=(32,) * 4)
 
 
 def test_presets_and_errors():
-    assert EPSA_SIZES["small"]["groups"] == (1, 4, 8, 16) and EPSA_SIZES["large"]["groups"] == (32,) * 4
-    assert EPSA_SIZES["large"]["width_per_group"] == 2 * EPSA_SIZES["small"]["width_per_group"]
+    assert EPSA_SIZES == {"small": {"kernels": (3, 5, 7, 9), "groups": (1, 4, 8, 16)}}
     with pytest.raises(ValueError, match="size"):
-        psa_conv_options("medium")
+        psa_conv_options("large")  # not reproducible (module docstring), so not offered
     with pytest.raises(ValueError, match="not divisible"):
         PSAConv(64, 66)
     with pytest.raises(ValueError, match="one group count per kernel"):

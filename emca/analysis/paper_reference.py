@@ -63,7 +63,7 @@ R-50 SRM*      24.402 3.829 77.13 93.51  71  6745 536
 R-50 EMCA-SRM  24.380 3.829 77.20 93.54  70  6698 532
 """
 
-# Table 5's other attention methods on R-50 (top-1 only); the framework does not implement them.
+# Table 5's other attention methods on R-50 (top-1 only; their own papers' figures: method_reference.py).
 TABLE_5_OTHERS_TEXT = """\
 Table 5 also lists R-50 FcaNet 77.27,
 EPSANet 77.31, SANet 77.25, CBAM 77.34, BAM 75.98, A2-Nets 77.00 top-1.
@@ -115,7 +115,7 @@ def _parse_table_4_5(text: str) -> dict[tuple[str, str], Reference]:
 
 
 def _parse_table_5_others(text: str) -> dict[str, float]:
-    """{method: top-1} of the methods Table 5 lists that the framework does not implement."""
+    """{method label: top-1} of the other methods Table 5 lists (FcaNet, EPSANet, ...)."""
     body = " ".join(text.split()).removeprefix("Table 5 also lists R-50 ").removesuffix(" top-1.")
     return {name: float(top1) for name, top1 in (entry.rsplit(None, 1) for entry in body.split(", "))}
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from emca.analysis import paper_reference as paper
+from emca.analysis.method_reference import METHOD_REFERENCES
 from emca.analysis.paper_reference import Reference
 from emca.analysis.variants import Variant, channel_attention, emca, plain
+from emca.layers.create_attn import ATTENTION_KINDS, default_integration
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 KINDS = paper.KINDS
-KIND_LABELS = {"se": "SE", "eca": "ECA", "srm": "SRM"}
+KIND_LABELS = {kind.name: kind.label for kind in ATTENTION_KINDS if kind.name in KINDS}
 # Table 3's EMCA rows (coverage presets) and the paper's label of each.
 COVERAGE_ROWS = {
     "none": "first(=none)",
@@ -173,10 +175,26 @@ def _table5() -> TableSpec:
     backbone = paper.TABLE_5_BACKBONE
     entries = [Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
                for method, variant in _methods(backbone)]
-    entries += [Entry(backbone, f"{method} (not in this framework)", None, None, Reference(top1=top1))
-                for method, top1 in paper.TABLE_5_OTHERS.items()]
-    return TableSpec("table5", "Table 5", "EMCA against other attention methods (R-50)", "method",
-                     ("params", "gflops", "top1", "top5"), tuple(entries))
+    for kind in ATTENTION_KINDS:
+        if kind.name in KINDS:
+            continue
+        entries.append(Entry(backbone, kind.label, None, Variant(backbone, kind.name, default_integration(kind.name)),
+                             _other_method_reference(kind.name, kind.label)))
+        if kind.excitation is not None:
+            variant = emca(backbone, kind.name, DEFAULT_COVERAGE)
+            entries.append(Entry(backbone, f"EMCA-{kind.label}", None, variant, None))
+    return TableSpec("table5", "Table 5", "EMCA against other attention methods (R-50). Rows of the other methods: "
+                     "top-1 as the paper's Table 5, #P from the method's own paper (decimal M converted to 2^20), "
+                     "GFLOPs its paper's increment over the plain R-50 added to this paper's R-50 "
+                     "(emca/analysis/method_reference.py)", "method", ("params", "gflops", "top1", "top5"),
+                     tuple(entries))
+
+
+def _other_method_reference(name: str, label: str) -> Reference:
+    own = METHOD_REFERENCES[name]
+    base = paper.TABLE_4_5[(paper.TABLE_5_BACKBONE, "ResNet")].gflops
+    return Reference(params=round(own.params * 1e6 / paper.PARAM_UNIT, 3),
+                     gflops=round(base + own.gflops - own.base_gflops, 3), top1=paper.TABLE_5_OTHERS.get(label))
 
 
 def _table9() -> TableSpec:

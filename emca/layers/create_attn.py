@@ -28,9 +28,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import nn
 
+from .bam import BAM
+from .cbam import CBAM, CBAMChannelExcitation
 from .channel_attention import ChannelAttention
+from .double_attention import a2_block, a2_positions
+from .epsanet import epsa_block
 from .excitation import ECAExcitation, SEExcitation, SRMExcitation
+from .fcanet import MultiSpectralAttention
+from .global_context import GlobalContext
 from .pooling import POOLINGS
+from .shuffle_attention import shuffle_attention
 
 PLACES = ("branch", "stage_end", "block")
 INTEGRATIONS = ("all", "first", "last")
@@ -67,12 +74,36 @@ class AttentionKind:
         return f"{self.name}_{option}"
 
 
+# Each entry's published figures (parameters, GFLOPs, top-1 of its ResNet-50) and their sources are
+# in emca/analysis/method_reference.py; tests/test_attention_table.py checks our models against them.
 ATTENTION_KINDS: tuple[AttentionKind, ...] = (
+    # SE's bias=True is Hu et al.'s (timm's SEModule); the table presets use False, the EMCA authors' SE
+    # whose parameter counts the paper prints (PAPER.md §6).
     AttentionKind("se", "SE", "branch", excitation=SEExcitation, pooling="mean",
                   options={"ratio": 16, "bias": True}),
+    # kernel: 'adaptive' (ECA's formula per stage) or one odd size per stage, e.g. [3, 5, 5, 7].
     AttentionKind("eca", "ECA", "branch", excitation=ECAExcitation, pooling="mean",
                   options={"kernel": "adaptive"}, per_stage=("kernel",)),
     AttentionKind("srm", "SRM", "branch", excitation=SRMExcitation, pooling="mean_std"),
+    # Channel gate (shared MLP over mean and max; EMCA-CBAM's W_m2), then the 7x7 spatial gate.
+    AttentionKind("cbam", "CBAM", "branch", module=CBAM, excitation=CBAMChannelExcitation, pooling="mean_max",
+                  options={"reduction": 16, "spatial_kernel": 7}),
+    # combine: sum (the paper's Eq. 2) or product (the authors' code) of the channel and spatial branches.
+    AttentionKind("bam", "BAM", "stage_end", module=BAM, options={"reduction": 16, "dilation": 4, "combine": "sum"},
+                  stages=(1, 2, 3)),
+    # dct_size: the DCT grid per stage, the stage's feature size at 224 px (FcaNet's c2wh); a block's
+    # branch is average-pooled to it when its size differs.
+    AttentionKind("fca", "FcaNet", "branch", module=MultiSpectralAttention,
+                  options={"dct_size": (56, 28, 14, 7), "reduction": 16, "frequencies": "top16"},
+                  per_stage=("dct_size",)),
+    # groups: 64 as the paper, capped at channels // 2 (ResNet-18/34's 64-channel stage: 32).
+    AttentionKind("sa", "SANet", "branch", module=shuffle_attention, options={"groups": 64}),
+    # The PSA convolution in place of each block's 3x3 (EPSANet-50 "small", the released model).
+    AttentionKind("epsa", "EPSANet", "block", module=epsa_block, options={"size": "small", "reduction": 16}),
+    # Double attention after the blocks a2_positions lists (the paper's R-50: 2 in res3, 3 in res4).
+    AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
+    # Global context block in every block of stages 2-4 (GCNet's c3-c5), ratio 1/16.
+    AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"ratio": 1 / 16}, stages=(2, 3, 4)),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}

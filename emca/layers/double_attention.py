@@ -94,3 +94,9 @@ class DoubleAttention(nn.Module):
             out = self.norm(out)
         # Back to the input's dtype: under autocast a float32 softmax or BN output would otherwise promote it.
         return x + out.to(x.dtype)
+
+
+def a2_block(block: nn.Module) -> None:
+    """Apply a DoubleAttention (the paper's widths) to a torchvision block's output."""
+    width = block.bn3.num_features if hasattr(block, "bn3") else block.bn2.num_features
+    block.after = DoubleAttention(width)

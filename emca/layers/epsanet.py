@@ -15,35 +15,40 @@ Sizes of the paper: EPSANet-50 (Small) is the released code: kernels (3, 5, 7, 9
 ResNet-50 widths (22.56M params, README "Model Zoo"; a torchvision resnet50 with every Bottleneck.conv2 replaced
 gives exactly 22,561,715). EPSANet-50 (Large) was never released (issue #21); the maintainers' answer (issue #15)
 is groups (32, 32, 32, 32) with wider PSA inputs/outputs (paper Table 1), i.e. a doubled bottleneck width
-(torchvision `width_per_group=128`). That reading gives 30.10M, not the published 27.90M: treat "large" as
-unverified.
+(torchvision `width_per_group=128`). That reading gives 30.10M, not the published 27.90M, so "large" is not
+offered (EPSA_SIZES) until its configuration can be reproduced.
 
 BasicBlock (ResNet-18/34; the paper has no such model): replace `block.conv2`, not conv1. conv2 maps planes ->
 planes at stride 1 in every block, which is exactly the PSA of the EPSA block (PSAModule(planes, planes)),
 and the attention then sits right before bn2 and the residual add, where the other methods act; conv1 carries
 the stage's stride and channel change, which its shortcut (downsample) mirrors, so it stays a plain 3x3.
 With the "small" groups every width of ResNet-18/34 works (64-channel stage: 16 channels per branch, divisible
-by 16; inputs 64..512 divisible by 16); the "large" groups need out_channels / 4 divisible by 32 (>= 128), so
-they do not fit the 64-channel stage.
+by 16; inputs 64..512 divisible by 16).
 """
 
 import torch
 from torch import nn
 
-# What PSAConv takes (kernels, groups) plus the bottleneck width the paper's network uses it at
-# (torchvision's `width_per_group`; the block part itself does not change that width).
+# What PSAConv takes (kernels, groups) for each offered size of the paper.
 EPSA_SIZES = {
-    "small": {"kernels": (3, 5, 7, 9), "groups": (1, 4, 8, 16), "width_per_group": 64},
-    "large": {"kernels": (3, 5, 7, 9), "groups": (32, 32, 32, 32), "width_per_group": 128},
+    "small": {"kernels": (3, 5, 7, 9), "groups": (1, 4, 8, 16)},
 }
 
 
 def psa_conv_options(size: str) -> dict:
-    """The PSAConv keyword options of a named EPSANet size ("small" or "large")."""
+    """The PSAConv keyword options of a named EPSANet size. Only "small", the released and reproducible
+    one, is offered: "large" was never released and no reading of the paper reproduces its 27.90M."""
     if size not in EPSA_SIZES:
         raise ValueError(f"EPSANet size must be one of {tuple(EPSA_SIZES)}, got '{size}'")
-    preset = EPSA_SIZES[size]
-    return {"kernels": preset["kernels"], "groups": preset["groups"]}
+    return dict(EPSA_SIZES[size])
+
+
+def epsa_block(block: nn.Module, size: str = "small", reduction: int = 16) -> None:
+    """Make a torchvision block an EPSA block: its conv2 (the Bottleneck's 3x3; a BasicBlock's second
+    3x3, see the module docstring) becomes a PSAConv of the same widths and stride."""
+    conv = block.conv2
+    block.conv2 = PSAConv(conv.in_channels, conv.out_channels, conv.stride[0], reduction=reduction,
+                          **psa_conv_options(size))
 
 
 class SEWeight(nn.Module):

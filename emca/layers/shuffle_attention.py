@@ -57,3 +57,10 @@ class ShuffleAttention(nn.Module):
         # Channel shuffle with 2 groups: channel k of the first half and channel k of the second half
         # of the concatenated map become neighbours 2k and 2k + 1.
         return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def shuffle_attention(channels: int, groups: int = 64) -> ShuffleAttention:
+    """The paper's 64 groups where the width allows, else as many as it does (channels // 2): ResNet-18/34's
+    64-channel first stage gets 32 groups. SA-Net has no basic-block model; this keeps every depth buildable
+    with the paper's value everywhere it fits (every stage of ResNet-50 and deeper)."""
+    return ShuffleAttention(channels, min(groups, channels // 2))

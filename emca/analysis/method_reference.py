@@ -1,0 +1,53 @@
+"""Each attention method's own published ResNet-50 figures, with their sources (as paper_reference.py
+holds the EMCA paper's).
+
+Units are the method paper's: parameters in decimal millions, GFLOPs as that paper counts them (every
+one of these counts multiply-accumulates, but conventions differ in what else they count: the same
+plain ResNet-50 is 3.858, 3.86, 4.1 or 4.12 GFLOPs). A method's GFLOPs are therefore compared as its
+increment over the same paper's plain ResNet-50 (`base_gflops`), which cancels the convention.
+
+`reproduced` says whether our model of the method matches the printed figures to their digits
+(tests/test_attention_table.py checks both ways, so a fixed gap or a new one fails a test); `note`
+says why not where it does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodReference:
+    label: str
+    params: float  # decimal millions, as printed
+    params_digits: int  # decimals printed
+    gflops: float
+    base_gflops: float  # the same paper's plain ResNet-50
+    gflops_digits: int
+    top1: float  # the method paper's own ResNet-50 top-1
+    source: str
+    reproduced: bool = True
+    note: str = ""
+
+
+METHOD_REFERENCES: dict[str, MethodReference] = {
+    "se": MethodReference("SE", 28.09, 2, 3.87, 3.86, 2, 76.71, "Hu et al., CVPR 2018 / TPAMI, Table 2 (SE-ResNet-50)"),
+    "cbam": MethodReference("CBAM", 28.09, 2, 3.864, 3.858, 3, 77.34,
+                            "Woo et al., ECCV 2018, Table 4 (ResNet50 + CBAM; top-1 error 22.66)"),
+    "bam": MethodReference("BAM", 25.92, 2, 3.94, 3.86, 2, 75.98,
+                           "Park et al., BMVC 2018, ImageNet table (ResNet50 + BAM; top-1 error 24.02)"),
+    "fca": MethodReference("FcaNet", 28.07, 2, 4.13, 4.12, 2, 78.52,
+                           "Qin et al., ICCV 2021, ImageNet comparison table; top-1 from cfzd/FcaNet README"),
+    "sa": MethodReference("SANet", 25.56, 2, 4.12, 4.12, 2, 77.72,
+                          "Zhang & Yang, ICASSP 2021, abstract (+2.76e-3 GFLOPs) and wofmanaf/SA-Net README"),
+    "epsa": MethodReference("EPSANet", 22.56, 2, 3.62, 4.12, 2, 77.49,
+                            "Zhang et al., 2021, murufeng/EPSANet README model zoo, EPSANet-50 (Small)"),
+    "a2": MethodReference(
+        "A2-Nets", 33.0, 1, 6.5, 4.1, 1, 77.0, "Chen et al., NeurIPS 2018, ImageNet table (ResNet-50 + 5 A2 blocks)",
+        reproduced=False,
+        note=("the paper does not say which 5 blocks carry the module nor their m, n; the Non-local placement "
+              "(2 in res3, 3 in res4) with m = n = C/2 gives 32.91 M and +2.57 GFLOPs against 33.0 M and +2.4"),
+    ),
+    "gc": MethodReference("GC", 28.08, 2, 4.13, 4.12, 2, 77.70,
+                          "Cao et al., GCNet 2019, ImageNet table (ResNet-50 + GC, r16, c3-c5)"),
+}
