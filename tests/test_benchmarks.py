@@ -58,6 +58,32 @@ def test_model_cost_prints_times_memory_and_targets():
     assert "malloc keeps freed memory (--allocator keep); at most" in output
 
 
+def test_model_cost_offers_every_attention_of_the_table():
+    sys.path.insert(0, str(BENCHMARKS))
+    import model_cost
+
+    from emca.layers.create_attn import ATTENTION_KINDS, default_integration
+
+    labels = [v.label for v in model_cost.VARIANTS]
+    assert labels == ["ResNet", *(k.label for k in ATTENTION_KINDS),
+                      *(f"EMCA-{k.label}" for k in ATTENTION_KINDS if k.excitation is not None)]
+    assert all(v.integration == default_integration(v.attention) for v in model_cost.VARIANTS)
+    assert {v.label: v.dense for v in model_cost.VARIANTS if v.dense} == {
+        f"EMCA-{k.label}": k.label for k in ATTENTION_KINDS if k.excitation is not None}
+    assert model_cost.parse_args([]).variants == ["ResNet", "SE", "ECA", "SRM", "EMCA-SE", "EMCA-ECA", "EMCA-SRM"]
+    assert model_cost.parse_args(["--variants", *labels]).variants == labels
+    with pytest.raises(SystemExit):
+        model_cost.parse_args(["--variants", "NoSuchNet"])
+
+    output = run_benchmark("model_cost.py", "--backbones", "resnet18", "--variants", "CBAM", "BAM", "EPSANet",
+                           "EMCA-CBAM", "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--warmup", "0")
+    rows = [line.split()[:4] for line in output.splitlines() if line.startswith("resnet18")]
+    assert rows == [["resnet18", "CBAM", "all", "11.779"], ["resnet18", "BAM", "stage_end", "11.713"],
+                    ["resnet18", "EPSANet", "block", "10.031"],
+                    ["resnet18", "EMCA-CBAM", "first,", "prev_stage_all"]]
+    assert "target   resnet18 EMCA-CBAM vs CBAM, below 1x: time" in output
+
+
 def test_cpu_peak_memory_counts_only_blocks_the_step_allocated():
     sys.path.insert(0, str(BENCHMARKS))
     from _timing import MIB, peak_memory
