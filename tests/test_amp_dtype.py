@@ -5,17 +5,21 @@ network in float32, and the float32 path is the one without autocast."""
 import pytest
 import torch
 
+from emca.layers.create_attn import ATTENTIONS, default_integration, is_emca
 from emca.models import EMCAResNet
 
-ATTENTIONS = ("none", "se", "eca", "srm", "emca_se", "emca_eca", "emca_srm")
 EMCA_OPTIONS = (
     {"coverage": "all_stages_all", "include_stem": True},
     {"coverage": "prev_stage_all", "align": "linear", "gating": "residual"},
 )
-# (attention, model options): every kind in every integration, EMCA with its other code paths too.
-CASES = [(a, {"integration": i}) for a in ATTENTIONS for i in ("all", "first", "last")]
-CASES += [(a, o) for a in ("emca_se", "emca_eca", "emca_srm") for o in EMCA_OPTIONS]
-CASES += [(a, {"backbone": "resnet50"}) for a in ("srm", "emca_srm")]  # the bottleneck block
+# (attention, model options): every attention of the table (a branch one in each integration where the
+# integration changes the code path: EMCA's first block reads no earlier outputs in some stages),
+# EMCA with its other code paths too, and the bottleneck blocks.
+CASES = [(a, {"integration": "all"}) for a in ATTENTIONS if default_integration(a)]
+CASES += [(a, {"integration": i}) for a in ATTENTIONS if is_emca(a) for i in ("first", "last")]
+CASES += [(a, {}) for a in ATTENTIONS if not default_integration(a)]  # none, stage_end, block
+CASES += [(a, o) for a in ATTENTIONS if is_emca(a) for o in EMCA_OPTIONS]
+CASES += [(a, {"backbone": "resnet50"}) for a in ("srm", "emca_srm", "epsa")]  # the bottleneck block
 
 
 def check_block_dtypes(attention, options, device, dtype):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from timm.layers.cbam import CbamModule
 
-from emca.layers.cbam import CBAM, CBAMChannelExcitation, mean_max
+from emca.layers.cbam import CBAM, CBAMChannelExcitation
+from emca.layers.pooling import pool_descriptor
 
 R50_PLAIN_PARAMS = 25_557_032  # torchvision.models.resnet50()
 R50_STAGES = ((256, 3), (512, 4), (1024, 6), (2048, 3))  # (block output channels, blocks)
@@ -137,7 +138,7 @@ def test_gate_child_exposes_the_channel_scales():
     y = torch.randn(2, 16, 6, 6)
     module(y)
     assert isinstance(module.gate, torch.nn.Sigmoid)
-    torch.testing.assert_close(seen[0], torch.sigmoid(module.excitation(mean_max(y))))
+    torch.testing.assert_close(seen[0], torch.sigmoid(module.excitation(pool_descriptor(y, "mean_max"))))
     assert seen[0].shape == (2, 16)
 
 
@@ -145,7 +146,7 @@ def test_official_init_starts_the_spatial_gate_at_one_half():
     torch.manual_seed(6)
     module = CBAM(16, reduction=4).train()
     y = torch.randn(4, 16, 5, 5)
-    channel_gated = y * torch.sigmoid(module.excitation(mean_max(y)))[:, :, None, None]
+    channel_gated = y * torch.sigmoid(module.excitation(pool_descriptor(y, "mean_max")))[:, :, None, None]
     torch.testing.assert_close(module(y), channel_gated * 0.5)
 
 

@@ -203,7 +203,7 @@ def test_zero_frequency_is_a_scaled_global_average_pool(size):
 
 
 def test_spectrum_is_each_channels_orthonormal_dct2():
-    scipy_fft = pytest.importorskip("scipy.fft")
+    import scipy.fft as scipy_fft  # installed with grad-cam (scikit-learn); a reference, not a dependency of emca
     with default_dtype(torch.float64):
         module = MultiSpectralAttention(32, dct_size=7, frequencies="bot16")
     y = torch.randn(2, 32, 7, 7, dtype=torch.float64)

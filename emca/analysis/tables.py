@@ -190,8 +190,11 @@ def _table5() -> TableSpec:
                      tuple(entries))
 
 
-def _other_method_reference(name: str, label: str) -> Reference:
-    own = METHOD_REFERENCES[name]
+def _other_method_reference(name: str, label: str) -> Optional[Reference]:
+    """A method's published row: None for one without published figures (a method a user added)."""
+    own = METHOD_REFERENCES.get(name)
+    if own is None:
+        return None
     base = paper.TABLE_4_5[(paper.TABLE_5_BACKBONE, "ResNet")].gflops
     return Reference(params=round(own.params * 1e6 / paper.PARAM_UNIT, 3),
                      gflops=round(base + own.gflops - own.base_gflops, 3), top1=paper.TABLE_5_OTHERS.get(label))

@@ -18,13 +18,10 @@ biases, [mean, max], BN momentum 0.1) but has the same structure.
 import torch
 from torch import nn
 
+from .pooling import pool_descriptor
+
 # The authors' BasicConv builds the spatial BN with momentum 0.01 (torch's default is 0.1).
 SPATIAL_BN_MOMENTUM = 0.01
-
-
-def mean_max(y: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 2): per-channel spatial mean and max, the 'mean_max' descriptor."""
-    return torch.stack((y.mean(dim=(2, 3)), y.amax(dim=(2, 3))), dim=-1)
 
 
 class CBAMChannelExcitation(nn.Module):
@@ -78,7 +75,7 @@ class CBAM(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         # Casts back to y's dtype: under autocast the float32 BN (and any float32 parameter) would
         # otherwise promote the block output, and so every later block, to float32.
-        channel_scales = self.gate(self.excitation(mean_max(y)))
+        channel_scales = self.gate(self.excitation(pool_descriptor(y, "mean_max")))
         y = y * channel_scales[:, :, None, None].to(y.dtype)
         # [max, mean] over channels, the authors' order (timm stacks [mean, max]).
         maps = torch.stack((y.amax(dim=1), y.mean(dim=1)), dim=1)
@@ -86,4 +83,4 @@ class CBAM(nn.Module):
         return y * spatial_scales.to(y.dtype)
 
 
-__all__ = ["CBAM", "CBAMChannelExcitation", "mean_max"]
+__all__ = ["CBAM", "CBAMChannelExcitation"]
