@@ -12,11 +12,13 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models import resnet18, resnet50
 
 from emca.layers.fcanet import (
     FREQUENCY_SELECTIONS,
     MultiSpectralAttention,
+    adaptive_pool_matrix,
     dct_basis,
     fca_dct_size,
     frequency_pairs,
@@ -323,3 +325,129 @@ def test_resnet50_parameter_count_matches_the_published_28_07M():
     )
     assert added == sum(b.bn3.num_features**2 // 8 for b in blocks) == 2_514_944
     assert plain + added == 28_071_976 and round((plain + added) / 1e6, 2) == 28.07
+
+
+# ----------------------------------------------------------------------------- the pooling folded into the basis
+def pooled_spectrum(module: MultiSpectralAttention, y: torch.Tensor) -> torch.Tensor:
+    """The module's former squeeze, kept as the reference: F.adaptive_avg_pool2d to the DCT grid,
+    then one (C/n x d^2) @ (d^2 x 1) product per group with the basis buffer."""
+    d = module.dct_size
+    if y.shape[-2:] != (d, d):
+        y = F.adaptive_avg_pool2d(y, (d, d))
+    b, c = y.shape[:2]
+    n = module.basis.shape[0]
+    groups = y.reshape(b, n, c // n, d * d)
+    return (groups @ module.basis.to(y.dtype).reshape(n, d * d, 1)).reshape(b, c)
+
+
+def pooled_forward(module: MultiSpectralAttention, y: torch.Tensor) -> torch.Tensor:
+    return y * module.gate(module.fc(pooled_spectrum(module, y)))[:, :, None, None].to(y.dtype)
+
+
+@pytest.mark.parametrize("size_in", [1, 2, 5, 7, 9, 11, 14, 16, 28, 57])
+@pytest.mark.parametrize("size_out", [7, 14, 56])
+def test_adaptive_pool_matrix_is_pytorchs_adaptive_average_pooling(size_in, size_out):
+    x = torch.randn(3, 4, size_in, dtype=torch.float64)
+    pool = adaptive_pool_matrix(size_in, size_out)
+    assert pool.shape == (size_out, size_in) and pool.dtype == torch.float64
+    torch.testing.assert_close(x @ pool.T, F.adaptive_avg_pool1d(x, size_out), rtol=1e-14, atol=1e-14)
+    # Separable: the 2-D pooling of an H x W map is A_h X A_w^T, also against the bin definition.
+    width = size_in + 3
+    image = torch.randn(2, 3, size_in, width, dtype=torch.float64)
+    separable = pool @ image @ adaptive_pool_matrix(width, size_out).T
+    torch.testing.assert_close(separable, F.adaptive_avg_pool2d(image, size_out), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(separable.numpy(), adaptive_average_pool(image.numpy(), size_out), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dct_size, selection", [(7, "top16"), (14, "bot8")])
+@pytest.mark.parametrize(
+    "input_hw",
+    [(2, 2), (5, 7), (9, 11), (16, 16), (7, 7), (14, 14), (28, 28), (1, 3)],
+    ids=lambda hw: f"{hw[0]}x{hw[1]}",
+)
+def test_resampled_basis_equals_adaptive_pooling_then_the_dct(mode, dct_size, selection, input_hw):
+    # Smaller, larger, non-divisible and non-square maps against the DCT grid: outputs, spectra and
+    # the gradients of the input and of both FCs (autograd through each formulation) agree to float64.
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        module = MultiSpectralAttention(32, dct_size=dct_size, reduction=4, frequencies=selection)
+    module.train(mode == "train")
+    y = torch.randn(3, 32, *input_hw, dtype=torch.float64)
+    upstream = torch.randn_like(y)
+    results = []
+    for forward in (module, lambda x: pooled_forward(module, x)):
+        module.zero_grad(set_to_none=True)
+        x = y.clone().requires_grad_(True)
+        out = forward(x)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), x.grad, module.fc[0].weight.grad, module.fc[2].weight.grad))
+    for ours, reference, name in zip(*results, ("output", "input grad", "fc.0 grad", "fc.2 grad"), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-11, atol=1e-12, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(module.spectrum(y), pooled_spectrum(module, y), rtol=1e-12, atol=1e-12)
+    if input_hw == (dct_size, dct_size):
+        assert not module._resampled  # the basis itself: nothing resampled, nothing cached
+
+
+def test_resampled_basis_in_float32_matches_the_pooled_path_to_rounding():
+    # The filters are made in float64 and cast once; a float32 module agrees with the pooled path.
+    torch.manual_seed(0)
+    module = MultiSpectralAttention(256, dct_size=56)
+    y = torch.randn(2, 256, 28, 28)
+    torch.testing.assert_close(module.spectrum(y), pooled_spectrum(module, y), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(module(y), pooled_forward(module, y), rtol=1e-5, atol=1e-6)
+
+
+def test_resampled_basis_is_cached_per_size_and_follows_the_module():
+    torch.manual_seed(0)
+    module = MultiSpectralAttention(32, dct_size=14, reduction=4)
+    y = torch.randn(2, 32, 9, 11)
+    module(y)
+    filters = module._resampled[(9, 11, torch.float32, torch.device("cpu"))][1]
+    assert filters.shape == (16, 9, 11) and filters.dtype == torch.float32 and not filters.requires_grad
+    module(y)
+    assert module._resampled[(9, 11, torch.float32, torch.device("cpu"))][1] is filters  # reused, not rebuilt
+    module(torch.randn(2, 32, 5, 5))
+    assert len(module._resampled) == 2
+    # Out of the state_dict and of the buffers; a state_dict round trip into a fresh module is exact.
+    assert set(module.state_dict()) == {"fc.0.weight", "fc.2.weight"}
+    assert {name for name, _ in module.named_buffers()} == {"basis"}
+    fresh = MultiSpectralAttention(32, dct_size=14, reduction=4)
+    fresh.load_state_dict(module.state_dict())
+    torch.testing.assert_close(fresh(y), module(y), rtol=0, atol=0)
+    # .double() replaces the basis: the filters are rebuilt from it, in float64.
+    module.double()
+    torch.testing.assert_close(module(y.double()), pooled_forward(module, y.double()), rtol=1e-12, atol=1e-12)
+    assert module._resampled[(9, 11, torch.float64, torch.device("cpu"))][1].dtype == torch.float64
+    # A bfloat16 map (no autocast) is squeezed with bfloat16 filters, as it was with the bfloat16 basis.
+    module.float()
+    spectrum = module.spectrum(y.bfloat16())
+    assert spectrum.dtype == torch.bfloat16
+    assert module._resampled[(9, 11, torch.bfloat16, torch.device("cpu"))][1].dtype == torch.bfloat16
+    torch.testing.assert_close(spectrum.float(), pooled_spectrum(module, y), rtol=0.05, atol=0.05)
+
+
+def test_filters_made_under_inference_mode_still_train():
+    # Inference tensors cannot be saved for backward: filters first built in an inference_mode
+    # evaluation must still serve a training step afterwards.
+    torch.manual_seed(0)
+    module = MultiSpectralAttention(32, dct_size=7, reduction=4)
+    y = torch.randn(2, 32, 5, 5)
+    with torch.inference_mode():
+        module(y)
+    assert not module._resampled[(5, 5, torch.float32, torch.device("cpu"))][1].is_inference()
+    x = y.clone().requires_grad_(True)
+    module(x).square().sum().backward()
+    assert x.grad is not None and module.fc[0].weight.grad is not None
+
+
+def test_resampled_basis_compiles_as_one_graph():
+    torch.manual_seed(0)
+    module = MultiSpectralAttention(32, dct_size=14, reduction=4)
+    y = torch.randn(2, 32, 9, 11)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    try:
+        torch.testing.assert_close(compiled(y), pooled_forward(module, y), rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

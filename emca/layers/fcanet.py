@@ -13,7 +13,6 @@ biases in the authors' code) and gates the branch with the result.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # The authors choose the DCT size per block from the block's `planes` (model/fcanet.py, `c2wh`):
@@ -95,13 +94,36 @@ def dct_basis(size: int, pairs) -> torch.Tensor:
     return torch.stack([torch.outer(dct_basis_1d(size, u), dct_basis_1d(size, v)) for u, v in pairs])
 
 
+def adaptive_pool_matrix(size_in: int, size_out: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(size_out, size_in) A with F.adaptive_avg_pool1d(x, size_out) == x @ A.T: row i averages the
+    inputs floor(i size_in / size_out) .. ceil((i + 1) size_in / size_out) - 1 (PyTorch's bins, which
+    overlap when size_out does not divide size_in and repeat pixels when size_out > size_in)."""
+    bins = torch.arange(size_out, device=device)
+    start = (bins * size_in) // size_out
+    end = -((-(bins + 1) * size_in) // size_out)
+    positions = torch.arange(size_in, device=device)
+    inside = (positions >= start[:, None]) & (positions < end[:, None])
+    return inside.to(dtype) / (end - start).to(dtype)[:, None]
+
+
+def resampled_basis(basis: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(n, height, width) filters R_k = A_h^T B_k A_w from the (n, d, d) basis B, in float64 on the
+    basis's device: adaptive average pooling is linear and separable, pool(X) = A_h X A_w^T, so
+    <B_k, pool(X)> = <R_k, X>, the pooled DCT coefficient read straight off the un-pooled map."""
+    d = basis.shape[-1]
+    rows = adaptive_pool_matrix(height, d, device=basis.device)
+    columns = adaptive_pool_matrix(width, d, device=basis.device)
+    return torch.einsum("ih,kij,jw->khw", rows, basis.to(torch.float64), columns)
+
+
 class MultiSpectralAttention(nn.Module):
     """y -> y * sigmoid(W2 relu(W1 dct_pool(y))), as FcaNet's MultiSpectralAttentionLayer.
 
     dct_size: the square map the DCT is taken on; a branch of another size is first adaptively
-        average-pooled to it (as the authors do for detection inputs). None: the authors' per-stage
-        size for a Bottleneck block, fca_dct_size(channels) (256/512/1024/2048 -> 56/28/14/7); for
-        a BasicBlock ResNet pass dct_size=fca_dct_size(channels, expansion=1).
+        average-pooled to it (as the authors do for detection inputs; computed without the pooled
+        map, see resampled_basis). None: the authors' per-stage size for a Bottleneck block,
+        fca_dct_size(channels) (256/512/1024/2048 -> 56/28/14/7); for a BasicBlock ResNet pass
+        dct_size=fca_dct_size(channels, expansion=1).
     frequencies: one of FREQUENCY_SELECTIONS ('top16' in all of the authors' ImageNet models). The
         7 x 7-grid indices are multiplied by dct_size // 7, so that every stage sees the same
         relative frequencies (the authors': "(2, 2) in 14 x 14 is (1, 1) in 7 x 7").
@@ -135,6 +157,9 @@ class MultiSpectralAttention(nn.Module):
         # stays that of the learned weights. It still follows .to(device / dtype).
         basis = dct_basis(dct_size, self.frequencies).to(torch.get_default_dtype())
         self.register_buffer("basis", basis, persistent=False)
+        # The basis resampled to the branch sizes seen so far (see _filters): a plain attribute, out
+        # of the state_dict and of .to(); each entry remembers the basis tensor it was made from.
+        self._resampled = {}
         hidden = max(channels // reduction, 1)
         # Sequential for the authors' key layout (fc.0.weight, fc.2.weight); their fc.3 is our gate.
         self.fc = nn.Sequential(
@@ -147,18 +172,42 @@ class MultiSpectralAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dct_size={self.dct_size}, groups={len(self.frequencies)}"
 
-    def spectrum(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, C): each channel's coefficient of its group's DCT basis function."""
+    def _filters(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, height, width) in like's dtype: the basis itself on a d x d map, else the basis
+        resampled to (height, width), computed in float64 once per size, device and dtype."""
         d = self.dct_size
-        if y.shape[-2:] != (d, d):
-            y = F.adaptive_avg_pool2d(y, (d, d))
-        b, c = y.shape[:2]
+        if (height, width) == (d, d):
+            return self.basis.to(like.dtype)
+        if torch.compiler.is_compiling():
+            # Traced into the graph (a constant of the shapes): no Python-side cache to guard on.
+            return resampled_basis(self.basis, height, width).to(like.dtype)
+        key = (height, width, like.dtype, self.basis.device)
+        entry = self._resampled.get(key)
+        if entry is None or entry[0] is not self.basis:  # new size, or .to() / .double() replaced the basis
+            # Normal tensors even under inference_mode, so that a later training step can save them
+            # for backward. In float64, which autocast never casts: the only rounding is the final cast.
+            with torch.inference_mode(False), torch.no_grad():
+                filters = resampled_basis(self.basis, height, width).to(like.dtype)
+            if len(self._resampled) >= 16:
+                self._resampled.clear()
+            entry = self._resampled[key] = (self.basis, filters)
+        return entry[1]
+
+    def spectrum(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, C): each channel's coefficient of its group's DCT basis function, on y adaptively
+        average-pooled to dct_size x dct_size where it has another size.
+
+        The pooling is never materialised: the coefficient of the pooled map equals that of y with
+        the basis resampled to y's size (resampled_basis), so a branch smaller than the DCT grid (a
+        stage at under 224 px) is not first blown up to it. One (C/n x HW) @ (HW x 1) product per
+        group, instead of the authors' multiply by a C x H x W filter and sum: no feature-map-sized
+        temporary, and the filters are stored once per group rather than once per channel.
+        """
+        b, c, height, width = y.shape
         n = self.basis.shape[0]
-        # One (C/n x d^2) @ (d^2 x 1) product per group, instead of the authors' multiply by a
-        # C x d x d filter and sum: no feature-map-sized temporary, and the basis is stored once
-        # per group rather than once per channel.
-        groups = y.reshape(b, n, c // n, d * d)
-        return (groups @ self.basis.to(y.dtype).reshape(n, d * d, 1)).reshape(b, c)
+        filters = self._filters(height, width, y)
+        groups = y.reshape(b, n, c // n, height * width)
+        return (groups @ filters.reshape(n, height * width, 1)).reshape(b, c)
 
     def factors(self, y: torch.Tensor) -> torch.Tensor:
         """The per-channel factors (B, C, 1, 1) in y's dtype (the gate is computed in the FCs' dtype
@@ -172,8 +221,10 @@ class MultiSpectralAttention(nn.Module):
 __all__ = [
     "FREQUENCY_SELECTIONS",
     "MultiSpectralAttention",
+    "adaptive_pool_matrix",
     "dct_basis",
     "dct_basis_1d",
     "fca_dct_size",
     "frequency_pairs",
+    "resampled_basis",
 ]
