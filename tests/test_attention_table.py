@@ -14,9 +14,9 @@ from emca.layers import EMCA
 from emca.layers.cbam import CBAMChannelExcitation
 from emca.layers.create_attn import (ATTENTION_KINDS, ATTENTIONS, KINDS, AttentionKind, default_integration, is_emca,
                                      option_defaults, reads)
-from emca.models import EMCAResNet
+from emca.models import EMCAResNet, attention_modules
 from emca.models.config import AttentionConfig
-from emca.models.summary import count_parameters, measure_gflops
+from emca.models.summary import count_parameters, measure_gflops, stage_layout
 
 # architecture_fingerprint()["state_dict_sha256"][:16] of each v0.1 model (commit bb5e214), by backbone.
 V01_STATE_DICT_DIGESTS = {
@@ -154,7 +154,7 @@ def test_emca_cbam_hand_computed():
 def test_emca_cbam_gradients_reach_every_weight():
     torch.manual_seed(0)
     model = EMCAResNet("resnet18", attention="emca_cbam", coverage="all_stages_all", num_classes=3)
-    for module in model.attention_modules().values():
+    for module in attention_modules(model).values():
         # Positive weights (all negative ones would let the ReLU stop every gradient); stage 1 fuses nothing.
         if module.scale_weights is not None:
             torch.nn.init.uniform_(module.scale_weights, 0.2, 1.0)
@@ -171,3 +171,27 @@ def test_a_malformed_entry_is_refused_where_it_is_declared():
         AttentionKind("x", "X", "branch", excitation=CBAMChannelExcitation)
     with pytest.raises(ValueError, match="give a module"):
         AttentionKind("x", "X", "stage_end")
+
+
+def test_the_summary_shows_where_every_place_of_method_sits():
+    rows = {name: stage_layout(EMCAResNet("resnet50", attention=name)) for name in ("bam", "a2", "gc", "epsa")}
+    assert [row["stage_end"] for row in rows["bam"]] == [True, True, True, False]
+    assert [row["attention_blocks"] for row in rows["a2"]] == [[], [1, 3], [1, 3, 5], []]
+    assert [row["attention_blocks"] for row in rows["gc"]] == [[], [0, 1, 2, 3], list(range(6)), [0, 1, 2]]
+    assert [row["attention_blocks"] for row in rows["epsa"]] == [list(range(n)) for n in (3, 4, 6, 3)]
+
+
+@pytest.mark.parametrize("attention", ["cbam", "fca", "emca_cbam", "se"])
+def test_learned_scales_read_every_per_channel_gate(attention):
+    from emca.analysis.scales import LearnedScales
+
+    model = EMCAResNet("resnet18", attention=attention, num_classes=3).eval()
+    scales = LearnedScales(model, torch.device("cpu"))
+    with torch.no_grad(), scales.recording():
+        model(torch.randn(2, 3, 32, 32))
+    rows = scales.statistics()
+    assert [(row["stage"], row["channels"], row["images"]) for row in rows] == [
+        (stage, channels, 2) for stage, channels in enumerate((64, 128, 256, 512), 1)]
+    assert all(0 < row["mean"] < 1 for row in rows)
+    # Methods without per-channel scales (BAM's gate is a map, GC adds, EPSANet softmaxes branches) have none.
+    assert not attention_modules(EMCAResNet("resnet18", attention="bam"))

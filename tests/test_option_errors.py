@@ -73,8 +73,12 @@ TRAIN_OPTION_ERRORS = {
     ("attention=se", "attention.se_ratio=0"): "attention.se_ratio=0 must be an integer >= 1",
     (
         "attention=eca",
-        "attention.eca_kernel=5",
-    ): "attention.eca_kernel=5 must be 'adaptive' or a list of one value per stage",
+        "attention.eca_kernel=big",
+    ): "attention.eca_kernel='big' must be 'adaptive', one value for every stage or a list of one per stage",
+    ("attention=bam", "attention.bam_combine=prod"): "attention=bam: BAM's combine must be one of ('sum', 'product'), "
+    "got 'prod' (with attention.bam_reduction=16, attention.bam_dilation=4, attention.bam_combine='prod')",
+    ("attention=epsa", "attention.integration=first"): "integration=first applies to branch attention, but epsa "
+    "sits at block (see its table entry): leave attention.integration unset",
 }
 
 

@@ -71,14 +71,13 @@ def test_table_specs_cover_the_papers_rows():
     assert len(TABLES["table3"].variants()) == 45
     assert len(TABLES["table4"].variants()) == 21
     assert [v.attention for v in TABLES["table5"].variants()] == [
-        "none",
-        "se",
-        "emca_se",
-        "eca",
-        "emca_eca",
-        "srm",
-        "emca_srm",
+        "none", "se", "emca_se", "eca", "emca_eca", "srm", "emca_srm",
+        "cbam", "emca_cbam", "bam", "fca", "sa", "epsa", "a2", "gc",
     ]
+    # Each other method's row: the paper's Table 5 top-1 beside its own paper's size (2^20 units).
+    rows = {entry.row: entry.reference for entry in TABLES["table5"].entries}
+    assert rows["CBAM"].top1 == 77.34 and rows["CBAM"].params == round(28.09e6 / 2**20, 3)
+    assert rows["A2-Nets"].top1 == 77.00 and rows["GC"].top1 is None and rows["EMCA-CBAM"] is None
     # Table 3's EMCA 'none' row and Table 2's 'first' row both quote the paper's first(=none) numbers.
     t3 = {(e.variant, e.group): e.reference for e in TABLES["table3"].entries}
     t2 = {(e.variant, e.group): e.reference for e in TABLES["table2"].entries}

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emca.layers.create_attn import is_emca, option_defaults, reads
+from emca.layers.create_attn import EMCA_PREFIX, is_emca, option_defaults, reads
 from emca.models import coverage_name, default_integration
 from emca.models.config import AttentionConfig
 
@@ -65,7 +65,7 @@ def channel_attention(backbone: str, kind: str, integration: str = "all") -> Var
 
 
 def emca(backbone: str, kind: str, coverage: str, integration: str = "first") -> Variant:
-    return Variant(backbone, f"emca_{kind}", integration, coverage)
+    return Variant(backbone, EMCA_PREFIX + kind, integration, coverage)
 
 
 def variant_from_config(cfg: Any) -> Variant:

@@ -8,10 +8,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from emca.layers.create_attn import ATTENTIONS, kind_of
+from emca.layers.excitation import SRMExcitation
 from emca.models import attention_modules
 from emca.options import require, require_int
 
-SRM_ATTENTIONS = ("srm", "emca_srm")
+# Attentions with SRM's excitation (srm, emca_srm): no_weight_decay=srm exempts their attention modules.
+SRM_ATTENTIONS = tuple(a for a in ATTENTIONS if a != "none" and kind_of(a).excitation is SRMExcitation)
 
 
 def scaled_lr(lr: float, global_batch: int, lr_scale_batch: int | None) -> float:

@@ -52,6 +52,8 @@ class CBAM(nn.Module):
     forward hook); `spatial_gate` is the spatial sigmoid ((B, 1, H, W)).
     """
 
+    per_channel_gate = True  # emca.models.attention_modules: `gate` (the channel part) gives the scales
+
     def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 7, bias: bool = True):
         super().__init__()
         if spatial_kernel < 1 or spatial_kernel % 2 == 0:

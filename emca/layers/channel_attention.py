@@ -14,6 +14,8 @@ class ChannelAttention(nn.Module):
     hook, as timm's attention layers allow.
     """
 
+    per_channel_gate = True  # emca.models.attention_modules: its `gate` output (B, C) is the learned scales
+
     def __init__(self, excitation: nn.Module, pooling: str = "mean"):
         super().__init__()
         self.excitation = excitation

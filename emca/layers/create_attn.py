@@ -62,12 +62,18 @@ class AttentionKind:
     positions: Optional[Callable[[Sequence[int]], tuple[tuple[int, int], ...]]] = None  # block kinds
 
     def __post_init__(self):
+        if self.name == "none" or self.name.startswith(EMCA_PREFIX) or not self.name.isidentifier():
+            raise ValueError(f"attention kind '{self.name}': a name is an identifier, not 'none' nor emca_*")
         if self.place not in PLACES:
             raise ValueError(f"attention kind {self.name}: place must be one of {PLACES}, got '{self.place}'")
         if (self.excitation is None) != (self.pooling is None) or (self.pooling and self.pooling not in POOLINGS):
             raise ValueError(f"attention kind {self.name}: an excitation needs a pooling of {list(POOLINGS)}")
         if self.module is None and (self.place != "branch" or self.excitation is None):
             raise ValueError(f"attention kind {self.name}: give a module, or an excitation for plain channel attention")
+        if self.stages is not None and (self.place == "block" or min(self.stages, default=0) < 1):
+            raise ValueError(f"attention kind {self.name}: stages are 1-based and for branch / stage_end methods")
+        if self.positions is not None and self.place != "block":
+            raise ValueError(f"attention kind {self.name}: positions are for block methods (stages for the others)")
 
     def field(self, option: str) -> str:
         """The config field of one of its options: se + ratio -> se_ratio."""
@@ -107,6 +113,8 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
+if len(KINDS) != len(ATTENTION_KINDS):
+    raise ValueError("ATTENTION_KINDS declares a name twice")
 ATTENTIONS: tuple[str, ...] = (
     "none",
     *KINDS,
@@ -156,8 +164,8 @@ def kind_options(kind: AttentionKind, fields: Mapping[str, Any], stage: int, num
         if option in kind.per_stage and isinstance(value, (list, tuple)):
             if len(value) != num_stages:
                 raise ValueError(
-                    f"{kind.field(option)} lists {len(value)} values but the backbone has {num_stages} stages: "
-                    f"give one per stage or a single value"
+                    f"attention.{kind.field(option)} lists {len(value)} values but the backbone has {num_stages} "
+                    f"stages: give one per stage or a single value"
                 )
             value = value[stage]
         options[option] = value

@@ -27,6 +27,8 @@ GATINGS = ("multiply", "residual")
 
 
 class EMCA(nn.Module):
+    per_channel_gate = True  # emca.models.attention_modules: its `gate` output (B, C0) is the learned scales
+
     def __init__(
         self,
         channels: int,

@@ -133,6 +133,8 @@ class MultiSpectralAttention(nn.Module):
     authors' `att.fc`), so a model has SE-without-bias's parameter count.
     """
 
+    per_channel_gate = True  # emca.models.attention_modules: its `gate` output (B, C) is the learned scales
+
     def __init__(self, channels: int, dct_size: int | None = None, reduction: int = 16, frequencies: str = "top16"):
         super().__init__()
         pairs = frequency_pairs(frequencies)

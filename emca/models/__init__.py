@@ -37,13 +37,12 @@ def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) 
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every channel-attention module by qualified name (DDP / compile wrappers unwrapped).
+    """Every attention module with per-channel scales, by qualified name (DDP / compile wrappers
+    unwrapped): SE / ECA / SRM, EMCA, CBAM's and FcaNet's channel gates.
 
     Each has a `gate` child whose forward output (B, C) are the learned scales.
     """
-    from ..layers import EMCA, ChannelAttention
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, (ChannelAttention, EMCA))}
+    return {name: m for name, m in model.named_modules() if getattr(m, "per_channel_gate", False)}
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
 from emca.layers.create_attn import ATTENTION_KINDS, ATTENTIONS, AttentionKind, default_integration
-from emca.options import require, require_int, shown
+from emca.options import is_int, require, require_int, shown
 
 from .resnet import BACKBONES
 
@@ -74,11 +74,17 @@ def check_model_options(backbone: Any, attention: Any) -> None:
     require(attention_name in ATTENTIONS, "attention.name", attention_name, f"one of {', '.join(ATTENTIONS)}")
     for kind in ATTENTION_KINDS:
         for option, default in kind.options.items():
-            value = get(attention, kind.field(option), default)
-            if isinstance(default, bool):
-                require(isinstance(value, bool), f"attention.{kind.field(option)}", value, "true or false")
-            elif isinstance(default, int):
-                require_int(f"attention.{kind.field(option)}", value, 1)
-            elif option in kind.per_stage:
-                require(value == default or (isinstance(value, Sequence) and not isinstance(value, str)),
-                        f"attention.{kind.field(option)}", value, f"{shown(default)} or a list of one value per stage")
+            _check_method_option(kind, option, get(attention, kind.field(option), default))
+
+
+def _check_method_option(kind: AttentionKind, option: str, value: Any) -> None:
+    """A table option's type (its module checks the value); a per-stage one may list one per stage."""
+    default, name = kind.options[option], f"attention.{kind.field(option)}"
+    if isinstance(default, bool):
+        require(isinstance(value, bool), name, value, "true or false")
+    elif isinstance(default, int):
+        require_int(name, value, 1)
+    elif option in kind.per_stage:  # None: a v0.1 config's eca_kernel, ECA's formula as 'adaptive'
+        per_stage = isinstance(value, Sequence) and not isinstance(value, str)
+        require(value is None or value == default or is_int(value) or per_stage, name, value,
+                f"{shown(default)}, one value for every stage or a list of one per stage")

@@ -9,7 +9,7 @@ Names are prefixed `emca_` so that none shadows timm's own (seresnet50, ecaresne
 
 from timm.models import register_model
 
-from ..layers.create_attn import ATTENTIONS, EMCA_PREFIX, is_emca
+from ..layers.create_attn import ATTENTIONS, is_emca, kind_of
 from .resnet import BACKBONES, EMCAResNet
 
 
@@ -36,7 +36,7 @@ def _register(backbone: str, attention: str | None) -> None:
 
     entrypoint.__name__ = name
     entrypoint.__qualname__ = name
-    described = attention.removeprefix(EMCA_PREFIX).upper() if attention else "configurable channel attention"
+    described = kind_of(attention).label if attention else "configurable channel attention"
     entrypoint.__doc__ = f"{backbone} with {'EMCA-' if attention and is_emca(attention) else ''}{described}."
     entrypoint.__module__ = __name__
     register_model(entrypoint)

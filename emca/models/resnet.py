@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from ..layers import EMCA, ChannelAttention
+from ..layers import EMCA
 from ..layers.create_attn import (ATTENTIONS, INTEGRATIONS, AttentionKind, create_attention, create_excitation,
                                   default_integration, is_emca, kind_of, kind_options, option_defaults)
 from ..layers.pooling import pool_descriptor
+from ..options import shown
 from .coverage import CoverageRegion, coverage_sources
 
 
@@ -35,6 +36,7 @@ class AttentionSlot(nn.Module):
         self.attn: nn.Module | None = None
         self.after: nn.Module | None = None
         self.source_indices: tuple[int, ...] = ()
+        self.edited = False  # a block-place method changed it (emca.layers.create_attn)
 
     def add_shortcut(self, y: torch.Tensor, identity: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         """identity + attention(y). A per-channel gate's multiply and the shortcut's add are one
@@ -43,7 +45,7 @@ class AttentionSlot(nn.Module):
             return y + identity
         if isinstance(self.attn, EMCA):
             return torch.addcmul(identity, y, self.attn.factors(y, sources))
-        if isinstance(self.attn, ChannelAttention):
+        if hasattr(self.attn, "factors"):  # a per-channel gate (SE, ECA, SRM, FcaNet)
             return torch.addcmul(identity, y, self.attn.factors(y))
         return self.attn(y) + identity
 
@@ -118,8 +120,9 @@ class EMCAResNet(tv_resnet.ResNet):
         unknown = sorted(set(options) - set(option_defaults()))
         if unknown:
             raise ValueError(f"unknown attention option {unknown[0]}: choose from {sorted(option_defaults())}")
-        if not isinstance(options.get("se_bias", True), bool):  # bool("false") would silently be True
-            raise ValueError(f"se_bias must be true or false, got {options['se_bias']!r}")
+        for key, default in option_defaults().items():  # bool("false") would silently be True
+            if isinstance(default, bool) and not isinstance(options.get(key, default), bool):
+                raise ValueError(f"{key} must be true or false, got {options[key]!r}")
         spec = BACKBONES[backbone]
         super().__init__(
             spec.block, list(spec.stage_depths), num_classes=num_classes, zero_init_residual=zero_init_residual
@@ -168,17 +171,19 @@ class EMCAResNet(tv_resnet.ResNet):
             for number in carried:
                 stage = self._stages[number - 1]
                 for index in attention_blocks(integration, len(stage)):
-                    stage[index].attn = create_attention(kind, _out_channels(stage[index]), per_stage[number - 1])
+                    stage[index].attn = _named_errors(kind, per_stage[number - 1], create_attention,
+                                                      kind, _out_channels(stage[index]), per_stage[number - 1])
         elif kind.place == "stage_end":
             self.stage_attn = nn.ModuleList(
-                create_attention(kind, c, options) if number in carried else nn.Identity()
+                _named_errors(kind, options, create_attention, kind, c, options) if number in carried else nn.Identity()
                 for number, (c, options) in enumerate(zip(self.stage_channels, per_stage, strict=True), 1)
             )
         else:
             positions = kind.positions(self.stage_depths) if kind.positions else [
                 (i, j) for i in range(len(self._stages)) for j in range(self.stage_depths[i])]
             for stage, index in positions:
-                kind.module(self._stages[stage][index], **per_stage[stage])
+                _named_errors(kind, per_stage[stage], kind.module, self._stages[stage][index], **per_stage[stage])
+                self._stages[stage][index].edited = True
 
     def _add_emca(self, kind: AttentionKind, integration, per_stage, gating, align):
         output_channels = [self.conv1.out_channels] + [
@@ -190,7 +195,7 @@ class EMCAResNet(tv_resnet.ResNet):
             self._stages, self.stage_channels, per_stage, sources_per_stage, strict=True
         ):
             for index in attention_blocks(integration, len(stage)):
-                excitation = create_excitation(kind, channels, options)
+                excitation = _named_errors(kind, options, create_excitation, kind, channels, options)
                 stage[index].attn = EMCA(channels, [output_channels[s] for s in sources], excitation,
                                          align=align, gating=gating, pooling=kind.pooling)
                 stage[index].source_indices = tuple(sources)
@@ -228,9 +233,6 @@ class EMCAResNet(tv_resnet.ResNet):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def attention_modules(self) -> dict[str, nn.Module]:
-        return {name: m for name, m in self.named_modules() if isinstance(m, (ChannelAttention, EMCA))}
-
     def architecture(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this model."""
         return {
@@ -241,6 +243,16 @@ class EMCAResNet(tv_resnet.ResNet):
             else {"stages": self.coverage.stages, "blocks": self.coverage.blocks},
             "num_classes": self.fc.out_features,
         }
+
+
+def _named_errors(kind: AttentionKind, options: dict[str, Any], build, *args, **kwargs):
+    """build(*args, **kwargs); a module's ValueError names the config fields in play, so that the
+    one-line error says which option to change (BAM's "combine must be one of ..." alone does not)."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as error:
+        given = ", ".join(f"attention.{kind.field(key)}={shown(value)}" for key, value in options.items())
+        raise ValueError(f"attention={kind.name}: {error}" + (f" (with {given})" if given else "")) from None
 
 
 def _check_integration(attention: str, integration: str | None) -> None:

@@ -33,16 +33,19 @@ def measure_gflops(model: nn.Module, image_size: int = 224) -> float:
 
 
 def stage_layout(model: nn.Module) -> list[dict]:
-    """Per stage: its blocks, which carry attention, and R_i of each EMCA module."""
+    """Per stage: its blocks, which carry attention (a branch module, or a block the method changed),
+    whether a stage_end module follows it, and R_i of each EMCA module."""
     rows = []
     for stage_index, (stage, channels) in enumerate(zip(model._stages, model.stage_channels, strict=True), start=1):
-        attended = [i for i, block in enumerate(stage) if block.attn is not None]
+        attended = [i for i, block in enumerate(stage) if block.attn is not None or block.edited]
+        stage_end = model.stage_attn is not None and not isinstance(model.stage_attn[stage_index - 1], nn.Identity)
         rows.append(
             {
                 "stage": stage_index,
                 "blocks": len(stage),
                 "channels": channels,
                 "attention_blocks": attended,
+                "stage_end": stage_end,
                 "num_scales": [stage[i].attn.num_scales for i in attended if isinstance(stage[i].attn, EMCA)],
             }
         )
@@ -59,7 +62,8 @@ def format_summary(model: nn.Module, image_size: int = 224) -> str:
         f"{'stage':>5}  {'blocks':>6}  {'channels':>8}  {'attention in blocks':<22}  R_i",
     ]
     for row in stage_layout(model):
-        attended = ",".join(str(b + 1) for b in row["attention_blocks"]) or "-"
+        attended = ",".join(str(b + 1) for b in row["attention_blocks"])
+        attended = ",".join(filter(None, (attended, "end" if row["stage_end"] else ""))) or "-"
         scales = ",".join(map(str, row["num_scales"])) or "-"
         lines.append(f"{row['stage']:>5}  {row['blocks']:>6}  {row['channels']:>8}  {attended:<22}  {scales}")
     params = count_parameters(model)
