@@ -171,6 +171,13 @@ def test_a_malformed_entry_is_refused_where_it_is_declared():
         AttentionKind("x", "X", "branch", excitation=CBAMChannelExcitation)
     with pytest.raises(ValueError, match="give a module"):
         AttentionKind("x", "X", "stage_end")
+    for name in ("none", "emca_x", "two words"):
+        with pytest.raises(ValueError, match="a name is an identifier"):
+            AttentionKind(name, "X", "stage_end", module=torch.nn.Identity)
+    with pytest.raises(ValueError, match="stages are 1-based"):
+        AttentionKind("x", "X", "stage_end", module=torch.nn.Identity, stages=(0, 1))
+    with pytest.raises(ValueError, match="positions are for block methods"):
+        AttentionKind("x", "X", "branch", module=torch.nn.Identity, positions=lambda depths: ())
 
 
 def test_the_summary_shows_where_every_place_of_method_sits():
