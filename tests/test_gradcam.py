@@ -82,7 +82,10 @@ def test_the_auto_layers_maps_vary_where_a_1x1_layers_are_flat(two_runs):
     chosen = choose_images(state["config"]["dataset"], state["classes"], torch.device("cpu"), count=4)
     maps = heat_maps(model, chosen)
     assert maps.layer == "layer2.1" and min(maps.extent) >= 2 and maps.maps.shape == (4, 16, 16)
-    assert all(np.ptp(heat) > 0.5 for heat in maps.maps)  # each map spans (most of) the 0-1 range
+    # Most maps span most of the 0-1 range. Not every one: Grad-CAM's ReLU leaves a map all zero where
+    # the class's gradient-weighted activations are negative everywhere, which a few-step model can give.
+    spans = [float(np.ptp(heat)) for heat in maps.maps]
+    assert sum(span > 0.5 for span in spans) >= 3 and all(span > 0.5 or span == 0 for span in spans), spans
     # What the old target (layer4.0, 1x1 at 16 px) gave: one value over the whole image.
     flat = heat_maps(model, chosen, "layer4.0")
     assert flat.extent == (1, 1) and all(np.ptp(heat) == 0 for heat in flat.maps)
