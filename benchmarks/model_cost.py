@@ -56,7 +56,9 @@ class Variant:
         if is_emca(self.attention):
             return f"{self.integration}, {self.coverage}"
         # A stage_end or block method has no integration: its table entry says where it sits.
-        return self.integration or kind_of(self.attention).place
+        kind = kind_of(self.attention)
+        where = self.integration or kind.place
+        return where if kind.stages is None else f"{where}, stages {','.join(map(str, kind.stages))}"
 
 
 def variant_of(attention: str) -> Variant:
