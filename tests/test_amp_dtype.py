@@ -42,8 +42,13 @@ def check_block_dtypes(attention, options, device, dtype):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("attention,options", CASES)
+# On CPU, float16 for the v0.1 methods only (the suite's time): the promotions float16 adds to
+# bfloat16's are SRM's and EMCA's float32 parameters, which those cover; CUDA runs every case in both.
+V01 = ("none", "se", "eca", "srm", "emca_se", "emca_eca", "emca_srm")
+CPU_CASES = [(a, o, torch.bfloat16) for a, o in CASES] + [(a, o, torch.float16) for a, o in CASES if a in V01]
+
+
+@pytest.mark.parametrize("attention,options,dtype", CPU_CASES)
 def test_block_outputs_keep_the_autocast_dtype_on_cpu(attention, options, dtype):
     check_block_dtypes(attention, options, torch.device("cpu"), dtype)
 

@@ -51,8 +51,12 @@ def test_everything_is_derived_from_the_table():
     assert reads("cbam") == ("cbam_reduction", "cbam_spatial_kernel") and reads("srm") == ()
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-@pytest.mark.parametrize("attention", ATTENTIONS[1:])
+# Every attention on the basic block; on the bottleneck those whose module depends on the block
+# (the published-size test builds every R-50 at 224 px as well).
+STEPS = [(a, 18) for a in ATTENTIONS[1:]] + [(a, 50) for a in ("fca", "sa", "epsa", "a2", "bam", "emca_cbam")]
+
+
+@pytest.mark.parametrize("attention,depth", STEPS)
 def test_every_attention_trains_a_step(attention, depth):
     torch.manual_seed(0)
     model = EMCAResNet(f"resnet{depth}", attention=attention, num_classes=4).train()
@@ -75,8 +79,12 @@ def plain_parameters(depth: int) -> int:
     return count_parameters(EMCAResNet(f"resnet{depth}"))
 
 
-@pytest.mark.parametrize("depth", [34, 101])  # ResNet-152 has the blocks of ResNet-101, more of them
-@pytest.mark.parametrize("attention", ATTENTIONS[1:])
+# ResNet-34 for every attention; ResNet-101 (152 has its blocks, more of them) where the depth decides
+# where the method sits (A2-Nets' positions, GC's and BAM's stages) or its widths (FcaNet, SA-Net, EPSANet).
+BUILDS = [(a, 34) for a in ATTENTIONS[1:]] + [(a, 101) for a in ("a2", "gc", "bam", "fca", "sa", "epsa")]
+
+
+@pytest.mark.parametrize("attention,depth", BUILDS)
 def test_every_attention_builds_on_the_other_depths(attention, depth):
     model = EMCAResNet(f"resnet{depth}", attention=attention)
     assert count_parameters(model) > plain_parameters(depth) or attention == "epsa"  # PSA convs are smaller
