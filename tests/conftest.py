@@ -94,6 +94,16 @@ QUICK_RUN = ("+experiment=digits_quick", "trainer.max_steps_per_epoch=3")
 SYNTHETIC_RUN = (*QUICK_RUN, "loader=synthetic", "dataset.num_classes=10", "loader.val_steps=1")
 
 
+def randomise_parameters(module: torch.nn.Module, scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn from N(0, scale^2) in its own dtype by a seeded generator: an attention
+    module's zero- or one-initialised parameters would otherwise hide their terms from a reference."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return module
+
+
 def compose_train_config(*overrides: str):
     """The config `python train.py *overrides` runs (Hydra compose API)."""
     import emca.config  # noqa: F401  (registers the schema and resolvers)

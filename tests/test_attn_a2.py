@@ -8,15 +8,12 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import randomise_parameters
 from emca.layers.double_attention import DoubleAttention, a2_positions
 
 
 def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return module
+    return randomise_parameters(module, 0.5, seed)
 
 
 def conv1x1(conv: nn.Conv2d, x: np.ndarray) -> np.ndarray:

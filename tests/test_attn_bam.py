@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import randomise_parameters
 from emca.layers.bam import BAM
 
 EPS = 1e-5  # BatchNorm's default eps, which the reference applies by hand
@@ -14,10 +15,9 @@ EPS = 1e-5  # BatchNorm's default eps, which the reference applies by hand
 
 def randomise(module: torch.nn.Module, seed: int = 0) -> None:
     """Every parameter and BN running statistic random, so that no term of the reference hides."""
-    generator = torch.Generator().manual_seed(seed)
+    randomise_parameters(module, 0.5, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
         for name, buffer in module.named_buffers():
             if name.endswith("running_mean"):
                 buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from timm.layers.cbam import CbamModule
 
+from conftest import randomise_parameters
 from emca.layers.cbam import CBAM, CBAMChannelExcitation
 from emca.layers.pooling import pool_descriptor
 
@@ -17,10 +18,8 @@ R50_STAGES = ((256, 3), (512, 4), (1024, 6), (2048, 3))  # (block output channel
 def randomized(module: CBAM, seed: int = 0) -> CBAM:
     """Every parameter and BN statistic random (the zero-initialised BN scale would otherwise make
     the spatial gate a constant 0.5, and a comparison blind to the spatial conv)."""
-    generator = torch.Generator().manual_seed(seed)
+    randomise_parameters(module, 1.0, seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
         module.spatial_bn.running_mean.fill_(0.3)
         module.spatial_bn.running_var.fill_(2.0)
     return module

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from conftest import randomise_parameters
 from emca.layers.epsanet import EPSA_SIZES, PSAConv, SEWeight, psa_conv_options
 
 
@@ -50,11 +51,7 @@ def reference_psa(module: PSAConv, x: torch.Tensor) -> torch.Tensor:
 
 
 def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return module
+    return randomise_parameters(module, 0.3, seed)
 
 
 def psa_param_count(cin, cout, kernels, groups, reduction, shared):

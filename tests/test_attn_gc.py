@@ -7,6 +7,7 @@ import pytest
 import torch
 from timm.layers.global_context import GlobalContext as TimmGlobalContext
 
+from conftest import randomise_parameters
 from emca.layers.global_context import GlobalContext
 
 R50_PLAIN_PARAMS = 25_557_032  # torchvision.models.resnet50()
@@ -16,11 +17,7 @@ R50_STAGES = ((256, 3), (512, 4), (1024, 6), (2048, 3))  # (block output channel
 def randomized(module: GlobalContext, seed: int = 0) -> GlobalContext:
     """Every parameter random: the zero-initialised last layer would otherwise make the block the
     identity, and a comparison blind to everything before it."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.5)
-    return module
+    return randomise_parameters(module, 0.5, seed)
 
 
 def timm_copy(ours: GlobalContext) -> TimmGlobalContext:

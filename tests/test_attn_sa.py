@@ -9,16 +9,14 @@ import pytest
 import torch
 import torchvision
 
+from conftest import randomise_parameters
 from emca.layers.shuffle_attention import ShuffleAttention
 
 EPS = 1e-5  # GroupNorm's default eps
 
 
 def randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    randomise_parameters(module, 1.0, seed)
 
 
 def reference_sa(x: np.ndarray, sa: ShuffleAttention) -> np.ndarray:

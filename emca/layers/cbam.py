@@ -18,13 +18,14 @@ biases, [mean, max], BN momentum 0.1) but has the same structure.
 import torch
 from torch import nn
 
+from .excitation import SEExcitation
 from .pooling import pool_descriptor
 
 # The authors' BasicConv builds the spatial BN with momentum 0.01 (torch's default is 0.1).
 SPATIAL_BN_MOMENTUM = 0.01
 
 
-class CBAMChannelExcitation(nn.Module):
+class CBAMChannelExcitation(SEExcitation):
     """CBAM's channel-attention body on a pooled descriptor: (B, C, K) -> logits (B, C).
 
     logits = sum_k MLP(descriptor[..., k]), MLP = FC(C -> C/r) -> ReLU -> FC(C/r -> C), one MLP for
@@ -34,11 +35,7 @@ class CBAMChannelExcitation(nn.Module):
     """
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
-        super().__init__()
-        hidden = max(channels // reduction, 1)
-        self.fc1 = nn.Linear(channels, hidden, bias=bias)
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(hidden, channels, bias=bias)
+        super().__init__(channels, reduction, bias)  # SE's MLP: fc1 (C -> C/r), act, fc2 (C/r -> C)
 
     def forward(self, descriptor: torch.Tensor) -> torch.Tensor:
         # (B, C, K) -> (B, K, C): the MLP runs on every statistic at once, then the K outputs add up.
