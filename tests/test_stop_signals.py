@@ -130,3 +130,13 @@ def test_a_stop_signal_before_training_starts_stops_at_once(compose_train, tmp_p
         train(compose_train(*QUICK_RUN), str(tmp_path / "run"))
     assert stopped.value.exit_status == 130
     assert not (tmp_path / "run").exists()  # nothing was trained, so nothing was written
+
+
+@pytest.mark.parametrize("message", ["[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1",
+                                     "Application timeout caused pair closure",
+                                     "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1000ms for recv"])
+def test_gloos_timeout_and_lost_rank_messages_are_collective_failures(message):
+    from emca.engine.distributed import is_collective_failure
+
+    assert is_collective_failure(RuntimeError(message))
+    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -102,7 +102,11 @@ class DistributedContext:
 
 # How a failed collective reads when it is not a torch.distributed.DistError: gloo's timeouts and
 # lost connections are plain RuntimeErrors.
-COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL")
+# The messages gloo and NCCL raise as RuntimeError when a collective times out or loses a rank;
+# gloo says "Application timeout caused pair closure" when the timeout hits a pair mid-transfer
+# (seen in DDP's buffer broadcast at the start of a forward).
+COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                       "Application timeout caused pair closure", "NCCL")
 
 
 def is_collective_failure(error: BaseException) -> bool:
