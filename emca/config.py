@@ -35,6 +35,34 @@ class LrSchedule(Enum):
     cosine = "cosine"  # cosine decay from lr to 0 over the epochs after warm-up
 
 
+class OptimizerName(Enum):
+    sgd = "sgd"  # torch.optim.SGD (momentum, nesterov): the paper's
+    adamw = "adamw"  # torch.optim.AdamW (betas, eps): decoupled weight decay
+    lamb = "lamb"  # timm.optim.Lamb (betas, eps): layer-wise trust ratio, ResNet strikes back's
+
+
+class LossName(Enum):
+    ce = "ce"  # softmax cross-entropy (soft targets under mixup / cutmix)
+    bce = "bce"  # per-class binary cross-entropy, timm's BinaryCrossEntropy (ResNet strikes back)
+
+
+class ClipMode(Enum):
+    norm = "norm"  # scale all gradients so that their global L2 norm is at most trainer.clip_grad
+    value = "value"  # clamp every gradient element to [-clip_grad, clip_grad]
+    agc = "agc"  # timm's adaptive gradient clipping (unit-wise, relative to the weight norm)
+
+
+class BestMetric(Enum):
+    val_top1 = "val_top1"  # the trained weights' validation top-1
+    ema_val_top1 = "ema_val_top1"  # the EMA weights' (needs trainer.ema.decay)
+
+
+class MixupMode(Enum):
+    batch = "batch"  # one mixing factor and one choice of mixup / cutmix per batch (timm's default)
+    pair = "pair"  # per pair of images (element i with element B-1-i)
+    elem = "elem"  # per image
+
+
 class NoWeightDecay(Enum):
     bn = "bn"  # BatchNorm weights and biases
     bias = "bias"  # every bias (any parameter with ndim <= 1 that is named *.bias)
@@ -43,14 +71,20 @@ class NoWeightDecay(Enum):
 
 @dataclass
 class OptimizerConfig:
-    """The optimisation recipe: SGD, its learning-rate schedule and the loss' label smoothing."""
+    """The optimisation recipe: the optimizer, its learning-rate schedule and the loss."""
 
+    name: OptimizerName = OptimizerName.sgd
     # Learning rate for a global batch of lr_scale_batch images.
     lr: float = 0.1
     # Linear scaling rule: the rate used is lr * dataset.batch_size / lr_scale_batch; null: lr as given.
     lr_scale_batch: Optional[int] = 256
+    # SGD only.
     momentum: float = 0.9
     nesterov: bool = False
+    # AdamW and LAMB only.
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # 1e-6: timm's LAMB default (torch's AdamW default is 1e-8).
+    eps: float = 1e-6
     weight_decay: float = 1e-4
     # Parameter kinds trained without weight decay: any of bn, bias, srm.
     no_weight_decay: List[NoWeightDecay] = field(default_factory=list)
@@ -62,6 +96,42 @@ class OptimizerConfig:
     # Linear warm-up from ~0 to lr over this many epochs (counted per iteration), then the schedule.
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    loss: LossName = LossName.ce
+    # bce only: soft targets at or above this value become 1 (timm's target_threshold; RSB: 0.2); null: kept.
+    bce_target_threshold: Optional[float] = None
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the weights (and BatchNorm statistics), timm's ModelEmaV3,
+    validated beside the trained weights every epoch and saved in every checkpoint."""
+
+    # Weight of the old average at each update, e.g. 0.9998; null: no EMA.
+    decay: Optional[float] = None
+    # Update after every N optimizer steps.
+    every: int = 1
+    # timm's decay warm-up: min(decay, 1 - (1 + n)^-warmup_power) at update n, so early averages
+    # forget the random initialisation quickly.
+    warmup: bool = False
+    warmup_power: float = 0.75
+    # The average copies the weights during the first N epochs (torchvision's recipe: its lr warm-up).
+    copy_epochs: int = 0
+
+
+@dataclass
+class MixupConfig:
+    """Mixup / CutMix on each training batch (timm's Mixup); optimizer.label_smoothing is folded into
+    the mixed targets. Train top-1 counts a prediction correct when it is the mixed target's largest class."""
+
+    # Beta(alpha, alpha) mixing factor; 0: off.
+    mixup_alpha: float = 0.0
+    # Beta(alpha, alpha) box area for CutMix; 0: off.
+    cutmix_alpha: float = 0.0
+    # Probability that a batch is mixed at all.
+    prob: float = 1.0
+    # With both on: probability of CutMix instead of mixup.
+    switch_prob: float = 0.5
+    mode: MixupMode = MixupMode.batch
 
 
 @dataclass
@@ -91,6 +161,16 @@ class TrainerConfig:
     log_every: int = 20
     # Cap on training steps per epoch, for quick runs and tests; null: the whole epoch.
     max_steps_per_epoch: Optional[int] = None
+    # Gradient accumulation: each optimizer step's global batch (dataset.batch_size) runs as this
+    # many micro-batches per rank, all-reduced once; the lr scaling and the schedule count optimizer steps.
+    accumulate: int = 1
+    # Gradient clipping threshold (after AMP's unscale); null: no clipping.
+    clip_grad: Optional[float] = None
+    clip_mode: ClipMode = ClipMode.norm
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    # Which validation top-1 picks checkpoints/best.pt.
+    best_metric: BestMetric = BestMetric.val_top1
 
 
 @dataclass

@@ -44,6 +44,16 @@ class DatasetConfig:
     crop_ratio: Any = field(default_factory=lambda: [3 / 4, 4 / 3])
     crop_padding: int = 4
     hflip: bool = True
+    # Validation centre-crop size; null: image_size (train at 160 and test at 224 as RSB: 160 and 224).
+    val_image_size: Optional[int] = None
+    # Training augmentation policy after crop and flip: null | randaugment | trivialaugment | autoaugment
+    # (the ImageNet policy), the same policy in both loaders.
+    auto_augment: Optional[str] = None
+    # randaugment only: operations per image and their magnitude (0-30 scale, torchvision's 31 bins).
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    # Probability of erasing one random rectangle of a training image (to the mean pixel); 0: off.
+    random_erasing: float = 0.0
     # Per-channel RGB mean/std on the 0-255 scale.
     mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Any = field(default_factory=lambda: list(IMAGENET_STD))
