@@ -52,6 +52,15 @@ TRAIN_OPTION_ERRORS = {
     ("optimizer.warmup_epochs=2",): "optimizer.warmup_epochs=2 must be < trainer.epochs (2)",
     ("optimizer.label_smoothing=1",): "optimizer.label_smoothing=1.0 must be in [0, 1)",
     ("optimizer.label_smoothing=-0.1",): "optimizer.label_smoothing=-0.1 must be in [0, 1)",
+    (
+        "optimizer.name=adamw",
+        "optimizer.betas=[0.9,1]",
+    ): "optimizer.betas=[0.9, 1.0] must be two values in [0, 1), e.g. [0.9, 0.999]",
+    ("optimizer.name=lamb", "optimizer.eps=0"): "optimizer.eps=0.0 must be > 0",
+    (
+        "optimizer.loss=bce",
+        "optimizer.bce_target_threshold=1",
+    ): "optimizer.bce_target_threshold=1.0 must be in (0, 1) or null",
     # dataset and loader (emca/data/config.py, and the data layer's own checks)
     ("dataset.num_classes=0",): "dataset.num_classes=0 must be an integer >= 1 or null",
     ("dataset.workers=-1",): "dataset.workers=-1 must be an integer >= 0",
