@@ -97,7 +97,7 @@ class OptimizerConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     loss: LossName = LossName.ce
-    # bce only: soft targets at or above this value become 1 (timm's target_threshold; RSB: 0.2); null: kept.
+    # bce only: targets above this value become 1, the others 0 (timm's target_threshold; RSB: 0.2); null: kept.
     bce_target_threshold: Optional[float] = None
 
 

@@ -24,6 +24,14 @@ RUN_FILES = (
     "checkpoints/best.pt",
 )
 DETERMINISTIC = (*QUICK_RUN, "trainer.deterministic=true")
+# Every option of a modern recipe that touches training at once: an EMA (copying during epoch 1, then
+# every 2 steps), mixup and cutmix, an augmentation policy with random erasing, 2 micro-batches per
+# step, clipping. Resume must stay exact with all of them.
+RECIPE = (
+    "trainer.ema.decay=0.6", "trainer.ema.every=2", "trainer.ema.copy_epochs=1", "trainer.mixup.mixup_alpha=0.2",
+    "trainer.mixup.cutmix_alpha=1.0", "trainer.accumulate=2", "trainer.clip_grad=2.0",
+    "trainer.best_metric=ema_val_top1", "dataset.auto_augment=trivialaugment", "dataset.random_erasing=0.5",
+)
 
 
 def checkpoint(run_dir, name="last.pt"):
@@ -40,6 +48,16 @@ def assert_same_optimizer_state(a: dict, b: dict):
     assert a["param_groups"] == b["param_groups"]
     for index in a["state"]:
         assert_same_tensors(a["state"][index], b["state"][index])
+
+
+def assert_same_run(resumed: dict, expected: dict):
+    """Bit for bit: weights, EMA weights, optimizer state and the epochs' records."""
+    assert_same_tensors(resumed["model"], expected["model"])
+    assert (resumed["ema"] is None) == (expected["ema"] is None)
+    if expected["ema"] is not None:
+        assert_same_tensors(resumed["ema"], expected["ema"])
+    assert_same_optimizer_state(resumed["optimizer"], expected["optimizer"])
+    assert resumed["progress"]["history"] == expected["progress"]["history"]
 
 
 # --------------------------------------------------------------------------- train.py end to end
@@ -120,48 +138,48 @@ def test_errors_are_one_line_and_touch_nothing(run_script, tmp_path):
 # --------------------------------------------------------------------------- resume
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, compose_train):
-    """The final checkpoint of an uninterrupted deterministic quick run, per loader."""
+    """The final checkpoint of an uninterrupted deterministic quick run, per loader and options."""
     runs = {}
 
-    def get(loader: str):
-        if loader not in runs:
+    def get(loader: str, *options: str):
+        if (loader, options) not in runs:
             run_dir = tmp_path_factory.mktemp(f"full-{loader}")
-            train(compose_train(*DETERMINISTIC, f"loader={loader}"), str(run_dir))
-            runs[loader] = checkpoint(run_dir)
-        return runs[loader]
+            train(compose_train(*DETERMINISTIC, f"loader={loader}", *options), str(run_dir))
+            runs[loader, options] = checkpoint(run_dir)
+        return runs[loader, options]
 
     return get
 
 
-@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+@pytest.mark.parametrize(
+    "loader, options", [("torchvision", ()), ("dali", ()), ("dali", RECIPE)], ids=["torchvision", "dali", "dali-recipe"]
+)
 def test_stopped_after_an_epoch_and_resumed_is_bit_identical(
-    loader, uninterrupted, compose_train, tmp_path, monkeypatch
+    loader, options, uninterrupted, compose_train, tmp_path, monkeypatch
 ):
-    expected = uninterrupted(loader)
+    expected = uninterrupted(loader, *options)
     evaluate = Trainer.evaluate
 
-    def evaluate_then_preempt(self, model, epoch, board, stop):
-        metrics = evaluate(self, model, epoch, board, stop)
+    def evaluate_then_preempt(self, model, epoch, board, stop, tag="val"):
+        metrics = evaluate(self, model, epoch, board, stop, tag)
         if epoch == 0:
             signal.raise_signal(signal.SIGUSR1)  # as SLURM does before the time limit
         return metrics
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate_then_preempt)
     with pytest.raises(Preempted):
-        train(compose_train(*DETERMINISTIC, f"loader={loader}"), str(tmp_path))
+        train(compose_train(*DETERMINISTIC, f"loader={loader}", *options), str(tmp_path))
     monkeypatch.undo()
     assert checkpoint(tmp_path)["progress"]["epoch"] == 1 and not (tmp_path / "results.json").exists()
 
-    train(compose_train(*DETERMINISTIC, f"loader={loader}", "trainer.resume=auto"), str(tmp_path))
-    resumed = checkpoint(tmp_path)
-    assert_same_tensors(resumed["model"], expected["model"])
-    assert_same_optimizer_state(resumed["optimizer"], expected["optimizer"])
-    assert resumed["progress"]["history"] == expected["progress"]["history"]
+    train(compose_train(*DETERMINISTIC, f"loader={loader}", *options, "trainer.resume=auto"), str(tmp_path))
+    assert_same_run(checkpoint(tmp_path), expected)
     assert json.loads((tmp_path / "results.json").read_text())["epoch_reached"] == 2
 
 
-def test_stopped_mid_epoch_and_resumed_is_bit_identical(uninterrupted, compose_train, tmp_path, monkeypatch):
-    expected = uninterrupted("torchvision")
+@pytest.mark.parametrize("options", [(), RECIPE], ids=["plain", "recipe"])
+def test_stopped_mid_epoch_and_resumed_is_bit_identical(options, uninterrupted, compose_train, tmp_path, monkeypatch):
+    expected = uninterrupted("torchvision", *options)
     advance, steps = EpochProgress.advance, itertools.count(1)
 
     def advance_then_preempt(self):
@@ -171,52 +189,49 @@ def test_stopped_mid_epoch_and_resumed_is_bit_identical(uninterrupted, compose_t
 
     monkeypatch.setattr(EpochProgress, "advance", advance_then_preempt)
     with pytest.raises(Preempted):
-        train(compose_train(*DETERMINISTIC, "loader=torchvision"), str(tmp_path))
+        train(compose_train(*DETERMINISTIC, "loader=torchvision", *options), str(tmp_path))
     monkeypatch.undo()
     progress = checkpoint(tmp_path)["progress"]
     assert (progress["epoch"], progress["step_in_epoch"], progress["global_step"]) == (1, 1, 4)
     # The interrupted epoch's totals so far: one step's images.
     assert progress["interrupted_epoch"]["totals"][3] == compose_train(*DETERMINISTIC).dataset.batch_size
 
-    train(compose_train(*DETERMINISTIC, "loader=torchvision", "trainer.resume=auto"), str(tmp_path))
+    train(compose_train(*DETERMINISTIC, "loader=torchvision", *options, "trainer.resume=auto"), str(tmp_path))
     resumed = checkpoint(tmp_path)
-    assert_same_tensors(resumed["model"], expected["model"])
-    assert_same_optimizer_state(resumed["optimizer"], expected["optimizer"])
-    # The interrupted epoch's record (train loss, top-1, learning rate) is the uninterrupted one.
-    assert resumed["progress"]["history"] == expected["progress"]["history"]
+    # With the interrupted epoch's record (train loss, top-1, learning rate) the uninterrupted one.
+    assert_same_run(resumed, expected)
     assert resumed["progress"]["interrupted_epoch"] is None
 
 
+# The validation set is 12 batches: stop in the first pass, or (with an EMA) in the EMA weights' pass.
+@pytest.mark.parametrize("options, stop_at", [((), 2), (RECIPE, 14)], ids=["plain", "recipe-in-ema-pass"])
 def test_stopped_during_validation_saves_at_once_and_resumes_exactly(
-    uninterrupted, compose_train, tmp_path, monkeypatch
+    options, stop_at, uninterrupted, compose_train, tmp_path, monkeypatch
 ):
     import emca.engine.trainer as trainer_module
 
-    expected = uninterrupted("torchvision")
+    expected = uninterrupted("torchvision", *options)
     evaluate, seen = trainer_module.evaluate, []
 
     def evaluate_interrupted(model, loader, ctx, **options):
         def batches():
             for batch in loader:
                 seen.append(len(seen))
-                if len(seen) == 2:  # the first validation pass, 2 of its 12 batches done
+                if len(seen) == stop_at:
                     signal.raise_signal(signal.SIGTERM)
                 yield batch
         return evaluate(model, batches(), ctx, **options)
 
     monkeypatch.setattr(trainer_module, "evaluate", evaluate_interrupted)
     with pytest.raises(Preempted):
-        train(compose_train(*DETERMINISTIC, "loader=torchvision"), str(tmp_path))
+        train(compose_train(*DETERMINISTIC, "loader=torchvision", *options), str(tmp_path))
     monkeypatch.undo()
-    assert len(seen) == 2  # the pass stopped at the batch in hand instead of running to the end
+    assert len(seen) == stop_at  # the pass stopped at the batch in hand instead of running to the end
     progress = checkpoint(tmp_path)["progress"]
     assert (progress["epoch"], progress["step_in_epoch"], progress["history"]) == (0, 3, [])
 
-    train(compose_train(*DETERMINISTIC, "loader=torchvision", "trainer.resume=auto"), str(tmp_path))
-    resumed = checkpoint(tmp_path)
-    assert_same_tensors(resumed["model"], expected["model"])
-    assert_same_optimizer_state(resumed["optimizer"], expected["optimizer"])
-    assert resumed["progress"]["history"] == expected["progress"]["history"]
+    train(compose_train(*DETERMINISTIC, "loader=torchvision", *options, "trainer.resume=auto"), str(tmp_path))
+    assert_same_run(checkpoint(tmp_path), expected)
 
 
 def test_sigterm_saves_and_exits_cleanly(run_script, compose_train, tmp_path):

@@ -79,8 +79,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def restore_model(path: Path, state: dict[str, Any]) -> torch.nn.Module:
-    """The run's model with the checkpoint's weights (on the CPU)."""
+def restore_model(path: Path, state: dict[str, Any], ema: bool = False) -> torch.nn.Module:
+    """The run's model with the checkpoint's weights (on the CPU): the trained ones, or with `ema`
+    their exponential moving average (a run trained with trainer.ema)."""
     train_cfg = state["config"]
     num_classes = state["fingerprint"]["architecture"]["num_classes"]
     try:
@@ -89,7 +90,9 @@ def restore_model(path: Path, state: dict[str, Any]) -> torch.nn.Module:
     except (KeyError, ValueError) as error:
         raise EvalError(f"{path}: its configuration does not describe a model this code can build ({error})") from error
     check_fingerprint(state, path, architecture_fingerprint(model))
-    model.load_state_dict(state["model"])
+    if ema and state.get("ema") is None:
+        raise EvalError(f"{path} holds no EMA weights (its run had trainer.ema.decay=null); drop ema=true")
+    model.load_state_dict(state["ema"] if ema else state["model"])
     return model
 
 
@@ -113,7 +116,7 @@ def check_options(cfg: DictConfig) -> None:
     rotations = cfg.rotations
     require(isinstance(rotations, Sequence) and all(is_int(degrees) and degrees % 90 == 0 for degrees in rotations),
             "rotations", rotations, "a list of multiples of 90 degrees, e.g. [0,90,180,270]", EvalError)
-    for option in ("learned_scales", "speed.enabled"):
+    for option in ("learned_scales", "speed.enabled", "ema"):
         require(
             isinstance(OmegaConf.select(cfg, option), bool),
             option,
@@ -156,13 +159,15 @@ def check_gradcam_options(options: DictConfig) -> None:
         raise EvalError(f"gradcam.{given[0]} and gradcam.{given[1]} both choose the Grad-CAM images; give one of them")
 
 
-def output_path(output: Optional[str], checkpoint: Path) -> Path:
+def output_path(output: Optional[str], checkpoint: Path, ema: bool = False) -> Path:
     """Where eval.json goes (refused before any work when that is a folder): by default beside the
     checkpoint, or in the run folder for a run's checkpoints/ (the trainer replaces that folder's
-    generations as it saves: a file put there would not survive the next save)."""
+    generations as it saves: a file put there would not survive the next save). The EMA weights'
+    report is eval_ema.json there, so that it does not replace the trained weights' one."""
     if not output:
         folder = checkpoint.parent
-        return (folder.parent if folder.name == CHECKPOINT_DIR else folder) / EVAL_FILE
+        name = EVAL_FILE.replace(".json", "_ema.json") if ema else EVAL_FILE
+        return (folder.parent if folder.name == CHECKPOINT_DIR else folder) / name
     path = Path(output).expanduser().resolve()
     require(
         not path.is_dir(), "output", Path(output), f"a file path, not a folder (e.g. {path / EVAL_FILE})", EvalError
@@ -176,7 +181,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     given = Path(cfg.checkpoint).expanduser()  # as given in the errors, not through the checkpoints/ symlink
     checkpoint = given.resolve()
     # Named from the path as given (run/checkpoints/...), not from the generation folder it leads to.
-    output = output_path(cfg.output, Path(os.path.abspath(given)))
+    output = output_path(cfg.output, Path(os.path.abspath(given)), cfg.ema)
     state = read_checkpoint(given)
     train_cfg = state["config"]
     trainer_cfg = train_cfg.get("trainer", {})
@@ -187,7 +192,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         raise EvalError(str(error)) from None
     channels_last = bool(_option(cfg.channels_last, trainer_cfg.get("channels_last", False)))
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = restore_model(checkpoint, state).to(ctx.device, memory_format=memory_format).eval()
+    model = restore_model(checkpoint, state, cfg.ema).to(ctx.device, memory_format=memory_format).eval()
 
     dataset_cfg, loader_cfg = data_configs(train_cfg, cfg)
     seed = trainer_cfg.get("seed", 0)
@@ -209,7 +214,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     if not ctx.is_main:
         return None
 
-    report = base_report(checkpoint, state, dataset_cfg, loader_cfg, data, ctx, metrics)
+    report = base_report(checkpoint, state, dataset_cfg, loader_cfg, data, ctx, metrics, cfg.ema)
     report.update(amp=amp, channels_last=channels_last, params=count_parameters(model),
                   gflops=measure_gflops(model, dataset_cfg["image_size"]),
                   learned_scales=scales.statistics() if scales else None)
@@ -255,13 +260,14 @@ def validation_data(state: dict[str, Any], dataset_cfg: dict[str, Any], loader_c
 
 
 def base_report(checkpoint: Path, state: dict[str, Any], dataset_cfg: dict[str, Any], loader_cfg: dict[str, Any],
-                data, ctx: DistributedContext, metrics: dict) -> dict[str, Any]:
+                data, ctx: DistributedContext, metrics: dict, ema: bool = False) -> dict[str, Any]:
     """eval.json's description of what was evaluated, and the accuracies (the rest is filled in after)."""
     image_size = dataset_cfg["image_size"]
     plain = metrics[0]
     return {
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": (state.get("progress") or {}).get("epoch"),
+        "weights": "ema" if ema else "trained",
         "model": state["fingerprint"]["architecture"],
         "dataset": {
             "name": dataset_cfg["name"],

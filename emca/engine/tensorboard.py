@@ -1,8 +1,9 @@
 """TensorBoard events in the run folder itself (rank 0 only).
 
-Tags: train/{loss,top1,lr,images_per_s} per log_every steps; val/{loss,top1,top5} per epoch;
-scales/<attention module> histograms per validation; hparams (the flattened config) with the
-metrics hparams/{best_val_top1,final_val_top1,final_val_top5} at the end of a completed run.
+Tags: train/{loss,top1,lr,images_per_s} per log_every steps; val/{loss,top1,top5} per epoch, and
+ema_val/{loss,top1,top5} for the EMA weights (trainer.ema); scales/<attention module> histograms
+per validation; hparams (the flattened config) with the metrics hparams/best_<trainer.best_metric>
+and hparams/final_{val,ema_val}_{top1,top5} at the end of a completed run.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ class TensorBoardLog:
         self.writer.add_scalar("train/lr", lr, step)
         self.writer.add_scalar("train/images_per_s", images_per_s, step)
 
-    def validation(self, epoch: int, metrics: Metrics) -> None:
-        self.writer.add_scalar("val/loss", metrics.loss, epoch)
-        self.writer.add_scalar("val/top1", metrics.top1, epoch)
-        self.writer.add_scalar("val/top5", metrics.top5, epoch)
+    def validation(self, epoch: int, metrics: Metrics, tag: str = "val") -> None:
+        """`tag`: val for the trained weights, ema_val for their average."""
+        self.writer.add_scalar(f"{tag}/loss", metrics.loss, epoch)
+        self.writer.add_scalar(f"{tag}/top1", metrics.top1, epoch)
+        self.writer.add_scalar(f"{tag}/top5", metrics.top5, epoch)
 
     def scale_histograms(self, epoch: int, histograms: ScaleHistograms) -> None:
         limits = histograms.bucket_limits()

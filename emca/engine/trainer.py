@@ -31,15 +31,18 @@ from emca.data import DatasetError, build_loaders
 from emca.engine.checkpoint import CheckpointError, CheckpointStore, architecture_fingerprint, load_checkpoint
 from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
                                      silence_non_main_logging)
+from emca.engine.ema import build_weight_average
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
-from emca.engine.optim import build_criterion, build_optimizer
-from emca.engine.precision import amp_dtype, autocast
+from emca.engine.mixing import build_mixing
+from emca.engine.optim import build_criterion, build_optimizer, describe_optimizer
+from emca.engine.precision import amp_dtype
 from emca.engine.preemption import StoppedBeforeTraining, StopRequest
 from emca.engine.progress import EpochProgress
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
 from emca.engine.results import RESULTS, git_commit, library_versions, write_results
 from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
 from emca.engine.schedule import build_scheduler, milestone_epochs
+from emca.engine.step import OptimizerStep, build_clipping, check_accumulation
 from emca.engine.tensorboard import TensorBoardLog
 from emca.models import attention_modules, build_model, coverage_name
 from emca.models.config import check_model_options
@@ -187,6 +190,10 @@ class Trainer:
             )
         if trainer_cfg.compile:
             self.train_model = torch.compile(self.train_model)
+        self.step = OptimizerStep(
+            self.model, self.train_model, self.optimizer, self.scheduler, self.scaler, self.criterion, self.amp_dtype,
+            accumulate=trainer_cfg.accumulate, clipping=self.clipping, mixing=self.mixing, average=self.average,
+        )
 
     def _build(self, cfg: DictConfig, ctx: DistributedContext) -> None:
         trainer_cfg = cfg.trainer
@@ -219,34 +226,49 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.dataset.batch_size, cfg.attention.name)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, self.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype is torch.float16)
-        self.criterion = build_criterion(cfg.optimizer)
+        self._build_recipe(cfg, ctx)
 
         if ctx.is_main:
-            arch = self.fingerprint["architecture"]
-            log.info(f"run folder {self.run_dir}")
-            log.info(
-                f"model {arch['backbone']} attention={cfg.attention.name}"
-                + (f" coverage={self.coverage_name}" if self.coverage_name else "")
-                + f": "
-                f"{self.parameters / 1e6:.3f} M parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px"
-            )
-            log.info(
-                f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} val "
-                "images, "
-                f"{self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over {ctx.world_size} "
-                "process(es), "
-                f"{self.steps_per_epoch} steps/epoch on {ctx.device}"
-            )
-            optimizer_cfg = cfg.optimizer
-            schedule = (
-                f"x{optimizer_cfg.gamma} at epochs {milestone_epochs(optimizer_cfg.milestones, self.epochs)}"
-                if optimizer_cfg.schedule.value == "step" else "cosine"
-            )
-            log.info(
-                f"SGD lr {self.optimizer.param_groups[0]['lr']:.4g} momentum {optimizer_cfg.momentum} "
-                f"weight decay {optimizer_cfg.weight_decay}, {self.epochs} epochs, {schedule}, "
-                f"warm-up {optimizer_cfg.warmup_epochs} epochs, amp {trainer_cfg.amp.value}"
-            )
+            self._log_setup(cfg)
+
+    def _build_recipe(self, cfg: DictConfig, ctx: DistributedContext) -> None:
+        """What a step adds to forward-backward-update: mixup, the loss, clipping, accumulation, the EMA."""
+        trainer_cfg = cfg.trainer
+        check_accumulation(trainer_cfg.accumulate, cfg.dataset.batch_size, ctx.world_size)
+        self.mixing = build_mixing(trainer_cfg.mixup, self.data.num_classes, cfg.optimizer.label_smoothing,
+                                   trainer_cfg.seed, ctx.rank, cfg.dataset.batch_size, ctx.world_size)
+        self.criterion = build_criterion(cfg.optimizer, soft_targets=self.mixing is not None)
+        self.clipping = build_clipping(trainer_cfg)
+        self.average = build_weight_average(self.model, trainer_cfg.ema, self.steps_per_epoch)
+        self.best_metric = trainer_cfg.best_metric.value
+        if self.best_metric == "ema_val_top1" and self.average is None:
+            raise ValueError("trainer.best_metric=ema_val_top1 needs an EMA: set trainer.ema.decay (e.g. 0.9998)")
+
+    def _log_setup(self, cfg: DictConfig) -> None:
+        trainer_cfg, optimizer_cfg = cfg.trainer, cfg.optimizer
+        arch = self.fingerprint["architecture"]
+        coverage = f" coverage={self.coverage_name}" if self.coverage_name else ""
+        log.info(f"run folder {self.run_dir}")
+        log.info(f"model {arch['backbone']} attention={cfg.attention.name}{coverage}: {self.parameters / 1e6:.3f} M "
+                 f"parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px")
+        log.info(f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} "
+                 f"val images, {self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over "
+                 f"{self.ctx.world_size} process(es), {self.steps_per_epoch} steps/epoch on {self.ctx.device}")
+        schedule = (
+            f"x{optimizer_cfg.gamma} at epochs {milestone_epochs(optimizer_cfg.milestones, self.epochs)}"
+            if optimizer_cfg.schedule.value == "step" else "cosine"
+        )
+        log.info(f"{describe_optimizer(optimizer_cfg, self.optimizer)}, {optimizer_cfg.loss.value} loss, "
+                 f"{self.epochs} epochs, {schedule}, warm-up {optimizer_cfg.warmup_epochs} epochs, "
+                 f"amp {trainer_cfg.amp.value}")
+        extras = [
+            f"{trainer_cfg.accumulate} micro-batches per step" if trainer_cfg.accumulate > 1 else None,
+            f"gradient clipping ({trainer_cfg.clip_mode.value}) at {trainer_cfg.clip_grad}" if self.clipping else None,
+            f"mixup {trainer_cfg.mixup.mixup_alpha} / cutmix {trainer_cfg.mixup.cutmix_alpha}" if self.mixing else None,
+            f"EMA decay {trainer_cfg.ema.decay} every {trainer_cfg.ema.every} steps" if self.average else None,
+        ]
+        if any(extras):
+            log.info("with " + ", ".join(extra for extra in extras if extra))
 
     # ----------------------------------------------------------------------------- resume
     def _resume(self, path: Optional[Path]) -> Progress:
@@ -262,6 +284,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved with fp16 off
             self.scaler.load_state_dict(state["scaler"])
+        self._resume_average(path, state.get("ema"))
         set_rng_state(state["rng"])
         if state.get("run_id") and Path(path).resolve().is_relative_to(self.run_dir.resolve()):
             self.run_id = state["run_id"]
@@ -271,6 +294,16 @@ class Trainer:
                 f"resumed from {path}: epoch {progress.epoch} completed, step {progress.step_in_epoch} of the next"
             )
         return progress
+
+    def _resume_average(self, path: Path, averaged: Optional[dict[str, torch.Tensor]]) -> None:
+        if (averaged is None) != (self.average is None):
+            had = "with" if averaged is not None else "without"
+            raise ValueError(
+                f"{path} was trained {had} an EMA of the weights but trainer.ema.decay={self.cfg.trainer.ema.decay}; "
+                "continue with the run's own trainer.ema settings (its .hydra/config.yaml), or start a new run"
+            )
+        if self.average is not None:
+            self.average.load_state_dict(averaged)
 
     # ----------------------------------------------------------------------------- the run
     def fit(self, stop: StopRequest) -> dict[str, Any]:
@@ -287,19 +320,13 @@ class Trainer:
                 except OSError as error:
                     raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are "
                                      "intact: fix the folder, then rerun with trainer.resume=auto") from None
-                board.hparams(
-                    results["config"],
-                    {
-                        "hparams/best_val_top1": results["best"]["val_top1"],
-                        "hparams/final_val_top1": results["final"]["val_top1"],
-                        "hparams/final_val_top5": results["final"]["val_top5"],
-                    },
-                )
-                log.info(
-                    f"done: final val top-1 {results['final']['val_top1']:.2f}%, best "
-                    f"{results['best']['val_top1']:.2f}% "
-                    f"(epoch {results['best']['epoch']}); {self.run_dir / RESULTS}"
-                )
+                final, best = results["final"], results["best"]
+                finals = {f"hparams/final_{key}": value for key, value in final.items() if key.endswith(("1", "5"))}
+                best_tag = f"hparams/best_{self.best_metric}"
+                board.hparams(results["config"], {best_tag: best[self.best_metric], **finals})
+                ema = f", EMA {final['ema_val_top1']:.2f}%" if "ema_val_top1" in final else ""
+                log.info(f"done: final val top-1 {final['val_top1']:.2f}%{ema}, best {self.best_metric} "
+                         f"{best[self.best_metric]:.2f}% (epoch {best['epoch']}); {self.run_dir / RESULTS}")
             return results
         finally:
             if board is not None:
@@ -320,7 +347,7 @@ class Trainer:
         train_metrics = self.train_one_epoch(epoch, stop, board, epoch_sums)
         progress.train_s += time.perf_counter() - epoch_started
         validate = (epoch + 1) % self.cfg.trainer.eval_every == 0 or epoch + 1 == self.epochs
-        val = self.evaluate(self.model, epoch, board, stop) if train_metrics is not None and validate else None
+        val = self._validate(epoch, board, stop) if train_metrics is not None and validate else None
         if train_metrics is None or (validate and val is None):
             # Stopped mid-epoch, or during validation (all steps trained: only the validation is redone).
             progress.interrupted_epoch = {"lr": epoch_lr, "totals": epoch_sums.reduce_totals(self.ctx)}
@@ -334,12 +361,11 @@ class Trainer:
             "train_top1": train_metrics.top1,
             "lr": epoch_lr,
         }
-        improved = False
-        if val is not None:
-            record.update(val_loss=val.loss, val_top1=val.top1, val_top5=val.top5)
-            improved = progress.best is None or val.top1 > progress.best["val_top1"]
-            if improved:
-                progress.best = {"epoch": epoch + 1, "val_top1": val.top1, "val_top5": val.top5, "val_loss": val.loss}
+        record.update(val or {})
+        metric = self.best_metric
+        improved = val is not None and (progress.best is None or val[metric] > progress.best[metric])
+        if improved:
+            progress.best = {"epoch": epoch + 1, **val}
         progress.history.append(record)
         self._log_epoch(record, progress, time.perf_counter() - epoch_started)
         self._save(progress, rng_state(), best=improved)
@@ -363,16 +389,9 @@ class Trainer:
         with EpochProgress(epoch + 1, self.epochs, self.steps_per_epoch, first_step, enabled=ctx.is_main) as bar:
             for step, (images, labels) in enumerate(batches, start=first_step):
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                with autocast(ctx.device.type, self.amp_dtype):
-                    logits = self.train_model(images)
-                    loss = self.criterion(logits, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                window.update(loss, logits, labels)
-                epoch_sums.update(loss, logits, labels)
+                result = self.step(images, labels, progress.global_step)
+                window.update(result.loss, result.logits, result.labels)
+                epoch_sums.update(result.loss, result.logits, result.labels)
                 progress.global_step += 1
                 progress.step_in_epoch = step + 1
                 progress.train_images += labels.shape[0] * ctx.world_size
@@ -404,32 +423,47 @@ class Trainer:
             )
         return metrics
 
-    def evaluate(
-        self, model: nn.Module, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest
-    ) -> Optional[Metrics]:
-        """Top-1 / top-5 / loss of `model` over the whole validation set, summed over ranks; None
-        when a stop signal cut the pass short.
+    def _validate(self, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest) -> Optional[dict[str, float]]:
+        """The epoch's validation record: val_* of the trained weights and, with an EMA, ema_val_* of
+        the averaged ones (the same evaluation, another model); None when a stop signal cut it short."""
+        models = {"val": self.model}
+        if self.average is not None:
+            models["ema_val"] = self.average.module
+        record = {}
+        for tag, model in models.items():
+            metrics = self.evaluate(model, epoch, board, stop, tag=tag)
+            if metrics is None:
+                return None
+            record.update({f"{tag}_loss": metrics.loss, f"{tag}_top1": metrics.top1, f"{tag}_top5": metrics.top5})
+        return record
+
+    def evaluate(self, model: nn.Module, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest,
+                 tag: str = "val") -> Optional[Metrics]:
+        """Top-1 / top-5 / loss of `model` over the whole validation set, summed over ranks, logged
+        under `tag`; None when a stop signal cut the pass short.
 
         Runs the plain model (not DDP: ranks hold different numbers of validation batches) with
-        rank 0's BatchNorm statistics, and histograms every attention module's scales.
+        rank 0's BatchNorm statistics; for the trained weights (tag val) it also histograms every
+        attention module's scales.
         """
         ctx = self.ctx
         ctx.broadcast_buffers(model)
-        modules = attention_modules(model)
+        modules = attention_modules(model) if tag == "val" else {}
         histograms = ScaleHistograms(modules, ctx.device) if modules else None
         self.data.val.set_epoch(epoch)
+        was_training = model.training
         try:
             metrics = evaluate(model, self.data.val, ctx, amp_dtype=self.amp_dtype, should_stop=lambda: stop.requested)
         finally:
             if histograms is not None:
                 histograms.remove()
-            model.train()
+            model.train(was_training)
         if metrics is None:
             return None
         if histograms is not None:
             histograms.reduce(ctx)
         if board is not None:
-            board.validation(epoch + 1, metrics[0])
+            board.validation(epoch + 1, metrics[0], tag)
             if histograms is not None:
                 board.scale_histograms(epoch + 1, histograms)
         return metrics[0]
@@ -464,6 +498,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.average.state_dict() if self.average is not None else None,
             "rng": rng,
             "progress": asdict(progress),
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
@@ -493,10 +528,12 @@ class Trainer:
         text = (f"epoch {record['epoch']}/{self.epochs}: "
                 f"train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f}%")
         if "val_top1" in record:
-            text += (
-                f"; val loss {record['val_loss']:.4f} top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% "
-                f"(best {progress.best['val_top1']:.2f}% at epoch {progress.best['epoch']})"
-            )
+            text += (f"; val loss {record['val_loss']:.4f} top-1 {record['val_top1']:.2f}% "
+                     f"top-5 {record['val_top5']:.2f}%")
+            if "ema_val_top1" in record:
+                text += f"; EMA top-1 {record['ema_val_top1']:.2f}% top-5 {record['ema_val_top5']:.2f}%"
+            best, metric = progress.best, self.best_metric
+            text += f" (best {metric} {best[metric]:.2f}% at epoch {best['epoch']})"
         log.info(f"{text}; {seconds:.1f} s")
 
     def _results(self, progress: Progress) -> dict[str, Any]:
@@ -512,13 +549,10 @@ class Trainer:
             "model": {"backbone": cfg.backbone.name, "attention": cfg.attention.name, "coverage": self.coverage_name},
             "dataset": cfg.dataset.name,
             "loader": cfg.loader.name,
-            "final": {
-                "epoch": final["epoch"],
-                "val_top1": final["val_top1"],
-                "val_top5": final["val_top5"],
-                "val_loss": final["val_loss"],
-            },
+            # The last validated epoch: val_* of the trained weights, ema_val_* of their average (with an EMA).
+            "final": {key: value for key, value in final.items() if key == "epoch" or "val_" in key},
             "best": progress.best,
+            "best_metric": self.best_metric,
             "epoch_reached": progress.epoch,
             "epochs": self.epochs,
             "params": self.parameters,
