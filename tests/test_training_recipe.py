@@ -221,3 +221,89 @@ def test_mixup_options_are_checked_in_one_line():
         build_mixing(mixup_cfg(cutmix_alpha=-1.0), 5, 0.0, 0, 0, 8, 1)
     with pytest.raises(ValueError, match=r"dataset.batch_size=6 must be even per process \(2 of them\)"):
         build_mixing(mixup_cfg(mixup_alpha=0.2), 5, 0.0, 0, 0, 6, 2)
+
+
+# --------------------------------------------------------------------------- a run with an EMA, end to end
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory, compose_train):
+    import logging
+
+    from emca.engine.trainer import train
+
+    from conftest import SYNTHETIC_RUN
+
+    run_dir = tmp_path_factory.mktemp("ema-run")
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("emca.engine.trainer")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        results = train(compose_train(*SYNTHETIC_RUN, "trainer.ema.decay=0.5", "trainer.best_metric=ema_val_top1"),
+                        str(run_dir))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return run_dir, results, lines
+
+
+def test_the_ema_is_validated_beside_the_trained_weights(ema_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, results, lines = ema_run
+    assert any(line.startswith("epoch 2/2") and "; EMA top-1 " in line for line in lines)
+    assert any("EMA decay 0.5 every 1 steps" in line for line in lines)
+    history = results["history"]
+    assert all({"val_top1", "ema_val_top1", "ema_val_top5", "ema_val_loss"} <= record.keys() for record in history)
+    assert results["best_metric"] == "ema_val_top1"
+    best = max(history, key=lambda record: record["ema_val_top1"])  # the first of equals: best only improves
+    assert results["best"]["epoch"] == best["epoch"] and results["best"]["ema_val_top1"] == best["ema_val_top1"]
+    assert results["final"]["ema_val_top1"] == history[-1]["ema_val_top1"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert checkpoint["progress"]["epoch"] == best["epoch"] and checkpoint["ema"].keys() == checkpoint["model"].keys()
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert {"val/top1", "ema_val/top1", "ema_val/loss", "hparams/best_ema_val_top1"} <= set(events.Tags()["scalars"])
+
+
+def test_eval_py_evaluates_the_ema_weights_on_request(ema_run):
+    from hydra import compose, initialize_config_dir
+
+    from emca.analysis.checkpoint_eval import EvalError, evaluate_checkpoint
+    from emca.engine.distributed import setup_distributed
+
+    from conftest import REPO_ROOT
+
+    run_dir, results, _ = ema_run
+    ctx = setup_distributed("cpu")
+    reports = {}
+    for ema in (False, True):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+            cfg = compose("eval", overrides=[f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", f"ema={ema}",
+                                             "speed.enabled=false", "rotations=[0]", "learned_scales=false"])
+        reports[ema] = evaluate_checkpoint(cfg, ctx)
+    assert reports[True]["weights"] == "ema" and reports[False]["weights"] == "trained"
+    assert reports[True]["val"]["top1"] == results["final"]["ema_val_top1"]
+    assert reports[False]["val"]["top1"] == results["final"]["val_top1"]
+    assert (run_dir / "eval.json").is_file() and (run_dir / "eval_ema.json").is_file()
+    plain = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    plain["ema"] = None
+    torch.save(plain, run_dir / "no_ema.pt")
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"checkpoint={run_dir / 'no_ema.pt'}", "ema=true", "speed.enabled=false"])
+    with pytest.raises(EvalError, match="holds no EMA weights .* drop ema=true"):
+        evaluate_checkpoint(cfg, ctx)
+
+
+def test_resuming_with_other_ema_settings_is_refused_in_one_line(ema_run, compose_train, tmp_path):
+    from emca.engine.trainer import RunAborted, train
+
+    from conftest import SYNTHETIC_RUN
+
+    run_dir = ema_run[0]
+    resume = f"trainer.resume={run_dir / 'checkpoints' / 'last.pt'}"
+    with pytest.raises(RunAborted, match=r"was trained with an EMA of the weights but trainer.ema.decay=null"):
+        train(compose_train(*SYNTHETIC_RUN, "trainer.epochs=3", resume), str(tmp_path / "continued"))
+    with pytest.raises(RunAborted, match="trainer.best_metric=ema_val_top1 needs an EMA"):
+        train(compose_train(*SYNTHETIC_RUN, "trainer.best_metric=ema_val_top1"), str(tmp_path / "other"))

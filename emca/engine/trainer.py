@@ -47,6 +47,7 @@ from emca.engine.tensorboard import TensorBoardLog
 from emca.models import attention_modules, build_model, coverage_name
 from emca.models.config import check_model_options
 from emca.models.summary import count_parameters, measure_gflops
+from emca.options import shown
 
 log = logging.getLogger(__name__)
 
@@ -297,9 +298,9 @@ class Trainer:
 
     def _resume_average(self, path: Path, averaged: Optional[dict[str, torch.Tensor]]) -> None:
         if (averaged is None) != (self.average is None):
-            had = "with" if averaged is not None else "without"
+            had, decay = "with" if averaged is not None else "without", shown(self.cfg.trainer.ema.decay)
             raise ValueError(
-                f"{path} was trained {had} an EMA of the weights but trainer.ema.decay={self.cfg.trainer.ema.decay}; "
+                f"{path} was trained {had} an EMA of the weights but trainer.ema.decay={decay}; "
                 "continue with the run's own trainer.ema settings (its .hydra/config.yaml), or start a new run"
             )
         if self.average is not None:
