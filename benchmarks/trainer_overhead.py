@@ -7,7 +7,13 @@ the trainer adds everything a run has: the learning-rate schedule, running loss 
 progress reports every --log-every steps, the stop-signal check. Epochs of the two alternate, and
 the ratio is the median of the per-round ratios.
 
+With --accumulate K and --ema-decay D (--ema-every N) the trainer runs trainer.accumulate=K and
+trainer.ema.decay=D (trainer.ema.every=N), and the bare loop does the same work written the plain
+way, as timm's train.py does: each batch as K chunks, each chunk's loss divided by K, one update;
+its own timm ModelEmaV3 of its model, updated after every N-th update.
+
     python benchmarks/trainer_overhead.py                       # CPU defaults: resnet18, batch 16, 112 px
+    python benchmarks/trainer_overhead.py --ema-decay 0.9998 --accumulate 2   # with EMA and accumulation
     python benchmarks/trainer_overhead.py --backbone resnet50 --batch-size 256 --image-size 224 \\
         --amp bf16 --channels-last --steps 100                   # a GPU
 
@@ -23,8 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
 from _timing import (
+    Timing,
     add_run_arguments,
     describe_allocator,
     describe_device,
@@ -50,38 +58,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=20, help="the trainer's trainer.log_every (its default: 20)")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin passes (one epoch of each loop per pass)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each loop first")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="trainer.ema.decay, e.g. 0.9998, and a timm ModelEmaV3 in the bare loop (default: no EMA)")
+    parser.add_argument("--ema-every", type=int, default=1, help="trainer.ema.every: update the EMA every N steps")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="trainer.accumulate: micro-batches per optimizer step (a divisor of --batch-size)")
     add_run_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ema_every != 1 and args.ema_decay is None:
+        parser.error("--ema-every needs --ema-decay")
+    return args
 
 
 def trainer_overrides(args, device: torch.device) -> list[str]:
+    ema = []
+    if args.ema_decay is not None:
+        ema = [f"trainer.ema.decay={args.ema_decay}", f"trainer.ema.every={args.ema_every}"]
     return [
         f"backbone={args.backbone}", f"attention={args.attention}", "dataset=imagenet", "loader=synthetic",
         f"loader.steps_per_epoch={args.steps}", "loader.val_steps=1", f"dataset.batch_size={args.batch_size}",
         f"dataset.image_size={args.image_size}", f"trainer.device={device.type}", f"trainer.amp={args.amp}",
         f"trainer.channels_last={args.channels_last}", f"trainer.log_every={args.log_every}",
+        f"trainer.accumulate={args.accumulate}",
+        *ema,
     ]
 
 
-def bare_epoch(trainer: Trainer, amp: str):
-    """The loop every PyTorch tutorial writes, over the trainer's own batches and a copy of its model."""
+def describe_recipe(args) -> str:
+    """What the options add to a plain step, '' for none."""
+    parts = [f"EMA decay {args.ema_decay} every {args.ema_every} step(s)" if args.ema_decay is not None else "",
+             f"{args.accumulate} micro-batches per step" if args.accumulate > 1 else ""]
+    return ", ".join(part for part in parts if part)
+
+
+def bare_epoch(trainer: Trainer, args):
+    """The loop every PyTorch tutorial writes, over the trainer's own batches and a copy of its model;
+    with --accumulate / --ema-decay, gradient accumulation and an EMA as timm's train.py writes them."""
     model = copy.deepcopy(trainer.model).train()
     optimizer_cfg = trainer.cfg.optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=trainer.optimizer.param_groups[0]["lr"],
                                 momentum=optimizer_cfg.momentum, weight_decay=optimizer_cfg.weight_decay)
     device = trainer.ctx.device
-    dtype = amp_dtype(amp)
+    dtype = amp_dtype(args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     loader = trainer.data.train
+    accumulate, ema_every = args.accumulate, args.ema_every
+    model_ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay is not None else None
+    num_updates = 0
 
     def epoch():
+        nonlocal num_updates
         for images, labels in loader:
-            with autocast(device.type, dtype):
-                loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            for chunk_images, chunk_labels in zip(images.chunk(accumulate), labels.chunk(accumulate), strict=True):
+                with autocast(device.type, dtype):
+                    loss = F.cross_entropy(model(chunk_images), chunk_labels)
+                if accumulate > 1:
+                    loss = loss / accumulate
+                scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            num_updates += 1
+            if model_ema is not None and num_updates % ema_every == 0:
+                model_ema.update(model, step=num_updates // ema_every)
 
     return epoch
 
@@ -91,9 +130,12 @@ def main(argv=None) -> None:
     device = prepare_run(args)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(trainer_overrides(args, device), Path(run_dir))
-        loops = {"bare PyTorch loop": bare_epoch(trainer, args.amp), "EMCA-Train trainer": trainer_epoch(trainer)}
+        loops = {"bare PyTorch loop": bare_epoch(trainer, args), "EMCA-Train trainer": trainer_epoch(trainer)}
         timings = interleaved_timings(loops, args.rounds, args.warmup, clock=args.clock)
+    print(report(args, device, timings))
 
+
+def report(args, device: torch.device, timings: dict[str, Timing]) -> str:
     bare = timings["bare PyTorch loop"]
     images = args.steps * args.batch_size
     rows = [
@@ -107,26 +149,26 @@ def main(argv=None) -> None:
         for name, t in timings.items()
     ]
     verdict = ratio_verdict(timings["EMCA-Train trainer"].round_ratios(bare), 1 + OVERHEAD_BUDGET)
-    print(
-        "\n".join(
-            [
-                f"device   {describe_device(device)}",
-                "alloc    "
-                + describe_allocator(device, args.allocator, max(t.faults_per_call for t in timings.values()), "epoch"),
-                f"setting  {args.backbone} {args.attention}, batch {args.batch_size}, "
-                f"{args.image_size}x{args.image_size}, amp {args.amp}, "
-                f"{'channels_last' if args.channels_last else 'NCHW'}, synthetic batches, {args.steps} steps per "
-                "epoch, "
-                f"trainer logs every {args.log_every} steps",
-                f"time     {args.rounds} interleaved rounds of one epoch each, {args.clock} clock; x bare: median of "
-                "the per-round ratios",
-                "",
-                format_table(["loop", "s/epoch", "images/s", "spread", "x bare"], rows),
-                "",
-                f"target   trainer time vs bare loop, at most {1 + OVERHEAD_BUDGET:.2f}x ({OVERHEAD_BUDGET:.0%} "
-                f"overhead): {verdict}",
-            ]
-        )
+    recipe = describe_recipe(args)
+    return "\n".join(
+        [
+            f"device   {describe_device(device)}",
+            "alloc    "
+            + describe_allocator(device, args.allocator, max(t.faults_per_call for t in timings.values()), "epoch"),
+            f"setting  {args.backbone} {args.attention}, batch {args.batch_size}, "
+            f"{args.image_size}x{args.image_size}, amp {args.amp}, "
+            f"{'channels_last' if args.channels_last else 'NCHW'}, synthetic batches, {args.steps} steps per "
+            "epoch, "
+            f"trainer logs every {args.log_every} steps",
+            f"recipe   {recipe or 'plain steps (no EMA, no accumulation)'}; the bare loop does the same work",
+            f"time     {args.rounds} interleaved rounds of one epoch each, {args.clock} clock; x bare: median of "
+            "the per-round ratios",
+            "",
+            format_table(["loop", "s/epoch", "images/s", "spread", "x bare"], rows),
+            "",
+            f"target   trainer time vs bare loop{f' ({recipe})' if recipe else ''}, at most "
+            f"{1 + OVERHEAD_BUDGET:.2f}x ({OVERHEAD_BUDGET:.0%} overhead): {verdict}",
+        ]
     )
 
 

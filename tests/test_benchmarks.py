@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their tables (never timed here), and the model's fast paths
 compute what the plain formulas compute, also under torch.compile."""
 
+import re
 import subprocess
 import sys
 
@@ -148,6 +149,19 @@ def test_trainer_overhead_prints_both_loops_and_the_target():
     assert table_header(output, "loop") == ["loop", "s/epoch", "images/s", "spread", "x", "bare"]
     assert "bare PyTorch loop" in output and "EMCA-Train trainer" in output
     assert "target   trainer time vs bare loop, at most 1.05x (5% overhead): " in output
+    assert "recipe   plain steps (no EMA, no accumulation)" in output
+
+
+def test_trainer_overhead_with_ema_and_accumulation_reports_the_options_and_a_ratio():
+    # Batch 4 in 2 micro-batches: BatchNorm needs more than one value per channel at 32 px's 1x1 end.
+    output = run_benchmark("trainer_overhead.py", "--steps", "2", "--rounds", "1", "--warmup", "0",
+                           "--batch-size", "4", "--image-size", "32", "--ema-decay", "0.99", "--accumulate", "2")
+    recipe = "EMA decay 0.99 every 1 step(s), 2 micro-batches per step"
+    assert f"recipe   {recipe}; the bare loop does the same work" in output
+    trainer_row = next(line for line in output.splitlines() if line.startswith("EMCA-Train trainer"))
+    assert float(trainer_row.split()[-1]) > 0
+    assert re.search(rf"target   trainer time vs bare loop \({re.escape(recipe)}\), at most 1.05x \(5% overhead\): "
+                     r"\d+\.\d{3}x \(95% CI \d+\.\d{3}-\d+\.\d{3}\): (PASS|MISS)", output), output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
