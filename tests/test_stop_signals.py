@@ -68,21 +68,39 @@ def test_a_stop_signal_saves_and_exits_cleanly(compose_train, tmp_path, loader, 
         assert results["epoch_reached"] == 1
 
 
-def test_torchrun_ranks_save_when_the_process_group_is_signalled(tmp_path):
-    process = start(
-        torchrun_args(REPO_ROOT / "train.py", *LONG_EPOCH, "dataset.workers=1", f"hydra.run.dir={tmp_path}")
-    )
+def launch_args(*args) -> list[str]:
+    """torchrun's arguments (a free port, two ranks) for `python -m emca.launch`, torchrun with a clean stop."""
+    return ["-m", "emca.launch", *torchrun_args(*args)[2:]]
+
+
+# Plain torchrun (`torchrun_args`) forwards the signal and waits for its ranks just the same, but then raises
+# its own SignalException: a traceback and status 1 after the ranks' clean stop (README, "Nothing lost").
+@pytest.mark.parametrize("signum, target, resume", [
+    (signal.SIGINT, "group", False),  # Ctrl-C in a terminal
+    (signal.SIGTERM, "group", True),  # torchrun's own launcher, Kubernetes, SLURM at the time limit
+    (signal.SIGUSR1, "process", False),  # SLURM's warning, which torchrun does not forward by default
+])
+def test_torchrun_ranks_save_and_the_launcher_exits_cleanly(compose_train, tmp_path, signum, target, resume):
+    overrides = (*LONG_EPOCH, "dataset.workers=1")
+    process = start(launch_args(REPO_ROOT / "train.py", *overrides, f"hydra.run.dir={tmp_path}"))
     try:
         wait_for(process, "epoch 1/1 step 2/")
-        os.killpg(process.pid, signal.SIGTERM)
+        (os.killpg if target == "group" else os.kill)(process.pid, signum)
         output = process.communicate(timeout=120)[0]
     finally:
         process.kill()
-    # torchrun forwards the signal, waits for its ranks and then reports the signal it got itself
-    # (its own SignalException, status 1); the ranks saved and stopped without an error of theirs.
-    assert output.count("SIGTERM received: saved") == 1  # rank 0 logs for both
-    assert not [line for line in output.splitlines() if line.lstrip().startswith("File") and "/emca/" in line]
-    assert last_progress(tmp_path)["step_in_epoch"] >= 2
+    name, status = signal.Signals(signum).name, 130 if signum == signal.SIGINT else 0
+    assert process.returncode == status, output[-3000:]
+    assert "Traceback" not in output and "closing signal" not in output, output[-3000:]
+    assert [line for line in output.splitlines() if "emca.launch" in line] == [
+        f"emca.launch: {name} forwarded to this node's 2 ranks, which stopped cleanly (exit status {status}, "
+        f"{status}); their log above says what was saved, how to continue"]
+    assert output.count(f"{name} received: saved") == 1  # rank 0 logs for both
+    progress = last_progress(tmp_path)
+    assert progress["epoch"] == 0 and progress["step_in_epoch"] >= 2
+    if resume:  # the folder continues to the end as a single process (exactness: tests/test_train.py)
+        results = train(compose_train(*overrides, "dataset.workers=0", "trainer.resume=auto"), str(tmp_path))
+        assert results["epoch_reached"] == 1
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int:
