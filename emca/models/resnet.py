@@ -5,13 +5,21 @@ attention modules are added as an `attn` child of the blocks that carry one, so 
 (`attention='none'`) loads torchvision weights with strict=True.
 """
 
+import difflib
+import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, SelectAdaptivePool2d, create_classifier
+from timm.models import checkpoint, checkpoint_seq
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from ..engine.checkpoint import describe_architecture
 from ..layers import EMCA
 from ..layers.create_attn import (ATTENTIONS, INTEGRATIONS, AttentionKind, create_attention, create_excitation,
                                   default_integration, is_emca, kind_of, kind_options, option_defaults)
@@ -37,10 +45,14 @@ class AttentionSlot(nn.Module):
         self.after: nn.Module | None = None
         self.source_indices: tuple[int, ...] = ()
         self.edited = False  # a block-place method changed it (emca.layers.create_attn)
+        self.drop_path: nn.Module | None = None  # stochastic depth on the residual branch (timm's DropPath)
 
     def add_shortcut(self, y: torch.Tensor, identity: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         """identity + attention(y). A per-channel gate's multiply and the shortcut's add are one
-        addcmul: one pass over the feature map instead of two, and no gated map kept alive in between."""
+        addcmul: one pass over the feature map instead of two, and no gated map kept alive in between.
+        With stochastic depth, identity + drop_path(attention(y)), as timm's ResNet blocks."""
+        if self.drop_path is not None:
+            return identity + self.drop_path(self.branch(y, sources))
         if self.attn is None:
             return y + identity
         if isinstance(self.attn, EMCA):
@@ -48,6 +60,16 @@ class AttentionSlot(nn.Module):
         if hasattr(self.attn, "factors"):  # a per-channel gate (SE, ECA, SRM, FcaNet)
             return torch.addcmul(identity, y, self.attn.factors(y))
         return self.attn(y) + identity
+
+    def branch(self, y: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The residual branch's output after its attention: what add_shortcut adds to the identity."""
+        if self.attn is None:
+            return y
+        if isinstance(self.attn, EMCA):
+            return y * self.attn.factors(y, sources)
+        if hasattr(self.attn, "factors"):
+            return y * self.attn.factors(y)
+        return self.attn(y)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.after is None else self.after(out)
@@ -89,9 +111,33 @@ def attention_blocks(integration: str, depth: int) -> list[int]:
     raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
 
 
+# The global pools of timm's classifier heads (timm.layers.SelectAdaptivePool2d); '' is none.
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "fast", "")
+
+
+def default_cfg(**kwargs: Any) -> dict[str, Any]:
+    """timm's pretrained_cfg of an EMCA-ResNet: the ImageNet evaluation recipe of the paper (shorter
+    side to 256, 224 px centre crop, bilinear). There are no published weights (no url): a checkpoint
+    of ours is loaded with pretrained_cfg_overlay=dict(file=...) (emca.models.registry)."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "conv1",
+        "classifier": "fc",
+        **kwargs,
+    }
+
+
 class EMCAResNet(tv_resnet.ResNet):
     """torchvision ResNet + an attention method of the table (emca.layers.create_attn), with EMCA's
-    shared pooled descriptors.
+    shared pooled descriptors, and timm's model interface (features_only through forward_intermediates,
+    stochastic depth, grad checkpointing, reset_classifier, group_matcher, pretrained_cfg).
 
     Method options are keyword arguments named as their config fields (se_ratio=8, cbam_reduction=8);
     an option of another method is accepted and ignored, as a config holds every method's fields.
@@ -108,6 +154,10 @@ class EMCAResNet(tv_resnet.ResNet):
         align: str = "repeat",
         include_stem: bool = False,
         zero_init_residual: bool = False,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
         **options: Any,
     ):
         if backbone not in BACKBONES:
@@ -115,17 +165,24 @@ class EMCAResNet(tv_resnet.ResNet):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention '{attention}': choose one of {list(ATTENTIONS)}")
         _check_integration(attention, integration)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
+        for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
         unknown = sorted(set(options) - set(option_defaults()))
         if unknown:
-            raise ValueError(f"unknown attention option {unknown[0]}: choose from {sorted(option_defaults())}")
+            raise TypeError(unknown_keyword(type(self).__name__, unknown[0], accepted_keywords()))
         for key, default in option_defaults().items():  # bool("false") would silently be True
             if isinstance(default, bool) and not isinstance(options.get(key, default), bool):
                 raise ValueError(f"{key} must be true or false, got {options[key]!r}")
         spec = BACKBONES[backbone]
         super().__init__(
-            spec.block, list(spec.stage_depths), num_classes=num_classes, zero_init_residual=zero_init_residual
+            spec.block, list(spec.stage_depths), num_classes=max(num_classes, 1), zero_init_residual=zero_init_residual
         )
         self.backbone_name = backbone
         self.attention_name = attention
@@ -143,20 +200,45 @@ class EMCAResNet(tv_resnet.ResNet):
             self._add_attention(kind_of(attention), integration or default_integration(attention), options,
                                 gating, align)
 
-        self.pretrained_cfg = {
-            "input_size": (3, 224, 224),
-            "crop_pct": 0.875,
-            "interpolation": "bilinear",
-            "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225),
-            "num_classes": num_classes,
-            "first_conv": "conv1",
-            "classifier": "fc",
-        }
+        # timm's interface. The default model (3 channels, avg pool, no dropout or drop path) keeps
+        # torchvision's modules and initialisation: the head is torchvision's pool + flatten + fc.
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.drop_rate = float(drop_rate)
+        self.grad_checkpointing = False
+        self.num_features = self.head_hidden_size = self.stage_channels[-1]
+        if in_chans != 3:
+            self.conv1 = nn.Conv2d(in_chans, self.conv1.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        del self.avgpool
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        if num_classes == 0 or self.global_pool.feat_mult() != 1 or not global_pool:
+            self.reset_classifier(num_classes, global_pool)
+        self._add_drop_path(float(drop_path_rate))
+        self.feature_info = self._feature_info()
+        self.pretrained_cfg = self.default_cfg = default_cfg(num_classes=num_classes, input_size=(in_chans, 224, 224))
 
     @property
     def stage_channels(self) -> list[int]:
         return [_out_channels(stage[-1]) for stage in self._stages]
+
+    def _add_drop_path(self, rate: float) -> None:
+        """Stochastic depth on every block's residual branch, rising linearly from 0 at the first block
+        to `rate` at the last (timm's make_blocks rule)."""
+        blocks = [block for stage in self._stages for block in stage]
+        for index, block in enumerate(blocks):
+            block_rate = rate * index / (len(blocks) - 1)
+            block.drop_path = DropPath(block_rate) if block_rate > 0 else None
+
+    def _feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature_info: the stem (before the max pool) and each stage's output, taken after a
+        stage_end module where one sits there."""
+        info = [dict(num_chs=self.conv1.out_channels, reduction=2, module="relu")]
+        for number, channels in enumerate(self.stage_channels):
+            after = self.stage_attn is not None and not isinstance(self.stage_attn[number], nn.Identity)
+            info.append(dict(num_chs=channels, reduction=2 ** (number + 2),
+                             module=f"stage_attn.{number}" if after else f"layer{number + 1}"))
+        return info
 
     def _add_attention(self, kind: AttentionKind, integration, fields, gating, align):
         carried = kind.stages or range(1, len(self._stages) + 1)
@@ -203,26 +285,49 @@ class EMCAResNet(tv_resnet.ResNet):
         self.pooled_outputs = frozenset(needed)
         self.pooling = kind.pooling
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    @property
+    def reads_descriptors(self) -> bool:
+        """Whether blocks read earlier blocks' pooled outputs (EMCA): they then take two inputs."""
+        return bool(self.pooled_outputs)
+
+    def _run_stages(self, x: torch.Tensor, taps: Sequence[int] = (), last: Optional[int] = None):
+        """The stages 1..last from the stem's max-pooled output; returns (x, [stage outputs in taps])."""
         # Pooled descriptors of the block outputs that some EMCA module reads: each one is computed
         # once here and shared by every module that covers it.
         pooled: dict[int, torch.Tensor] = {}
         if 0 in self.pooled_outputs:
             pooled[0] = pool_descriptor(x, self.pooling)
+        checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
+        outputs = []
         index = 1
-        for number, stage in enumerate(self._stages):
-            for block in stage:
-                x = block(x, [pooled[i] for i in block.source_indices])
-                if index in self.pooled_outputs:
-                    pooled[index] = pool_descriptor(x, self.pooling)
-                index += 1
+        for number, stage in enumerate(self._stages[:last]):
+            if checkpointed and not self.reads_descriptors:
+                x = checkpoint_seq(stage, x)
+                index += len(stage)
+            else:
+                for block in stage:
+                    sources = [pooled[i] for i in block.source_indices]
+                    # timm's checkpoint_seq takes one-input modules; an EMCA block also takes the
+                    # shared descriptors, so it is checkpointed alone with timm's checkpoint.
+                    x = checkpoint(block, x, sources) if checkpointed else block(x, sources)
+                    if index in self.pooled_outputs:
+                        pooled[index] = pool_descriptor(x, self.pooling)
+                    index += 1
             if self.stage_attn is not None:
                 x = self.stage_attn[number](x)
-        return x
+            if number + 1 in taps:
+                outputs.append(x)
+        return x, outputs
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self._run_stages(x)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -230,8 +335,80 @@ class EMCAResNet(tv_resnet.ResNet):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """timm's forward_intermediates (as its ResNet's): feature 0 is the stem before the max pool,
+        1-4 the stages' outputs (feature_info). `indices`: the last n if an int, all if None, else
+        those listed; `norm` does nothing (a ResNet has no final norm)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self._stages) + 1, indices)
+        x = self.relu(self.bn1(self.conv1(x)))
+        intermediates = [x] if 0 in take_indices else []
+        x = self.maxpool(x)
+        x, stages = self._run_stages(x, take_indices, max_index if stop_early else len(self._stages))
+        intermediates += stages
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last one `indices` takes (and the head), as timm's ResNet does."""
+        take_indices, max_index = feature_take_indices(len(self._stages) + 1, indices)
+        for number in range(max_index, len(self._stages)):
+            setattr(self, f"layer{number + 1}", nn.Sequential())  # empty, not Identity: checkpoint_seq iterates it
+            if self.stage_attn is not None:
+                self.stage_attn[number] = nn.Identity()
+        self._stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < len(self._stages):
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < len(self._stages):
+            self.reset_classifier(0, "")
+        return take_indices
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise decay): the stem, then each block (or stage); a
+        stage_end module joins the stage it follows; the classifier, unmatched, comes last."""
+        blocks = r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"
+        if self.stage_attn is None:
+            return dict(stem=r"^conv1|bn1|maxpool", blocks=blocks)
+        after = [(rf"^stage_attn\.{number}\.", (number + 1, MATCH_PREV_GROUP[0]))
+                 for number in range(len(self._stages))]
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=[(blocks, None), *after])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier (0 classes: none, the model returns pooled features) and optionally pool."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
+        weight = self.conv1.weight
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool,
+                                                      device=weight.device, dtype=weight.dtype)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def architecture(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this model."""
@@ -241,8 +418,74 @@ class EMCAResNet(tv_resnet.ResNet):
             "coverage": None
             if self.coverage is None
             else {"stages": self.coverage.stages, "blocks": self.coverage.blocks},
-            "num_classes": self.fc.out_features,
+            "num_classes": self.num_classes,
         }
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict, with weights that do not fit refused in one line (torch's error
+        lists every key on lines of its own): a checkpoint of another architecture, given to timm's
+        checkpoint_path= or loaded by hand."""
+        problem = weights_mismatch(self, state_dict, strict)
+        if problem:
+            raise WeightsMismatchError(f"these weights do not fit {self.describe()}: {problem}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def describe(self) -> str:
+        """One line: backbone / attention / coverage / classes."""
+        return describe_architecture({"architecture": self.architecture()})
+
+
+class WeightsMismatchError(RuntimeError):
+    """A state_dict whose keys or shapes do not fit the model (RuntimeError, as torch's); one line."""
+
+
+def weights_mismatch(model: nn.Module, state_dict: Any, strict: bool = True, skip: Sequence[str] = ()) -> str:
+    """What keeps `state_dict` from loading into `model` ('' when it fits): missing and unexpected
+    keys (when strict) and tensors of another shape; keys starting with one of `skip` are not checked."""
+    if not hasattr(state_dict, "keys"):
+        return f"a state_dict is a mapping of parameter names to tensors, got {type(state_dict).__name__}"
+    def checked(key: str) -> bool:
+        return not any(key.startswith(prefix) for prefix in skip)
+
+    own = {key: value for key, value in model.state_dict().items() if checked(key)}
+    given = {key: value for key, value in state_dict.items() if checked(key)}
+    shapes = [f"{key} {tuple(given[key].shape)} here {tuple(value.shape)}" for key, value in own.items()
+              if key in given and hasattr(given[key], "shape") and tuple(given[key].shape) != tuple(value.shape)]
+    missing = [key for key in own if key not in given] if strict else []
+    unexpected = [key for key in given if key not in own] if strict else []
+
+    def listed(what: str, keys: list[str]) -> str:
+        return f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+    parts = [listed(what, keys) for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+    return "; ".join(parts)
+
+
+# The keywords of timm's create_model and build_model_with_cfg that an entrypoint passes on.
+TIMM_KEYWORDS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                 "features_only", "out_indices", "feature_cls")
+
+
+def accepted_keywords(backbone_fixed: bool = False) -> dict[str, list[str]]:
+    """The keywords EMCAResNet takes, by kind: its own arguments (without `backbone` where a timm
+    name fixes it), the attention table's options and, for an entrypoint, timm's."""
+    own = [name for name, parameter in inspect.signature(EMCAResNet.__init__).parameters.items()
+           if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name != "self"]
+    accepted = {"model": [name for name in own if not (backbone_fixed and name == "backbone")],
+                "attention options": sorted(option_defaults())}
+    if backbone_fixed:
+        accepted["timm"] = list(TIMM_KEYWORDS)
+    return accepted
+
+
+def unknown_keyword(owner: str, keyword: str, accepted: dict[str, list[str]]) -> str:
+    """The one-line error for an unknown keyword argument, naming the accepted ones."""
+    names = [name for group in accepted.values() for name in group]
+    close = difflib.get_close_matches(keyword, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    listed = "; ".join(f"{group}: {', '.join(group_names)}" for group, group_names in accepted.items())
+    return f"{owner}() got an unexpected keyword argument '{keyword}'{hint}; it accepts {listed}"
 
 
 def _named_errors(kind: AttentionKind, options: dict[str, Any], build, *args, **kwargs):
