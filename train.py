@@ -2,7 +2,7 @@
 
     python train.py                                   # digits on CPU, the defaults in configs/train.yaml
     python train.py dataset=imagenet backbone=resnet50 attention=emca_se trainer=gpu
-    torchrun --nproc_per_node=8 train.py dataset=imagenet ...        # DDP, one process per device
+    python -m emca.launch --nproc_per_node=8 train.py dataset=imagenet ...   # DDP (torchrun with a clean stop)
     python train.py -m attention=emca_se,emca_eca coverage=none,prev_stage_all   # a sweep
     python train.py hydra.run.dir=outputs/run1 trainer.resume=auto                # continue a run
 

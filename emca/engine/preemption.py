@@ -4,14 +4,15 @@
 The handler only raises a flag; the training loop finishes its current step (or abandons the
 validation pass), saves last.pt and stops: exit status 0, or 130 after SIGINT, the shell's code for
 an interrupted command. `hydra.run.dir=<run folder> trainer.resume=auto` continues the run. A
-repeated signal changes nothing: torchrun forwards to its ranks the SIGINT or SIGTERM that the
-whole process group already received, so a second Ctrl-C cannot mean "abort". A handler that was
+repeated signal changes nothing: a stop can reach a rank twice (a terminal's Ctrl-C, then the
+launcher's forward of it; torchrun starts each rank in a session of its own and forwards the signal
+it gets), so a second Ctrl-C cannot mean "abort". A handler that was
 installed before ours (e.g. submitit's requeue handler) is called after the save.
 
 Before training starts (listing and screening a dataset can take minutes) there is nothing to
 save: a signal then stops the run at once, raising StoppedBeforeTraining from the handler.
 
-torchrun, SLURM and a terminal's Ctrl-C signal the whole process group, DataLoader workers
+SLURM and a terminal's Ctrl-C signal the whole process group, DataLoader workers
 included: a worker killed by the signal would take the epoch down with it. Workers therefore start
 with the stop signals blocked (the mask is inherited through fork and exec, `stop_signals_blocked`),
 and each one moves to a process group of its own before unblocking them (`detach_worker`): the
