@@ -50,8 +50,9 @@ class AttentionSlot(nn.Module):
     def add_shortcut(self, y: torch.Tensor, identity: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
         """identity + attention(y). A per-channel gate's multiply and the shortcut's add are one
         addcmul: one pass over the feature map instead of two, and no gated map kept alive in between.
-        With stochastic depth, identity + drop_path(attention(y)), as timm's ResNet blocks."""
-        if self.drop_path is not None:
+        With stochastic depth (in training: DropPath is the identity in eval mode, where the fused
+        form stays), identity + drop_path(attention(y)), as timm's ResNet blocks."""
+        if self.drop_path is not None and self.training:
             return identity + self.drop_path(self.branch(y, sources))
         if self.attn is None:
             return y + identity
@@ -109,6 +110,40 @@ def attention_blocks(integration: str, depth: int) -> list[int]:
     if integration == "last":
         return [depth - 1]
     raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
+
+
+class Descriptors:
+    """One forward pass's pooled block outputs that EMCA modules read: each one is computed once, as
+    its block finishes, and shared by every module that covers it. Runs the stages' blocks."""
+
+    def __init__(self, model: "EMCAResNet", stem: torch.Tensor):
+        self.wanted, self.pooling = model.pooled_outputs, model.pooling
+        self.checkpointed = model.grad_checkpointing and not torch.jit.is_scripting()
+        self.pooled: dict[int, torch.Tensor] = {0: pool_descriptor(stem, self.pooling)} if 0 in self.wanted else {}
+        self.index = 1  # of the next block output (0: the stem's)
+
+    def run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and not self.wanted:
+            self.index += len(blocks)
+            return checkpoint_seq(blocks, x)
+        for block in blocks:
+            sources = [self.pooled[i] for i in block.source_indices]
+            # timm's checkpoint_seq takes one-input modules; an EMCA block also takes the shared
+            # descriptors, so it is checkpointed alone with timm's checkpoint.
+            x = checkpoint(block, x, sources) if self.checkpointed else block(x, sources)
+            if self.index in self.wanted:
+                self.pooled[self.index] = pool_descriptor(x, self.pooling)
+            self.index += 1
+        return x
+
+
+class Stage(nn.Sequential):
+    """torchvision's stage, an nn.Sequential of blocks (same state_dict keys), called as one module
+    (so that forward hooks on layer1..layer4 fire) with the pass's Descriptors; without them, a chain
+    of one-input blocks (a model without EMCA, as timm's FeatureListNet runs it)."""
+
+    def forward(self, x: torch.Tensor, descriptors: Optional[Descriptors] = None) -> torch.Tensor:
+        return super().forward(x) if descriptors is None else descriptors.run(self, x)
 
 
 # The global pools of timm's classifier heads (timm.layers.SelectAdaptivePool2d); '' is none.
@@ -184,6 +219,8 @@ class EMCAResNet(tv_resnet.ResNet):
         super().__init__(
             spec.block, list(spec.stage_depths), num_classes=max(num_classes, 1), zero_init_residual=zero_init_residual
         )
+        for number in range(1, len(spec.stage_depths) + 1):  # the same modules (and keys), run as one module each
+            setattr(self, f"layer{number}", Stage(*getattr(self, f"layer{number}")))
         self.backbone_name = backbone
         self.attention_name = attention
         self.stage_depths = spec.stage_depths
@@ -285,34 +322,12 @@ class EMCAResNet(tv_resnet.ResNet):
         self.pooled_outputs = frozenset(needed)
         self.pooling = kind.pooling
 
-    @property
-    def reads_descriptors(self) -> bool:
-        """Whether blocks read earlier blocks' pooled outputs (EMCA): they then take two inputs."""
-        return bool(self.pooled_outputs)
-
     def _run_stages(self, x: torch.Tensor, taps: Sequence[int] = (), last: Optional[int] = None):
         """The stages 1..last from the stem's max-pooled output; returns (x, [stage outputs in taps])."""
-        # Pooled descriptors of the block outputs that some EMCA module reads: each one is computed
-        # once here and shared by every module that covers it.
-        pooled: dict[int, torch.Tensor] = {}
-        if 0 in self.pooled_outputs:
-            pooled[0] = pool_descriptor(x, self.pooling)
-        checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
+        descriptors = Descriptors(self, x)
         outputs = []
-        index = 1
         for number, stage in enumerate(self._stages[:last]):
-            if checkpointed and not self.reads_descriptors:
-                x = checkpoint_seq(stage, x)
-                index += len(stage)
-            else:
-                for block in stage:
-                    sources = [pooled[i] for i in block.source_indices]
-                    # timm's checkpoint_seq takes one-input modules; an EMCA block also takes the
-                    # shared descriptors, so it is checkpointed alone with timm's checkpoint.
-                    x = checkpoint(block, x, sources) if checkpointed else block(x, sources)
-                    if index in self.pooled_outputs:
-                        pooled[index] = pool_descriptor(x, self.pooling)
-                    index += 1
+            x = stage(x, descriptors)
             if self.stage_attn is not None:
                 x = self.stage_attn[number](x)
             if number + 1 in taps:
@@ -363,7 +378,7 @@ class EMCAResNet(tv_resnet.ResNet):
         """Drop the stages after the last one `indices` takes (and the head), as timm's ResNet does."""
         take_indices, max_index = feature_take_indices(len(self._stages) + 1, indices)
         for number in range(max_index, len(self._stages)):
-            setattr(self, f"layer{number + 1}", nn.Sequential())  # empty, not Identity: checkpoint_seq iterates it
+            setattr(self, f"layer{number + 1}", Stage())  # empty, not Identity: checkpoint_seq iterates it
             if self.stage_attn is not None:
                 self.stage_attn[number] = nn.Identity()
         self._stages = (self.layer1, self.layer2, self.layer3, self.layer4)
@@ -449,7 +464,7 @@ def weights_mismatch(model: nn.Module, state_dict: Any, strict: bool = True, ski
 
     own = {key: value for key, value in model.state_dict().items() if checked(key)}
     given = {key: value for key, value in state_dict.items() if checked(key)}
-    shapes = [f"{key} {tuple(given[key].shape)} here {tuple(value.shape)}" for key, value in own.items()
+    shapes = [f"{key}: {tuple(given[key].shape)}, here {tuple(value.shape)}" for key, value in own.items()
               if key in given and hasattr(given[key], "shape") and tuple(given[key].shape) != tuple(value.shape)]
     missing = [key for key in own if key not in given] if strict else []
     unexpected = [key for key in given if key not in own] if strict else []
