@@ -174,6 +174,17 @@ class TrainerConfig:
 
 
 @dataclass
+class ModelInitConfig:
+    """Where a new run's initial weights come from (trainer.resume continues a run instead)."""
+
+    # A train.py checkpoint or a state_dict file (e.g. a torchvision ResNet's): the tensors whose names
+    # the model has are loaded (their shapes must agree), the others keep their initialisation.
+    init_from: Optional[str] = None
+    # Modules (name prefixes) not taken from init_from, e.g. [fc] to fine-tune on another number of classes.
+    init_exclude: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     backbone: BackboneConfig = MISSING
     attention: AttentionConfig = MISSING
@@ -182,6 +193,7 @@ class TrainConfig:
     loader: LoaderConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    model: ModelInitConfig = field(default_factory=ModelInitConfig)
 
 
 def _run_dir(default: str) -> str:

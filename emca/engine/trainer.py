@@ -32,6 +32,7 @@ from emca.engine.checkpoint import CheckpointError, CheckpointStore, architectur
 from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
                                      silence_non_main_logging)
 from emca.engine.ema import build_weight_average
+from emca.engine.initialisation import initialise_from
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
 from emca.engine.mixing import build_mixing
 from emca.engine.optim import build_criterion, build_optimizer, describe_optimizer
@@ -207,6 +208,9 @@ class Trainer:
         )
         check_model_options(cfg.backbone, cfg.attention)
         model = build_model(cfg.backbone, cfg.attention, cfg.coverage, num_classes=self.data.num_classes)
+        self.initialisation = (
+            initialise_from(model, cfg.model.init_from, cfg.model.init_exclude) if cfg.model.init_from else None
+        )
         self.parameters = count_parameters(model)
         self.gflops = measure_gflops(model, cfg.dataset.image_size)
         self.fingerprint = architecture_fingerprint(model)
@@ -250,6 +254,8 @@ class Trainer:
         arch = self.fingerprint["architecture"]
         coverage = f" coverage={self.coverage_name}" if self.coverage_name else ""
         log.info(f"run folder {self.run_dir}")
+        if self.initialisation is not None:
+            log.info(self.initialisation.summary())
         log.info(f"model {arch['backbone']} attention={cfg.attention.name}{coverage}: {self.parameters / 1e6:.3f} M "
                  f"parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px")
         log.info(f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} "
@@ -554,6 +560,8 @@ class Trainer:
             "final": {key: value for key, value in final.items() if key == "epoch" or "val_" in key},
             "best": progress.best,
             "best_metric": self.best_metric,
+            # model.init_from: the file and how many tensors came from it (null: initialised as built).
+            "init_from": self.initialisation.record() if self.initialisation is not None else None,
             "epoch_reached": progress.epoch,
             "epochs": self.epochs,
             "params": self.parameters,
