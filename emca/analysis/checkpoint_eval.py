@@ -37,19 +37,11 @@ from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.models import coverage_name
 from emca.data import build_loaders
 from emca.data.folder import ImageList
-from emca.engine.checkpoint import (
-    CHECKPOINT_DIR,
-    architecture_fingerprint,
-    atomic_write,
-    check_fingerprint,
-    describe_architecture,
-    load_checkpoint,
-)
+from emca.engine.checkpoint import CHECKPOINT_DIR, atomic_write, describe_architecture
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
 from emca.engine.precision import amp_dtype as parse_amp
-from emca.models import attention_modules, build_model
-from emca.models.config import check_model_options
+from emca.models import attention_modules, loading
 from emca.models.summary import count_parameters, measure_gflops
 from emca.options import is_int, require, require_int
 
@@ -66,34 +58,15 @@ class EvalError(ValueError):
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's contents, with the one-line errors eval.py reports for unusable files."""
-    # CheckpointError for a missing, folder or damaged file; the architecture is checked once the
-    # model its configuration describes is built (restore_model).
-    state = load_checkpoint(path, option="checkpoint")
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise EvalError(
-            f"{path} holds no training configuration ('config'); eval.py needs a checkpoint written by train.py"
-        )
-    if "fingerprint" not in state:
-        raise EvalError(f"{path} has no architecture fingerprint; eval.py needs a checkpoint written by train.py")
-    return state
+    """The checkpoint's contents, with the one-line errors eval.py reports for unusable files
+    (emca.models.loading.read_checkpoint, shared with emca.load_model)."""
+    return loading.read_checkpoint(path, EvalError, "eval.py")
 
 
 def restore_model(path: Path, state: dict[str, Any], ema: bool = False) -> torch.nn.Module:
     """The run's model with the checkpoint's weights (on the CPU): the trained ones, or with `ema`
     their exponential moving average (a run trained with trainer.ema)."""
-    train_cfg = state["config"]
-    num_classes = state["fingerprint"]["architecture"]["num_classes"]
-    try:
-        check_model_options(train_cfg["backbone"], train_cfg["attention"])
-        model = build_model(train_cfg["backbone"], train_cfg["attention"], train_cfg["coverage"], num_classes)
-    except (KeyError, ValueError) as error:
-        raise EvalError(f"{path}: its configuration does not describe a model this code can build ({error})") from error
-    check_fingerprint(state, path, architecture_fingerprint(model))
-    if ema and state.get("ema") is None:
-        raise EvalError(f"{path} holds no EMA weights (its run had trainer.ema.decay=null); drop ema=true")
-    model.load_state_dict(state["ema"] if ema else state["model"])
-    return model
+    return loading.restore_model(path, state, ema, EvalError, "drop ema=true")
 
 
 def data_configs(train_cfg: dict[str, Any], cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:

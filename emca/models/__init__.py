@@ -8,7 +8,8 @@ from . import registry  # noqa: F401  (registers the emca_* names with timm)
 from .coverage import PRESETS as COVERAGE_PRESETS
 from .coverage import CoverageRegion, coverage_name, coverage_sources
 from ..layers.create_attn import ATTENTIONS, INTEGRATIONS, default_integration, option_defaults
-from .resnet import BACKBONES, EMCAResNet
+from .resnet import BACKBONES, EMCAResNet, WeightsMismatchError
+from .loading import EvalTransform, LoadedModel, load_model
 
 
 def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) -> EMCAResNet:
@@ -52,9 +53,13 @@ __all__ = [
     "INTEGRATIONS",
     "CoverageRegion",
     "EMCAResNet",
+    "EvalTransform",
+    "LoadedModel",
+    "WeightsMismatchError",
     "attention_modules",
     "build_model",
     "coverage_name",
     "coverage_sources",
     "default_integration",
+    "load_model",
 ]
