@@ -1,14 +1,21 @@
 """Each attention method's own published ResNet-50 figures, with their sources (as paper_reference.py
 holds the EMCA paper's).
 
-Units are the method paper's: parameters in decimal millions, GFLOPs as that paper counts them (every
-one of these counts multiply-accumulates, but conventions differ in what else they count: the same
-plain ResNet-50 is 3.858, 3.86, 4.1 or 4.12 GFLOPs). A method's GFLOPs are therefore compared as its
-increment over the same paper's plain ResNet-50 (`base_gflops`), which cancels the convention.
+Units are the method paper's: parameters in decimal millions (`params_unit`: CBAM's 28.09, BAM's 25.92,
+... are our sum(numel) / 10^6 to their digits; in the EMCA paper's 2^20 they would be 26.79, 24.72, ...),
+GFLOPs in 10^9 multiply-accumulates (`gflops_unit`). Where the unit can be told it is 10^9: A2-Nets' plain
+ResNet-50, 4.1, is torchvision's 4.09 x 10^9 conv and linear MACs (3.81 in 2^30), and the 4.12 of the
+FcaNet / SA-Net / GC tables is that and a little more (4.12 x 2^30 would be 4.42 x 10^9); CBAM's and
+BAM's plain 3.858 / 3.86 cannot be placed, and at their increments' printed digits (+0.006, +0.08)
+ours print the same in either unit. Conventions differ in what else a counter counts (the same plain
+ResNet-50 is 3.858, 3.86, 4.1 or 4.12 GFLOPs), so a method's GFLOPs are compared as its increment over
+the same paper's plain ResNet-50 (`base_gflops`), which cancels the convention, unless `gflops_absolute`
+says that the two figures are not of one count (EPSANet).
 
 `reproduced` says whether our model of the method matches the printed figures to their digits
 (tests/test_attention_table.py checks both ways, so a fixed gap or a new one fails a test); `note`
-says why not where it does not.
+says why not where it does not. emca/analysis/tables.py sets these figures beside ours in Table 5,
+compared in these units at these digits.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ class MethodReference:
     source: str
     reproduced: bool = True
     note: str = ""
+    params_unit: int = 10**6  # what the printed #P counts in
+    gflops_unit: int = 10**9  # what the printed GFLOPs count in (multiply-accumulates)
+    # Compare the printed GFLOPs as they stand, not as an increment over base_gflops: for a figure
+    # printed without a plain ResNet-50 of the same count.
+    gflops_absolute: bool = False
 
 
 METHOD_REFERENCES: dict[str, MethodReference] = {
@@ -40,8 +52,14 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
                            "Qin et al., ICCV 2021, ImageNet comparison table; top-1 from cfzd/FcaNet README"),
     "sa": MethodReference("SANet", 25.56, 2, 4.12, 4.12, 2, 77.72,
                           "Zhang & Yang, ICASSP 2021, abstract (+2.76e-3 GFLOPs) and wofmanaf/SA-Net README"),
+    # The README prints EPSANet-50 (Small) at 3.62 with no plain ResNet-50 of its own; the 4.12 beside it
+    # is the plain ResNet-50 of the other papers' tables (FcaNet's, SA-Net's, GC's), not of the count
+    # that gave 3.62: the EMCA paper's counter (PAPER.md §6) in 10^9 gives EPSANet-50 3.62, the printed
+    # figure, and the plain ResNet-50 4.11. So the printed figure itself is compared (tables.py); the
+    # increment 3.62 - 4.12 mixes two counts (tests/test_tables_units.py checks both claims).
     "epsa": MethodReference("EPSANet", 22.56, 2, 3.62, 4.12, 2, 77.49,
-                            "Zhang et al., 2021, murufeng/EPSANet README model zoo, EPSANet-50 (Small)"),
+                            "Zhang et al., 2021, murufeng/EPSANet README model zoo, EPSANet-50 (Small)",
+                            gflops_absolute=True),
     "a2": MethodReference(
         "A2-Nets", 33.0, 1, 6.5, 4.1, 1, 77.0, "Chen et al., NeurIPS 2018, ImageNet table (ResNet-50 + 5 A2 blocks)",
         reproduced=False,

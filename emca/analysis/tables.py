@@ -11,12 +11,15 @@ The experiment presets in configs/experiment/ sweep exactly the variants of thes
 
 from __future__ import annotations
 
+import functools
+import math
 import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from emca.analysis import paper_reference as paper
-from emca.analysis.method_reference import METHOD_REFERENCES
+from emca.analysis.complexity import build_variant, paper_gflops
+from emca.analysis.method_reference import METHOD_REFERENCES, MethodReference
 from emca.analysis.paper_reference import Reference
 from emca.analysis.variants import Variant, channel_attention, emca, plain
 from emca.layers.create_attn import ATTENTION_KINDS, default_integration
@@ -77,6 +80,9 @@ class Entry:
     group: Optional[str]  # column block (SE / ECA / SRM) of wide tables; None in long tables
     variant: Optional[Variant]  # None: a paper row the framework does not implement
     reference: Optional[Reference]
+    # The method paper's own figures where the reference's #P and GFLOPs come from them (Table 5's other
+    # methods): the cells then compare in that paper's units at its printed digits (own_unit_comparison).
+    own: Optional[MethodReference] = None
 
 
 @dataclass(frozen=True)
@@ -179,15 +185,16 @@ def _table5() -> TableSpec:
         if kind.name in KINDS:
             continue
         entries.append(Entry(backbone, kind.label, None, Variant(backbone, kind.name, default_integration(kind.name)),
-                             _other_method_reference(kind.name, kind.label)))
+                             _other_method_reference(kind.name, kind.label), METHOD_REFERENCES.get(kind.name)))
         if kind.excitation is not None:
             variant = emca(backbone, kind.name, DEFAULT_COVERAGE)
             entries.append(Entry(backbone, f"EMCA-{kind.label}", None, variant, None))
     return TableSpec("table5", "Table 5", "EMCA against other attention methods (R-50). Rows of the other methods: "
-                     "top-1 as the paper's Table 5, #P from the method's own paper (decimal M converted to 2^20), "
-                     "GFLOPs its paper's increment over the plain R-50 added to this paper's R-50 "
-                     "(emca/analysis/method_reference.py)", "method", ("params", "gflops", "top1", "top5"),
-                     tuple(entries))
+                     "top-1 as the paper's Table 5; #P and GFLOPs from the method's own paper converted to this "
+                     "paper's units (#P from 10^6; GFLOPs its paper's increment over its plain R-50, from 10^9, added "
+                     "to this paper's R-50, or for EPSANet its printed figure), and in brackets ours and theirs in "
+                     "that paper's unit at its printed digits (emca/analysis/method_reference.py)", "method",
+                     ("params", "gflops", "top1", "top5"), tuple(entries))
 
 
 def _other_method_reference(name: str, label: str) -> Optional[Reference]:
@@ -196,8 +203,46 @@ def _other_method_reference(name: str, label: str) -> Optional[Reference]:
     if own is None:
         return None
     base = paper.TABLE_4_5[(paper.TABLE_5_BACKBONE, "ResNet")].gflops
-    return Reference(params=round(own.params * 1e6 / paper.PARAM_UNIT, 3),
-                     gflops=round(base + own.gflops - own.base_gflops, 3), top1=paper.TABLE_5_OTHERS.get(label))
+    scale = own.gflops_unit / paper.GFLOP_UNIT
+    gflops = own.gflops * scale if own.gflops_absolute else base + (own.gflops - own.base_gflops) * scale
+    return Reference(params=round(own.params * own.params_unit / paper.PARAM_UNIT, 3), gflops=round(gflops, 3),
+                     top1=paper.TABLE_5_OTHERS.get(label))
+
+
+def _unit_text(unit: int) -> str:
+    """'10^6', '2^20': a unit as the notes write it."""
+    for base in (10, 2):
+        exponent = round(math.log(unit, base))
+        if base**exponent == unit:
+            return f"{base}^{exponent}"
+    return str(unit)
+
+
+def _printed(value: float, digits: int, signed: bool = False) -> str:
+    value = round(value, digits) + 0.0  # + 0.0: no '-0.00'
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def own_unit_comparison(own: MethodReference, key: str, ours: float, plain_gflops: Optional[float] = None
+                        ) -> Optional[tuple[str, bool]]:
+    """('10^6: 28.09 / 28.09', True): ours beside a method paper's own figure in that paper's unit and at its
+    printed digits, and whether the two print the same. #P as counted; GFLOPs as the increment over the plain
+    ResNet-50 (its paper's base_gflops, ours `plain_gflops`), or as printed for a figure without a plain
+    ResNet-50 of its count (gflops_absolute). `ours` and `plain_gflops` are in this table's units (the EMCA
+    paper's); None for another metric, or a GFLOPs increment without `plain_gflops`."""
+    if key == "params":
+        ours, theirs, over = ours * paper.PARAM_UNIT / own.params_unit, own.params, None
+        unit, digits = own.params_unit, own.params_digits
+    elif key == "gflops" and (own.gflops_absolute or plain_gflops is not None):
+        scale, unit, digits = paper.GFLOP_UNIT / own.gflops_unit, own.gflops_unit, own.gflops_digits
+        if own.gflops_absolute:
+            ours, theirs, over = ours * scale, own.gflops, None
+        else:
+            ours, theirs, over = (ours - plain_gflops) * scale, own.gflops - own.base_gflops, "R-50"
+    else:
+        return None
+    texts = [_printed(value, digits, signed=over is not None) for value in (ours, theirs)]
+    return f"{_unit_text(unit)}{f' over {over}' if over else ''}: {texts[0]} / {texts[1]}", texts[0] == texts[1]
 
 
 def _table9() -> TableSpec:
@@ -259,11 +304,12 @@ class Table:
 
 @dataclass(frozen=True)
 class KnownDifference:
-    """Why our parameter count of some variants cannot print as the paper's (each claim checked
-    by computing it in tests/test_tables_units.py)."""
+    """Why some cells of some variants cannot print as the published figure (each claim checked by
+    computing it in tests/test_tables_units.py): one note per cause, shown where such a cell is."""
 
     applies: Callable[[Variant], bool]
     note: str
+    metrics: tuple[str, ...] = ("params",)  # the columns whose cells it explains
 
 
 PARAM_DIFFERENCES = (
@@ -286,6 +332,38 @@ PARAM_DIFFERENCES = (
         "they are 11,733,043 / 11,733,046 = 11.190.",
     ),
 )
+
+
+def _method(name: str) -> Callable[[Variant], bool]:
+    return lambda variant: variant.attention == name
+
+
+# Table 5's other methods, whose cells compare with their own papers' figures in those papers' units at
+# their printed digits (own_unit_comparison): where ours still print differently, why.
+METHOD_DIFFERENCES = (
+    KnownDifference(
+        _method("cbam"),
+        "GFLOPs of CBAM: its paper's +0.006 over its plain ResNet-50 is ours counted over convolutions and linear "
+        "layers alone; this column's counter (the EMCA paper's) also counts 1 per averaged element and 2 per "
+        "BatchNorm output, which CBAM's two average poolings (over space for its channel gate, over channels for "
+        "its spatial gate) and its spatial gate's BatchNorm raise by 0.011 x 10^9.",
+        ("gflops",),
+    ),
+    *(
+        KnownDifference(_method(name), f"#P and GFLOPs of {own.label}: not reproduced; {own.note}.",
+                        ("params", "gflops"))
+        for name, own in METHOD_REFERENCES.items()
+        if not own.reproduced
+    ),
+)
+KNOWN_DIFFERENCES = PARAM_DIFFERENCES + METHOD_DIFFERENCES
+
+
+def difference_notes(differing: Iterable[tuple[Variant, str]]) -> list[str]:
+    """The notes of the known differences that explain some of these (variant, metric) cells."""
+    differing = list(differing)
+    return [known.note for known in KNOWN_DIFFERENCES
+            if any(key in known.metrics and known.applies(variant) for variant, key in differing)]
 
 
 def format_number(value: Optional[float], digits: int) -> str:
@@ -338,6 +416,31 @@ def _params_differ(values: Sequence[float], reference: Optional[float]) -> bool:
     )
 
 
+def reference_cell(entry: Optional[Entry], key: str, values: Sequence[float], comparable: bool = True,
+                   plain_gflops: Optional[float] = None) -> tuple[str, bool]:
+    """The cell of one metric of one entry, and whether it differs from the published figure (a cell a
+    note must explain): #P digit for digit in the paper's unit; for a row of a method's own paper, #P and
+    GFLOPs in that paper's unit at its printed digits, in brackets (`plain_gflops`: our plain ResNet-50's,
+    for GFLOPs increments). GFLOPs of the paper's own rows agree within 0.5 % (units_note), not to the digit."""
+    metric = METRICS[key]
+    reference = getattr(entry.reference, key, None) if entry and entry.reference else None
+    text = compare_cell(values, reference, metric, comparable)
+    if not values or reference is None or not comparable or not metric.published:
+        return text, False
+    if entry.own is not None:
+        comparison = own_unit_comparison(entry.own, key, statistics.fmean(values), plain_gflops)
+        if comparison is not None:
+            bracket, same = comparison
+            return f"{format_ours(values, metric)} / {format_number(reference, metric.digits)} ({bracket})", not same
+    return text, key == "params" and _params_differ(values, reference)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_gflops(backbone: str, image_size: int) -> float:
+    """Our plain ResNet's GFLOPs in the paper's unit (for a run table's GFLOPs increments)."""
+    return paper_gflops(build_variant(plain(backbone)), image_size)
+
+
 def fill_table(spec: TableSpec, measured: Mapping[Variant, Measured], full: bool = False) -> Table:
     """The spec with our numbers (by variant) beside the paper's: only the rows some run fills,
     or every row of the paper's layout with `full` (missing variants are gaps)."""
@@ -361,15 +464,20 @@ def fill_table(spec: TableSpec, measured: Mapping[Variant, Measured], full: bool
             for key, metric in metrics:
                 reference = getattr(entry.reference, key, None) if entry and entry.reference else None
                 values = tuple(cell.values.get(key, ())) if cell else ()
-                row.append(compare_cell(values, reference, metric, comparable))
+                # A method paper's GFLOPs increment needs our plain ResNet's, which the runs may not have.
+                own = entry.own if entry else None
+                increment = bool(values) and key == "gflops" and comparable and own and not own.gflops_absolute
+                plain_gflops = _plain_gflops(backbone, spec.protocol[1]) if increment else None
+                text, differs = reference_cell(entry, key, values, comparable, plain_gflops)
+                row.append(text)
                 records.append(
                     _record(spec.name, backbone, row_label, group, key, values, reference, metric, comparable)
                 )
-                if key == "params" and comparable and _params_differ(values, reference):
-                    differing.append(entry.variant)
+                if differs:
+                    differing.append((entry.variant, key))
         rows.append(row)
     notes = _cell_notes(spec, [measured[v] for v in spec.variants() if v in measured], apart)
-    notes += [known.note for known in PARAM_DIFFERENCES if any(map(known.applies, differing))]
+    notes += difference_notes(differing)
     if left_out:
         notes.append(
             f"Only the rows our runs fill ({left_out} of the paper's left out): make_tables --full prints them all."
@@ -404,12 +512,20 @@ def _protocol_text(protocol: tuple[Optional[str], Optional[int]]) -> str:
     return f"{dataset or 'an unrecorded dataset'} at {f'{size} px' if size else 'an unrecorded size'}"
 
 
+def _own_rows_text(spec: TableSpec) -> str:
+    """How the rows of other methods' papers read, for a table that has some."""
+    if not any(entry.own for entry in spec.entries):
+        return ""
+    return ("; rows of other methods' papers: #P and GFLOPs with ours / theirs in that paper's unit at its printed "
+            "digits in brackets")
+
+
 def _cell_notes(spec: TableSpec, shown: list[Measured], apart: Mapping[tuple, list[str]]) -> list[str]:
     """How to read the cells: format, units, repeats, and which cells stand alone and why."""
     if not any(METRICS[key].published for key in spec.metrics):
         notes, apart = ["Cells: ours ('–' = not measured); PAPER.md has no published values."], {}
     else:
-        notes = ["Cells: ours / paper (ours - paper); '–' = not measured or not published."]
+        notes = ["Cells: ours / paper (ours - paper)" + _own_rows_text(spec) + "; '–' = not measured or not published."]
     if any(len(values) > 1 for cell in shown for key, values in cell.values.items() if not METRICS[key].per_model):
         notes.append("Repeated runs of a variant (seeds): mean ± sample standard deviation (n = runs).")
     if any(key.startswith("top1_rot") for key in spec.metrics):
@@ -441,20 +557,20 @@ def complexity_table(spec: TableSpec, counts: Mapping[Variant, tuple[int, float]
             "delta_gflops": gflops - base_gflops, "paper_delta_gflops": _minus(reference.gflops, paper_base.gflops),
         }
         label = entry.row if entry.group is None else f"{entry.row} {entry.group}"
-        rows.append([paper.SHORT_NAME.get(backbone, backbone), label,
-                     compare_cell((params,), reference.params, METRICS["params"]),
-                     compare_cell((gflops,), reference.gflops, METRICS["gflops"], comparable),
+        params_cell, params_differ = reference_cell(entry, "params", (params,))
+        gflops_cell, gflops_differ = reference_cell(entry, "gflops", (gflops,), comparable, base_gflops)
+        rows.append([paper.SHORT_NAME.get(backbone, backbone), label, params_cell, gflops_cell,
                      _delta_cell(values["delta_params_m"], values["paper_delta_params_m"], True),
                      _delta_cell(values["delta_gflops"], values["paper_delta_gflops"], comparable)])
         records.append({"table": spec.name, "backbone": backbone, "row": label, **values})
-        if _params_differ((params,), reference.params):
-            differing.append(variant)
-    notes = ["Cells: ours / paper (ours - paper). Ours: counted on each model built with the paper's options "
-             "(SE without biases) and 1000 classes."] + units_note(["params", "gflops"])
+        differing += [(variant, key) for key, differs in (("params", params_differ), ("gflops", gflops_differ))
+                      if differs]
+    notes = ["Cells: ours / paper (ours - paper)" + _own_rows_text(spec) + ". Ours: counted on each model built "
+             "with the paper's options (SE without biases) and 1000 classes."] + units_note(["params", "gflops"])
     notes.append("Δ: increase over the plain ResNet of the same backbone (the paper's from its Table 4 ResNet rows).")
     if not comparable:
         notes.append(f"GFLOPs at {image_size} px, ours alone (the paper's are at {spec.protocol[1]} px).")
-    notes += [known.note for known in PARAM_DIFFERENCES if any(map(known.applies, differing))]
+    notes += difference_notes(differing)
     return Table(f"{spec.name}_complexity", f"{spec.title}: complexity", f"{spec.caption}: complexity",
                  header, rows, records, notes)
 
