@@ -28,7 +28,7 @@ class DatasetConfig:
     # null: read from the train folder; a configured value must agree with the folder.
     num_classes: Optional[int] = None
     image_size: int = 224
-    # Shorter side before the validation centre crop; null: round(image_size / 0.875).
+    # Shorter side before the validation centre crop; null: round(val_image_size / 0.875).
     val_resize: Optional[int] = None
     # GLOBAL batch size, split evenly over ranks.
     batch_size: int = 256

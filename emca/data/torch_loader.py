@@ -18,6 +18,7 @@ from emca.engine.preemption import detach_worker, stop_signals_blocked
 
 from .errors import DatasetError
 from .folder import ImageList, describe_failure, open_image
+from .policies import TorchvisionAugment
 from .sampling import derive_seed
 from .transforms import BatchNormalizer, Preprocessing, train_image, val_image
 
@@ -52,6 +53,7 @@ class ImageListDataset(Dataset):
     def __init__(self, images: ImageList, prep: Preprocessing, train: bool):
         self.paths, self.labels = images.paths, images.labels
         self.prep, self.train = prep, train
+        self.augment = TorchvisionAugment.from_preprocessing(prep) if train else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,7 +67,10 @@ class ImageListDataset(Dataset):
             raise DatasetError(describe_failure(path, error).describe(path)) from None
         if self.train:
             # Distinct integer seeds give independent Mersenne-Twister streams.
-            image = train_image(image, self.prep, random.Random((epoch_seed << 32) | index))
+            rng = random.Random((epoch_seed << 32) | index)
+            image = train_image(image, self.prep, rng)
+            if self.augment is not None:
+                image = self.augment(image, rng)
         else:
             image = val_image(image, self.prep)
         return image, int(self.labels[index])

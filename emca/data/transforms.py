@@ -10,13 +10,18 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from emca.options import is_int, require, require_int
+
+from .config import DatasetConfig
 from .errors import DatasetError
+from .policies import POLICIES, RANDAUGMENT_BINS
 
 TRAIN_CROPS = ("random_resized", "pad_random")
 
@@ -52,18 +57,26 @@ class Preprocessing:
     hflip: bool
     mean: tuple[float, float, float]  # 0-255 scale
     std: tuple[float, float, float]
+    val_image_size: int  # the validation centre crop (image_size unless configured)
+    auto_augment: Optional[str]  # one of policies.POLICIES; None: no policy
+    randaugment_ops: int
+    randaugment_magnitude: int
+    random_erasing: float  # probability; 0: off
 
     @classmethod
     def from_config(cls, cfg) -> "Preprocessing":
         size = int(cfg.image_size)
         if size <= 0:
             raise DatasetError(f"dataset.image_size={size} must be positive")
+        val_size = _option(cfg, "val_image_size")
+        require_int("dataset.val_image_size", val_size, 1, DatasetError, nullable=True)
+        crop_option, val_size = ("image_size", size) if val_size is None else ("val_image_size", val_size)
         # 0.875 is the classic 224/256 centre-crop ratio.
-        val_resize = round(size / 0.875) if cfg.val_resize is None else int(cfg.val_resize)
-        if val_resize < size:
+        val_resize = round(val_size / 0.875) if cfg.val_resize is None else int(cfg.val_resize)
+        if val_resize < val_size:
             raise DatasetError(
-                f"dataset.val_resize={val_resize} is smaller than dataset.image_size={size}; the centre crop needs "
-                "val_resize >= image_size"
+                f"dataset.val_resize={val_resize} is smaller than dataset.{crop_option}={val_size}; the centre crop "
+                f"needs val_resize >= {crop_option}"
             )
         if cfg.train_crop not in TRAIN_CROPS:
             raise DatasetError(f"dataset.train_crop={cfg.train_crop!r} is not one of {', '.join(TRAIN_CROPS)}")
@@ -83,7 +96,32 @@ class Preprocessing:
         if min(std) <= 0:
             raise DatasetError(f"dataset.std={list(std)} must be positive")
         return cls(size, val_resize, cfg.train_crop, scale, _pair(cfg.crop_ratio, "crop_ratio"),
-                   int(cfg.crop_padding), bool(cfg.hflip), mean, std)
+                   int(cfg.crop_padding), bool(cfg.hflip), mean, std, val_size, **_augmentation(cfg))
+
+
+def _option(cfg, name: str):
+    """cfg.<name>, or the schema's default where cfg lacks it: the dataset settings stored by a run
+    before val_image_size and the augmentation options existed, read without the schema (as
+    gradcam.load_images reads them)."""
+    return getattr(cfg, name, getattr(DatasetConfig, name))
+
+
+def _augmentation(cfg) -> dict:
+    """The policy and erasing fields, validated; a RandAugment of 0 operations is no policy."""
+    policy, ops, magnitude, erasing = (
+        _option(cfg, name) for name in ("auto_augment", "randaugment_ops", "randaugment_magnitude", "random_erasing")
+    )
+    require(policy is None or policy in POLICIES, "dataset.auto_augment", policy,
+            f"null or one of {', '.join(POLICIES)}", DatasetError)
+    require_int("dataset.randaugment_ops", ops, 0, DatasetError)
+    require(is_int(magnitude) and 0 <= magnitude < RANDAUGMENT_BINS, "dataset.randaugment_magnitude", magnitude,
+            f"an integer from 0 to {RANDAUGMENT_BINS - 1}", DatasetError)
+    require(isinstance(erasing, (int, float)) and not isinstance(erasing, bool) and 0 <= erasing <= 1,
+            "dataset.random_erasing", erasing, "a probability from 0 to 1", DatasetError)
+    if policy == "randaugment" and ops == 0:
+        policy = None
+    return dict(auto_augment=policy, randaugment_ops=ops, randaugment_magnitude=magnitude,
+                random_erasing=float(erasing))
 
 
 def sample_resized_crop(height: int, width: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
@@ -139,16 +177,16 @@ def val_geometry(width: int, height: int, prep: Preprocessing) -> tuple[int, int
         new_width, new_height = prep.val_resize, math.floor(height * prep.val_resize / short + 0.5)
     else:
         new_width, new_height = math.floor(width * prep.val_resize / short + 0.5), prep.val_resize
-    size = prep.image_size
+    size = prep.val_image_size
     return new_width, new_height, (new_width - size + 1) // 2, (new_height - size + 1) // 2
 
 
 def val_image(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """Shorter side resized to val_resize, centre crop image_size, as a uint8 CHW tensor."""
+    """Shorter side resized to val_resize, centre crop val_image_size, as a uint8 CHW tensor."""
     width, height, left, top = val_geometry(image.width, image.height, prep)
     if (width, height) != image.size:
         image = F.resize(image, [height, width], InterpolationMode.BILINEAR, antialias=True)
-    return F.pil_to_tensor(F.crop(image, top, left, prep.image_size, prep.image_size))
+    return F.pil_to_tensor(F.crop(image, top, left, prep.val_image_size, prep.val_image_size))
 
 
 class BatchNormalizer:
