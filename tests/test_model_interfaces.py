@@ -79,10 +79,11 @@ def test_forward_intermediates_mirror_timms_resnet():
         assert all(torch.equal(a, b) for a, b in zip(hooked(x), intermediates[1:], strict=True))
 
 
-def test_a_child_chaining_feature_wrapper_is_refused_for_emca_in_one_line():
-    with pytest.raises(ValueError, match="feature_cls='list' runs the children") as error:
-        timm.create_model("emca_se_resnet18", features_only=True, feature_cls="list")
-    assert "\n" not in str(error.value)
+def test_feature_wrappers_that_would_miss_emcas_links_are_refused_in_one_line():
+    for feature_cls, expected in (("list", "runs the children"), ("fx", "the pooled descriptor EMCA shares")):
+        with pytest.raises(ValueError, match=f"feature_cls='{feature_cls}' .*{expected}") as error:
+            timm.create_model("emca_se_resnet18", features_only=True, feature_cls=feature_cls)
+        assert "\n" not in str(error.value)
     # A plain ResNet is a chain of its children: timm's FeatureListNet gives the same maps.
     listed, plain = seeded("emca_resnet18", features_only=True, feature_cls="list"), seeded("emca_resnet18")
     x = torch.randn(1, 3, 32, 32)

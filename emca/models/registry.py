@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from timm.models import (FeatureDictNet, build_model_with_cfg, generate_default_cfgs, register_model,
+from timm.models import (FeatureDictNet, FeatureGraphNet, build_model_with_cfg, generate_default_cfgs, register_model,
                          resolve_pretrained_cfg)
 from timm.models import load_checkpoint as load_checkpoint_into
 
@@ -67,18 +67,32 @@ def _create(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any
 
 
 def _check_feature_cls(variant: str, kwargs: dict[str, Any]) -> None:
-    """timm's FeatureListNet / FeatureDictNet call the model's children one after another: that
-    misses EMCA's shared descriptors and a stage_end module's place, so they are refused there."""
-    feature_cls = kwargs.get("feature_cls")
-    attention = kwargs.get("attention", "none")
+    """Refuse the feature wrappers that would return wrong maps: timm's FeatureListNet / FeatureDictNet
+    call the model's children one after another, which misses EMCA's shared descriptors and a
+    stage_end module's place; FeatureGraphNet (fx) takes a stage's output by node name, and for EMCA
+    the stage's last node is the pooled descriptor of its output."""
+    feature_cls, attention = kwargs.get("feature_cls"), kwargs.get("attention", "none")
     if not kwargs.get("features_only") or feature_cls is None or attention not in ATTENTIONS or attention == "none":
         return
-    chained = (isinstance(feature_cls, str) and feature_cls.lower() in ("list", "dict")) or (
-        isinstance(feature_cls, type) and issubclass(feature_cls, FeatureDictNet))
-    if chained and (is_emca(attention) or kind_of(attention).place == "stage_end"):
-        raise ValueError(f"feature_cls={feature_cls!r} runs the children of {variant} one after another, which misses "
-                         f"{'EMCA' if is_emca(attention) else kind_of(attention).label}'s links between them: leave "
-                         "feature_cls unset (timm's FeatureGetterNet over forward_intermediates) or use 'hook'")
+    if isinstance(feature_cls, str):
+        wrapper = feature_cls.lower()
+    elif isinstance(feature_cls, type):
+        wrapper = "list" if issubclass(feature_cls, FeatureDictNet) else "fx" if issubclass(
+            feature_cls, FeatureGraphNet) else None
+    else:
+        return
+    kind = kind_of(attention)
+    emca, stage_end = is_emca(attention), kind.place == "stage_end"
+    if wrapper in ("list", "dict") and (emca or stage_end):
+        missed = "EMCA's descriptors shared between blocks" if emca else f"{kind.label}'s stage_end modules"
+        why = f"runs the children of {variant} one after another, which misses {missed}"
+    elif wrapper == "fx" and emca:
+        why = (f"takes each stage of {variant} at its last traced node, which is the pooled descriptor EMCA shares, "
+               "not the stage's output")
+    else:
+        return
+    raise ValueError(f"feature_cls={feature_cls!r} {why}: leave feature_cls unset (timm's FeatureGetterNet over "
+                     "forward_intermediates) or use 'hook'")
 
 
 def _pretrained_source(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:

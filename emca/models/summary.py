@@ -21,7 +21,7 @@ def measure_gflops(model: nn.Module, image_size: int = 224) -> float:
     counter counts a multiply-add as 2, so its total is halved.
     """
     param = next(model.parameters())
-    x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+    x = torch.zeros(1, getattr(model, "in_chans", 3), image_size, image_size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     try:
