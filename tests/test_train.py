@@ -162,7 +162,8 @@ def test_stopped_after_an_epoch_and_resumed_is_bit_identical(
 
     def evaluate_then_preempt(self, model, epoch, board, stop, tag="val"):
         metrics = evaluate(self, model, epoch, board, stop, tag)
-        if epoch == 0:
+        # After the epoch's last validation pass (the EMA weights' when there is an EMA).
+        if epoch == 0 and (tag == "ema_val" or self.average is None):
             signal.raise_signal(signal.SIGUSR1)  # as SLURM does before the time limit
         return metrics
 
