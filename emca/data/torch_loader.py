@@ -29,22 +29,30 @@ _SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B")
 
 def load_rgb(path: str) -> Image.Image:
     """The RGB image DALI's decoder makes of `path` (tests/test_pixel_formats.py compares the two).
-
-    Alpha is dropped, leaving the colour stored under it (as DALI does); ICC profiles are ignored
-    by both. Raises whatever PIL or the file system raise.
-    """
+    Raises whatever PIL or the file system raise."""
     with open_image(path) as image:
         image.load()
-        if "exif" in image.info:
-            # Rotate/flip by the EXIF orientation, as DALI does (JPEG, PNG eXIf, WebP; PIL orients
-            # TIFFs itself). Only an EXIF block counts: getexif() alone would also read ImageMagick's
-            # legacy PNG text chunk ('Raw profile type exif'), which DALI and browsers ignore.
-            ImageOps.exif_transpose(image, in_place=True)
-        if image.mode in _SIXTEEN_BIT_GREY:
-            # convert("RGB") would clip 16-bit values at 255; DALI rounds v * 255 / 65535. (point()
-            # takes I but not I;16B.)
-            image = image.convert("I").point(lambda v: v * (1 / 257) + 0.5).convert("L")
-        return image.convert("RGB")  # greyscale, CMYK, palette -> RGB
+        return to_rgb(image, in_place=True)
+
+
+def to_rgb(image: Image.Image, in_place: bool = False) -> Image.Image:
+    """A decoded image as the RGB image DALI makes of its file (the caller's image is left alone
+    unless `in_place`).
+
+    Alpha is dropped, leaving the colour stored under it (as DALI does); ICC profiles are ignored
+    by both.
+    """
+    if "exif" in image.info:
+        # Rotate/flip by the EXIF orientation, as DALI does (JPEG, PNG eXIf, WebP; PIL orients
+        # TIFFs itself). Only an EXIF block counts: getexif() alone would also read ImageMagick's
+        # legacy PNG text chunk ('Raw profile type exif'), which DALI and browsers ignore.
+        oriented = ImageOps.exif_transpose(image, in_place=in_place)
+        image = image if in_place else oriented
+    if image.mode in _SIXTEEN_BIT_GREY:
+        # convert("RGB") would clip 16-bit values at 255; DALI rounds v * 255 / 65535. (point()
+        # takes I but not I;16B.)
+        image = image.convert("I").point(lambda v: v * (1 / 257) + 0.5).convert("L")
+    return image.convert("RGB")  # greyscale, CMYK, palette -> RGB
 
 
 class ImageListDataset(Dataset):

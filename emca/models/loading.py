@@ -85,20 +85,15 @@ class EvalTransform:
 
 def _loaded(image: Any):
     """The RGB PIL image the torchvision loader makes of a path, or of an image already opened."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from ..data.torch_loader import _SIXTEEN_BIT_GREY, load_rgb
+    from ..data.torch_loader import load_rgb, to_rgb
 
     if isinstance(image, (str, os.PathLike)):
         return load_rgb(str(image))
     if not isinstance(image, Image.Image):
         raise TypeError(f"the transform takes a PIL image or an image file's path, got {type(image).__name__}")
-    # load_rgb's steps on an opened image (without changing the caller's).
-    if "exif" in image.info:
-        image = ImageOps.exif_transpose(image)
-    if image.mode in _SIXTEEN_BIT_GREY:
-        image = image.convert("I").point(lambda v: v * (1 / 257) + 0.5).convert("L")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 class LoadedModel(NamedTuple):
