@@ -403,3 +403,12 @@ def test_eval_py_names_a_folder_a_damaged_checkpoint_and_a_folder_output(tmp_pat
     for expected, overrides in cases.items():
         result = run_python("eval.py", *overrides)
         assert result.returncode == 1 and result.stderr == f"error: {expected}\n", result.stderr[-2000:]
+
+
+def test_the_evaluated_size_is_the_validation_crop():
+    from emca.analysis.checkpoint_eval import evaluated_size
+
+    # Trained at 160 and tested at 224 (recipe=rsb_a3): GFLOPs and speeds are measured at 224.
+    assert evaluated_size({"image_size": 160, "val_image_size": 224}) == 224
+    assert evaluated_size({"image_size": 160, "val_image_size": None}) == 160
+    assert evaluated_size({"image_size": 32}) == 32  # a checkpoint from before val_image_size

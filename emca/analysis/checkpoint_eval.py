@@ -189,7 +189,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
 
     report = base_report(checkpoint, state, dataset_cfg, loader_cfg, data, ctx, metrics, cfg.ema)
     report.update(amp=amp, channels_last=channels_last, params=count_parameters(model),
-                  gflops=measure_gflops(model, dataset_cfg["image_size"]),
+                  gflops=measure_gflops(model, evaluated_size(dataset_cfg)),
                   learned_scales=scales.statistics() if scales else None)
     if scales is not None:
         title = f"Learned scales, {describe_architecture(state['fingerprint'])}, {data.num_val} val images"
@@ -232,10 +232,16 @@ def validation_data(state: dict[str, Any], dataset_cfg: dict[str, Any], loader_c
     return data
 
 
+def evaluated_size(dataset_cfg: dict[str, Any]) -> int:
+    """The side of the validation images: dataset.val_image_size, or image_size when that is null
+    (GFLOPs, the model-only speed and Grad-CAM's layer choice are at this size too)."""
+    return dataset_cfg.get("val_image_size") or dataset_cfg["image_size"]
+
+
 def base_report(checkpoint: Path, state: dict[str, Any], dataset_cfg: dict[str, Any], loader_cfg: dict[str, Any],
                 data, ctx: DistributedContext, metrics: dict, ema: bool = False) -> dict[str, Any]:
     """eval.json's description of what was evaluated, and the accuracies (the rest is filled in after)."""
-    image_size = dataset_cfg["image_size"]
+    image_size = evaluated_size(dataset_cfg)
     plain = metrics[0]
     return {
         "checkpoint": str(checkpoint),
@@ -303,7 +309,7 @@ def measure_speeds(
         model,
         device,
         batch_size=speed_cfg.batch,
-        image_size=dataset_cfg["image_size"],
+        image_size=evaluated_size(dataset_cfg),
         warmup=warmup,
         iterations=speed_cfg.model_iterations,
         channels_last=channels_last,
@@ -337,7 +343,7 @@ def plan_gradcam(model, dataset_cfg, classes, options: DictConfig) -> tuple[Imag
     try:
         images = validation_images(dataset_cfg, classes)
         positions = pick_images(images, options.images, options.classes, options.indices)
-        layer = choose_layer(model, dataset_cfg["image_size"], options.layer)[0]
+        layer = choose_layer(model, evaluated_size(dataset_cfg), options.layer)[0]
     except GradcamError as error:
         raise EvalError(error.spelled("gradcam.", "=")) from None
     return images, positions, layer
