@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from emca.config import OptimizerConfig
 from emca.engine.optim import build_optimizer, no_decay_parameter_names, scaled_lr
-from emca.engine.schedule import build_scheduler, lr_factor, milestone_epochs
+from emca.engine.schedule import build_scheduler, describe_milestones, distinct_from, lr_factor, milestone_epochs
 from emca.models import build_model
 
 
@@ -16,7 +16,7 @@ def test_paper_milestones_are_epochs_30_60_90_of_100():
     assert milestone_epochs([0.3, 0.6, 0.9], 100) == [30, 60, 90]
     assert milestone_epochs([0.3, 0.6, 0.9], 90) == [27, 54, 81]
     assert milestone_epochs([0.3, 0.9], 15) == [5, 14]  # halves round up
-    assert milestone_epochs([0.3, 0.6, 0.9], 1) == [1, 1, 1]  # never before the first epoch
+    assert milestone_epochs([0.3, 0.6, 0.9], 1) == [1]  # never before the first epoch, merged there
     with pytest.raises(ValueError, match="fractions"):
         milestone_epochs([30, 60], 100)
 
@@ -130,3 +130,28 @@ def test_impossible_schedules_name_the_option_at_fault():
         lr_factor("cosine", epochs=0, steps_per_epoch=1)
     with pytest.raises(ValueError, match=r"^optimizer\.gamma=-0\.1 must be > 0$"):
         lr_factor("step", epochs=10, steps_per_epoch=1, milestones=[0.5], gamma=-0.1)
+
+
+@pytest.mark.parametrize("epochs", [3, 4, 5, 7, 10, 15, 30, 90, 100, 101, 300])
+def test_distinct_milestones_are_the_old_rule_exactly(epochs):
+    fractions = [0.3, 0.6, 0.9]
+    old = [max(1, math.floor(fraction * epochs + 0.5)) for fraction in fractions]  # the rule before merging
+    assert milestone_epochs(fractions, epochs) == old
+    assert describe_milestones(fractions, epochs, 0.1) == f"x0.1 at epochs {old}"
+    factor = lr_factor("step", epochs=epochs, steps_per_epoch=3, milestones=fractions, gamma=0.1)
+    assert [factor(step) for step in range(epochs * 3)] == [
+        0.1 ** sum(step >= epoch * 3 for epoch in old) for step in range(epochs * 3)
+    ]
+
+
+def test_a_short_run_merges_milestones_that_round_to_one_epoch():
+    # The 2-epoch quick run: 0.3 and 0.6 both round to epoch 1, one x0.1 there (not x0.01), 0.9 to the end.
+    assert milestone_epochs([0.3, 0.6, 0.9], 2) == [1, 2]
+    factor = lr_factor("step", epochs=2, steps_per_epoch=4, milestones=[0.3, 0.6, 0.9], gamma=0.1)
+    assert [factor(step) for step in range(8)] == [1.0] * 4 + [pytest.approx(0.1)] * 4
+    assert distinct_from([0.3, 0.6, 0.9], 2) == 3 and distinct_from([0.3, 0.6, 0.9], 1) == 3
+    assert distinct_from([0.3, 0.9], 15) == 15 and distinct_from([0.5, 0.51], 1) == 50
+    line = describe_milestones([0.3, 0.6, 0.9], 2, 0.1)
+    assert line == ("x0.1 at epochs [1, 2] (trainer.epochs=2 is too short for optimizer.milestones=[0.3, 0.6, 0.9]: "
+                    "[0.3, 0.6] -> epoch 1, merged into one x0.1; trainer.epochs>=3 gives each its own epoch)")
+    assert "[0.3, 0.6, 0.9] -> epoch 1" in describe_milestones([0.3, 0.6, 0.9], 1, 0.1)

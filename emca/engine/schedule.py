@@ -16,16 +16,51 @@ from torch.optim.lr_scheduler import LambdaLR
 from emca.options import require, require_int
 
 
+def _rounded(fractions: Sequence[float], epochs: int) -> list[int]:
+    # Half rounds up (Python's round() would send 4.5 to 4 but 13.5 to 14); a milestone is never
+    # epoch 0, which would decay the rate before any training in very short runs.
+    return [max(1, math.floor(fraction * epochs + 0.5)) for fraction in fractions]
+
+
 def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
     """Milestones given as fractions of the run, rounded to whole epochs ([0.3, 0.6, 0.9] of 100 ->
-    [30, 60, 90]), so that the recipe scales with trainer.epochs."""
+    [30, 60, 90]), so that the recipe scales with trainer.epochs.
+
+    The rule for short runs: fractions that round to the same epoch make one milestone there, so
+    the rate is multiplied by gamma once at that epoch, never gamma**2 ([0.3, 0.6, 0.9] of 2 epochs
+    -> [1, 2], not [1, 1, 2]); a milestone at trainer.epochs itself falls after the last step. The
+    training log names the merged fractions (describe_milestones). Distinct milestones are kept as
+    they are, so the schedule of any run whose fractions round to distinct epochs is unchanged.
+    """
     fractions = list(fractions)
     increasing = all(a < b for a, b in zip(fractions, fractions[1:], strict=False))
     require(increasing and all(0.0 < fraction <= 1.0 for fraction in fractions), "optimizer.milestones", fractions,
             "increasing fractions of trainer.epochs in (0, 1], e.g. [0.3, 0.6, 0.9]")
-    # Half rounds up (Python's round() would send 4.5 to 4 but 13.5 to 14); a milestone is never
-    # epoch 0, which would decay the rate before any training in very short runs.
-    return [max(1, math.floor(fraction * epochs + 0.5)) for fraction in fractions]
+    return sorted(set(_rounded(fractions, epochs)))
+
+
+def distinct_from(fractions: Sequence[float], epochs: int) -> int:
+    """The smallest trainer.epochs >= `epochs` at which every fraction rounds to its own epoch."""
+    fractions = list(fractions)
+    while len(set(_rounded(fractions, epochs))) < len(fractions):
+        epochs += 1
+    return epochs
+
+
+def describe_milestones(fractions: Sequence[float], epochs: int, gamma: float) -> str:
+    """The step schedule for the training log: 'x0.1 at epochs [30, 60, 90]', with a note naming the
+    fractions merged into one milestone when the run is too short to give each its own epoch."""
+    milestones = milestone_epochs(fractions, epochs)
+    text = f"x{gamma} at epochs {milestones}"
+    if len(milestones) == len(fractions):
+        return text
+    rounded = _rounded(fractions, epochs)
+    merged = ", ".join(
+        f"{[f for f, e in zip(fractions, rounded, strict=True) if e == epoch]} -> epoch {epoch}"
+        for epoch in milestones if rounded.count(epoch) > 1
+    )
+    return (f"{text} (trainer.epochs={epochs} is too short for optimizer.milestones={list(fractions)}: {merged}, "
+            f"merged into one x{gamma}; trainer.epochs>={distinct_from(fractions, epochs)} gives each its own epoch)")
 
 
 def lr_factor(

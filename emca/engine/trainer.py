@@ -42,7 +42,7 @@ from emca.engine.progress import EpochProgress
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
 from emca.engine.results import RESULTS, git_commit, library_versions, write_results
 from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
-from emca.engine.schedule import build_scheduler, milestone_epochs
+from emca.engine.schedule import build_scheduler, describe_milestones
 from emca.engine.step import OptimizerStep, build_clipping, check_accumulation
 from emca.engine.tensorboard import TensorBoardLog
 from emca.models import attention_modules, build_model, coverage_name
@@ -262,7 +262,7 @@ class Trainer:
                  f"val images, {self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over "
                  f"{self.ctx.world_size} process(es), {self.steps_per_epoch} steps/epoch on {self.ctx.device}")
         schedule = (
-            f"x{optimizer_cfg.gamma} at epochs {milestone_epochs(optimizer_cfg.milestones, self.epochs)}"
+            describe_milestones(optimizer_cfg.milestones, self.epochs, optimizer_cfg.gamma)
             if optimizer_cfg.schedule.value == "step" else "cosine"
         )
         log.info(f"{describe_optimizer(optimizer_cfg, self.optimizer)}, {optimizer_cfg.loss.value} loss, "
