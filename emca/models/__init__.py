@@ -10,6 +10,7 @@ from .coverage import CoverageRegion, coverage_name, coverage_sources
 from ..layers.create_attn import ATTENTIONS, INTEGRATIONS, default_integration, option_defaults
 from .resnet import BACKBONES, EMCAResNet, WeightsMismatchError
 from .loading import EvalTransform, LoadedModel, load_model
+from .detection import detection_backbone
 
 
 def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) -> EMCAResNet:
@@ -61,5 +62,6 @@ __all__ = [
     "coverage_name",
     "coverage_sources",
     "default_integration",
+    "detection_backbone",
     "load_model",
 ]
