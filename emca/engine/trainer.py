@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from emca.analysis.evaluation import evaluate
 from emca.data import DatasetError, build_loaders
 from emca.engine.checkpoint import CheckpointError, CheckpointStore, architecture_fingerprint, load_checkpoint
+from emca.engine.compatibility import check_resume_schedule
 from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
                                      silence_non_main_logging)
 from emca.engine.ema import build_weight_average
@@ -292,6 +293,7 @@ class Trainer:
         if state["scaler"]:  # empty when saved with fp16 off
             self.scaler.load_state_dict(state["scaler"])
         self._resume_average(path, state.get("ema"))
+        check_resume_schedule(state.get("config"), self.cfg, path, state["progress"])
         set_rng_state(state["rng"])
         if state.get("run_id") and Path(path).resolve().is_relative_to(self.run_dir.resolve()):
             self.run_id = state["run_id"]

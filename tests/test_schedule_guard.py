@@ -1,0 +1,92 @@
+"""What a resumed run may change (emca/engine/compatibility.py) and the model options an attention ignores."""
+
+import logging
+import signal
+from pathlib import Path
+
+import pytest
+
+from emca.engine.compatibility import check_resume_schedule
+from emca.engine.trainer import Preempted, RunAborted, Trainer, train
+
+from conftest import SYNTHETIC_RUN
+
+SAVED = {
+    "trainer": {"epochs": 4, "accumulate": 1, "max_steps_per_epoch": 3, "seed": 0},
+    "optimizer": {"name": "sgd", "lr": 0.1, "milestones": [0.3, 0.6, 0.9], "gamma": 0.1, "warmup_epochs": 0},
+    "dataset": {"batch_size": 64, "workers": 2},
+}
+PATH = Path("/runs/a/checkpoints/last.pt")
+
+
+def changed(**options):
+    config = {group: dict(values) for group, values in SAVED.items()}
+    for key, value in options.items():
+        group, name = key.split("__")
+        config[group][name] = value
+    return config
+
+
+def test_an_unchanged_schedule_or_other_options_resume():
+    check_resume_schedule(SAVED, SAVED, PATH, {"epoch": 2, "step_in_epoch": 1})
+    check_resume_schedule(SAVED, changed(trainer__seed=1, dataset__workers=0), PATH, {"epoch": 2})
+    check_resume_schedule(None, changed(trainer__epochs=9), PATH, {"epoch": 2})  # no saved config: nothing to compare
+    # An option that the checkpoint's (older) config lacks is not compared.
+    check_resume_schedule(SAVED, {**changed(), "optimizer": {**SAVED["optimizer"], "new_option": 1}}, PATH, {})
+
+
+def test_a_changed_schedule_is_refused_in_one_line_naming_each_change():
+    with pytest.raises(ValueError) as error:
+        check_resume_schedule(SAVED, changed(trainer__epochs=6, optimizer__milestones=[0.5], dataset__batch_size=32),
+                              PATH, {"epoch": 2, "step_in_epoch": 0})
+    message = str(error.value)
+    assert "\n" not in message
+    assert message == (
+        f"refusing to resume {PATH} with another schedule: trainer.epochs=6 (the checkpoint's: 4), "
+        "optimizer.milestones=[0.5] (the checkpoint's: [0.3, 0.6, 0.9]), dataset.batch_size=32 (the checkpoint's: "
+        "64); continue with the run's own values (its .hydra/config.yaml), or start a new run from its weights with "
+        f"model.init_from={PATH}"
+    )
+    for option in ("optimizer__lr", "optimizer__name", "trainer__accumulate", "trainer__max_steps_per_epoch"):
+        with pytest.raises(ValueError, match=option.replace("__", r"\.")):
+            check_resume_schedule(SAVED, changed(**{option: None}), PATH, {"epoch": 1})
+
+
+def test_only_a_completed_run_is_extended_and_the_log_says_so(caplog):
+    caplog.set_level(logging.INFO, logger="emca.engine.compatibility")
+    check_resume_schedule(SAVED, changed(trainer__epochs=6), PATH, {"epoch": 4, "step_in_epoch": 0})
+    assert f"trainer.epochs=6: extending the completed 4-epoch run of {PATH} by 2 epochs" in caplog.text
+    for progress in ({"epoch": 3, "step_in_epoch": 0}, {"epoch": 4, "step_in_epoch": 2}):  # not completed
+        with pytest.raises(ValueError, match=r"trainer\.epochs=6 \(the checkpoint's: 4\)"):
+            check_resume_schedule(SAVED, changed(trainer__epochs=6), PATH, progress)
+    with pytest.raises(ValueError, match=r"trainer\.epochs=3 \(the checkpoint's: 4\)"):  # shorter than trained
+        check_resume_schedule(SAVED, changed(trainer__epochs=3), PATH, {"epoch": 4})
+    with pytest.raises(ValueError, match="optimizer.lr"):  # more epochs and another rate
+        check_resume_schedule(SAVED, changed(trainer__epochs=6, optimizer__lr=0.2), PATH, {"epoch": 4})
+
+
+def test_resuming_a_stopped_run_with_another_schedule_is_refused(compose_train, tmp_path, monkeypatch):
+    evaluate = Trainer.evaluate
+
+    def evaluate_then_preempt(self, model, epoch, board, stop, tag="val"):
+        metrics = evaluate(self, model, epoch, board, stop, tag)
+        if epoch == 0:
+            signal.raise_signal(signal.SIGUSR1)  # as SLURM does before the time limit
+        return metrics
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_then_preempt)
+    with pytest.raises(Preempted):
+        train(compose_train(*SYNTHETIC_RUN), str(tmp_path))  # 2 epochs, stopped after the first
+    monkeypatch.undo()
+    last = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(RunAborted) as error:
+        train(compose_train(*SYNTHETIC_RUN, "trainer.epochs=3", "trainer.resume=auto"), str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"refusing to resume {last} with another schedule: ")
+    assert "trainer.epochs=3 (the checkpoint's: 2)" in message and f"model.init_from={last}" in message
+    # Only trainer.resume continues a schedule: model.init_from starts a new one from the weights.
+    fresh = train(compose_train(*SYNTHETIC_RUN, "trainer.epochs=1", f"model.init_from={last}"), str(tmp_path / "new"))
+    assert fresh["epoch_reached"] == 1
+    # Unchanged, the run continues to its end.
+    results = train(compose_train(*SYNTHETIC_RUN, "trainer.resume=auto"), str(tmp_path))
+    assert results["epoch_reached"] == 2
