@@ -6,22 +6,34 @@ so that a burst of load on a shared machine hits every variant alike instead of 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import math
 import os
 import platform
+import re
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
-from torch.utils import benchmark
+# torch.utils.benchmark imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on a
+# machine that has a CUDA_HOME but no GPU; it concerns building CUDA extensions, which no benchmark does.
+# The filter goes on before anything imports that module (a script imports _timing first for this).
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    lambda record: not record.getMessage().startswith("No CUDA runtime is found")
+)
 
-from emca.engine.distributed import resolve_device
+import torch  # noqa: E402
+from torch._C._profiler import _EventType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils import benchmark  # noqa: E402
+
+from emca.engine.distributed import resolve_device  # noqa: E402
 
 MIB = 2**20
 
@@ -244,7 +256,7 @@ def peak_memory(step: Callable[[], object], device: torch.device, resident_bytes
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profiler_chatter_dropped(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # Only frees of blocks allocated during this step count: the profiler also reports frees of
     # blocks it saw allocated in an earlier profile of the process (another variant's gradients,
@@ -266,6 +278,40 @@ def peak_memory(step: Callable[[], object], device: torch.device, resident_bytes
         live += block.alloc_size
         peak = max(peak, live)
     return resident_bytes + peak
+
+
+# What torch.profiler's C++ side writes to stderr around every profile, none of it about the step:
+# Kineto's trace markers (logged at a level above its errors, so no KINETO_LOG_LEVEL hides them alone),
+# its failed GPU query on a machine without CUDA (the profile records the CPU only), and c10's note on
+# frees of blocks allocated before the profile (which peak_memory leaves out itself).
+PROFILER_CHATTER = re.compile(
+    r"SyncActivityProfilerHandler\.cpp:\d+\] profiler_(start|stop)$"
+    r"|DeviceProperties\.cpp:\d+\] gpuGetDeviceCount failed with code \d+$"
+    r"|CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated before the profiling started"
+)
+
+
+@contextlib.contextmanager
+def profiler_chatter_dropped():
+    """Run the block with file descriptor 2 sent to a scratch file, then write back every line of it
+    but the profiler's chatter (PROFILER_CHATTER): the step's own errors and warnings still reach
+    stderr, after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            scratch.seek(0)
+            lines = scratch.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not PROFILER_CHATTER.search(line.rstrip()))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def _event_tree(events):

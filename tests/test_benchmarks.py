@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their tables (never timed here), and the model's fast paths
 compute what the plain formulas compute, also under torch.compile."""
 
+import os
 import re
 import subprocess
 import sys
@@ -14,12 +15,22 @@ from emca.layers.pooling import STD_EPS, pool_descriptor
 from emca.models.resnet import EMCAResNet
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
+SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("[!_]*.py"))
+# What torch printed around the tables before benchmarks/_timing.py quieted it: Kineto's trace markers
+# and GPU query, c10's CPU allocator note (torch.profiler), torch.utils.cpp_extension's CUDA_HOME warning.
+LIBRARY_NOISE = ("USDT:", "profiler_start", "profiler_stop", "gpuGetDeviceCount", "CPUAllocator",
+                 "No CUDA runtime is found")
+
+
+def noise_in(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if any(marker in line for marker in LIBRARY_NOISE)]
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not noise_in(done.stderr), done.stderr[-3000:]
     return done.stdout
 
 
@@ -28,6 +39,28 @@ def table_header(output: str, first_column: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- benchmark scripts
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_the_usage_alone(script):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr[-3000:]
+    assert done.stderr == ""
+
+
+def test_profiler_chatter_is_dropped_and_other_stderr_lines_kept(capfd):
+    sys.path.insert(0, str(BENCHMARKS))
+    from _timing import profiler_chatter_dropped
+
+    with profiler_chatter_dropped():
+        os.write(2, b"USDT:2026-12-02 07:44:03 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+                    b"ERROR:2026-12-02 07:44:03 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n"
+                    b"RuntimeError: a real error\n"
+                    b"[W1202 07:44:03.166798327 CPUAllocator.cpp:245] Memory block of unknown size was allocated "
+                    b"before the profiling started, profiler results will not include the deallocation event\n"
+                    b"UserWarning: a warning of the step\n")
+    assert capfd.readouterr().err == "RuntimeError: a real error\nUserWarning: a warning of the step\n"
+
+
 def test_model_cost_prints_times_memory_and_targets():
     output = run_benchmark("model_cost.py", "--backbones", "resnet18", "--variants", "ResNet", "ECA", "EMCA-ECA",
                            "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--warmup", "0")
