@@ -8,6 +8,7 @@ import pytest
 
 from emca.engine.compatibility import check_resume_schedule
 from emca.engine.trainer import Preempted, RunAborted, Trainer, train
+from emca.models.config import ignored_model_options
 
 from conftest import SYNTHETIC_RUN
 
@@ -90,3 +91,37 @@ def test_resuming_a_stopped_run_with_another_schedule_is_refused(compose_train, 
     # Unchanged, the run continues to its end.
     results = train(compose_train(*SYNTHETIC_RUN, "trainer.resume=auto"), str(tmp_path))
     assert results["epoch_reached"] == 2
+
+
+# --------------------------------------------------------------------------- options an attention ignores
+@pytest.mark.parametrize(
+    "attention, coverage, expected",
+    [
+        ({"name": "se"}, {"stages": "all", "blocks": "all"}, ["coverage=all_stages_all"]),
+        ({"name": "none", "gating": "residual", "align": "linear", "include_stem": True}, {"stages": 1, "blocks": 2},
+         ["coverage.stages=1, coverage.blocks=2", "attention.gating='residual'", "attention.align='linear'",
+          "attention.include_stem=true"]),
+        # Not chosen (the default group, set for every run) or asking for nothing: no warning.
+        ({"name": "se", "gating": "multiply", "align": "repeat", "include_stem": False}, {"stages": 1, "blocks": "all"},
+         []),
+        ({"name": "eca"}, {"stages": 0, "blocks": 0}, []),
+        # EMCA reads them all.
+        ({"name": "emca_se", "gating": "residual", "include_stem": True}, {"stages": "all", "blocks": "all"}, []),
+    ],
+)
+def test_the_options_a_non_emca_attention_ignores(attention, coverage, expected):
+    assert ignored_model_options(attention, coverage) == expected
+
+
+def test_a_run_warns_once_in_one_line_of_the_options_its_attention_ignores(compose_train, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="emca.models.config")
+    train(compose_train(*SYNTHETIC_RUN, "trainer.epochs=1", "attention=se", "coverage=all_stages_all",
+                        "attention.gating=residual"), str(tmp_path))
+    warnings = [record.getMessage() for record in caplog.records if record.name == "emca.models.config"]
+    assert warnings == [
+        "attention=se ignores coverage=all_stages_all, attention.gating='residual': only EMCA's multi-scale "
+        "aggregation reads them; drop them, or choose emca_se to use them"
+    ]
+    caplog.clear()
+    train(compose_train(*SYNTHETIC_RUN, "trainer.epochs=1", "attention=eca"), str(tmp_path / "default"))
+    assert not [record for record in caplog.records if record.name == "emca.models.config"]

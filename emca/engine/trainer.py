@@ -47,7 +47,7 @@ from emca.engine.schedule import build_scheduler, describe_milestones
 from emca.engine.step import OptimizerStep, build_clipping, check_accumulation
 from emca.engine.tensorboard import TensorBoardLog
 from emca.models import attention_modules, build_model, coverage_name
-from emca.models.config import check_model_options
+from emca.models.config import check_model_options, warn_ignored_model_options
 from emca.models.summary import count_parameters, measure_gflops
 from emca.options import shown
 
@@ -257,6 +257,7 @@ class Trainer:
         log.info(f"run folder {self.run_dir}")
         if self.initialisation is not None:
             log.info(self.initialisation.summary())
+        warn_ignored_model_options(cfg.attention, cfg.coverage)
         log.info(f"model {arch['backbone']} attention={cfg.attention.name}{coverage}: {self.parameters / 1e6:.3f} M "
                  f"parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px")
         log.info(f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} "

@@ -1,13 +1,18 @@
 """Structured-config schemas of the model groups: backbone, attention, coverage."""
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
-from emca.layers.create_attn import ATTENTION_KINDS, ATTENTIONS, AttentionKind, default_integration
+from emca.layers.create_attn import (ATTENTION_KINDS, ATTENTIONS, EMCA_PREFIX, AttentionKind, default_integration,
+                                     is_emca)
 from emca.options import is_int, require, require_int, shown
 
+from .coverage import PRESETS, coverage_name
 from .resnet import BACKBONES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,3 +93,42 @@ def _check_method_option(kind: AttentionKind, option: str, value: Any) -> None:
         per_stage = isinstance(value, Sequence) and not isinstance(value, str)
         require(value is None or value == default or is_int(value) or per_stage, name, value,
                 f"{shown(default)}, one value for every stage or a list of one per stage")
+
+
+# EMCA-only options: the multi-scale aggregation's gating, channel alignment and stem source.
+EMCA_OPTIONS = ("gating", "align", "include_stem")
+# Coverages that ask for nothing beyond a block's own branch (none) or were not chosen (the default group's).
+_UNCHOSEN_COVERAGES = ((CoverageConfig.stages, CoverageConfig.blocks), (0, 0))
+
+
+def ignored_model_options(attention: Any, coverage: Any) -> list[str]:
+    """The options that have no effect for a non-EMCA attention (none or a plain method): a coverage
+    region other than the default group's (prev_stage_all, set for every run) or none's, and gating,
+    align or include_stem other than their defaults. [] for an EMCA attention, which reads them all."""
+
+    def get(cfg: Any, key: str, default: Any = None) -> Any:
+        return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+    if is_emca(get(attention, "name", "none")):
+        return []
+    ignored = []
+    stages, blocks = get(coverage, "stages", CoverageConfig.stages), get(coverage, "blocks", CoverageConfig.blocks)
+    if (stages, blocks) not in _UNCHOSEN_COVERAGES:
+        name = coverage_name(stages, blocks)
+        ignored.append(f"coverage={name}" if name in PRESETS else f"coverage.stages={stages}, coverage.blocks={blocks}")
+    for option in EMCA_OPTIONS:
+        value = get(attention, option, getattr(AttentionBase, option))
+        if value != getattr(AttentionBase, option):
+            ignored.append(f"attention.{option}={shown(value)}")
+    return ignored
+
+
+def warn_ignored_model_options(attention: Any, coverage: Any) -> None:
+    """One warning line naming the options that the chosen attention ignores (ignored_model_options)."""
+    ignored = ignored_model_options(attention, coverage)
+    if not ignored:
+        return
+    name = attention.get("name", "none") if hasattr(attention, "get") else attention.name
+    emca = EMCA_PREFIX + name if EMCA_PREFIX + name in ATTENTIONS else "an emca_* attention"
+    log.warning(f"attention={name} ignores {', '.join(ignored)}: only EMCA's multi-scale aggregation reads them; "
+                f"drop them, or choose {emca} to use them")
