@@ -11,8 +11,11 @@ Importing this module registers the schema and the resolvers configs/train.yaml 
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -200,6 +203,55 @@ def _run_dir(default: str) -> str:
     return default if env_rank() == 0 else scratch_run_dir()
 
 
+# A sweep job's folder name: at most this many characters (longer ones are cut, with a hash of the whole).
+SWEEP_NAME_MAX = 80
+
+
+def _swept_keys(sweep_dir: str) -> Optional[set]:
+    """The keys that take more than one value in the sweep recorded in <sweep_dir>/multirun.yaml
+    (command-line sweeps and hydra.sweeper.params); None when that cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    try:
+        sweep = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra
+        lines = [*sweep.overrides.task, *(f"{k}={v}" for k, v in (sweep.sweeper.get("params") or {}).items())]
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # no multirun.yaml (another sweeper or launcher), or one it cannot parse
+        return None
+    return {o.key_or_group for o in overrides
+            if o.is_sweep_override() and not (isinstance(o.value(), ChoiceSweep) and len(o.value().list) < 2)}
+
+
+def sweep_job_name(num, overrides, exclude_keys=(), swept_keys=None, kv_sep="=", item_sep=",",
+                   max_len=SWEEP_NAME_MAX) -> str:
+    """`<num>_<key=value,...>` from a sweep job's overrides: those of swept_keys when they are known
+    (an empty set: `<num>` alone; None: every override), none of exclude_keys, '+'/'~' prefixes
+    dropped, '/' as '.', any other character unsafe in a file name as '-'; cut to max_len with a
+    short hash of the full name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    items = []
+    for override in OverridesParser.create().parse_overrides([str(line) for line in overrides]):
+        group = override.key_or_group
+        if group in exclude_keys or (swept_keys is not None and group not in swept_keys):
+            continue
+        key = override.get_key_element().lstrip("+~").replace("/", ".")
+        items.append(f"{key}{kv_sep}{override.get_value_element_as_str()}")
+    name = re.sub(r"[^\w.,=+@-]", "-", f"{num}_{item_sep.join(sorted(items))}" if items else str(num),
+                  flags=re.ASCII)
+    if len(name) > max_len:
+        name = f"{name[:max_len - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _sweep_subdir(num, *, _root_) -> str:
+    hydra = _root_.hydra
+    options = hydra.job.config.override_dirname
+    return sweep_job_name(num, hydra.overrides.task, set(options.exclude_keys), _swept_keys(hydra.sweep.dir),
+                          options.kv_sep, options.item_sep)
+
+
 def register() -> None:
     """Register the schema and the resolvers configs/train.yaml uses (idempotent)."""
     store = ConfigStore.instance()
@@ -211,6 +263,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("emca.run_dir", _run_dir, replace=True)
     # configs/experiment/table5.yaml sweeps every attention of the table: ${emca.attentions:}.
     OmegaConf.register_new_resolver("emca.attentions", lambda: ",".join(ATTENTIONS), replace=True)
+    # A sweep job's folder name from its swept overrides (configs/train.yaml's hydra.sweep.subdir).
+    OmegaConf.register_new_resolver("emca.sweep_subdir", _sweep_subdir, replace=True)
 
 
 register()

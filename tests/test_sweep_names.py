@@ -1,0 +1,48 @@
+"""Sweep job folders: `<job number>_<the job's values of the swept keys>` (emca.config.sweep_job_name,
+configs/train.yaml's hydra.sweep.subdir), and make_tables finds the runs in them."""
+
+from omegaconf import OmegaConf
+
+from emca.analysis.runs import find_runs
+from emca.config import SWEEP_NAME_MAX, _swept_keys, sweep_job_name
+
+from conftest import SYNTHETIC_RUN
+
+# Until configs/train.yaml names it as hydra.sweep.subdir (the folders are still <job number> there).
+SUBDIR = "hydra.sweep.subdir='${emca.sweep_subdir:${hydra.job.num}}'"
+
+
+def test_name_keeps_the_swept_keys_safe_and_short():
+    job = ["+experiment=digits_quick", "attention=emca_se", "coverage=none", "trainer.resume=auto"]
+    assert sweep_job_name(0, job, {"trainer.resume"}, {"attention", "coverage"}) == "0_attention=emca_se,coverage=none"
+    assert sweep_job_name(4, job, {"trainer.resume"}, set()) == "4"  # nothing varies: the number alone
+    # Swept keys unknown: every override but the excluded ones; '+' dropped, '/' and other unsafe characters replaced.
+    name = sweep_job_name(3, ["+experiment/table3=eca_all", "optimizer.milestones=[0.3,0.6]", "dataset.root=/d"],
+                          {"dataset.root"})
+    assert name == "3_experiment.table3=eca_all,optimizer.milestones=-0.3,0.6-"
+    long = sweep_job_name(12, [f"trainer.{'x' * 60}={i}" for i in range(3)])
+    assert len(long) == SWEEP_NAME_MAX and long.startswith("12_trainer.xxx")
+    assert long != sweep_job_name(12, [f"trainer.{'x' * 60}={i}" for i in range(4)])  # the hash tells them apart
+
+
+def test_swept_keys_come_from_multirun_yaml(tmp_path):
+    assert _swept_keys(str(tmp_path)) is None
+    OmegaConf.save({"hydra": {"overrides": {"task": ["+experiment=table5", "trainer.epochs=2", "seed=1,2"]},
+                              "sweeper": {"params": {"backbone": "resnet50", "attention": "${emca.attentions:}",
+                                                     "+experiment/table3": "glob(*)"}}}},
+                   tmp_path / "multirun.yaml")
+    assert _swept_keys(str(tmp_path)) == {"seed", "attention", "experiment/table3"}
+
+
+def test_sweep_folders_are_named_and_make_tables_finds_them(run_script, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_script("train.py", "-m", *SYNTHETIC_RUN, "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
+                      "attention=emca_se,emca_eca", f"hydra.sweep.dir={sweep}", SUBDIR)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_attention=emca_se", "1_attention=emca_eca"]
+    tables = run_script("scripts/make_tables.py", sweep, "--out", tmp_path / "tables")
+    assert tables.returncode == 0, tables.stderr[-3000:]
+    assert "ignoring" not in tables.stderr and (tmp_path / "tables" / "tables.md").is_file()
+    runs = find_runs([sweep])
+    assert [run.path.name for run in runs] == ["0_attention=emca_se", "1_attention=emca_eca"]
+    assert all(run.results and run.variant for run in runs)
