@@ -19,13 +19,6 @@ from typing import NoReturn
 import hydra
 from omegaconf import DictConfig
 
-from emca.analysis.checkpoint_eval import EvalError, evaluate_checkpoint, format_summary
-from emca.data import DatasetError
-from emca.engine.checkpoint import CheckpointError
-from emca.engine.distributed import setup_distributed, silence_non_main_logging
-
-USER_ERRORS = (EvalError, CheckpointError, DatasetError)
-
 
 def fail(error: Exception) -> NoReturn:
     print(f"error: {error}", file=sys.stderr)
@@ -34,6 +27,13 @@ def fail(error: Exception) -> NoReturn:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    # Imported here, after Hydra has composed the config: `eval.py --help` loads neither torch nor the models.
+    from emca.analysis.checkpoint_eval import EvalError, evaluate_checkpoint, format_summary
+    from emca.data import DatasetError
+    from emca.engine.checkpoint import CheckpointError
+    from emca.engine.distributed import setup_distributed, silence_non_main_logging
+
+    user_errors = (EvalError, CheckpointError, DatasetError)
     silence_non_main_logging()
     try:
         ctx = setup_distributed(cfg.device, device_option="device")
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
         fail(error)
     try:
         report = evaluate_checkpoint(cfg, ctx)
-    except USER_ERRORS as error:
+    except user_errors as error:
         fail(error)
     if report is not None:
         print(format_summary(report))

@@ -95,8 +95,9 @@ def evaluated(trained_sweep, sweep_base):
         env=sweep_env(sweep_base),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # In the run folder: the checkpoints' generation folder is replaced at each save.
-    report = json.loads((trained_sweep / "1" / "eval.json").read_text())
+    # In the run folder: the checkpoints' generation folder is replaced at each save. last.pt's report
+    # is eval_last.json (eval.json is best.pt's).
+    report = json.loads((trained_sweep / "1" / "eval_last.json").read_text())
     return result, report, json.loads((trained_sweep / "1" / "results.json").read_text())
 
 
@@ -233,6 +234,8 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
         for key in ("fps", "fps_model", "fps_pipeline")
     }
     assert counts == {"fps": (10, 10, 350, False), "fps_model": (10, 10, 50, False), "fps_pipeline": (10, 1, 1, True)}
+    # speed.workers: null, the loader workers this machine's CPUs allow, recorded as the number used.
+    assert speed["fps_pipeline"]["workers"] == min(8, len(os.sched_getaffinity(0)))
     assert "FPS‡ from few batches, a rough figure: 1 warm-up + 1 timed batches (warm-up cut from 10)" in result.stdout
     assert "FPS from few" not in result.stdout and "FPS† from few" not in result.stdout
     assert f"wrote       {tmp_path / 'run' / 'eval.json'}" in result.stdout
@@ -273,6 +276,8 @@ def test_make_tables_fills_table9_and_figure6_from_eval_json(evaluated, trained_
     _, report, results = evaluated
     sweep = tmp_path / "sweep"
     shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
+    # make_tables reads eval.json, best.pt's report: the fixture's report of last.pt stands in for it.
+    (sweep / "1" / "eval_last.json").rename(sweep / "1" / "eval.json")
     done = run_python("scripts/make_tables.py", str(sweep), "--out", str(tmp_path / "tables"))
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
@@ -345,7 +350,7 @@ def eval_options(*overrides: str):
         ("speed.single_images=0", "speed.single_images=0 must be an integer >= 1 or null"),
         ("speed.batch=0", "speed.batch=0 must be an integer >= 1"),
         ("speed.batch=2.5", "speed.batch=2.5 must be an integer >= 1"),
-        ("speed.workers=-1", "speed.workers=-1 must be an integer >= 0"),
+        ("speed.workers=-1", "speed.workers=-1 must be an integer >= 0 or null"),
         ("speed.model_iterations=0", "speed.model_iterations=0 must be an integer >= 1"),
         ("speed.warmup=-1", "speed.warmup=-1 must be an integer >= 0"),
         ("gradcam.images=-1", "gradcam.images=-1 must be an integer >= 0"),
@@ -412,3 +417,36 @@ def test_the_evaluated_size_is_the_validation_crop():
     assert evaluated_size({"image_size": 160, "val_image_size": 224}) == 224
     assert evaluated_size({"image_size": 160, "val_image_size": None}) == 160
     assert evaluated_size({"image_size": 32}) == 32  # a checkpoint from before val_image_size
+
+
+def test_each_checkpoint_of_a_run_and_its_ema_weights_get_their_own_report(tmp_path):
+    from emca.analysis.checkpoint_eval import output_path
+
+    run = tmp_path / "run"
+    names = {(checkpoint, ema): output_path(None, run / "checkpoints" / checkpoint, ema)
+             for checkpoint in ("best.pt", "last.pt") for ema in (False, True)}
+    assert names == {("best.pt", False): run / "eval.json", ("best.pt", True): run / "eval_ema.json",
+                     ("last.pt", False): run / "eval_last.json", ("last.pt", True): run / "eval_last_ema.json"}
+    assert output_path(None, tmp_path / "best.pt") == tmp_path / "eval.json"  # beside a checkpoint elsewhere
+    assert output_path(None, tmp_path / "r50.pt", ema=True) == tmp_path / "eval_r50_ema.json"
+    assert output_path(str(tmp_path / "mine.json"), run / "checkpoints" / "last.pt") == tmp_path / "mine.json"
+
+
+def test_speed_workers_default_to_the_cpus_this_process_may_use():
+    from emca.analysis.checkpoint_eval import check_options, speed_workers
+
+    assert speed_workers(None) == min(8, len(os.sched_getaffinity(0)))
+    assert speed_workers(0) == 0 and speed_workers(12) == 12
+    check_options(eval_options("checkpoint=x.pt", "speed.workers=null"))
+    check_options(eval_options("checkpoint=x.pt", "speed.workers=3"))
+
+
+def test_eval_help_lists_its_own_options_and_no_training_group():
+    result = run_python("eval.py", "loader=torchvision", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaders = sorted(path.stem for path in (REPO / "configs" / "loader").glob("*.yaml"))
+    assert f"loader={'|'.join(loaders)}" in result.stdout
+    assert "checkpoint: null" in result.stdout and "rotations:" in result.stdout
+    assert "name: torchvision" in result.stdout  # the loader override still composes
+    for group in ("backbone", "attention", "coverage", "optimizer", "recipe", "experiment", "trainer"):
+        assert group not in result.stdout, group

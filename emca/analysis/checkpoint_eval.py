@@ -99,11 +99,12 @@ def check_options(cfg: DictConfig) -> None:
         )
     require(cfg.channels_last is None or isinstance(cfg.channels_last, bool), "channels_last", cfg.channels_last,
             "true, false or null", EvalError)
-    minimums = {"speed.single_workers": 0, "speed.batch": 1, "speed.workers": 0, "speed.model_iterations": 1,
+    minimums = {"speed.single_workers": 0, "speed.batch": 1, "speed.model_iterations": 1,
                 "speed.warmup": 0, "gradcam.images": 0}
     for option, minimum in minimums.items():
         require_int(option, OmegaConf.select(cfg, option), minimum, EvalError)
     require_int("speed.single_images", cfg.speed.single_images, 1, EvalError, nullable=True)
+    require_int("speed.workers", cfg.speed.workers, 0, EvalError, nullable=True)
     check_gradcam_options(cfg.gradcam)
 
 
@@ -135,17 +136,28 @@ def check_gradcam_options(options: DictConfig) -> None:
 def output_path(output: Optional[str], checkpoint: Path, ema: bool = False) -> Path:
     """Where eval.json goes (refused before any work when that is a folder): by default beside the
     checkpoint, or in the run folder for a run's checkpoints/ (the trainer replaces that folder's
-    generations as it saves: a file put there would not survive the next save). The EMA weights'
-    report is eval_ema.json there, so that it does not replace the trained weights' one."""
+    generations as it saves: a file put there would not survive the next save). best.pt's report is
+    eval.json (what make_tables reads), any other checkpoint's eval_<stem>.json (last.pt:
+    eval_last.json), so that evaluating two checkpoints of a run keeps both; the EMA weights' report
+    adds _ema (eval_ema.json, eval_last_ema.json), so that it does not replace the trained weights' one."""
     if not output:
         folder = checkpoint.parent
-        name = EVAL_FILE.replace(".json", "_ema.json") if ema else EVAL_FILE
+        stem = EVAL_FILE.removesuffix(".json") + ("" if checkpoint.stem == "best" else f"_{checkpoint.stem}")
+        name = f"{stem}_ema.json" if ema else f"{stem}.json"
         return (folder.parent if folder.name == CHECKPOINT_DIR else folder) / name
     path = Path(output).expanduser().resolve()
     require(
         not path.is_dir(), "output", Path(output), f"a file path, not a folder (e.g. {path / EVAL_FILE})", EvalError
     )
     return path
+
+
+def speed_workers(workers: Optional[int]) -> int:
+    """speed.workers; null: one loader worker per CPU this process may run on, at most 8."""
+    if workers is not None:
+        return workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
 
 
 def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[dict[str, Any]]:
@@ -315,13 +327,14 @@ def measure_speeds(
         channels_last=channels_last,
         amp_dtype=amp_dtype,
     )
-    log.info("speed: FPS-double-dagger (validation pass, batch %d, %d workers)", speed_cfg.batch, speed_cfg.workers)
+    workers = speed_workers(speed_cfg.workers)
+    log.info("speed: FPS-double-dagger (validation pass, batch %d, %d workers)", speed_cfg.batch, workers)
     fps_pipeline = time_pipeline(
         model,
-        val_loader(speed_cfg.batch, speed_cfg.workers),
+        val_loader(speed_cfg.batch, workers),
         device,
         batch_size=speed_cfg.batch,
-        workers=speed_cfg.workers,
+        workers=workers,
         warmup=warmup,
         amp_dtype=amp_dtype,
     )
