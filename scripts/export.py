@@ -5,8 +5,8 @@
     python scripts/export.py checkpoint=PATH format=exported_program ema=true             # best_ema.pt2
     python scripts/export.py checkpoint=PATH output=/tmp/model.onnx image_size=256
 
-The model is rebuilt from the configuration stored in the checkpoint (eval.py's read_checkpoint /
-restore_model), in eval mode, float32, on the CPU. Each artefact takes float32 images
+The model is rebuilt from the configuration stored in the checkpoint (emca.models.loading, as for
+eval.py and emca.load_model), in eval mode, float32, on the CPU. Each artefact takes float32 images
 (batch, 3, S, S) normalised as the run's validation images and returns the logits (batch, classes);
 the batch size is dynamic, the image size S fixed at export (default: the run's validation crop).
 
@@ -53,9 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python scripts/export.py` from anywhere, without an installed package
     sys.path.insert(0, str(REPO))
 
-from emca.analysis.checkpoint_eval import EvalError, read_checkpoint, restore_model  # noqa: E402
 from emca.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, atomic_write  # noqa: E402
 from emca.layers import pooling  # noqa: E402
+from emca.models.loading import read_checkpoint, restore_model  # noqa: E402
 from emca.options import is_int, require, require_int  # noqa: E402
 
 FORMATS = ("onnx", "torchscript", "exported_program")
@@ -215,8 +215,8 @@ def export_checkpoint(cfg: DictConfig) -> list[str]:
     check_options(cfg)
     given = Path(cfg.checkpoint).expanduser()
     output = output_path(cfg.output, Path(os.path.abspath(given)), cfg.format, cfg.ema)
-    state = read_checkpoint(given)
-    model = restore_model(given, state, cfg.ema).eval().requires_grad_(False)  # (a faster capture)
+    state = read_checkpoint(given, ExportError, "scripts/export.py")
+    model = restore_model(given, state, cfg.ema, ExportError, "drop ema=true").eval().requires_grad_(False)
     dataset = state["config"].get("dataset", {})
     image_size = cfg.image_size or dataset.get("val_image_size") or dataset.get("image_size")
     require(is_int(image_size) and image_size > 0, "image_size", image_size, "a positive integer (the checkpoint's "
@@ -260,7 +260,7 @@ def fail(error: Exception) -> NoReturn:
 def main(cfg: DictConfig) -> None:
     try:
         lines = export_checkpoint(cfg)
-    except (ExportError, EvalError, CheckpointError) as error:
+    except (ExportError, CheckpointError) as error:
         fail(error)
     print("\n".join(lines))
 

@@ -204,3 +204,16 @@ def test_export_py_errors_are_one_line_with_status_1(tmp_path):
     assert "nowhere.pt" in missing.stderr
     with pytest.raises(CheckpointError):
         export.export_checkpoint(export_options(f"checkpoint={tmp_path / 'nowhere.pt'}"))
+
+
+def test_a_foreign_file_or_missing_ema_weights_is_one_line_naming_export_py(tiny_run, tmp_path):
+    foreign = tmp_path / "weights.pt"
+    torch.save({"model": {}}, foreign)
+    with pytest.raises(export.ExportError, match="scripts/export.py needs a checkpoint written by train.py"):
+        export.export_checkpoint(export_options(f"checkpoint={foreign}"))
+    state = torch.load(tiny_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    without_ema = tmp_path / "best.pt"
+    torch.save({**state, "ema": None}, without_ema)
+    with pytest.raises(export.ExportError, match="holds no EMA weights .*; drop ema=true"):
+        export.export_checkpoint(export_options(f"checkpoint={without_ema}", "ema=true"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "weights.pt"]
