@@ -197,6 +197,18 @@ def test_trainer_overhead_with_ema_and_accumulation_reports_the_options_and_a_ra
                      r"\d+\.\d{3}x \(95% CI \d+\.\d{3}-\d+\.\d{3}\): (PASS|MISS)", output), output
 
 
+def test_loader_throughput_prints_both_loaders_and_their_ratio():
+    pytest.importorskip("nvidia.dali")
+    samples = SHARED_DATA / "imagenet-samples"
+    if not samples.is_dir():
+        pytest.skip(f"shared JPEG samples not found at {samples}")
+    output = run_benchmark("loader_throughput.py", "--data", str(samples), "--threads", "1", "--batch-size", "8",
+                           "--image-size", "32", "--epochs", "1", "--warmup", "0")
+    assert [line.split()[0] for line in output.splitlines() if line.startswith(("dali-", "torchvision"))][:2] == [
+        "dali-cpu", "torchvision"]
+    assert "DALI-CPU / torchvision: " in output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_gpu_training_says_why_it_measures_nothing_without_cuda():
     output = run_benchmark("gpu_training.py")
