@@ -215,11 +215,12 @@ def _swept_keys(sweep_dir: str) -> Optional[set]:
 
     try:
         sweep = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra
-        lines = [*sweep.overrides.task, *(f"{k}={v}" for k, v in (sweep.sweeper.get("params") or {}).items())]
-        overrides = OverridesParser.create().parse_overrides(lines)
+        # The command line replaces a preset's sweeper params for the same key (Hydra's BasicSweeper).
+        lines = [*(f"{k}={v}" for k, v in (sweep.sweeper.get("params") or {}).items()), *sweep.overrides.task]
+        overrides = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(lines)}
     except Exception:  # no multirun.yaml (another sweeper or launcher), or one it cannot parse
         return None
-    return {o.key_or_group for o in overrides
+    return {key for key, o in overrides.items()
             if o.is_sweep_override() and not (isinstance(o.value(), ChoiceSweep) and len(o.value().list) < 2)}
 
 

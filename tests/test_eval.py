@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 # A sweep small enough for a CPU test: the plain ResNet-18 and EMCA-SE of Table 4, 2 epochs of
 # 15 steps each on 16 px digits (about 30 % top-1: enough for rotations to matter).
+# The sweep's job folders, named by job number and swept value (configs/train.yaml, hydra.sweep.subdir).
+RUN0, RUN1 = "0_attention=none", "1_attention=emca_se"
 SWEEP_OVERRIDES = [
     "+experiment=table4", "backbone=resnet18", "attention=none,emca_se", "loader=torchvision",
     "dataset=digits", "dataset.image_size=16", "dataset.val_resize=16", "dataset.batch_size=32",
@@ -63,7 +65,7 @@ def run_python(*args: str, env: dict | None = None, timeout: int = 400) -> subpr
 def make_sweep(base: Path) -> Path:
     """Run (once per test session; later calls reuse it) the tiny train.py sweep under base."""
     sweep = base / "sweep"
-    if not (sweep / "1" / "results.json").is_file():
+    if not (sweep / RUN1 / "results.json").is_file():
         result = run_python("train.py", "-m", *SWEEP_OVERRIDES, f"hydra.sweep.dir={sweep}", env=sweep_env(base))
         assert result.returncode == 0, result.stderr[-3000:]
     return sweep
@@ -88,7 +90,7 @@ def trained_sweep(sweep_base) -> Path:
 @pytest.fixture(scope="session")
 def evaluated(trained_sweep, sweep_base):
     """eval.py on the EMCA-SE run's last checkpoint with every measurement switched on (tiny)."""
-    checkpoint = trained_sweep / "1" / "checkpoints" / "last.pt"
+    checkpoint = trained_sweep / RUN1 / "checkpoints" / "last.pt"
     result = run_python(
         "eval.py", f"checkpoint={checkpoint}", "speed.batch=32", "speed.workers=0", "speed.single_workers=0",
         "speed.single_images=48", "speed.warmup=2", "speed.model_iterations=4", "gradcam.images=3",
@@ -97,8 +99,8 @@ def evaluated(trained_sweep, sweep_base):
     assert result.returncode == 0, result.stderr[-3000:]
     # In the run folder: the checkpoints' generation folder is replaced at each save. last.pt's report
     # is eval_last.json (eval.json is best.pt's).
-    report = json.loads((trained_sweep / "1" / "eval_last.json").read_text())
-    return result, report, json.loads((trained_sweep / "1" / "results.json").read_text())
+    report = json.loads((trained_sweep / RUN1 / "eval_last.json").read_text())
+    return result, report, json.loads((trained_sweep / RUN1 / "results.json").read_text())
 
 
 # ----------------------------------------------------------------------------- rotations
@@ -244,7 +246,7 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
 def test_eval_reads_a_validation_folder_alone_with_the_runs_class_names(evaluated, trained_sweep, sweep_base, tmp_path):
     _, report, _ = evaluated
     digits_val = sweep_base / "emca-cache" / "digits" / "val"
-    checkpoint = trained_sweep / "1" / "checkpoints" / "last.pt"
+    checkpoint = trained_sweep / RUN1 / "checkpoints" / "last.pt"
     assert torch.load(checkpoint, weights_only=True)["classes"] == [str(digit) for digit in range(10)]
     common = [f"checkpoint={checkpoint}", "dataset.name=imagefolder", "speed.enabled=false", "rotations=[0]",
               "learned_scales=false"]
@@ -277,7 +279,7 @@ def test_make_tables_fills_table9_and_figure6_from_eval_json(evaluated, trained_
     sweep = tmp_path / "sweep"
     shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
     # make_tables reads eval.json, best.pt's report: the fixture's report of last.pt stands in for it.
-    (sweep / "1" / "eval_last.json").rename(sweep / "1" / "eval.json")
+    (sweep / RUN1 / "eval_last.json").rename(sweep / RUN1 / "eval.json")
     done = run_python("scripts/make_tables.py", str(sweep), "--out", str(tmp_path / "tables"))
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
@@ -305,7 +307,7 @@ def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, s
     no_config = tmp_path / "no_config.pt"
     torch.save({"model": tiny_model().state_dict()}, no_config)
     three_classes = image_tree({"train": {"a": 2, "b": 2, "c": 2}, "val": {"a": 1, "b": 1, "c": 1}})
-    checkpoint = trained_sweep / "0" / "checkpoints" / "last.pt"
+    checkpoint = trained_sweep / RUN0 / "checkpoints" / "last.pt"
     # A checkpoint without class names (as written before they were kept) labels by val/'s folders.
     unnamed = tmp_path / "unnamed.pt"
     state = torch.load(checkpoint, weights_only=True)

@@ -8,9 +8,6 @@ from emca.config import SWEEP_NAME_MAX, _swept_keys, sweep_job_name
 
 from conftest import SYNTHETIC_RUN
 
-# Until configs/train.yaml names it as hydra.sweep.subdir (the folders are still <job number> there).
-SUBDIR = "hydra.sweep.subdir='${emca.sweep_subdir:${hydra.job.num}}'"
-
 
 def test_name_keeps_the_swept_keys_safe_and_short():
     job = ["+experiment=digits_quick", "attention=emca_se", "coverage=none", "trainer.resume=auto"]
@@ -32,12 +29,17 @@ def test_swept_keys_come_from_multirun_yaml(tmp_path):
                                                      "+experiment/table3": "glob(*)"}}}},
                    tmp_path / "multirun.yaml")
     assert _swept_keys(str(tmp_path)) == {"seed", "attention", "experiment/table3"}
+    # A command-line value replaces the preset's list for its key (tests/test_eval.py's sweep: backbone=resnet18).
+    OmegaConf.save({"hydra": {"overrides": {"task": ["backbone=resnet18", "attention=none,emca_se"]},
+                              "sweeper": {"params": {"backbone": "resnet18,resnet34", "attention": "none,se"}}}},
+                   tmp_path / "multirun.yaml")
+    assert _swept_keys(str(tmp_path)) == {"attention"}
 
 
 def test_sweep_folders_are_named_and_make_tables_finds_them(run_script, tmp_path):
     sweep = tmp_path / "sweep"
     done = run_script("train.py", "-m", *SYNTHETIC_RUN, "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
-                      "attention=emca_se,emca_eca", f"hydra.sweep.dir={sweep}", SUBDIR)
+                      "attention=emca_se,emca_eca", f"hydra.sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_attention=emca_se", "1_attention=emca_eca"]
     tables = run_script("scripts/make_tables.py", sweep, "--out", tmp_path / "tables")

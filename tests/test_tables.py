@@ -17,7 +17,7 @@ from emca.analysis.complexity import count_variants
 from emca.analysis.runs import find_runs, measurements
 from emca.analysis.tables import TABLES, Measured, complexity_table, fill_table
 from emca.analysis.variants import Variant, channel_attention, emca, plain, variant_from_config
-from test_eval import make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
+from test_eval import RUN0, RUN1, make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "PAPER.md"
 
@@ -184,12 +184,12 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(trained_sweep, sweep, ignore=shutil.ignore_patterns("*.pt"))
     # An unfinished run (no results yet) and one with a broken config are gaps, not crashes.
-    shutil.copytree(sweep / "0" / ".hydra", sweep / "unfinished" / ".hydra")
+    shutil.copytree(sweep / RUN0 / ".hydra", sweep / "unfinished" / ".hydra")
     (sweep / "broken" / ".hydra").mkdir(parents=True)
     (sweep / "broken" / ".hydra" / "config.yaml").write_text("backbone: [unclosed\n")
     # A later command rewrote run 0's Hydra config: the run is still what its results.json says.
-    (sweep / "0" / ".hydra" / "config.yaml").write_text("backbone: {name: resnet50}\nattention: {name: emca_srm}\n")
-    results = {name: json.loads((sweep / name / "results.json").read_text()) for name in ("0", "1")}
+    (sweep / RUN0 / ".hydra" / "config.yaml").write_text("backbone: {name: resnet50}\nattention: {name: emca_srm}\n")
+    results = {name[0]: json.loads((sweep / name / "results.json").read_text()) for name in (RUN0, RUN1)}
 
     out = tmp_path / "tables"
     result = run_python("scripts/make_tables.py", str(sweep), "--out", str(out))
@@ -246,16 +246,16 @@ def test_measurements_take_speeds_from_eval_json_and_count_a_copied_run_once(tra
             "fps_pipeline": {"images_per_second": 200.0},
         },
     }
-    (sweep / "1" / "checkpoints").mkdir(exist_ok=True)
-    (sweep / "1" / "checkpoints" / "eval.json").write_text(json.dumps(eval_json))
-    results = json.loads((sweep / "1" / "results.json").read_text())
+    (sweep / RUN1 / "checkpoints").mkdir(exist_ok=True)
+    (sweep / RUN1 / "checkpoints" / "eval.json").write_text(json.dumps(eval_json))
+    results = json.loads((sweep / RUN1 / "results.json").read_text())
     runs = find_runs([sweep])
     measured, notes = measurements(runs)
     emca_se = measured[emca("resnet18", "se", "prev_stage_all")].values
     assert emca_se["fps"] == (10.0,) and emca_se["fps_pipeline"] == (200.0,)
     # Accuracy and parameters from results.json, the run's own record; parameters in 2^20 units.
     assert emca_se["params"] == (results["params"] / 2**20,) and emca_se["top1"] == (results["final"]["val_top1"],)
-    shutil.copytree(sweep / "1", sweep / "again")  # the same run (its run_id) in two folders: not a repeat
+    shutil.copytree(sweep / RUN1, sweep / "again")  # the same run (its run_id) in two folders: not a repeat
     measured, notes = measurements(find_runs([sweep]))
     assert measured[emca("resnet18", "se", "prev_stage_all")].values["top1"] == (results["final"]["val_top1"],)
     assert any(note.startswith(f"one run (run_id {results['run_id']}) in 2 folders") for note in notes)

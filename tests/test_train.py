@@ -109,11 +109,15 @@ def test_multirun_sweeps_four_jobs_into_one_folder(run_script, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (sweep / "multirun.yaml").is_file()
     combos = set()
-    for job in range(4):
+    # Each job's folder: its number and the values of the swept keys.
+    jobs = [f"{n}_attention={a},coverage={c}" for n, (a, c) in
+            enumerate((a, c) for a in ("emca_se", "emca_eca") for c in ("none", "prev_stage_all"))]
+    assert sorted(path.name for path in sweep.iterdir() if path.is_dir()) == sorted(jobs)
+    for job in jobs:
         for name in RUN_FILES:
-            assert (sweep / str(job) / name).is_file(), f"{job}/{name}"
-        assert list((sweep / str(job)).glob("events.out.tfevents.*"))
-        model = json.loads((sweep / str(job) / "results.json").read_text())["model"]
+            assert (sweep / job / name).is_file(), f"{job}/{name}"
+        assert list((sweep / job).glob("events.out.tfevents.*"))
+        model = json.loads((sweep / job / "results.json").read_text())["model"]
         combos.add((model["attention"], model["coverage"]))
     assert combos == {(a, c) for a in ("emca_se", "emca_eca") for c in ("none", "prev_stage_all")}
 

@@ -254,7 +254,7 @@ def test_the_ema_is_validated_beside_the_trained_weights(ema_run):
 
     run_dir, results, lines = ema_run
     assert any(line.startswith("epoch 2/2") and "; EMA top-1 " in line for line in lines)
-    assert any("EMA decay 0.5 every 1 steps" in line for line in lines)
+    assert any("EMA decay 0.5 updated every optimizer step" in line for line in lines)
     history = results["history"]
     assert all({"val_top1", "ema_val_top1", "ema_val_top5", "ema_val_loss"} <= record.keys() for record in history)
     assert results["best_metric"] == "ema_val_top1"
@@ -286,7 +286,7 @@ def test_eval_py_evaluates_the_ema_weights_on_request(ema_run):
     assert reports[True]["weights"] == "ema" and reports[False]["weights"] == "trained"
     assert reports[True]["val"]["top1"] == results["final"]["ema_val_top1"]
     assert reports[False]["val"]["top1"] == results["final"]["val_top1"]
-    assert (run_dir / "eval.json").is_file() and (run_dir / "eval_ema.json").is_file()
+    assert (run_dir / "eval_last.json").is_file() and (run_dir / "eval_last_ema.json").is_file()
     plain = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     plain["ema"] = None
     torch.save(plain, run_dir / "no_ema.pt")

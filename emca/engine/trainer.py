@@ -170,6 +170,10 @@ def _decided_on_main(ctx: DistributedContext, decide):
     return value
 
 
+def _every(steps: int) -> str:
+    return "every optimizer step" if steps == 1 else f"every {steps} optimizer steps"
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, ctx: DistributedContext, store: CheckpointStore, source: Optional[Path]):
         """`source`: the checkpoint to continue from (None: a fresh start), as the run folder decided."""
@@ -274,7 +278,7 @@ class Trainer:
             f"{trainer_cfg.accumulate} micro-batches per step" if trainer_cfg.accumulate > 1 else None,
             f"gradient clipping ({trainer_cfg.clip_mode.value}) at {trainer_cfg.clip_grad}" if self.clipping else None,
             f"mixup {trainer_cfg.mixup.mixup_alpha} / cutmix {trainer_cfg.mixup.cutmix_alpha}" if self.mixing else None,
-            f"EMA decay {trainer_cfg.ema.decay} every {trainer_cfg.ema.every} steps" if self.average else None,
+            f"EMA decay {trainer_cfg.ema.decay} updated {_every(trainer_cfg.ema.every)}" if self.average else None,
         ]
         if any(extras):
             log.info("with " + ", ".join(extra for extra in extras if extra))
