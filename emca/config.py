@@ -224,9 +224,9 @@ def _swept_keys(sweep_dir: str) -> Optional[set]:
             if o.is_sweep_override() and not (isinstance(o.value(), ChoiceSweep) and len(o.value().list) < 2)}
 
 
-def sweep_job_name(num, overrides, exclude_keys=(), swept_keys=None, kv_sep="=", item_sep=",",
+def sweep_job_name(num, overrides, exclude_keys=(), swept_keys=None, kv_sep="-", item_sep="__",
                    max_len=SWEEP_NAME_MAX) -> str:
-    """`<num>_<key=value,...>` from a sweep job's overrides: those of swept_keys when they are known
+    """`<num>_<key-value__...>` from a sweep job's overrides: those of swept_keys when they are known
     (an empty set: `<num>` alone; None: every override), none of exclude_keys, '+'/'~' prefixes
     dropped, '/' as '.', any other character unsafe in a file name as '-'; cut to max_len with a
     short hash of the full name."""
@@ -239,7 +239,8 @@ def sweep_job_name(num, overrides, exclude_keys=(), swept_keys=None, kv_sep="=",
             continue
         key = override.get_key_element().lstrip("+~").replace("/", ".")
         items.append(f"{key}{kv_sep}{override.get_value_element_as_str()}")
-    name = re.sub(r"[^\w.,=+@-]", "-", f"{num}_{item_sep.join(sorted(items))}" if items else str(num),
+    # Only characters a Hydra override takes unquoted (eval.py checkpoint=<folder>/...): no '=' or ','.
+    name = re.sub(r"[^\w.-]", "-", f"{num}_{item_sep.join(sorted(items))}" if items else str(num),
                   flags=re.ASCII)
     if len(name) > max_len:
         name = f"{name[:max_len - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"

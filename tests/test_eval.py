@@ -24,7 +24,7 @@ CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device
 # A sweep small enough for a CPU test: the plain ResNet-18 and EMCA-SE of Table 4, 2 epochs of
 # 15 steps each on 16 px digits (about 30 % top-1: enough for rotations to matter).
 # The sweep's job folders, named by job number and swept value (configs/train.yaml, hydra.sweep.subdir).
-RUN0, RUN1 = "0_attention=none", "1_attention=emca_se"
+RUN0, RUN1 = "0_attention-none", "1_attention-emca_se"
 SWEEP_OVERRIDES = [
     "+experiment=table4", "backbone=resnet18", "attention=none,emca_se", "loader=torchvision",
     "dataset=digits", "dataset.image_size=16", "dataset.val_resize=16", "dataset.batch_size=32",

@@ -11,12 +11,12 @@ from conftest import SYNTHETIC_RUN
 
 def test_name_keeps_the_swept_keys_safe_and_short():
     job = ["+experiment=digits_quick", "attention=emca_se", "coverage=none", "trainer.resume=auto"]
-    assert sweep_job_name(0, job, {"trainer.resume"}, {"attention", "coverage"}) == "0_attention=emca_se,coverage=none"
+    assert sweep_job_name(0, job, {"trainer.resume"}, {"attention", "coverage"}) == "0_attention-emca_se__coverage-none"
     assert sweep_job_name(4, job, {"trainer.resume"}, set()) == "4"  # nothing varies: the number alone
     # Swept keys unknown: every override but the excluded ones; '+' dropped, '/' and other unsafe characters replaced.
     name = sweep_job_name(3, ["+experiment/table3=eca_all", "optimizer.milestones=[0.3,0.6]", "dataset.root=/d"],
                           {"dataset.root"})
-    assert name == "3_experiment.table3=eca_all,optimizer.milestones=-0.3,0.6-"
+    assert name == "3_experiment.table3-eca_all__optimizer.milestones--0.3-0.6-"
     long = sweep_job_name(12, [f"trainer.{'x' * 60}={i}" for i in range(3)])
     assert len(long) == SWEEP_NAME_MAX and long.startswith("12_trainer.xxx")
     assert long != sweep_job_name(12, [f"trainer.{'x' * 60}={i}" for i in range(4)])  # the hash tells them apart
@@ -41,10 +41,10 @@ def test_sweep_folders_are_named_and_make_tables_finds_them(run_script, tmp_path
     done = run_script("train.py", "-m", *SYNTHETIC_RUN, "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
                       "attention=emca_se,emca_eca", f"hydra.sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_attention=emca_se", "1_attention=emca_eca"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_attention-emca_se", "1_attention-emca_eca"]
     tables = run_script("scripts/make_tables.py", sweep, "--out", tmp_path / "tables")
     assert tables.returncode == 0, tables.stderr[-3000:]
     assert "ignoring" not in tables.stderr and (tmp_path / "tables" / "tables.md").is_file()
     runs = find_runs([sweep])
-    assert [run.path.name for run in runs] == ["0_attention=emca_se", "1_attention=emca_eca"]
+    assert [run.path.name for run in runs] == ["0_attention-emca_se", "1_attention-emca_eca"]
     assert all(run.results and run.variant for run in runs)

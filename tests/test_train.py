@@ -110,7 +110,7 @@ def test_multirun_sweeps_four_jobs_into_one_folder(run_script, tmp_path):
     assert (sweep / "multirun.yaml").is_file()
     combos = set()
     # Each job's folder: its number and the values of the swept keys.
-    jobs = [f"{n}_attention={a},coverage={c}" for n, (a, c) in
+    jobs = [f"{n}_attention-{a}__coverage-{c}" for n, (a, c) in
             enumerate((a, c) for a in ("emca_se", "emca_eca") for c in ("none", "prev_stage_all"))]
     assert sorted(path.name for path in sweep.iterdir() if path.is_dir()) == sorted(jobs)
     for job in jobs:
