@@ -563,6 +563,9 @@ class Trainer:
             "model": {"backbone": cfg.backbone.name, "attention": cfg.attention.name, "coverage": self.coverage_name},
             "dataset": cfg.dataset.name,
             "loader": cfg.loader.name,
+            # The images each split really had (after skipping corrupt ones).
+            "num_train": self.data.num_train,
+            "num_val": self.data.num_val,
             # The last validated epoch: val_* of the trained weights, ema_val_* of their average (with an EMA).
             "final": {key: value for key, value in final.items() if key == "epoch" or "val_" in key},
             "best": progress.best,
