@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageCms, PngImagePlugin
 
 from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders
-from emca.data.dali_loader import DaliLoader
+from emca.data.dali_loader import DaliLoader, reader_options
 from emca.data.folder import ImageList
 from emca.data.torch_loader import TorchvisionLoader
 from emca.data.transforms import Preprocessing
@@ -322,9 +322,8 @@ def decode_unscreened(loader: str, path) -> torch.Tensor:
     images = ImageList([str(path)], np.zeros(1, dtype=np.int64), ["x"])
     common = dict(train=False, batch_size=1, workers=1, seed=0, device=torch.device("cpu"), channels_last=False)
     if loader == "dali":
-        made = DaliLoader(
-            images, prep, lambda epoch: np.arange(1), rank=0, prefetch_queue_depth=1, use_gpu=False, **common
-        )
+        made = DaliLoader.from_files(images, prep, lambda epoch: np.arange(1), rank=0, prefetch_queue_depth=1,
+                                     use_gpu=False, reader=reader_options(LoaderConfig()), **common)
     else:
         made = TorchvisionLoader(
             images,

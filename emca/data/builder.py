@@ -134,14 +134,14 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
                        prefetch_factor=loader.prefetch_factor, **common)
     else:
         try:
-            from .dali_loader import DaliLoader
+            from .dali_loader import DaliLoader, reader_options
         except ImportError as error:
             raise DatasetError(
                 f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision"
             ) from None
 
-        make = partial(DaliLoader, rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth,
-                       use_gpu=loader.dali_use_gpu, **common)
+        make = partial(DaliLoader.from_files, rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth,
+                       use_gpu=loader.dali_use_gpu, reader=reader_options(loader), **common)
     return DataBundle(
         train=make(train_images, prep, shards["train"], train=True) if train_images is not None else None,
         val=make(val_images, prep, shards["val"], train=False),

@@ -75,6 +75,14 @@ class LoaderConfig:
     prefetch_queue_depth: int = 2
     # DALI: use the GPU (mixed decoder + GPU augmentation) when CUDA is available.
     dali_use_gpu: bool = True
+    # DALI readers (image files and shards), for data on a network file system (NFS, Lustre, GPFS):
+    # there a memory-mapped file turns every page touched into a round trip to the server, so plain
+    # reads (dali_dont_use_mmap) are faster; reading each opened file ahead (dali_read_ahead: a slower
+    # first access, faster ones after, which pays for large files such as tar shards) and more batches
+    # read ahead by the reader's own thread (dali_reader_prefetch) hide the latency. Local disk: defaults.
+    dali_dont_use_mmap: bool = False
+    dali_read_ahead: bool = False
+    dali_reader_prefetch: int = 1
     # torchvision: batches each worker prepares ahead.
     prefetch_factor: int = 2
     # torchvision: page-locked host batches (only takes effect when the device is CUDA).
@@ -88,5 +96,6 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         # Checked for every loader, also the options only another loader reads: none of these
         # values is possible for any loader.
-        for option in ("prefetch_queue_depth", "prefetch_factor", "steps_per_epoch", "val_steps"):
+        for option in ("prefetch_queue_depth", "dali_reader_prefetch", "prefetch_factor", "steps_per_epoch",
+                       "val_steps"):
             require_int(f"loader.{option}", getattr(self, option), 1, DatasetError)

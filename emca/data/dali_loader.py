@@ -11,8 +11,9 @@ defining the policy's conditional graph adds 1.5-3 s (measured on 2 CPU cores).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from nvidia.dali.auto_aug import augmentations as a
 from nvidia.dali.auto_aug.core import Policy, augmentation
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from .config import LoaderConfig
 from .errors import DatasetError
 from .folder import ImageList, find_undecodable
 from .policies import (
@@ -40,9 +42,39 @@ from .transforms import Preprocessing
 READER = "Reader"
 
 
+def reader_options(loader: LoaderConfig) -> dict:
+    """The loader.dali_* reader options, as both readers (fn.readers.file, fn.readers.webdataset) take them."""
+    return dict(dont_use_mmap=loader.dali_dont_use_mmap, read_ahead=loader.dali_read_ahead,
+                prefetch_queue_depth=loader.dali_reader_prefetch)
+
+
+class FileSource:
+    """This rank's image files in the order sampling gives for each epoch, read by fn.readers.file."""
+
+    def __init__(self, images: ImageList, shard: Callable[[int], np.ndarray]):
+        self.images, self.shard = images, shard
+
+    def samples(self, epoch: int) -> int:
+        return len(self.shard(epoch))
+
+    def reader(self, epoch: int, train: bool, options: dict) -> Callable:
+        """What builds the reader inside the pipeline definition: () -> (encoded, label) nodes."""
+        indices = self.shard(epoch)
+        files, labels = [self.images.paths[i] for i in indices], self.images.labels[indices].tolist()
+        # Validation pads its last batch with repeats that the iterator (reader_name) leaves out.
+        return lambda: fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=not train,
+                                       name=READER, **options)
+
+    def culprit(self, epoch: int, first: int, stop: int) -> Optional[str]:
+        """The problem of the first undecodable file among read positions [first, stop), if any."""
+        paths = [self.images.paths[i] for i in self.shard(epoch)[first:stop]]
+        found = find_undecodable(paths)
+        return None if found is None else found[1].describe(found[0])
+
+
 @pipeline_def
-def train_pipeline(files, labels, prep: Preprocessing, gpu: bool, channels_last: bool):
-    encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
+def train_pipeline(read: Callable, prep: Preprocessing, gpu: bool, channels_last: bool):
+    encoded, label = read()
     decoder, device = ("mixed", "gpu") if gpu else ("cpu", "cpu")
     images, window = _train_crop(encoded, prep, decoder, device)
     mirror = fn.random.coin_flip(probability=0.5) if prep.hflip else 0
@@ -180,8 +212,8 @@ def _erase(images, prep: Preprocessing):
 
 
 @pipeline_def
-def val_pipeline(files, labels, prep: Preprocessing, gpu: bool, channels_last: bool):
-    encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER)
+def val_pipeline(read: Callable, prep: Preprocessing, gpu: bool, channels_last: bool):
+    encoded, label = read()
     decoder, device = ("mixed", "gpu") if gpu else ("cpu", "cpu")
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     images = fn.resize(images, device=device, resize_shorter=prep.val_resize)
@@ -197,30 +229,35 @@ def _normalize(images, prep: Preprocessing, device: str, channels_last: bool, **
 
 
 class DaliLoader:
-    """Batches of normalised float32 NCHW images and int64 labels on `device`."""
+    """Batches of normalised float32 NCHW images and int64 labels on `device`, from a FileSource
+    (image folders) or a ShardSource (tar shards); `reader` holds the readers' options (loader.dali_*)."""
 
-    def __init__(self, images: ImageList, prep: Preprocessing, shard: Callable[[int], np.ndarray], *,
-                 train: bool, batch_size: int, workers: int, seed: int, rank: int, device: torch.device,
-                 channels_last: bool, prefetch_queue_depth: int, use_gpu: bool):
-        self.images, self.prep, self.shard, self.train = images, prep, shard, train
+    def __init__(self, source, prep: Preprocessing, *, train: bool, batch_size: int, workers: int, seed: int,
+                 rank: int, device: torch.device, channels_last: bool, prefetch_queue_depth: int, use_gpu: bool,
+                 reader: dict):
+        self.source, self.prep, self.train = source, prep, train
         self.batch_size, self.threads = batch_size, max(1, workers)
         self.seed, self.rank, self.epoch = seed, rank, 0
         self.device, self.channels_last = device, channels_last
-        self.prefetch_queue_depth = prefetch_queue_depth
+        self.prefetch_queue_depth, self.reader = prefetch_queue_depth, reader
         self.gpu = use_gpu and device.type == "cuda" and torch.cuda.is_available()
+
+    @classmethod
+    def from_files(cls, images: ImageList, prep: Preprocessing, shard: Callable[[int], np.ndarray], **options):
+        """Over image folders: the files of `images` that shard(epoch) selects, in its order."""
+        return cls(FileSource(images, shard), prep, **options)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        samples = len(self.shard(self.epoch))
+        samples = self.source.samples(self.epoch)
         return samples // self.batch_size if self.train else math.ceil(samples / self.batch_size)
 
-    def _pipeline(self, indices: np.ndarray):
+    def _pipeline(self):
         build = train_pipeline if self.train else val_pipeline
         return build(
-            files=[self.images.paths[i] for i in indices],
-            labels=self.images.labels[indices].tolist(),
+            read=self.source.reader(self.epoch, self.train, self.reader),
             prep=self.prep,
             gpu=self.gpu,
             channels_last=self.channels_last,
@@ -236,30 +273,31 @@ class DaliLoader:
         )
 
     def __iter__(self):
-        indices = self.shard(self.epoch)
-        if len(indices) == 0:  # more ranks than validation images
+        if self.source.samples(self.epoch) == 0:  # more ranks than validation images
             return
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         done = 0
         try:
             batches = DALIGenericIterator(
-                [self._pipeline(indices)], ["images", "labels"], reader_name=READER, last_batch_policy=policy
+                [self._pipeline()], ["images", "labels"], reader_name=READER, last_batch_policy=policy
             )
-            for (batch,) in batches:
+            # len(self), not the reader's count: a ShardSource's reader holds more training samples than
+            # the whole global batches every rank can make.
+            for (batch,) in itertools.islice(batches, len(self)):
                 yield (
                     self._to_torch(batch["images"]),
                     batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True),
                 )
                 done += 1
         except RuntimeError as error:
-            raise self._decode_error(indices, done, error) from None
+            raise self._decode_error(done, error) from None
 
-    def _decode_error(self, indices: np.ndarray, done: int, error: RuntimeError) -> DatasetError:
-        """DALI's decode errors do not name the file: look for it among the batches in flight."""
-        in_flight = indices[done * self.batch_size:(done + self.prefetch_queue_depth + 2) * self.batch_size]
-        culprit = find_undecodable([self.images.paths[i] for i in in_flight])
+    def _decode_error(self, done: int, error: RuntimeError) -> DatasetError:
+        """DALI's decode errors do not name the file: look for it among the samples in flight."""
+        in_flight = (self.prefetch_queue_depth + self.reader["prefetch_queue_depth"] + 2) * self.batch_size
+        culprit = self.source.culprit(self.epoch, done * self.batch_size, done * self.batch_size + in_flight)
         if culprit is not None:
-            return DatasetError(culprit[1].describe(culprit[0]))
+            return DatasetError(culprit)
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         return DatasetError(
             f"DALI pipeline failed and no undecodable file was found near batch {done}: {' '.join(lines[-4:])}"
