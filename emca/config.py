@@ -174,6 +174,9 @@ class TrainerConfig:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     # Which validation top-1 picks checkpoints/best.pt.
     best_metric: BestMetric = BestMetric.val_top1
+    # Keep the last N completed epochs' weights (model and EMA, no optimizer state) as
+    # checkpoints/history/epoch-NNNN.pt, e.g. for weight averaging; 0: no history, only last.pt and best.pt.
+    keep_last_n: int = 0
 
 
 @dataclass

@@ -1,10 +1,15 @@
 """Checkpoints that survive a kill at any moment, and refuse to load into another architecture.
 
-A run's last.pt and best.pt are replaced together (CheckpointStore): `checkpoints` is a relative
-symlink to a generation folder `.checkpoints/NNNNNN/` that holds both, and a save fills a new
-generation (best.pt hard-linked from the previous one when the epoch did not improve), fsyncs it
-and swaps the symlink with one rename. Whatever moment the process dies at, `checkpoints/` is one
-complete generation, so what its last.pt says about best.pt is true of the best.pt beside it.
+A run's checkpoints are replaced together (CheckpointStore): `checkpoints` is a relative symlink
+to a generation folder `.checkpoints/NNNNNN/` that holds last.pt, best.pt and, with
+trainer.keep_last_n, history/epoch-NNNN.pt. A save fills a new generation, fsyncs it and swaps
+the symlink with one rename; files that did not change (best.pt when the epoch did not improve,
+the older history entries) are hard links into the previous generation, and a history entry that
+falls out of the last N is simply not linked, so adding and pruning happen in that one rename.
+Whatever moment the process dies at, `checkpoints/` is one complete generation, so what its
+last.pt says about best.pt and the history is true of the files beside it. Only last.pt holds
+what trainer.resume needs (RESUME_ONLY: optimizer, scheduler, scaler, random state); best.pt and
+the history entries are slim: what evaluation, export, model.init_from and weight averaging read.
 Nothing else lives in a generation (eval.py writes beside the run folder's `checkpoints` link).
 Single files (results.json, eval.json) use atomic_write: a temporary file, fsynced and renamed.
 """
@@ -22,10 +27,15 @@ from typing import Any, Callable, IO, Optional
 import torch
 from torch import nn
 
+from emca.options import require_int
+
 CHECKPOINT_DIR = "checkpoints"  # the symlink users and tools read through
 GENERATIONS = ".checkpoints"  # the generation folders it points into
 LAST = "last.pt"
 BEST = "best.pt"
+HISTORY = "history"  # the last trainer.keep_last_n epochs, slim: history/epoch-NNNN.pt
+# What only trainer.resume reads: last.pt holds it, best.pt and the history leave it out.
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")
 
 
 class CheckpointError(ValueError):
@@ -103,8 +113,10 @@ class CheckpointStore:
             self._point_to(self.generations / f"{0:06d}")  # killed between the two steps above
         self._remove_others(self.current())
 
-    def save(self, state: dict[str, Any], improved: bool) -> None:
-        """A new generation: last.pt = state, best.pt = state if improved, else the previous best.pt.
+    def save(self, state: dict[str, Any], improved: bool, epoch: Optional[int] = None, keep_last_n: int = 0) -> None:
+        """A new generation: last.pt = state; best.pt = its slim copy if improved, else the previous
+        best.pt; history/ = the slim copies of the last `keep_last_n` epochs, this one (`epoch`, the
+        epoch the state completes; None for a save within an epoch) and the previous ones' links.
 
         Raises CheckpointError (one line) when the disk refuses; the previous generation stays.
         """
@@ -115,9 +127,11 @@ class CheckpointStore:
             fsync_dir(self.generations)
             _write_synced(new / LAST, state)
             if improved:
-                _link_or_copy(new / LAST, new / BEST)
+                _write_synced(new / BEST, slim(state))
             elif current is not None and (current / BEST).is_file():
                 _link_or_copy(current / BEST, new / BEST)  # linked, not copied
+            if keep_last_n:
+                self._fill_history(new, current, state, improved, epoch, keep_last_n)
             fsync_dir(new)
             self._point_to(new)
         except OSError as error:
@@ -129,6 +143,28 @@ class CheckpointStore:
                 f"(free disk space or fix the folder's permissions, then resume with trainer.resume=auto)"
             ) from None
         self._remove_others(new)
+
+    @staticmethod
+    def _fill_history(new: Path, current: Optional[Path], state: dict[str, Any], improved: bool,
+                      epoch: Optional[int], keep_last_n: int) -> None:
+        """new/history: this epoch's entry (best.pt's file when it improved) and links to the
+        newest earlier entries of `current`, keep_last_n in all; older ones are left out."""
+        folder = new / HISTORY
+        folder.mkdir()
+        earlier = _history_entries(current / HISTORY) if current is not None else []
+        if epoch is not None:
+            # Entries from `epoch` on belong to a timeline abandoned by resuming an older copy of last.pt.
+            earlier = [path for path in earlier if _entry_epoch(path) < epoch]
+        room = keep_last_n - (epoch is not None)  # beside this epoch's own entry
+        for path in earlier[max(0, len(earlier) - room):]:
+            _link_or_copy(path, folder / path.name)
+        if epoch is not None:
+            entry = folder / f"epoch-{epoch:04d}.pt"
+            if improved:
+                _link_or_copy(new / BEST, entry)  # the same slim content: one file, two names
+            else:
+                _write_synced(entry, slim(state))
+        fsync_dir(folder)
 
     def _next_number(self) -> int:
         if not self.generations.is_dir():
@@ -153,6 +189,37 @@ class CheckpointStore:
         for entry in self.generations.iterdir():
             if entry.is_dir() and entry.name.isdigit() and (keep is None or entry.resolve() != keep.resolve()):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def describe_history(keep_last_n: int) -> Optional[str]:
+    """trainer.keep_last_n for the setup log (None: no history); a negative count is refused (one line)."""
+    require_int("trainer.keep_last_n", keep_last_n, 0)
+    if not keep_last_n:
+        return None
+    return (f"the last {keep_last_n} epochs' weights kept in {CHECKPOINT_DIR}/{HISTORY}/epoch-NNNN.pt "
+            "(weights, EMA weights if any, config; no optimizer state)")
+
+
+def slim(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint without what only resume needs: best.pt's and the history's content."""
+    return {key: value for key, value in state.items() if key not in RESUME_ONLY}
+
+
+def resumable(state: Any) -> bool:
+    """Whether trainer.resume can continue from these contents (last.pt; not best.pt or the history)."""
+    return isinstance(state, dict) and all(key in state for key in RESUME_ONLY)
+
+
+def _history_entries(folder: Path) -> list[Path]:
+    """A history folder's epoch-NNNN.pt files, oldest first (none when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    entries = [path for path in folder.glob("epoch-*.pt") if path.stem.removeprefix("epoch-").isdigit()]
+    return sorted(entries, key=_entry_epoch)
+
+
+def _entry_epoch(path: Path) -> int:
+    return int(path.stem.removeprefix("epoch-"))
 
 
 def _write_synced(path: Path, state: dict[str, Any]) -> None:
@@ -222,7 +289,7 @@ def load_checkpoint(
     except PermissionError as error:
         raise CheckpointError(f"{named} cannot be read: permission denied") from error
     except Exception as error:  # torch's messages for a damaged file advise weights_only=False, which cannot help
-        # last.pt and best.pt are distinct files unless the last epoch was the best (a hard link).
+        # Distinct files, unless written before best.pt was slim: then the best last epoch made it a hard link.
         other = path.with_name({LAST: BEST, BEST: LAST}.get(path.name, path.name))
         hint = f"; {other} may be intact" if other.is_file() and not os.path.samefile(other, path) else ""
         raise CheckpointError(

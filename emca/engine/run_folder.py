@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from emca.engine.checkpoint import CHECKPOINT_DIR, GENERATIONS, CheckpointStore, atomic_write, check_checkpoint_path
+from emca.engine.checkpoint import (CHECKPOINT_DIR, GENERATIONS, LAST, CheckpointStore, atomic_write,
+                                   check_checkpoint_path, resumable)
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class RunFolder(contextlib.AbstractContextManager):
         if resume not in (None, "auto"):
             source = Path(resume).expanduser()
             check_checkpoint_path(source, "trainer.resume")
+            _refuse_slim(source)
             if held and not self._continues(source, last):
                 raise RunFolderError(
                     f"run folder {self.path} holds another run ({', '.join(held)}); to start from {source} choose a "
@@ -208,6 +210,19 @@ class RunFolder(contextlib.AbstractContextManager):
         root = logging.getLogger()
         root.removeHandler(self._early_lines)
         root.addHandler(self._log_file)
+
+
+def _refuse_slim(source: Path) -> None:
+    """best.pt and the history entries hold no optimizer state: name the last.pt beside them instead."""
+    try:
+        state = peek(source)
+    except Exception:  # an unreadable file is reported by the loader, in its own line
+        return
+    if isinstance(state, dict) and "fingerprint" in state and not resumable(state):
+        beside = next((path for path in (source.parent / LAST, source.parent.parent / LAST) if path.is_file()), None)
+        fix = f"trainer.resume={beside}" if beside else f"trainer.resume=<run folder>/{CHECKPOINT_DIR}/{LAST}"
+        raise RunFolderError(f"trainer.resume={source} holds weights only (best.pt and the history keep no optimizer "
+                             f"state); resume with {fix}, or start a new run from them with model.init_from={source}")
 
 
 def host_and_pid() -> str:

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from emca.analysis.evaluation import evaluate
 from emca.data import DatasetError, build_loaders
-from emca.engine.checkpoint import CheckpointError, CheckpointStore, architecture_fingerprint, load_checkpoint
+from emca.engine.checkpoint import (CheckpointError, CheckpointStore, architecture_fingerprint, describe_history,
+                                   load_checkpoint)
 from emca.engine.compatibility import check_resume_schedule
 from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
                                      silence_non_main_logging)
@@ -279,6 +280,7 @@ class Trainer:
             f"gradient clipping ({trainer_cfg.clip_mode.value}) at {trainer_cfg.clip_grad}" if self.clipping else None,
             f"mixup {trainer_cfg.mixup.mixup_alpha} / cutmix {trainer_cfg.mixup.cutmix_alpha}" if self.mixing else None,
             f"EMA decay {trainer_cfg.ema.decay} updated {_every(trainer_cfg.ema.every)}" if self.average else None,
+            describe_history(trainer_cfg.keep_last_n),
         ]
         if any(extras):
             log.info("with " + ", ".join(extra for extra in extras if extra))
@@ -484,7 +486,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- persistence
     def _save(self, progress: Progress, rng: dict[str, Any], best: bool) -> None:
-        """last.pt (and best.pt) from rank 0, with rank 0's BatchNorm statistics."""
+        """last.pt (best.pt, the history) from rank 0, with rank 0's BatchNorm statistics."""
         # A finite last loss does not prove the update it drove was finite; never save such weights.
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise RunAborted(f"parameters became non-finite by training step {progress.global_step}: stopped; "
@@ -493,7 +495,10 @@ class Trainer:
         failure = None
         if self.ctx.is_main:
             try:
-                self.store.save(self._state(progress, rng), improved=best)
+                # A save within an epoch (a stop) adds no history entry: only completed epochs are averaged.
+                completed = progress.epoch if progress.interrupted_epoch is None else None
+                self.store.save(self._state(progress, rng), improved=best, epoch=completed,
+                                keep_last_n=self.cfg.trainer.keep_last_n)
             except CheckpointError as error:
                 failure = str(error)
         failure = self.ctx.broadcast_from_main(failure)  # every rank stops together
@@ -501,7 +506,7 @@ class Trainer:
             raise RunAborted(failure)
 
     def _state(self, progress: Progress, rng: dict[str, Any]) -> dict[str, Any]:
-        """What a checkpoint holds (rank 0)."""
+        """What last.pt holds (rank 0); best.pt and the history leave out checkpoint.RESUME_ONLY."""
         progress.wall_s += time.perf_counter() - self.started
         self.started = time.perf_counter()
         return {
