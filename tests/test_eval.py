@@ -430,6 +430,8 @@ def test_each_checkpoint_of_a_run_and_its_ema_weights_get_their_own_report(tmp_p
     assert names == {("best.pt", False): run / "eval.json", ("best.pt", True): run / "eval_ema.json",
                      ("last.pt", False): run / "eval_last.json", ("last.pt", True): run / "eval_last_ema.json"}
     assert output_path(None, tmp_path / "best.pt") == tmp_path / "eval.json"  # beside a checkpoint elsewhere
+    # A history entry's report goes to the run folder too, out of the generations the trainer replaces.
+    assert output_path(None, run / "checkpoints" / "history" / "epoch-0003.pt") == run / "eval_epoch-0003.json"
     assert output_path(None, tmp_path / "r50.pt", ema=True) == tmp_path / "eval_r50_ema.json"
     assert output_path(str(tmp_path / "mine.json"), run / "checkpoints" / "last.pt") == tmp_path / "mine.json"
 

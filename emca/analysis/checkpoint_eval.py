@@ -37,7 +37,7 @@ from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.models import coverage_name
 from emca.data import build_loaders
 from emca.data.folder import ImageList
-from emca.engine.checkpoint import CHECKPOINT_DIR, atomic_write, describe_architecture
+from emca.engine.checkpoint import CHECKPOINT_DIR, HISTORY, atomic_write, describe_architecture
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
 from emca.engine.precision import amp_dtype as parse_amp
@@ -135,13 +135,16 @@ def check_gradcam_options(options: DictConfig) -> None:
 
 def output_path(output: Optional[str], checkpoint: Path, ema: bool = False) -> Path:
     """Where eval.json goes (refused before any work when that is a folder): by default beside the
-    checkpoint, or in the run folder for a run's checkpoints/ (the trainer replaces that folder's
-    generations as it saves: a file put there would not survive the next save). best.pt's report is
-    eval.json (what make_tables reads), any other checkpoint's eval_<stem>.json (last.pt:
-    eval_last.json), so that evaluating two checkpoints of a run keeps both; the EMA weights' report
-    adds _ema (eval_ema.json, eval_last_ema.json), so that it does not replace the trained weights' one."""
+    checkpoint, or in the run folder for a run's checkpoints/ and checkpoints/history/ (the trainer
+    replaces their generations as it saves: a file put there would not survive the next save).
+    best.pt's report is eval.json (what make_tables reads), any other checkpoint's eval_<stem>.json
+    (last.pt: eval_last.json, history/epoch-0003.pt: eval_epoch-0003.json), so that evaluating two
+    checkpoints of a run keeps both; the EMA weights' report adds _ema (eval_ema.json,
+    eval_last_ema.json), so that it does not replace the trained weights' one."""
     if not output:
         folder = checkpoint.parent
+        if folder.name == HISTORY and folder.parent.name == CHECKPOINT_DIR:
+            folder = folder.parent  # checkpoints/history/epoch-0003.pt: eval_epoch-0003.json in the run folder
         stem = EVAL_FILE.removesuffix(".json") + ("" if checkpoint.stem == "best" else f"_{checkpoint.stem}")
         name = f"{stem}_ema.json" if ema else f"{stem}.json"
         return (folder.parent if folder.name == CHECKPOINT_DIR else folder) / name
