@@ -1,0 +1,191 @@
+"""Packing an ImageFolder tree into WebDataset shards (scripts/pack_shards.py): plan, write, resume.
+
+The images are listed and screened as the folder loaders do (emca.data.folder; corrupt ones stop
+the packing or are left out, by on_bad_image), then shuffled once per split with the seed and cut
+into shards of shard_size samples, so that every shard holds a mix of classes. The plan depends
+only on the source's listing (paths, sizes, mtimes), the seed, the shard size and on_bad_image.
+
+Writing is atomic and resumable: each shard goes to a temporary name and is renamed, its index
+after it, and info.json comes last, so a killed packing leaves no shard that looks complete and no
+info.json. A rerun with the same plan (recorded in OUT/.pack-plan when packing starts) keeps the
+shards whose index, size and member headers are those planned, and writes the rest.
+
+info.json: {"format", "version", "classes": [names], "source": {"root", "dataset", "fingerprint"},
+"pack": {"shard_size", "seed", "on_bad_image"}, "plan": digest, "splits": {split: {"samples",
+"skipped", "extensions", "class_counts", "shards": [{"tar", "index", "samples", "bytes"}]}}}, the
+paths relative to OUT.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emca.engine.checkpoint import atomic_write
+
+from .builder import cache_dir
+from .datasets import dataset_root
+from .errors import DatasetError
+from .folder import ImageList, check_root, list_split, screen_images
+from .shards import (
+    BLOCK, FORMAT, INFO, LABEL_EXT, SPLITS, VERSION, index_text, member_header, sample_key, shard_layout, shard_name,
+    write_tar,
+)
+
+log = logging.getLogger(__name__)
+
+PLAN = ".pack-plan"
+_OURS = re.compile(r"shard-\d{6}\.(tar|idx)|\.shard-\d{6}\.(tar|idx)\.\w+\.tmp")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One planned shard: its members (name, size) in order, each image's source file and label."""
+
+    tar: Path
+    index: Path
+    members: list[tuple[str, int]]
+    paths: list[str]
+    labels: list[str]  # as stored: ASCII digits
+
+
+def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_bad_image: str = "error",
+         dataset: str = "imagefolder", workers: int = 4) -> dict:
+    """Pack the ImageFolder tree `source` (train/ and val/) into shards under `out`; returns info.json's content."""
+    if shard_size < 1:
+        raise DatasetError(f"--shard-size {shard_size} must be at least 1")
+    root, out = dataset_root(dataset, str(source)), Path(out)
+    check_root(root, dataset)
+    if out.resolve() == root.resolve():
+        raise DatasetError(f"the output folder {out} is the source tree; pass another folder as OUT")
+    train = list_split(root / "train")
+    listed = {"train": train, "val": list_split(root / "val", train.classes)}
+    sizes, fingerprint = _fingerprint(root, [path for images in listed.values() for path in images.paths])
+    params = {"shard_size": shard_size, "seed": seed, "on_bad_image": on_bad_image}
+    plan = hashlib.sha256(json.dumps([FORMAT, VERSION, fingerprint, params]).encode()).hexdigest()
+    trusted = _start(out, plan)
+    info = {"format": FORMAT, "version": VERSION, "classes": train.classes,
+            "source": {"root": str(root.resolve()), "dataset": dataset, "fingerprint": fingerprint},
+            "pack": params, "plan": plan, "splits": {}}
+    for number, split in enumerate(SPLITS):
+        images = screen_images(listed[split], root / split, on_bad_image=on_bad_image, cache_dir=cache_dir(),
+                               threads=workers)
+        if not len(images):
+            raise DatasetError(f"no image of {root / split} passed the screening; fix or replace its images")
+        order = np.random.default_rng([seed, number]).permutation(len(images))
+        shards = _plan_split(out, split, images, order, sizes, shard_size)
+        written = sum(_pack_shard(shard, trusted, workers) for shard in shards)
+        _remove_stale(out / split, {path.name for shard in shards for path in (shard.tar, shard.index)})
+        log.info("%s: %d images in %d shards (%d written, %d already complete)", split, len(images), len(shards),
+                 written, len(shards) - written)
+        info["splits"][split] = _split_info(out, images, shards)
+    atomic_write(out / INFO, lambda file: file.write(json.dumps(info, indent=1).encode() + b"\n"))
+    return info
+
+
+def _fingerprint(root: Path, paths: list[str]) -> tuple[dict[str, int], str]:
+    """Each file's size, and a digest of the sorted (relative path, size, mtime) of all of them."""
+    sizes, digest = {}, hashlib.sha256()
+    for path in sorted(paths):
+        try:
+            info = os.stat(path)
+        except OSError as error:
+            raise DatasetError(f"cannot stat {path} ({error.strerror}); fix or remove it, then pack again") from None
+        sizes[path] = info.st_size
+        digest.update(os.fsencode(f"{os.path.relpath(path, root)}\0{info.st_size}\0{info.st_mtime_ns}\n"))
+    return sizes, digest.hexdigest()
+
+
+def _start(out: Path, plan: str) -> bool:
+    """Record the plan in `out`; True if it is the plan of the shards already there (a resume)."""
+    marker = out / PLAN
+    try:
+        if marker.read_text() == plan:
+            return True
+    except OSError:
+        pass
+    # Another plan's info.json must not describe the shards about to be replaced.
+    (out / INFO).unlink(missing_ok=True)
+    atomic_write(marker, lambda file: file.write(plan.encode()))
+    return False
+
+
+def _plan_split(out: Path, split: str, images: ImageList, order: np.ndarray, sizes: dict[str, int],
+                shard_size: int) -> list[Shard]:
+    shards = []
+    for number, first in enumerate(range(0, len(order), shard_size)):
+        members, paths, labels = [], [], []
+        for position in range(first, min(first + shard_size, len(order))):
+            path = images.paths[order[position]]
+            key, ext = sample_key(position), Path(path).suffix.lower().lstrip(".")
+            label = str(int(images.labels[order[position]]))
+            members += [(f"{key}.{ext}", sizes[path]), (f"{key}.{LABEL_EXT}", len(label))]
+            paths.append(path)
+            labels.append(label)
+        stem = out / split / shard_name(number)
+        shards.append(Shard(stem.with_suffix(".tar"), stem.with_suffix(".idx"), members, paths, labels))
+    return shards
+
+
+def _pack_shard(shard: Shard, trusted: bool, workers: int) -> bool:
+    """Write `shard` unless a complete one of the same plan is there; True if it was written."""
+    if trusted and _is_complete(shard):
+        return False
+    shard.index.unlink(missing_ok=True)  # the pair counts as complete only once the index is back
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        images = list(pool.map(Path.read_bytes, map(Path, shard.paths)))
+    members = []
+    for path, data, label, (name, size), (label_name, _) in zip(
+        shard.paths, images, shard.labels, shard.members[::2], shard.members[1::2], strict=True
+    ):
+        if len(data) != size:
+            raise DatasetError(f"{path} changed while packing ({size} bytes, now {len(data)}); pack again")
+        members += [(name, data), (label_name, label.encode())]
+    atomic_write(shard.tar, lambda file: write_tar(file, members))
+    atomic_write(shard.index, lambda file: file.write(index_text(shard.members).encode()))
+    return True
+
+
+def _is_complete(shard: Shard) -> bool:
+    """Whether the shard on disk is the planned one: its index, size and every member header."""
+    offsets, size = shard_layout(shard.members)
+    try:
+        if shard.index.read_text() != index_text(shard.members) or shard.tar.stat().st_size != size:
+            return False
+        with open(shard.tar, "rb") as file:
+            for (name, member_size), offset in zip(shard.members, offsets, strict=True):
+                file.seek(offset - BLOCK)
+                if file.read(BLOCK) != member_header(name, member_size):
+                    return False
+    except (OSError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _remove_stale(split_dir: Path, keep: set[str]) -> None:
+    """Remove the shards of an earlier, larger packing and the temporary files of a killed one."""
+    for entry in os.scandir(split_dir):
+        if _OURS.fullmatch(entry.name) and entry.name not in keep:
+            os.unlink(entry.path)
+
+
+def _split_info(out: Path, images: ImageList, shards: list[Shard]) -> dict:
+    counts = np.bincount(images.labels, minlength=len(images.classes))
+    return {
+        "samples": len(images),
+        "skipped": images.skipped,
+        "extensions": sorted({name.split(".", 1)[1] for shard in shards for name, _ in shard.members[::2]}),
+        "class_counts": counts.tolist(),
+        "shards": [
+            {"tar": shard.tar.relative_to(out).as_posix(), "index": shard.index.relative_to(out).as_posix(),
+             "samples": len(shard.paths), "bytes": shard_layout(shard.members)[1]}
+            for shard in shards
+        ],
+    }
