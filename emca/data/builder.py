@@ -12,15 +12,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import DatasetConfig, LoaderConfig
-from .datasets import dataset_root
+from .datasets import check_dataset_name, dataset_root
 from .errors import DatasetError
 from .folder import ImageList, check_root, list_split, screen_images
+from .shards import INFO, load_split, read_info
 from .sampling import per_rank_batch_size, train_batches_per_epoch, train_shard, val_shard
 from .synthetic import SyntheticLoader
 from .transforms import Preprocessing
 
 LOADERS = ("dali", "torchvision", "synthetic")
 BAD_IMAGE_POLICIES = ("error", "skip")
+FORMATS = ("folder", "shards")
 
 
 @dataclass
@@ -56,16 +58,41 @@ def _load_split(split_dir: Path, classes, dataset: DatasetConfig) -> ImageList:
     )
 
 
-def _check_class_count(dataset: DatasetConfig, classes, folder: Optional[Path]) -> None:
-    """dataset.num_classes against the classes read from `folder`, or given (folder None)."""
+def _check_class_count(dataset: DatasetConfig, classes, found: str) -> None:
+    """dataset.num_classes against the classes found; `found` says where, with {} for their number."""
     if dataset.num_classes is not None and dataset.num_classes != len(classes):
-        found = (
-            f"{folder} has {len(classes)} class folders" if folder else f"the given class list has {len(classes)} names"
-        )
         raise DatasetError(
-            f"dataset.num_classes={dataset.num_classes} but {found}; "
+            f"dataset.num_classes={dataset.num_classes} but {found.format(len(classes))}; "
             f"set dataset.num_classes={len(classes)} (or null to read it from the folder)"
         )
+
+
+def _load_folders(dataset: DatasetConfig, train: bool, classes: Optional[Sequence[str]]):
+    """(root, train images or None, val images) of an ImageFolder tree, listed and screened."""
+    root = dataset_root(dataset.name, dataset.root)
+    check_root(root, dataset.name, splits=("train", "val") if train else ("val",))
+    if train:
+        train_images = _load_split(root / "train", classes, dataset)
+        # Before val/ is screened image by image.
+        _check_class_count(dataset, train_images.classes, f"{root / 'train'} has {{}} class folders")
+        return root, train_images, _load_split(root / "val", train_images.classes, dataset)
+    # val/'s folders must be among the given classes (a trained model's); that check, with its own
+    # message, comes first.
+    val_images = _load_split(root / "val", classes, dataset)
+    found = f"{root / 'val'} has {{}} class folders" if classes is None else "the given class list has {} names"
+    _check_class_count(dataset, val_images.classes, found)
+    return root, None, val_images
+
+
+def _load_shards(dataset: DatasetConfig, train: bool, classes: Optional[Sequence[str]]):
+    """(root, train samples or None, val samples) of a packed shard folder, from its info.json and indexes."""
+    check_dataset_name(dataset.name)
+    root = Path(dataset.root).expanduser()
+    info = read_info(root)
+    found = f"{root / INFO} lists {{}} classes" if classes is None else "the given class list has {} names"
+    _check_class_count(dataset, classes or info["classes"], found)
+    train_samples = load_split(root, "train", info, classes) if train else None
+    return root, train_samples, load_split(root, "val", info, classes)
 
 
 def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1,
@@ -99,21 +126,11 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
             bundle.train, bundle.num_train = None, 0
         return bundle
 
-    root = dataset_root(dataset.name, dataset.root)
-    check_root(root, dataset.name, splits=("train", "val") if train else ("val",))
-    if train:
-        train_images = _load_split(root / "train", classes, dataset)
-        classes = train_images.classes
-        _check_class_count(dataset, classes, root / "train")  # before val/ is screened image by image
-        val_images = _load_split(root / "val", classes, dataset)
-    else:
-        # val/'s folders must be among the given classes (a trained model's); that check, with its
-        # own message, comes first.
-        train_images = None
-        val_images = _load_split(root / "val", classes, dataset)
-        _check_class_count(dataset, val_images.classes, root / "val" if classes is None else None)
-        classes = val_images.classes
-    classes = list(classes)
+    if dataset.format not in FORMATS:
+        raise DatasetError(f"unknown dataset.format={dataset.format!r}; choose one of {', '.join(FORMATS)}")
+    load = _load_shards if dataset.format == "shards" else _load_folders
+    root, train_images, val_images = load(dataset, train, classes)
+    classes = val_images.classes
     if train_images is not None and train_batches_per_epoch(len(train_images), dataset.batch_size) == 0:
         raise DatasetError(
             f"{root / 'train'} has {len(train_images)} images, fewer than one global batch; lower "

@@ -23,8 +23,11 @@ DEFAULT_CACHE = "${oc.env:EMCA_CACHE,${oc.env:HOME}/.cache/emca}"
 class DatasetConfig:
     # 'digits' | 'tiny_imagenet' | 'imagenet' | 'imagefolder'
     name: str = "imagefolder"
-    # Folder holding train/ and val/ class folders (for digits: where they are generated).
+    # Folder holding train/ and val/ class folders (for digits: where they are generated); with
+    # format=shards the folder scripts/pack_shards.py wrote (the one with info.json).
     root: str = "???"
+    # 'folder': an ImageFolder tree | 'shards': WebDataset tar shards packed by scripts/pack_shards.py.
+    format: str = "folder"
     # null: read from the train folder; a configured value must agree with the folder.
     num_classes: Optional[int] = None
     image_size: int = 224

@@ -25,10 +25,14 @@ DIGITS_SPLIT_SEED = 0
 _COMPLETE = ".complete"
 
 
-def dataset_root(name: str, root: str) -> Path:
-    """The folder holding train/ and val/ for dataset `name`, generating it first for digits."""
+def check_dataset_name(name: str) -> None:
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset.name={name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def dataset_root(name: str, root: str) -> Path:
+    """The folder holding train/ and val/ for dataset `name`, generating it first for digits."""
+    check_dataset_name(name)
     path = Path(root).expanduser()
     if name == "digits":
         ensure_digits(path)

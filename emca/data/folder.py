@@ -96,6 +96,14 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def open(self, index: int) -> tuple[str, int]:
+        """What the torchvision loader decodes for sample `index` (its path), and its label."""
+        return self.paths[index], int(self.labels[index])
+
+    def describe(self, index: int, error: BaseException) -> str:
+        """The one-line error for sample `index` failing to decode with `error`."""
+        return describe_failure(self.paths[index], error).describe(self.paths[index])
+
 
 def check_root(root: Path, dataset: str, splits: Sequence[str] = ("train", "val")) -> None:
     """Fail early, in one line, on the layouts that would otherwise break later."""

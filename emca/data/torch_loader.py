@@ -7,7 +7,7 @@ worker the (index, epoch seed) pair, which also spares persistent workers any sh
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from emca.engine.preemption import detach_worker, stop_signals_blocked
 
 from .errors import DatasetError
-from .folder import ImageList, describe_failure, open_image
+from .folder import ImageList, open_image
 from .policies import TorchvisionAugment
 from .sampling import derive_seed
+from .shards import ShardList
 from .transforms import BatchNormalizer, Preprocessing, train_image, val_image
 
 # PIL's modes for 16-bit greyscale: PNG and TIFF (I;16, I;16B) and PGM (I, which PIL's reader scales
@@ -27,9 +28,9 @@ from .transforms import BatchNormalizer, Preprocessing, train_image, val_image
 _SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """The RGB image DALI's decoder makes of `path` (tests/test_pixel_formats.py compares the two).
-    Raises whatever PIL or the file system raise."""
+def load_rgb(path: str | IO[bytes]) -> Image.Image:
+    """The RGB image DALI's decoder makes of `path`, a file name or an open file (tests/test_pixel_formats.py
+    compares the two). Raises whatever PIL or the file system raise."""
     with open_image(path) as image:
         image.load()
         return to_rgb(image, in_place=True)
@@ -56,23 +57,27 @@ def to_rgb(image: Image.Image, in_place: bool = False) -> Image.Image:
 
 
 class ImageListDataset(Dataset):
-    """Indexed by (sample index, epoch seed); returns (uint8 CHW image, label)."""
+    """Indexed by (sample index, epoch seed); returns (uint8 CHW image, label).
 
-    def __init__(self, images: ImageList, prep: Preprocessing, train: bool):
-        self.paths, self.labels = images.paths, images.labels
+    `images`: loose files (an ImageList) or packed ones (a ShardList); both give each sample's
+    encoded image as something PIL opens, and describe a failure to decode it.
+    """
+
+    def __init__(self, images: ImageList | ShardList, prep: Preprocessing, train: bool):
+        self.images = images
         self.prep, self.train = prep, train
         self.augment = TorchvisionAugment.from_preprocessing(prep) if train else None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch_seed = key
-        path = self.paths[index]
+        source, label = self.images.open(index)  # a shard that does not match its index raises here
         try:
-            image = load_rgb(path)
+            image = load_rgb(source)
         except Exception as error:
-            raise DatasetError(describe_failure(path, error).describe(path)) from None
+            raise DatasetError(self.images.describe(index, error)) from None
         if self.train:
             # Distinct integer seeds give independent Mersenne-Twister streams.
             rng = random.Random((epoch_seed << 32) | index)
@@ -81,7 +86,7 @@ class ImageListDataset(Dataset):
                 image = self.augment(image, rng)
         else:
             image = val_image(image, self.prep)
-        return image, int(self.labels[index])
+        return image, label
 
 
 class ShardSampler(Sampler):
@@ -104,7 +109,7 @@ class ShardSampler(Sampler):
 class TorchvisionLoader:
     """Batches of normalised float32 NCHW images and int64 labels on `device`."""
 
-    def __init__(self, images: ImageList, prep: Preprocessing, shard: Callable[[int], np.ndarray], *,
+    def __init__(self, images: ImageList | ShardList, prep: Preprocessing, shard: Callable[[int], np.ndarray], *,
                  train: bool, batch_size: int, workers: int, seed: int, device: torch.device,
                  channels_last: bool, pin_memory: bool, persistent_workers: bool, prefetch_factor: int):
         self.sampler = ShardSampler(shard, seed)
