@@ -157,8 +157,12 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
                 f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision"
             ) from None
 
-        make = partial(DaliLoader.from_files, rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth,
-                       use_gpu=loader.dali_use_gpu, reader=reader_options(loader), **common)
+        dali = dict(rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth, use_gpu=loader.dali_use_gpu,
+                    reader=reader_options(loader), **common)
+        make = partial(DaliLoader.from_files, **dali)
+        if dataset.format == "shards":
+            make = partial(DaliLoader.from_shards, world_size=world_size, shuffle_buffer=loader.dali_shuffle_buffer,
+                           **dali)
     return DataBundle(
         train=make(train_images, prep, shards["train"], train=True) if train_images is not None else None,
         val=make(val_images, prep, shards["val"], train=False),

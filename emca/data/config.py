@@ -86,6 +86,10 @@ class LoaderConfig:
     dali_dont_use_mmap: bool = False
     dali_read_ahead: bool = False
     dali_reader_prefetch: int = 1
+    # DALI with dataset.format=shards: training samples are shuffled in a buffer of this many (the
+    # webdataset reader's initial_fill), on top of a new shard order each epoch. Larger: better mixed,
+    # more memory (encoded images) and a longer fill before the first batch.
+    dali_shuffle_buffer: int = 1024
     # torchvision: batches each worker prepares ahead.
     prefetch_factor: int = 2
     # torchvision: page-locked host batches (only takes effect when the device is CUDA).
@@ -99,6 +103,6 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         # Checked for every loader, also the options only another loader reads: none of these
         # values is possible for any loader.
-        for option in ("prefetch_queue_depth", "dali_reader_prefetch", "prefetch_factor", "steps_per_epoch",
-                       "val_steps"):
+        for option in ("prefetch_queue_depth", "dali_reader_prefetch", "dali_shuffle_buffer", "prefetch_factor",
+                       "steps_per_epoch", "val_steps"):
             require_int(f"loader.{option}", getattr(self, option), 1, DatasetError)

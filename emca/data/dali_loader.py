@@ -26,7 +26,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .config import LoaderConfig
 from .errors import DatasetError
-from .folder import ImageList, find_undecodable
+from .folder import ImageList, open_image
 from .policies import (
     AUTOAUGMENT_BINS,
     AUTOAUGMENT_IMAGENET,
@@ -36,7 +36,8 @@ from .policies import (
     RANDAUGMENT_BINS,
     erase_fill,
 )
-from .sampling import derive_seed
+from .sampling import derive_seed, shard_order
+from .shards import LABEL_EXT, ShardList
 from .transforms import Preprocessing
 
 READER = "Reader"
@@ -51,25 +52,112 @@ def reader_options(loader: LoaderConfig) -> dict:
 class FileSource:
     """This rank's image files in the order sampling gives for each epoch, read by fn.readers.file."""
 
-    def __init__(self, images: ImageList, shard: Callable[[int], np.ndarray]):
-        self.images, self.shard = images, shard
+    def __init__(self, images: ImageList, shard: Callable[[int], np.ndarray], train: bool):
+        self.images, self.shard, self.train = images, shard, train
 
     def samples(self, epoch: int) -> int:
         return len(self.shard(epoch))
 
-    def reader(self, epoch: int, train: bool, options: dict) -> Callable:
+    def reader(self, epoch: int, options: dict) -> Callable:
         """What builds the reader inside the pipeline definition: () -> (encoded, label) nodes."""
         indices = self.shard(epoch)
         files, labels = [self.images.paths[i] for i in indices], self.images.labels[indices].tolist()
         # Validation pads its last batch with repeats that the iterator (reader_name) leaves out.
-        return lambda: fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=not train,
-                                       name=READER, **options)
+        return lambda: fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                       pad_last_batch=not self.train, name=READER, **options)
 
-    def culprit(self, epoch: int, first: int, stop: int) -> Optional[str]:
-        """The problem of the first undecodable file among read positions [first, stop), if any."""
-        paths = [self.images.paths[i] for i in self.shard(epoch)[first:stop]]
-        found = find_undecodable(paths)
-        return None if found is None else found[1].describe(found[0])
+    def in_flight(self, epoch: int, first: int, stop: int) -> np.ndarray:
+        """The samples that can be in batches first..stop-1 (positions in this rank's epoch)."""
+        return self.shard(epoch)[first:stop]
+
+
+class ShardSource:
+    """This rank's part of a split packed in tar shards (a ShardList), read by fn.readers.webdataset
+    through the shards' index files, each shard from start to end.
+
+    The reader cuts the sequence of shards it is given into world_size contiguous parts of samples
+    (shard_id=rank; sizes N*r//k .. N*(r+1)//k, as DALI's readers split). Training visits the shards in
+    sampling.shard_order's (seed, epoch) permutation, so a rank reads different whole shards each epoch,
+    and shuffles their samples in a buffer of `shuffle_buffer` (the reader's initial_fill) seeded by the
+    pipeline seed, derived from (seed, epoch, rank). Every rank has at least the samples of the whole
+    global batches (`shard`'s length, as for every loader) and stops there, so all ranks run the same
+    number of steps. Validation reads the shards in order without shuffling: every sample once.
+    """
+
+    def __init__(self, samples: ShardList, shard: Callable[[int], np.ndarray], *, train: bool, seed: int,
+                 rank: int, world_size: int, shuffle_buffer: int):
+        self.images, self.shard, self.train = samples, shard, train
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+
+    def samples(self, epoch: int) -> int:
+        if self.train:
+            return len(self.shard(epoch))
+        first, stop = self._part()
+        return stop - first
+
+    def _part(self) -> tuple[int, int]:
+        """This rank's positions in the reader's sequence of samples (DALI's split into num_shards)."""
+        n, k, r = len(self.images), self.world_size, self.rank
+        return n * r // k, n * (r + 1) // k
+
+    def _tars(self, epoch: int) -> np.ndarray:
+        count = len(self.images.tars)
+        return shard_order(count, seed=self.seed, epoch=epoch) if self.train else np.arange(count)
+
+    def reader(self, epoch: int, options: dict) -> Callable:
+        """What builds the reader inside the pipeline definition: () -> (encoded, label) nodes."""
+        tars, images = self._tars(epoch), self.images
+
+        def read():
+            encoded, text = fn.readers.webdataset(
+                paths=[images.tars[t] for t in tars], index_paths=[images.indexes[t] for t in tars],
+                ext=[";".join(images.extensions), LABEL_EXT], missing_component_behavior="error",
+                num_shards=self.world_size, shard_id=self.rank, random_shuffle=self.train,
+                initial_fill=self.shuffle_buffer, pad_last_batch=not self.train, name=READER, **options,
+            )
+            return encoded, _label(text, images.label_map)
+
+        return read
+
+    def in_flight(self, epoch: int, first: int, stop: int) -> np.ndarray:
+        """The samples that can be in batches first..stop-1, newest read first: with the shuffle buffer,
+        those read up to `shuffle_buffer` ahead, and (rarely) ones that stayed in it for long."""
+        read = np.concatenate([np.flatnonzero(self.images.shard == t) for t in self._tars(epoch)])
+        start = self._part()[0]
+        if self.train:
+            first, stop = max(0, first - _LINGER * self.shuffle_buffer), stop + self.shuffle_buffer
+        return read[start + first:start + min(stop, self._part()[1] - start)][::-1]
+
+
+# A sample stays in a shuffle buffer of F samples for more than 8 F draws with probability e^-8.
+_LINGER = 8
+# Places of a .cls label parsed in the graph: float32 holds its integers exactly below 2^24.
+_LABEL_DIGITS = 7
+
+
+def _label(text, label_map: np.ndarray):
+    """A .cls member (ASCII decimal digits) as an int64 label, through label_map (the packed class
+    index -> the index into the loader's classes)."""
+    digits = fn.pad(fn.cast(text, dtype=types.FLOAT) - 48, shape=[_LABEL_DIGITS], fill_value=0)
+    place = types.Constant(np.arange(_LABEL_DIGITS, dtype=np.float32))
+    powers = dmath.pow(10.0, fn.cast(text.shape(), dtype=types.FLOAT) - 1 - place)
+    value = fn.cast(dmath.floor(fn.reductions.sum(digits * powers) + 0.5), dtype=types.INT32)
+    return fn.lookup_table(value, keys=list(range(len(label_map))), values=label_map.tolist(), dtype=types.INT64,
+                           default_value=-1)
+
+
+def _first_undecodable(images, indices: np.ndarray) -> Optional[str]:
+    """The one-line problem of the first of `indices` that PIL cannot read and fully decode, if any."""
+    for index in indices:
+        try:
+            file, _ = images.open(int(index))
+            with open_image(file) as image:
+                image.load()
+        except DatasetError as error:  # a shard member that does not match its index
+            return str(error)
+        except Exception as error:
+            return images.describe(int(index), error)
+    return None
 
 
 @pipeline_def
@@ -245,7 +333,16 @@ class DaliLoader:
     @classmethod
     def from_files(cls, images: ImageList, prep: Preprocessing, shard: Callable[[int], np.ndarray], **options):
         """Over image folders: the files of `images` that shard(epoch) selects, in its order."""
-        return cls(FileSource(images, shard), prep, **options)
+        return cls(FileSource(images, shard, options["train"]), prep, **options)
+
+    @classmethod
+    def from_shards(cls, samples: ShardList, prep: Preprocessing, shard: Callable[[int], np.ndarray], *,
+                    world_size: int, shuffle_buffer: int, **options):
+        """Over tar shards, dealt to ranks by the reader (ShardSource); shard(epoch) gives the count of
+        training samples only."""
+        source = ShardSource(samples, shard, train=options["train"], seed=options["seed"], rank=options["rank"],
+                             world_size=world_size, shuffle_buffer=shuffle_buffer)
+        return cls(source, prep, **options)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -257,7 +354,7 @@ class DaliLoader:
     def _pipeline(self):
         build = train_pipeline if self.train else val_pipeline
         return build(
-            read=self.source.reader(self.epoch, self.train, self.reader),
+            read=self.source.reader(self.epoch, self.reader),
             prep=self.prep,
             gpu=self.gpu,
             channels_last=self.channels_last,
@@ -295,7 +392,8 @@ class DaliLoader:
     def _decode_error(self, done: int, error: RuntimeError) -> DatasetError:
         """DALI's decode errors do not name the file: look for it among the samples in flight."""
         in_flight = (self.prefetch_queue_depth + self.reader["prefetch_queue_depth"] + 2) * self.batch_size
-        culprit = self.source.culprit(self.epoch, done * self.batch_size, done * self.batch_size + in_flight)
+        first = done * self.batch_size
+        culprit = _first_undecodable(self.source.images, self.source.in_flight(self.epoch, first, first + in_flight))
         if culprit is not None:
             return DatasetError(culprit)
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -391,20 +391,6 @@ def describe_failure(path: str, error: BaseException) -> BadImage:
     return BadImage("corrupt", f"not a decodable image ({type(error).__name__}: {error})", "remove or replace it")
 
 
-def find_undecodable(paths: Sequence[str]) -> Optional[tuple[str, BadImage]]:
-    """The first of `paths` that PIL cannot read and fully decode, with the problem; None if all decode.
-
-    Used after a decoder failure that does not name its file (DALI's), on the few files it can be.
-    """
-    for path in paths:
-        try:
-            with open_image(path) as image:
-                image.load()
-        except Exception as error:
-            return path, describe_failure(path, error)
-    return None
-
-
 def _fingerprints(paths: Sequence[str]) -> np.ndarray:
     """One 64-bit digest of (path, size, mtime, permissions) per file: changes whenever the file does,
     or who may read it. 0 (never cached) for a file that cannot be stat'ed: check_image says why."""

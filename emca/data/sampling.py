@@ -48,6 +48,13 @@ def train_shard(
     return order[rank:used:world_size]
 
 
+def shard_order(num_shards: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order in which a training epoch visits the tar shards of a packed split, the same on all
+    ranks (loader=dali with dataset.format=shards reads them in it)."""
+    # A stream of its own (the trailing 1), apart from train_shard's sample permutation.
+    return np.random.default_rng([int(seed), int(epoch), 1]).permutation(num_shards)
+
+
 def val_shard(num_samples: int, *, rank: int, world_size: int) -> np.ndarray:
     """This rank's contiguous slice of the validation set: every image exactly once across ranks.
 
