@@ -30,7 +30,7 @@ import numpy as np
 
 from emca.engine.checkpoint import atomic_write
 
-from .builder import cache_dir
+from .builder import BAD_IMAGE_POLICIES, cache_dir
 from .datasets import dataset_root
 from .errors import DatasetError
 from .folder import ImageList, check_root, list_split, screen_images
@@ -61,6 +61,8 @@ def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_b
     """Pack the ImageFolder tree `source` (train/ and val/) into shards under `out`; returns info.json's content."""
     if shard_size < 1:
         raise DatasetError(f"--shard-size {shard_size} must be at least 1")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise DatasetError(f"--on-bad-image {on_bad_image!r} must be 'error' or 'skip'")
     root, out = dataset_root(dataset, str(source)), Path(out)
     check_root(root, dataset)
     if out.resolve() == root.resolve():
@@ -68,6 +70,8 @@ def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_b
     train = list_split(root / "train")
     listed = {"train": train, "val": list_split(root / "val", train.classes)}
     sizes, fingerprint = _fingerprint(root, [path for images in listed.values() for path in images.paths])
+    # Screened before anything is written: a bad image under on_bad_image=error leaves OUT as it was.
+    screened = {split: _screen(images, root / split, on_bad_image, workers) for split, images in listed.items()}
     params = {"shard_size": shard_size, "seed": seed, "on_bad_image": on_bad_image}
     plan = hashlib.sha256(json.dumps([FORMAT, VERSION, fingerprint, params]).encode()).hexdigest()
     trusted = _start(out, plan)
@@ -75,10 +79,7 @@ def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_b
             "source": {"root": str(root.resolve()), "dataset": dataset, "fingerprint": fingerprint},
             "pack": params, "plan": plan, "splits": {}}
     for number, split in enumerate(SPLITS):
-        images = screen_images(listed[split], root / split, on_bad_image=on_bad_image, cache_dir=cache_dir(),
-                               threads=workers)
-        if not len(images):
-            raise DatasetError(f"no image of {root / split} passed the screening; fix or replace its images")
+        images = screened[split]
         order = np.random.default_rng([seed, number]).permutation(len(images))
         shards = _plan_split(out, split, images, order, sizes, shard_size)
         written = sum(_pack_shard(shard, trusted, workers) for shard in shards)
@@ -90,16 +91,24 @@ def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_b
     return info
 
 
+def _screen(images: ImageList, split_dir: Path, on_bad_image: str, workers: int) -> ImageList:
+    screened = screen_images(images, split_dir, on_bad_image=on_bad_image, cache_dir=cache_dir(), threads=workers)
+    if not len(screened):
+        raise DatasetError(f"no image of {split_dir} passed the screening; fix or replace its images")
+    return screened
+
+
 def _fingerprint(root: Path, paths: list[str]) -> tuple[dict[str, int], str]:
     """Each file's size, and a digest of the sorted (relative path, size, mtime) of all of them."""
     sizes, digest = {}, hashlib.sha256()
     for path in sorted(paths):
         try:
             info = os.stat(path)
-        except OSError as error:
-            raise DatasetError(f"cannot stat {path} ({error.strerror}); fix or remove it, then pack again") from None
-        sizes[path] = info.st_size
-        digest.update(os.fsencode(f"{os.path.relpath(path, root)}\0{info.st_size}\0{info.st_mtime_ns}\n"))
+            size, mtime = info.st_size, info.st_mtime_ns
+        except OSError:  # the screening names the problem, or leaves the file out
+            size = mtime = -1
+        sizes[path] = size
+        digest.update(os.fsencode(f"{os.path.relpath(path, root)}\0{size}\0{mtime}\n"))
     return sizes, digest.hexdigest()
 
 

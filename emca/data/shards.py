@@ -14,11 +14,11 @@ source gives the same bytes, and a member's header can be checked against the on
 Index (wds2idx v1.2): the line `v1.2 <samples>`, then per sample its components on one line, each
 `<ext> <data offset> <size> <member name>`; offsets are of the member's data, multiples of 512.
 
-Read pattern (loader=torchvision): random access. A sample is one read of its image and label
-members at the offsets of the index, so the existing samplers give each epoch's order and every
-guarantee of the folder loaders. Reads hop between shards, as reads of loose files hop between
-files; the gain on a network file system is that a few thousand shards stand for a million files
-(no directory listing at start-up, few names to look up), not sequential reading.
+Read pattern (loader=torchvision): random access. A sample opens its shard and reads its image and
+label members in one read at the offsets of the index, so the existing samplers give each epoch's
+order and every guarantee of the folder loaders. Reads hop between shards as reads of loose files
+hop between files; the gain on a network file system is that a few thousand shards stand for a
+million files (no listing or screening at start-up, few names to look up), not sequential reading.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ class ShardList:
     label_map: np.ndarray  # int64: info.json's class index -> the index into `classes`
     classes: list[str]
     fix: str  # how to repair a damaged shard
-    skipped: int = 0  # source images left out at packing (on_bad_image=skip)
+    skipped: int  # source images left out at packing (on_bad_image=skip)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -174,23 +174,22 @@ class ShardList:
         checked on the way (a one-line DatasetError if they are not those the index promises)."""
         path, name = self.member(index)
         offset, size, label_size = int(self.offsets[index]), int(self.sizes[index]), int(self.label_sizes[index])
-        label_start = offset + _padded(size)
+        label_at = BLOCK + _padded(size)  # the .cls member's header, counted from the image's header
         try:
             with open(path, "rb") as file:
                 file.seek(offset - BLOCK)
-                data = file.read(label_start + BLOCK + label_size - (offset - BLOCK))
+                data = file.read(label_at + BLOCK + label_size)
         except OSError as error:
             raise DatasetError(
                 f"cannot read shard {path} ({error.strerror or error}); check the file, or {self.fix}"
             ) from None
-        label_name = f"{split_name(name)[0]}.{LABEL_EXT}"
-        header_at = label_start - (offset - BLOCK)
-        label = data[header_at + BLOCK:]
+        label = data[label_at + BLOCK:]
         if (
             data[:BLOCK] != member_header(name, size)
-            or data[header_at:header_at + BLOCK] != member_header(label_name, label_size)
+            or data[label_at:label_at + BLOCK] != member_header(f"{sample_key(index)}.{LABEL_EXT}", label_size)
             or len(label) != label_size
             or not label.isdigit()
+            or int(label) >= len(self.label_map)
         ):
             raise DatasetError(f"shard {path} does not match its index at member {name} (offset {offset}); {self.fix}")
         return data[BLOCK:BLOCK + size], int(self.label_map[int(label)])
@@ -205,7 +204,7 @@ class ShardList:
         path, name = self.member(index)
         return (
             f"corrupt image {name} in shard {path}: not a decodable image ({type(error).__name__}: {error}); "
-            f"fix its source image, then {self.fix.removeprefix('rerun ')}"
+            f"fix its source image, then {self.fix}"
         )
 
 
@@ -280,15 +279,16 @@ def _read_index(path: Path, first: int, samples: int, tar_size: int, extensions:
     keys = [sample_key(first + n) for n in range(samples)]
     exts = [split_name(name)[1] for name, _ in members[::2]]
     expected = [name for key, ext in zip(keys, exts, strict=False) for name in (f"{key}.{ext}", f"{key}.{LABEL_EXT}")]
+    offsets, size = shard_layout(members)
     if (
         len(members) != 2 * samples
         or [name for name, _ in members] != expected
         or not set(exts) <= set(extensions)
         or text != index_text(members)
-        or shard_layout(members)[1] != tar_size
+        or size != tar_size
     ):
         raise DatasetError(f"index file {path} does not match the {samples} samples info.json lists for it; {fix}")
-    offsets = np.asarray(shard_layout(members)[0][::2], dtype=np.int64)
+    offsets = np.asarray(offsets[::2], dtype=np.int64)
     sizes = np.asarray([size for _, size in members], dtype=np.int64)
     ext_ids = np.asarray([extensions.index(ext) for ext in exts], dtype=np.uint8)
     return offsets, sizes[::2], sizes[1::2], ext_ids
