@@ -8,6 +8,15 @@ sampling.train_shard gives for (seed, epoch), with the pipeline seed derived fro
 (seed, epoch, rank). Epoch e therefore looks the same whether or not epochs 0..e-1 ran before it.
 A pipeline build costs well under a second, negligible next to an epoch; with dataset.auto_augment,
 defining the policy's conditional graph adds 1.5-3 s (measured on 2 CPU cores).
+
+Tar shards (dataset.format=shards, ShardSource) keep those guarantees with fn.readers.webdataset,
+which reads each shard sequentially: a fresh pipeline per epoch, the shard order from (seed, epoch),
+the shuffle buffer seeded from (seed, epoch, rank), the same number of steps on every rank and each
+validation image once. What differs from the folders and from loader=torchvision over the same
+shards (which reads the samplers' order at the index offsets): the order within an epoch, which is
+a shard permutation plus a local shuffle instead of one permutation of all samples, and the ranks'
+validation slices (DALI's split, N*r//k onwards, instead of sampling.val_shard's); the total is the
+same. The images, labels, augmentation graph and decoders are those of the folders.
 """
 from __future__ import annotations
 
