@@ -76,10 +76,12 @@ def build_variants(folders: DatasetConfig, shards: DatasetConfig | None) -> dict
 
 
 def report_shards(rates: dict[str, list[float]], startup: dict[str, float]) -> None:
-    """Each loader over shards against itself over folders: images/s and start-up."""
+    """Each loader over shards against itself over folders: images/s (the median of the per-epoch
+    ratios, each of two epochs timed moments apart, so a change of load between epochs cancels out)
+    and start-up."""
     print(f"{'shards / folder':<16} {'img/s':>8} {'start-up':>9}")
     for name in (name for name in rates if not name.endswith("-shards")):
-        speed = statistics.median(rates[f"{name}-shards"]) / statistics.median(rates[name])
+        speed = statistics.median(a / b for a, b in zip(rates[f"{name}-shards"], rates[name], strict=True))
         print(f"{name:<16} {speed:>7.2f}x {startup[f'{name}-shards'] / startup[name]:>8.2f}x")
 
 
