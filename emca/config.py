@@ -24,6 +24,8 @@ from omegaconf import MISSING, OmegaConf
 from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
 from emca.layers.create_attn import ATTENTIONS
+from emca.engine.trackers.config import LoggerConfig
+from emca.models import coverage_name
 from emca.models.config import AttentionConfig, BackboneConfig, CoverageConfig, attention_choices
 
 
@@ -199,6 +201,7 @@ class TrainConfig:
     loader: LoaderConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
     model: ModelInitConfig = field(default_factory=ModelInitConfig)
 
 
@@ -270,6 +273,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("emca.attentions", lambda: ",".join(ATTENTIONS), replace=True)
     # A sweep job's folder name from its swept overrides (configs/train.yaml's hydra.sweep.subdir).
     OmegaConf.register_new_resolver("emca.sweep_subdir", _sweep_subdir, replace=True)
+    # coverage.name, derived from coverage.stages / coverage.blocks (emca/models/config.py).
+    OmegaConf.register_new_resolver("emca.coverage_name", coverage_name, replace=True)
 
 
 register()

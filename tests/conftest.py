@@ -104,6 +104,23 @@ def randomise_parameters(module: torch.nn.Module, scale: float = 1.0, seed: int 
     return module
 
 
+def preempt_after_step(monkeypatch, step: int) -> None:
+    """SIGTERM (a pre-emption) right after the trainer's `step`-th optimizer step, counted from 1."""
+    import itertools
+    import signal
+
+    from emca.engine.progress import EpochProgress
+
+    advance, steps = EpochProgress.advance, itertools.count(1)
+
+    def advance_then_preempt(self):
+        advance(self)
+        if next(steps) == step:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(EpochProgress, "advance", advance_then_preempt)
+
+
 def compose_train_config(*overrides: str):
     """The config `python train.py *overrides` runs (Hydra compose API)."""
     import emca.config  # noqa: F401  (registers the schema and resolvers)

@@ -3,23 +3,20 @@ equal training steps per rank, epochs that depend on (seed, epoch) alone, exact 
 one-line errors naming a damaged shard or member; the benchmark's shards mode."""
 
 import collections
-import itertools
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, SHARED_DATA, preempt_after_step
 
 pytest.importorskip("nvidia.dali")
 
 from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders  # noqa: E402
 from emca.data.packing import pack  # noqa: E402
 from emca.data.shards import load_split, read_info  # noqa: E402
-from emca.engine.progress import EpochProgress  # noqa: E402
 from emca.engine.trainer import Preempted, train  # noqa: E402
 
 TINY = SHARED_DATA / "tinyimagenet-subset"
@@ -95,14 +92,7 @@ def test_stopped_mid_epoch_and_resumed_is_bit_identical(packed, compose_train, t
     run = (*DETERMINISTIC, "loader=dali", "dataset=imagefolder", f"dataset.root={packed[1]}", "dataset.format=shards",
            "dataset.num_classes=null")
     train(compose_train(*run), str(tmp_path / "full"))
-    advance, steps = EpochProgress.advance, itertools.count(1)
-
-    def advance_then_preempt(self):
-        advance(self)
-        if next(steps) == 4:  # epoch 2, after its first of 3 steps
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(EpochProgress, "advance", advance_then_preempt)
+    preempt_after_step(monkeypatch, 4)  # epoch 2, after its first of 3 steps
     with pytest.raises(Preempted):
         train(compose_train(*run), str(tmp_path / "resumed"))
     monkeypatch.undo()

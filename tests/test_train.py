@@ -10,10 +10,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from emca.engine.progress import EpochProgress
 from emca.engine.trainer import Preempted, RunAborted, Trainer, train
 
-from conftest import QUICK_RUN, REPO_ROOT, SYNTHETIC_RUN
+from conftest import QUICK_RUN, REPO_ROOT, SYNTHETIC_RUN, preempt_after_step
 
 RUN_FILES = (
     ".hydra/config.yaml",
@@ -87,11 +86,15 @@ def test_train_py_writes_a_complete_run_folder(run_script, tmp_path):
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/top1", "train/lr", "train/images_per_s", "val/top1", "val/top5", "val/loss",
-                "hparams/best_val_top1", "hparams/final_val_top1"):
+    for tag in ("train_step/loss", "train_step/top1", "train_step/lr", "train_step/images_per_s", "top1/val",
+                "top5/val", "loss/val", "loss/train", "top1/train", "lr/epoch", "hparams/best_val_top1",
+                "hparams/final_val_top1"):
         assert tag in tags["scalars"], tag
-    assert [event.step for event in events.Scalars("val/top1")] == [1, 2]
-    assert len(events.Scalars("train/loss")) == 4  # log_every=2 over 3 steps: steps 2 and 3, twice
+    # Train and val on one axis (the epoch); the step series on the optimizer step.
+    assert [event.step for event in events.Scalars("top1/val")] == [1, 2]
+    assert [event.step for event in events.Scalars("loss/train")] == [1, 2]
+    # log_every=2 over 3 steps: steps 2 and 3 of each epoch.
+    assert [event.step for event in events.Scalars("train_step/loss")] == [2, 3, 5, 6]
     # One scale histogram per attention module (EMCA in the first block of each of the 4 stages).
     scale_tags = [tag for tag in tags["histograms"] if tag.startswith("scales/")]
     assert len(scale_tags) == 4
@@ -185,14 +188,7 @@ def test_stopped_after_an_epoch_and_resumed_is_bit_identical(
 @pytest.mark.parametrize("options", [(), RECIPE], ids=["plain", "recipe"])
 def test_stopped_mid_epoch_and_resumed_is_bit_identical(options, uninterrupted, compose_train, tmp_path, monkeypatch):
     expected = uninterrupted("torchvision", *options)
-    advance, steps = EpochProgress.advance, itertools.count(1)
-
-    def advance_then_preempt(self):
-        advance(self)
-        if next(steps) == 4:  # epoch 2, after its first of 3 steps
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(EpochProgress, "advance", advance_then_preempt)
+    preempt_after_step(monkeypatch, 4)  # epoch 2, after its first of 3 steps
     with pytest.raises(Preempted):
         train(compose_train(*DETERMINISTIC, "loader=torchvision", *options), str(tmp_path))
     monkeypatch.undo()

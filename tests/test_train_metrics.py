@@ -6,7 +6,7 @@ from torch import nn
 
 from emca.engine.distributed import DistributedContext
 from emca.engine.metrics import MetricSums, ScaleHistograms, correct_counts
-from emca.engine.tensorboard import flatten_config
+from emca.engine.trackers import flatten_config
 
 SINGLE = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

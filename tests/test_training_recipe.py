@@ -264,7 +264,7 @@ def test_the_ema_is_validated_beside_the_trained_weights(ema_run):
     checkpoint = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     assert checkpoint["progress"]["epoch"] == best["epoch"] and checkpoint["ema"].keys() == checkpoint["model"].keys()
     events = EventAccumulator(str(run_dir)).Reload()
-    assert {"val/top1", "ema_val/top1", "ema_val/loss", "hparams/best_ema_val_top1"} <= set(events.Tags()["scalars"])
+    assert {"top1/val", "top1/ema_val", "loss/ema_val", "hparams/best_ema_val_top1"} <= set(events.Tags()["scalars"])
 
 
 def test_eval_py_evaluates_the_ema_weights_on_request(ema_run):

@@ -1,20 +1,87 @@
-"""Training progress on rank 0: a tqdm bar on a terminal, plain log lines otherwise (batch jobs,
-pipes), so that log files hold readable lines instead of carriage-return animations."""
+"""Training progress on rank 0: a step line every trainer.log_every steps, in train.log and on the
+console, and on a terminal wide enough for one also a tqdm bar under those lines.
+
+A step line carries what torchvision's MetricLogger prints (step and data-loading time, peak
+memory) and an ETA for the whole run, not only the epoch:
+
+    epoch 3/100 step 400/5005  loss 4.1234  top1 12.50%  lr 0.1  2210 img/s  step 0.116 s  data 0.004 s
+    mem 9.81 GiB  eta 12:31:08
+"""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import logging
+import resource
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from emca.engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# Narrower terminals (a zero-width pseudo-terminal of a batch system, a split pane) get no bar, which
+# tqdm would draw as a wrapped mess or not at all: the step lines alone show the progress there.
+MIN_BAR_COLUMNS = 40
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The process's peak memory so far: CUDA memory allocated on `device`, else CPU resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class StepTimer:
+    """Wall time per training step and the part of it spent waiting for the loader.
+
+    `fetched()` right after a batch arrives, `stepped()` after its optimizer step: the time from one
+    step's end to the next batch's arrival is data time. Without a device synchronisation, a CUDA
+    step's time shows up where the host next waits (the metric reduction of a report), so the
+    figures are means over the report window, as MetricLogger's.
+    """
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.window_started = self.last
+        self.data_s = 0.0
+        self.steps = 0
+
+    def fetched(self) -> None:
+        now = time.perf_counter()
+        self.data_s += now - self.last
+        self.last = now
+
+    def stepped(self) -> None:
+        self.steps += 1
+        self.last = time.perf_counter()
+
+    def take_window(self) -> "StepTimes":
+        """The means since the last call, and a fresh window."""
+        now = time.perf_counter()
+        steps = max(self.steps, 1)
+        times = StepTimes(seconds=now - self.window_started, step_s=(now - self.window_started) / steps,
+                          data_s=self.data_s / steps)
+        self.window_started, self.data_s, self.steps = now, 0.0, 0
+        return times
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    seconds: float  # the whole window
+    step_s: float  # mean wall time per step, data time included
+    data_s: float  # mean time waiting for a batch
+
+
+def _bar_wanted() -> bool:
+    return sys.stdout.isatty() and shutil.get_terminal_size(fallback=(0, 0)).columns >= MIN_BAR_COLUMNS
 
 
 class EpochProgress(contextlib.AbstractContextManager):
@@ -23,13 +90,13 @@ class EpochProgress(contextlib.AbstractContextManager):
         self.steps = steps
         self.step = first_step
         self.enabled = enabled
-        self.started = time.perf_counter()
-        self.first_step = first_step
         self.bar = None
         self._redirect = contextlib.nullcontext()
-        if enabled and sys.stdout.isatty():
-            self.bar = tqdm(total=steps, initial=first_step, desc=self.prefix, dynamic_ncols=True, leave=False)
-            # Log lines written while the bar is shown would tear it; route them through tqdm.
+        if enabled and _bar_wanted():
+            self.bar = tqdm(total=steps, initial=first_step, desc=self.prefix, dynamic_ncols=True, leave=False,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+            # Log lines written while the bar is shown would tear it; route them through tqdm (the
+            # file handler of train.log is left alone by the redirect and gets them as written).
             self._redirect = logging_redirect_tqdm()
 
     def __enter__(self) -> "EpochProgress":
@@ -46,18 +113,34 @@ class EpochProgress(contextlib.AbstractContextManager):
         if self.bar is not None:
             self.bar.update()
 
-    def report(self, metrics: Metrics, lr: float, images_per_s: float) -> None:
+    def report(self, metrics: Metrics, lr: float, images_per_s: float, times: StepTimes, memory_gib: float,
+               eta_s: float) -> None:
+        """One step line (rank 0), to the console and train.log alike."""
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{metrics.loss:.4f}", top1=f"{metrics.top1:.2f}", img_s=f"{images_per_s:.0f}", refresh=False
-            )
-            return
-        done = self.step - self.first_step
-        seconds_per_step = (time.perf_counter() - self.started) / max(done, 1)
-        eta = datetime.timedelta(seconds=round(seconds_per_step * (self.steps - self.step)))
+        eta = datetime.timedelta(seconds=round(eta_s))
         log.info(
             f"{self.prefix} step {self.step}/{self.steps}  loss {metrics.loss:.4f}  top1 {metrics.top1:.2f}%  "
-            f"lr {lr:.4g}  {images_per_s:.0f} img/s  eta {eta}"
+            f"lr {lr:.4g}  {images_per_s:.0f} img/s  step {times.step_s:.3f} s  data {times.data_s:.3f} s  "
+            f"mem {memory_gib:.2f} GiB  eta {eta}"
         )
+
+
+class RunClock:
+    """The run's ETA: the mean time of the steps trained in this process, times the steps left,
+    plus the validations left at the duration of the last one."""
+
+    def __init__(self):
+        self.train_s = 0.0
+        self.steps = 0
+        self.validation_s = 0.0
+
+    def add_window(self, times: StepTimes, steps: int) -> None:
+        self.train_s += times.seconds
+        self.steps += steps
+
+    def add_validation(self, seconds: float) -> None:
+        self.validation_s = seconds
+
+    def eta_s(self, steps_left: int, validations_left: int) -> float:
+        return self.train_s / max(self.steps, 1) * steps_left + self.validation_s * validations_left

@@ -37,16 +37,16 @@ from emca.engine.ema import build_weight_average
 from emca.engine.initialisation import initialise_from
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
 from emca.engine.mixing import build_mixing
-from emca.engine.optim import build_criterion, build_optimizer, describe_optimizer
+from emca.engine.optim import build_criterion, build_optimizer, describe_optimizer, scaled_lr
 from emca.engine.precision import amp_dtype
 from emca.engine.preemption import StoppedBeforeTraining, StopRequest
-from emca.engine.progress import EpochProgress
+from emca.engine.progress import EpochProgress, RunClock, StepTimer, peak_memory_gib
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
 from emca.engine.results import RESULTS, git_commit, library_versions, write_results
 from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
 from emca.engine.schedule import build_scheduler, describe_milestones
 from emca.engine.step import OptimizerStep, build_clipping, check_accumulation
-from emca.engine.tensorboard import TensorBoardLog
+from emca.engine.trackers import Trackers, build_trackers, epoch_scalars, flatten_config
 from emca.models import attention_modules, build_model, coverage_name
 from emca.models.config import check_model_options, warn_ignored_model_options
 from emca.models.summary import count_parameters, measure_gflops
@@ -325,30 +325,48 @@ class Trainer:
     def fit(self, stop: StopRequest) -> dict[str, Any]:
         stop.arm()
         progress = self.progress
-        board = TensorBoardLog(self.run_dir, purge_step=progress.global_step or None) if self.ctx.is_main else None
+        self.clock = RunClock()
+        trackers = None
+        if self.ctx.is_main:
+            trackers = build_trackers(self.cfg.logger, self.run_dir, self.run_id, self.run_params(),
+                                      progress.global_step)
         try:
             for epoch in range(progress.epoch, self.epochs):
-                self._run_epoch(epoch, stop, board)
+                self._run_epoch(epoch, stop, trackers)
             results = self._results(progress)
             if self.ctx.is_main:
-                try:
-                    write_results(self.run_dir, results)
-                except OSError as error:
-                    raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are "
-                                     "intact: fix the folder, then rerun with trainer.resume=auto") from None
-                final, best = results["final"], results["best"]
-                finals = {f"hparams/final_{key}": value for key, value in final.items() if key.endswith(("1", "5"))}
-                best_tag = f"hparams/best_{self.best_metric}"
-                board.hparams(results["config"], {best_tag: best[self.best_metric], **finals})
-                ema = f", EMA {final['ema_val_top1']:.2f}%" if "ema_val_top1" in final else ""
-                log.info(f"done: final val top-1 {final['val_top1']:.2f}%{ema}, best {self.best_metric} "
-                         f"{best[self.best_metric]:.2f}% (epoch {best['epoch']}); {self.run_dir / RESULTS}")
+                self._finish(results, trackers)
             return results
         finally:
-            if board is not None:
-                board.close()
+            if trackers is not None:
+                trackers.close()
 
-    def _run_epoch(self, epoch: int, stop: StopRequest, board: Optional[TensorBoardLog]) -> None:
+    def run_params(self) -> dict[str, Any]:
+        """The parameters every tracker records: the flattened config, with the values the run used
+        where the config states a rule (the learning rate after the linear scaling rule)."""
+        cfg = self.cfg
+        params = flatten_config(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        params["optimizer.lr_configured"] = params["optimizer.lr"]
+        params["optimizer.lr"] = scaled_lr(cfg.optimizer.lr, cfg.dataset.batch_size, cfg.optimizer.lr_scale_batch)
+        # coverage.name is derived from the fields already; without EMCA the model has no coverage.
+        params["model.coverage"] = self.coverage_name or "none (not an EMCA model)"
+        return params
+
+    def _finish(self, results: dict[str, Any], trackers: Trackers) -> None:
+        """results.json, the trackers' final metrics and the closing line (rank 0)."""
+        try:
+            write_results(self.run_dir, results)
+        except OSError as error:
+            raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are "
+                             "intact: fix the folder, then rerun with trainer.resume=auto") from None
+        final, best = results["final"], results["best"]
+        finals = {f"hparams/final_{key}": value for key, value in final.items() if key.endswith(("1", "5"))}
+        trackers.finish(self.run_params(), {f"hparams/best_{self.best_metric}": best[self.best_metric], **finals})
+        ema = f", EMA {final['ema_val_top1']:.2f}%" if "ema_val_top1" in final else ""
+        log.info(f"done: final val top-1 {final['val_top1']:.2f}%{ema}, best {self.best_metric} "
+                 f"{best[self.best_metric]:.2f}% (epoch {best['epoch']}); {self.run_dir / RESULTS}")
+
+    def _run_epoch(self, epoch: int, stop: StopRequest, trackers: Optional[Trackers]) -> None:
         """Train, validate and checkpoint one epoch; on a stop signal save where it stands and stop."""
         progress = self.progress
         # The random state this epoch starts from (after a resume: the restored one), which a
@@ -360,10 +378,10 @@ class Trainer:
         carried = interrupted["totals"] if interrupted and self.ctx.is_main else None
         epoch_sums = MetricSums(self.ctx.device, start=carried)
         epoch_started = time.perf_counter()
-        train_metrics = self.train_one_epoch(epoch, stop, board, epoch_sums)
+        train_metrics = self.train_one_epoch(epoch, stop, trackers, epoch_sums)
         progress.train_s += time.perf_counter() - epoch_started
         validate = (epoch + 1) % self.cfg.trainer.eval_every == 0 or epoch + 1 == self.epochs
-        val = self._validate(epoch, board, stop) if train_metrics is not None and validate else None
+        val = self._validate(epoch, trackers, stop) if train_metrics is not None and validate else None
         if train_metrics is None or (validate and val is None):
             # Stopped mid-epoch, or during validation (all steps trained: only the validation is redone).
             progress.interrupted_epoch = {"lr": epoch_lr, "totals": epoch_sums.reduce_totals(self.ctx)}
@@ -384,11 +402,13 @@ class Trainer:
             progress.best = {"epoch": epoch + 1, **val}
         progress.history.append(record)
         self._log_epoch(record, progress, time.perf_counter() - epoch_started)
+        if trackers is not None:
+            trackers.log_epoch(epoch + 1, epoch_scalars(record))
         self._save(progress, rng_state(), best=improved)
         if self.ctx.any_rank(stop.requested):
             self._stop_for(stop)
 
-    def train_one_epoch(self, epoch: int, stop: StopRequest, board: Optional[TensorBoardLog],
+    def train_one_epoch(self, epoch: int, stop: StopRequest, trackers: Optional[Trackers],
                         epoch_sums: MetricSums) -> Optional[Metrics]:
         """One epoch from progress.step_in_epoch on, its metrics added to epoch_sums; the epoch's
         metrics, or None when a stop signal cut it short."""
@@ -399,11 +419,12 @@ class Trainer:
         self.train_model.train()
         self.data.train.set_epoch(epoch)
         window = MetricSums(ctx.device)
-        window_started = time.perf_counter()
         # islice also fast-forwards over the batches trained before a pre-emption (loaded, not trained).
         batches = itertools.islice(self.data.train, first_step, self.steps_per_epoch)
         with EpochProgress(epoch + 1, self.epochs, self.steps_per_epoch, first_step, enabled=ctx.is_main) as bar:
+            timer = StepTimer()
             for step, (images, labels) in enumerate(batches, start=first_step):
+                timer.fetched()
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 result = self.step(images, labels, progress.global_step)
                 window.update(result.loss, result.logits, result.labels)
@@ -412,19 +433,39 @@ class Trainer:
                 progress.step_in_epoch = step + 1
                 progress.train_images += labels.shape[0] * ctx.world_size
                 bar.advance()
+                timer.stepped()
 
                 if (step + 1) % log_every == 0 or step + 1 == self.steps_per_epoch:
-                    metrics = self._checked(window.reduce(ctx), epoch, step)
-                    images_per_s = metrics.count / (time.perf_counter() - window_started)
-                    bar.report(metrics, lr, images_per_s)
-                    if board is not None:
-                        board.train_step(progress.global_step, metrics, lr, images_per_s)
-                    window, window_started = MetricSums(ctx.device), time.perf_counter()
+                    self._report(self._checked(window.reduce(ctx), epoch, step), lr, timer, bar, trackers)
+                    window = MetricSums(ctx.device)
                 if ctx.any_rank(stop.requested):
                     # The steps since the last report must be finite before they are saved.
                     self._checked(window.reduce(ctx), epoch, step)
                     return None
         return self._checked(epoch_sums.reduce(ctx), epoch, self.steps_per_epoch - 1)
+
+    def _report(self, metrics: Metrics, lr: float, timer: StepTimer, bar: EpochProgress,
+                trackers: Optional[Trackers]) -> None:
+        """The step line and the trackers' step series for the steps since the last report."""
+        steps = timer.steps
+        times = timer.take_window()
+        self.clock.add_window(times, steps)
+        images_per_s = metrics.count / times.seconds
+        memory_gib = peak_memory_gib(self.ctx.device)
+        bar.report(metrics, lr, images_per_s, times, memory_gib, self.clock.eta_s(*self._work_left()))
+        if trackers is not None:
+            trackers.log_step(self.progress.global_step, {
+                "loss": metrics.loss, "top1": metrics.top1, "lr": lr, "images_per_s": images_per_s,
+                "step_time_s": times.step_s, "data_time_s": times.data_s, "peak_memory_gib": memory_gib,
+            })
+
+    def _work_left(self) -> tuple[int, int]:
+        """(training steps, validations) left in the run."""
+        progress, eval_every = self.progress, self.cfg.trainer.eval_every
+        steps = (self.epochs - progress.epoch) * self.steps_per_epoch - progress.step_in_epoch
+        epochs_left = range(progress.epoch + 1, self.epochs + 1)
+        validations = sum(1 for epoch in epochs_left if epoch % eval_every == 0 or epoch == self.epochs)
+        return steps, validations
 
     def _checked(self, metrics: Metrics, epoch: int, step: int) -> Metrics:
         """Stop on a NaN / Inf loss before anything is saved: the last checkpoint stays the last good one."""
@@ -439,24 +480,25 @@ class Trainer:
             )
         return metrics
 
-    def _validate(self, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest) -> Optional[dict[str, float]]:
+    def _validate(self, epoch: int, trackers: Optional[Trackers], stop: StopRequest) -> Optional[dict[str, float]]:
         """The epoch's validation record: val_* of the trained weights and, with an EMA, ema_val_* of
         the averaged ones (the same evaluation, another model); None when a stop signal cut it short."""
         models = {"val": self.model}
         if self.average is not None:
             models["ema_val"] = self.average.module
-        record = {}
+        record, started = {}, time.perf_counter()
         for tag, model in models.items():
-            metrics = self.evaluate(model, epoch, board, stop, tag=tag)
+            metrics = self.evaluate(model, epoch, trackers, stop, tag=tag)
             if metrics is None:
                 return None
             record.update({f"{tag}_loss": metrics.loss, f"{tag}_top1": metrics.top1, f"{tag}_top5": metrics.top5})
+        self.clock.add_validation(time.perf_counter() - started)
         return record
 
-    def evaluate(self, model: nn.Module, epoch: int, board: Optional[TensorBoardLog], stop: StopRequest,
+    def evaluate(self, model: nn.Module, epoch: int, trackers: Optional[Trackers], stop: StopRequest,
                  tag: str = "val") -> Optional[Metrics]:
-        """Top-1 / top-5 / loss of `model` over the whole validation set, summed over ranks, logged
-        under `tag`; None when a stop signal cut the pass short.
+        """Top-1 / top-5 / loss of `model` over the whole validation set, summed over ranks; None
+        when a stop signal cut the pass short. (The epoch's record takes the figures to the trackers.)
 
         Runs the plain model (not DDP: ranks hold different numbers of validation batches) with
         rank 0's BatchNorm statistics; for the trained weights (tag val) it also histograms every
@@ -478,10 +520,8 @@ class Trainer:
             return None
         if histograms is not None:
             histograms.reduce(ctx)
-        if board is not None:
-            board.validation(epoch + 1, metrics[0], tag)
-            if histograms is not None:
-                board.scale_histograms(epoch + 1, histograms)
+            if trackers is not None:
+                trackers.log_histograms(epoch + 1, histograms)
         return metrics[0]
 
     # ----------------------------------------------------------------------------- persistence

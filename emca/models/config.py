@@ -54,7 +54,9 @@ AttentionConfig.__doc__ = "The attention group: the method, where it sits, EMCA'
 
 @dataclass
 class CoverageConfig:
-    name: str = "prev_stage_all"
+    # Derived from stages/blocks (the preset they spell, else a literal description), never stated:
+    # a stated name goes stale when a command line overrides coverage.stages or coverage.blocks.
+    name: str = "${emca.coverage_name:${.stages},${.blocks}}"
     stages: Any = 1  # int or 'all'
     blocks: Any = "all"  # int or 'all'
 

@@ -1,9 +1,10 @@
 """TensorBoard events in the run folder itself (rank 0 only).
 
-Tags: train/{loss,top1,lr,images_per_s} per log_every steps; val/{loss,top1,top5} per epoch, and
-ema_val/{loss,top1,top5} for the EMA weights (trainer.ema); scales/<attention module> histograms
-per validation; hparams (the flattened config) with the metrics hparams/best_<trainer.best_metric>
-and hparams/final_{val,ema_val}_{top1,top5} at the end of a completed run.
+Tags: train_step/* every trainer.log_every optimizer steps (x: the optimizer step); per epoch
+(x: the epoch) loss/{train,val,ema_val}, top1/{train,val,ema_val}, top5/{val,ema_val} and lr/epoch,
+which the Custom Scalars tab overlays (train against val against EMA); scales/<attention module>
+histograms per validation; HParams (the run's parameters) with hparams/best_<trainer.best_metric>
+and hparams/final_* at the end of a completed run.
 """
 
 from __future__ import annotations
@@ -14,41 +15,33 @@ from typing import Any, Mapping, Optional
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from emca.engine.metrics import Metrics, ScaleHistograms
+from emca.engine.metrics import ScaleHistograms
+
+# The Custom Scalars tab: one chart per metric with every series of it, on the epoch axis.
+OVERLAYS = {
+    "train vs val (per epoch)": {
+        "loss": ["Multiline", ["loss/train", "loss/val", "loss/ema_val"]],
+        "top-1": ["Multiline", ["top1/train", "top1/val", "top1/ema_val"]],
+        "top-5": ["Multiline", ["top5/val", "top5/ema_val"]],
+    }
+}
 
 
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys with the scalar types the HParams tab understands (lists and None as text)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
-
-
-class TensorBoardLog:
+class TensorBoardTracker:
     def __init__(self, run_dir: Path, purge_step: Optional[int] = None):
-        # purge_step drops events a pre-empted run wrote after the checkpoint it resumes from.
+        # purge_step drops step events a pre-empted run wrote after the checkpoint it resumes from.
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.writer.add_custom_scalars(OVERLAYS)
 
-    def train_step(self, step: int, metrics: Metrics, lr: float, images_per_s: float) -> None:
-        self.writer.add_scalar("train/loss", metrics.loss, step)
-        self.writer.add_scalar("train/top1", metrics.top1, step)
-        self.writer.add_scalar("train/lr", lr, step)
-        self.writer.add_scalar("train/images_per_s", images_per_s, step)
+    def log_step(self, step: int, scalars: Mapping[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
 
-    def validation(self, epoch: int, metrics: Metrics, tag: str = "val") -> None:
-        """`tag`: val for the trained weights, ema_val for their average."""
-        self.writer.add_scalar(f"{tag}/loss", metrics.loss, epoch)
-        self.writer.add_scalar(f"{tag}/top1", metrics.top1, epoch)
-        self.writer.add_scalar(f"{tag}/top5", metrics.top5, epoch)
+    def log_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, epoch)
 
-    def scale_histograms(self, epoch: int, histograms: ScaleHistograms) -> None:
+    def log_histograms(self, epoch: int, histograms: ScaleHistograms) -> None:
         limits = histograms.bucket_limits()
         for index, name in enumerate(histograms.names):
             count, total, squares = histograms.moments[index].tolist()
@@ -66,9 +59,9 @@ class TensorBoardLog:
                 global_step=epoch,
             )
 
-    def hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    def finish(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """Written with this writer (SummaryWriter.add_hparams would open a timestamped subfolder)."""
-        experiment, session_start, session_end = hparams(flatten_config(config), dict(metrics))
+        experiment, session_start, session_end = hparams(dict(params), dict(metrics))
         for summary in (experiment, session_start, session_end):
             self.writer.file_writer.add_summary(summary)
         for tag, value in metrics.items():
