@@ -32,6 +32,7 @@ from torch import nn
 
 from emca.analysis.figures import plt, save_figure
 from emca.data.datasets import dataset_root
+from emca.data.errors import DatasetError
 from emca.data.folder import ImageList, check_root, list_split
 from emca.data.torch_loader import ImageListDataset
 from emca.data.transforms import BatchNormalizer, Preprocessing
@@ -150,6 +151,11 @@ def _spread_over_classes(by_class: dict[int, list[int]], count: int) -> list[int
 
 def validation_images(dataset_cfg: dict[str, Any], classes: Optional[Sequence[str]]) -> ImageList:
     """val/'s images, labelled by the run's class names (as the loaders label them)."""
+    if dataset_cfg.get("format") == "shards":  # the figures number and name image files
+        raise DatasetError(
+            "Grad-CAM reads val/'s image files, which dataset.format=shards does not have: add dataset.format=folder "
+            "dataset.root=<the ImageFolder tree the shards were packed from>"
+        )
     root = dataset_root(dataset_cfg["name"], dataset_cfg["root"])
     check_root(root, dataset_cfg["name"], splits=("val",))
     return list_split(root / "val", classes)
