@@ -84,7 +84,7 @@ def test_the_auto_layers_maps_vary_where_a_1x1_layers_are_flat(two_runs):
     assert maps.layer == "layer2.1" and min(maps.extent) >= 2 and maps.maps.shape == (4, 16, 16)
     # Maps span most of the 0-1 range. Not every one: Grad-CAM's ReLU leaves a map all zero where the
     # class's gradient-weighted activations are negative everywhere, which a few-step model can give
-    # (2 of these 4 with this session's library versions, 1 before): at least half must vary.
+    # (2 of these 4 on this machine since 2026-12-02, 1 before; the cause was not traced): half must vary.
     spans = [float(np.ptp(heat)) for heat in maps.maps]
     assert sum(span > 0.5 for span in spans) >= 2 and all(span > 0.5 or span == 0 for span in spans), spans
     # What the old target (layer4.0, 1x1 at 16 px) gave: one value over the whole image.
