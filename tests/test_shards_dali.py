@@ -147,3 +147,12 @@ def test_the_benchmark_times_both_loaders_over_folders_and_shards():
     ratios = done.stdout.split("shards / folder")[1].splitlines()[1:]
     assert [line.split()[0] for line in ratios] == ["dali-cpu", "torchvision"]
     assert all(value.endswith("x") and float(value[:-1]) > 0 for line in ratios for value in line.split()[1:])
+
+
+@pytest.mark.parametrize("on", ["folder", "shards"])
+def test_the_nfs_reader_options_change_how_files_are_read_not_what(packed, on):
+    nfs = LoaderConfig(name="dali", dali_dont_use_mmap=True, dali_read_ahead=True, dali_reader_prefetch=3)
+    root = packed[1] if on == "shards" else packed[0]
+    batches = [list(build_loaders(dataset(root), loader).train) for loader in (LoaderConfig(name="dali"), nfs)]
+    assert len(batches[0]) == 15
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*batches, strict=True))
