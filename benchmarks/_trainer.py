@@ -31,6 +31,6 @@ def trainer_epoch(trainer: Trainer):
 
     def epoch():
         trainer.progress.step_in_epoch = 0
-        trainer.train_one_epoch(0, stop, board=None, epoch_sums=MetricSums(trainer.ctx.device))
+        trainer.train_one_epoch(0, stop, trackers=None, epoch_sums=MetricSums(trainer.ctx.device))
 
     return epoch

@@ -180,6 +180,7 @@ class Trainer:
         """`source`: the checkpoint to continue from (None: a fresh start), as the run folder decided."""
         self.cfg, self.ctx, self.store, self.run_dir = cfg, ctx, store, store.run_dir
         self.started = time.perf_counter()
+        self.clock = RunClock()  # the run's ETA in the step lines
         trainer_cfg = cfg.trainer
         self.epochs = trainer_cfg.epochs
         self.amp_dtype = amp_dtype(trainer_cfg.amp.value)
@@ -325,7 +326,6 @@ class Trainer:
     def fit(self, stop: StopRequest) -> dict[str, Any]:
         stop.arm()
         progress = self.progress
-        self.clock = RunClock()
         trackers = None
         if self.ctx.is_main:
             trackers = build_trackers(self.cfg.logger, self.run_dir, self.run_id, self.run_params(),
