@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +203,10 @@ class ShardList:
     def describe(self, index: int, error: BaseException) -> str:
         """The one-line error for sample `index` failing to decode with `error`."""
         path, name = self.member(index)
+        # PIL names an in-memory file by its repr (<_io.BytesIO object at 0x...>): the member is named instead.
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", name, str(error))
         return (
-            f"corrupt image {name} in shard {path}: not a decodable image ({type(error).__name__}: {error}); "
+            f"corrupt image {name} in shard {path}: not a decodable image ({type(error).__name__}: {reason}); "
             f"fix its source image, then {self.fix}"
         )
 
