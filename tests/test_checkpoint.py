@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from emca.engine.checkpoint import (BEST, CHECKPOINT_DIR, GENERATIONS, LAST, CheckpointError, CheckpointStore,
-                                   architecture_fingerprint, load_checkpoint)
+from emca.engine.checkpoint import (BEST, CHECKPOINT_DIR, GENERATIONS, HISTORY, LAST, RESUME_ONLY, CheckpointError,
+                                   CheckpointStore, architecture_fingerprint, load_checkpoint)
 from emca.engine.reproducibility import rng_state, set_rng_state
 from emca.models import build_model
 
@@ -43,6 +43,18 @@ def assert_consistent(store: CheckpointStore) -> int:
     assert best["progress"]["epoch"] == last["progress"]["best"]["epoch"]
     assert torch.equal(best["weights"], torch.full_like(best["weights"], float(best["progress"]["epoch"])))
     return last["progress"]["epoch"]
+
+
+def history_epochs(store: CheckpointStore) -> list[int]:
+    """The committed history's epochs, each entry checked whole and slim (no resume-only entries)."""
+    epochs = []
+    for path in sorted((store.link / HISTORY).glob("*.pt")):
+        entry = torch.load(path, weights_only=True)
+        epoch = entry["progress"]["epoch"]
+        assert path.name == f"epoch-{epoch:04d}.pt" and not set(RESUME_ONLY) & entry.keys()
+        assert torch.equal(entry["weights"], torch.full_like(entry["weights"], float(epoch)))
+        epochs.append(epoch)
+    return epochs
 
 
 def test_last_and_best_are_replaced_together(tmp_path):
@@ -113,6 +125,7 @@ KILLED_WRITER = textwrap.dedent(
     import torch
     from emca.engine.checkpoint import CheckpointStore
     store = CheckpointStore(Path(sys.argv[1]))
+    keep_last_n = int(sys.argv[2])
     store.prepare()
     # Resume both counters from last.pt, as the trainer does: a reset best would name an epoch
     # the linked best.pt does not hold.
@@ -122,20 +135,24 @@ KILLED_WRITER = textwrap.dedent(
         epoch += 1
         improved = epoch % 3 != 2
         best = epoch if improved else best
-        # 8 MB per save, every weight equal to the epoch: a torn file would show mixed values.
-        state = {"progress": {"epoch": epoch, "best": {"epoch": best}}, "weights": torch.full((2 << 20,), float(epoch))}
-        store.save(state, improved=improved)
+        # 8 MB per save, every value equal to the epoch: a torn file would show mixed values. The
+        # "optimizer" half is what only last.pt keeps.
+        weights = torch.full((1 << 20,), float(epoch))
+        state = {"progress": {"epoch": epoch, "best": {"epoch": best}}, "weights": weights,
+                 "optimizer": weights.clone()}
+        store.save(state, improved=improved, epoch=epoch, keep_last_n=keep_last_n)
         print(epoch, flush=True)
     """
 )
 
 
-def test_a_kill_at_any_instant_leaves_consistent_checkpoints(tmp_path):
+@pytest.mark.parametrize("keep_last_n", [0, 2])
+def test_a_kill_at_any_instant_leaves_consistent_checkpoints(tmp_path, keep_last_n):
     store = CheckpointStore(tmp_path)
     epochs = []
     for _ in range(8):  # each writer resumes the numbering from what the previous one left
         writer = subprocess.Popen(
-            [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(keep_last_n)], stdout=subprocess.PIPE, text=True
         )
         try:
             writer.stdout.readline()  # one save complete
@@ -145,6 +162,11 @@ def test_a_kill_at_any_instant_leaves_consistent_checkpoints(tmp_path):
         finally:
             writer.kill()
         epochs.append(assert_consistent(store))
+        last = torch.load(store.last, weights_only=True)["optimizer"]
+        assert torch.equal(last, torch.full_like(last, float(epochs[-1])))
+        # The history is always the last N epochs, whole, never a generation missing one.
+        assert history_epochs(store) == [epoch for epoch in range(epochs[-1] - keep_last_n + 1, epochs[-1] + 1)
+                                         if epoch >= 1]
     assert epochs == sorted(epochs)
     store.prepare()  # what a killed writer left uncommitted is cleared
     assert [p.name for p in (tmp_path / GENERATIONS).iterdir()] == [store.current().name]

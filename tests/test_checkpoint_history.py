@@ -1,13 +1,6 @@
 """Slim checkpoints and the history: best.pt and history/epoch-NNNN.pt hold what evaluation,
 model.init_from and weight averaging read, not the optimizer; trainer.keep_last_n keeps the last
-N epochs, pruned in the same rename that commits a save, whatever moment a kill comes at."""
-
-import random
-import signal
-import subprocess
-import sys
-import textwrap
-import time
+N epochs, pruned in the same rename that commits a save (killed at any instant: test_checkpoint.py)."""
 
 import pytest
 import torch
@@ -17,25 +10,14 @@ from emca.engine.checkpoint import BEST, GENERATIONS, HISTORY, LAST, RESUME_ONLY
 from emca.engine.trainer import RunAborted, train
 
 from conftest import SYNTHETIC_RUN
+from test_checkpoint import history_epochs
 
 
-def full_state(epoch: int, best: int, megabytes: int = 1) -> dict:
+def full_state(epoch: int, best: int) -> dict:
     """What the trainer saves at the end of `epoch`: weights equal to the epoch, and resume's entries."""
-    weights = torch.full((megabytes << 18,), float(epoch))
+    weights = torch.full((1 << 18,), float(epoch))
     return {"progress": {"epoch": epoch, "best": {"epoch": best}}, "weights": weights,
             **{key: {"resume_only": weights.clone()} for key in RESUME_ONLY}}
-
-
-def history_epochs(store: CheckpointStore) -> list[int]:
-    """The committed history's epochs, each entry checked whole and slim."""
-    epochs = []
-    for path in sorted((store.link / HISTORY).glob("*.pt")):
-        entry = torch.load(path, weights_only=True)
-        epoch = entry["progress"]["epoch"]
-        assert path.name == f"epoch-{epoch:04d}.pt" and not set(RESUME_ONLY) & entry.keys()
-        assert torch.equal(entry["weights"], torch.full_like(entry["weights"], float(epoch)))
-        epochs.append(epoch)
-    return epochs
 
 
 def test_best_and_history_are_slim_and_the_history_keeps_the_last_n(tmp_path):
@@ -65,50 +47,6 @@ def test_keep_last_n_is_described_once_and_refused_below_zero():
     assert describe_history(2).startswith("the last 2 epochs' weights kept in checkpoints/history/")
     with pytest.raises(ValueError, match=r"^trainer.keep_last_n=-1 must be an integer >= 0$"):
         describe_history(-1)
-
-
-KILLED_WRITER = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    import torch
-    from emca.engine.checkpoint import CheckpointStore, RESUME_ONLY
-    store = CheckpointStore(Path(sys.argv[1]))
-    store.prepare()
-    progress = torch.load(store.last, weights_only=True)["progress"] if store.last.exists() else None
-    epoch, best = (progress["epoch"], progress["best"]["epoch"]) if progress else (0, 0)
-    while True:
-        epoch += 1
-        improved = epoch % 3 != 2
-        best = epoch if improved else best
-        weights = torch.full((1 << 20,), float(epoch))  # 4 MB, and as much again for resume's entries
-        state = {"progress": {"epoch": epoch, "best": {"epoch": best}}, "weights": weights,
-                 **{key: (weights if key == "optimizer" else {}) for key in RESUME_ONLY}}
-        store.save(state, improved=improved, epoch=epoch, keep_last_n=2)
-        print(epoch, flush=True)
-    """
-)
-
-
-def test_a_kill_at_any_instant_leaves_a_consistent_history(tmp_path):
-    store = CheckpointStore(tmp_path)
-    for _ in range(5):  # each writer continues from what the previous one left
-        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE,
-                                  text=True)
-        try:
-            writer.stdout.readline()  # one save complete
-            time.sleep(random.uniform(0.0, 0.2))  # somewhere inside a later one
-            writer.send_signal(signal.SIGKILL)
-            writer.wait(timeout=30)
-        finally:
-            writer.kill()
-        last = torch.load(store.last, weights_only=True)
-        epoch = last["progress"]["epoch"]
-        assert torch.equal(last["optimizer"], torch.full_like(last["optimizer"], float(epoch)))
-        assert torch.load(store.best, weights_only=True)["progress"]["epoch"] == last["progress"]["best"]["epoch"]
-        assert history_epochs(store) == [e for e in (epoch - 1, epoch) if e >= 1]
-    store.prepare()  # what a killed writer left uncommitted is cleared
-    assert [p.name for p in (tmp_path / GENERATIONS).iterdir()] == [store.current().name]
 
 
 def test_a_real_run_keeps_slim_best_and_history_that_load_and_refuse_resume(compose_train, tmp_path):
