@@ -16,8 +16,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 train: $(VENV)/.installed
 	$(PY) train.py $(ARGS)
 
+# The suite on every core (pytest-xdist); --dist loadfile keeps each test file on one worker, so the runs a
+# file's module fixtures train are trained once. TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= auto
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

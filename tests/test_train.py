@@ -288,7 +288,7 @@ def test_an_image_that_fails_mid_run_is_one_line(compose_train, tmp_path, monkey
 
     def fail_later(self, key):
         if next(served) == 100:  # in the first epoch's fourth batch: screened fine, gone now
-            raise DatasetError(f"cannot decode image {self.paths[key[0]]} (removed); remove or replace the file")
+            raise DatasetError(f"cannot decode image {self.images.paths[key[0]]} (removed); remove or replace the file")
         return getitem(self, key)
 
     monkeypatch.setattr(ImageListDataset, "__getitem__", fail_later)

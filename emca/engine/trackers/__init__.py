@@ -82,7 +82,7 @@ def build_trackers(cfg: LoggerConfig, run_dir: Path, run_id: str, params: Mappin
 
         # Events written after the checkpoint this run resumes from have a larger step.
         trackers.append(TensorBoardTracker(run_dir, purge_step=global_step + 1 if global_step else None))
-        shown.append("TensorBoard (the run folder)")
+        shown.append("TensorBoard (event files beside train.log)")
     if cfg.mlflow.enabled:
         from .mlflow import MlflowTracker, tracking_uri
 
