@@ -190,3 +190,24 @@ def test_wandb_offline_gets_the_same_scalars_params_and_final_metrics(compose_tr
     results = json.loads((tmp_path / "results.json").read_text())
     assert float(summary["hparams/best_val_top1"]) == pytest.approx(results["best"]["val_top1"])
     assert results["run_id"] in run_file.name
+
+
+def test_a_resumed_run_keeps_the_step_events_up_to_its_checkpoint(compose_train, tmp_path, monkeypatch):
+    # SIGTERM after the last step of epoch 1, whose report (global step 3) precedes the save at step 3:
+    # the resumed run must keep that event and drop only what came after the checkpoint.
+    advance, steps = EpochProgress.advance, itertools.count(1)
+
+    def advance_then_preempt(self):
+        advance(self)
+        if next(steps) == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(EpochProgress, "advance", advance_then_preempt)
+    with pytest.raises(Preempted):
+        train(compose_train(*RUN), str(tmp_path))
+    monkeypatch.undo()
+    train(compose_train(*RUN, "trainer.resume=auto"), str(tmp_path))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train_step/loss")] == [2, 3, 5, 6]
+    assert [event.step for event in events.Scalars("top1/val")] == [1, 2]
