@@ -1,12 +1,10 @@
 """What a run shows while it trains and records for later: step lines (train.log and console alike,
 with or without a terminal bar), TensorBoard's shared epoch axis and HParams, MLflow and W&B."""
 
-import itertools
 import json
 import os
 import logging
 import re
-import signal
 import struct
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from emca.engine.trainer import Preempted, train
 
 import emca.config  # noqa: F401  (registers the resolvers the saved config uses)
 
-from conftest import SYNTHETIC_RUN
+from conftest import SYNTHETIC_RUN, preempt_after_step
 
 STEP_LINE = r"epoch 1/2 step 2/3  loss \S+  top1 \S+%  lr \S+  \d+ img/s  step \S+ s  data \S+ s  mem \S+ GiB  eta \S+"
 # Overridden fields of a preset coverage: the derived name must follow them.
@@ -111,14 +109,7 @@ def test_mlflow_gets_the_same_scalars_params_and_final_metrics_and_resume_contin
     options = (*RUN, "logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{store}")
     run_dir = tmp_path / "run"
     # Stopped mid-epoch 2 (SIGTERM), then resumed: one MLflow run, continued.
-    advance, steps = EpochProgress.advance, itertools.count(1)
-
-    def advance_then_preempt(self):
-        advance(self)
-        if next(steps) == 4:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(EpochProgress, "advance", advance_then_preempt)
+    preempt_after_step(monkeypatch, 4)
     with pytest.raises(Preempted):
         train(compose_train(*options), str(run_dir))
     monkeypatch.undo()
@@ -195,14 +186,7 @@ def test_wandb_offline_gets_the_same_scalars_params_and_final_metrics(compose_tr
 def test_a_resumed_run_keeps_the_step_events_up_to_its_checkpoint(compose_train, tmp_path, monkeypatch):
     # SIGTERM after the last step of epoch 1, whose report (global step 3) precedes the save at step 3:
     # the resumed run must keep that event and drop only what came after the checkpoint.
-    advance, steps = EpochProgress.advance, itertools.count(1)
-
-    def advance_then_preempt(self):
-        advance(self)
-        if next(steps) == 3:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(EpochProgress, "advance", advance_then_preempt)
+    preempt_after_step(monkeypatch, 3)
     with pytest.raises(Preempted):
         train(compose_train(*RUN), str(tmp_path))
     monkeypatch.undo()
