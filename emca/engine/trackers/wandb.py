@@ -29,14 +29,15 @@ class WandbTracker:
         self.run.define_metric(STEP_AXIS)
         self.run.define_metric(f"{step_prefix}*", step_metric=STEP_AXIS)
         self.run.define_metric(EPOCH_AXIS)
-        self.step_prefix = step_prefix
+        self.epoch_tags: set[str] = set()
 
     def log_step(self, step: int, scalars: Mapping[str, float]) -> None:
         self.run.log({**scalars, STEP_AXIS: step})
 
     def log_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
-        for tag in scalars:
+        for tag in scalars.keys() - self.epoch_tags:  # each tag put on the epoch axis once
             self.run.define_metric(tag, step_metric=EPOCH_AXIS)
+            self.epoch_tags.add(tag)
         self.run.log({**scalars, EPOCH_AXIS: epoch})
 
     def log_histograms(self, epoch: int, histograms) -> None:
