@@ -1,6 +1,7 @@
 """Recipe presets (configs/recipe): paper is today's behaviour, tv_new and rsb_a3 set their published values,
 their ImageNet sizes apply only to dataset=imagenet, and later presets and command-line values still win."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from omegaconf import OmegaConf
 from emca.config import TrainConfig
 from emca.data.config import DatasetConfig
 from emca.engine.trainer import train
+
+from conftest import QUICK_RUN
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ("paper", "rsb_a3", "tv_new")
@@ -170,3 +173,18 @@ def test_a_shortened_rsb_a3_run_on_digits_learns(compose_train, tmp_path, one_to
     assert results["status"] == "completed" and results["epoch_reached"] == 3
     # Measured 72 to 83 % after 3 epochs (seeds 0, 1, 2: 73.6, 72.2, 83.1 %); chance is 10 %.
     assert results["final"]["val_top1"] >= 40.0, results["val_top1_per_epoch"]
+
+
+def test_a_two_epoch_try_of_a_long_recipe_runs_and_says_what_it_shortened(compose_train, tmp_path, caplog,
+                                                                          one_torch_thread):
+    # recipe=rsb_a3 trainer.epochs=2 was refused on the recipe's 5 warm-up epochs; the first try of a recipe.
+    caplog.set_level(logging.INFO)
+    results = train(compose_train("recipe=rsb_a3", *QUICK_RUN, "trainer.epochs=2"), str(tmp_path))
+    assert results["epoch_reached"] == 2
+    summary = [message for message in caplog.messages if "warm-up" in message]
+    assert len(summary) == 1 and "warm-up 1 epoch (optimizer.warmup_epochs=5 does not fit trainer.epochs=2" in (
+        summary[0]), summary
+    # The augmentation the recipe turns on is in the start-up summary, with its magnitude.
+    extras = [message for message in caplog.messages if message.startswith("with ")]
+    assert len(extras) == 1 and "RandAugment 2 ops at magnitude 18/30" in extras[0], caplog.messages
+    assert "mixup 0.1 / cutmix 1.0" in extras[0]

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from emca.config import OptimizerConfig
 from emca.engine.optim import build_optimizer, no_decay_parameter_names, scaled_lr
-from emca.engine.schedule import build_scheduler, describe_milestones, distinct_from, lr_factor, milestone_epochs
+from emca.engine.schedule import (build_scheduler, describe_milestones, describe_warmup, distinct_from, lr_factor,
+                                  milestone_epochs, warmup_epochs_used)
 from emca.models import build_model
 
 
@@ -40,8 +41,30 @@ def test_warmup_then_cosine():
     middle = warmup * steps + (epochs - warmup) * steps // 2
     assert factor(middle) == pytest.approx(0.5)
     assert factor(epochs * steps - 1) == pytest.approx(0.5 * (1 + math.cos(math.pi * (149 / 150))))
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        lr_factor("cosine", epochs=5, steps_per_epoch=1, warmup_epochs=5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_a_run_too_short_for_its_warmup_warms_up_over_all_but_its_last_epoch(schedule):
+    # recipe=rsb_a3 trainer.epochs=2 (5 warm-up epochs) was refused; it trains 1 warm-up epoch, then the schedule.
+    assert [warmup_epochs_used(5, epochs) for epochs in (1, 2, 5, 6, 100)] == [0, 1, 4, 5, 5]
+    steps = 4
+    capped = lr_factor(schedule, epochs=2, steps_per_epoch=steps, warmup_epochs=5, milestones=[0.9])
+    chosen = lr_factor(schedule, epochs=2, steps_per_epoch=steps, warmup_epochs=1, milestones=[0.9])
+    # The rates follow from the config alone, so a resumed run replans them identically.
+    assert [capped(i) for i in range(2 * steps)] == [chosen(i) for i in range(2 * steps)]
+    assert [capped(i) for i in range(steps)] == [0.25, 0.5, 0.75, 1.0]
+    unchanged = lr_factor(schedule, epochs=6, steps_per_epoch=steps, warmup_epochs=5, milestones=[0.9])
+    assert unchanged(5 * steps - 1) == 1.0 and unchanged(5 * steps - 2) < 1.0  # a warm-up that fits is kept
+
+
+def test_the_start_up_line_names_the_override_of_a_capped_warmup():
+    assert describe_warmup(5, 100) == "warm-up 5 epochs"
+    assert describe_warmup(1, 3) == "warm-up 1 epoch"
+    assert describe_warmup(5, 2) == (
+        "warm-up 1 epoch (optimizer.warmup_epochs=5 does not fit trainer.epochs=2: capped to leave 1 epoch for the "
+        "schedule; set optimizer.warmup_epochs=N < 2 to choose)"
+    )
+    assert describe_warmup(3, 1).startswith("warm-up 0 epochs (optimizer.warmup_epochs=3 does not fit")
 
 
 def test_linear_scaling_rule():

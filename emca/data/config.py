@@ -70,6 +70,28 @@ class DatasetConfig:
         require_int("dataset.epochs", self.epochs, 1, DatasetError)
 
 
+# dataset.auto_augment -> the start-up log's name for it.
+POLICY_NAMES = {"randaugment": "RandAugment", "trivialaugment": "TrivialAugmentWide",
+                "autoaugment": "AutoAugment (ImageNet policy)"}
+
+
+def describe_augmentation(dataset) -> list[str]:
+    """The training augmentation beyond crop and flip, for the start-up log's "with ..." line:
+    e.g. ["RandAugment 2 ops at magnitude 18/30", "random erasing p=0.25"]; [] when there is none."""
+    from .policies import RANDAUGMENT_BINS  # torchvision's, imported only when a run describes itself
+
+    policy = dataset.auto_augment
+    parts = []
+    if policy == "randaugment":
+        parts.append(f"RandAugment {dataset.randaugment_ops} ops at magnitude {dataset.randaugment_magnitude}/"
+                     f"{RANDAUGMENT_BINS - 1}")
+    elif policy is not None:
+        parts.append(POLICY_NAMES.get(policy, policy))
+    if dataset.random_erasing:
+        parts.append(f"random erasing p={dataset.random_erasing}")
+    return parts
+
+
 @dataclass
 class LoaderConfig:
     # 'dali' | 'torchvision' | 'synthetic'

@@ -63,6 +63,25 @@ def describe_milestones(fractions: Sequence[float], epochs: int, gamma: float) -
             f"merged into one x{gamma}; trainer.epochs>={distinct_from(fractions, epochs)} gives each its own epoch)")
 
 
+def warmup_epochs_used(warmup_epochs: int, epochs: int) -> int:
+    """The warm-up a run of `epochs` trains: optimizer.warmup_epochs, or trainer.epochs - 1 when the run
+    is too short to hold it (`recipe=rsb_a3 trainer.epochs=2`: 1 of its 5 epochs), so that at least one
+    epoch of the schedule follows. Every run that holds its warm-up keeps it unchanged, and the cap is a
+    function of the saved config alone: a resumed run plans the same rates."""
+    return min(warmup_epochs, epochs - 1)
+
+
+def describe_warmup(warmup_epochs: int, epochs: int) -> str:
+    """The warm-up for the start-up log, naming the override when a short run capped it."""
+    used = warmup_epochs_used(warmup_epochs, epochs)
+    text = f"warm-up {used} epoch{'' if used == 1 else 's'}"
+    if used == warmup_epochs:
+        return text
+    return (f"{text} (optimizer.warmup_epochs={warmup_epochs} does not fit trainer.epochs={epochs}: capped to leave "
+            f"{epochs - used} epoch{'' if epochs - used == 1 else 's'} for the schedule; "
+            f"set optimizer.warmup_epochs=N < {epochs} to choose)")
+
+
 def lr_factor(
     schedule: str,
     epochs: int,
@@ -71,14 +90,14 @@ def lr_factor(
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
 ) -> Callable[[int], float]:
-    """The multiplier of the base learning rate at iteration `step` (0-based)."""
+    """The multiplier of the base learning rate at iteration `step` (0-based); a warm-up the run cannot
+    hold is capped (warmup_epochs_used)."""
     require(schedule in ("step", "cosine"), "optimizer.schedule", schedule, "step or cosine")
     # trainer.epochs first: a warm-up cannot be blamed for a run of no epochs.
     require_int("trainer.epochs", epochs, 1)
     require_int("optimizer.warmup_epochs", warmup_epochs, 0)
-    require(warmup_epochs < epochs, "optimizer.warmup_epochs", warmup_epochs, f"< trainer.epochs ({epochs})")
     require(gamma > 0, "optimizer.gamma", gamma, "> 0")
-    warmup_steps = warmup_epochs * steps_per_epoch
+    warmup_steps = warmup_epochs_used(warmup_epochs, epochs) * steps_per_epoch
     total_steps = epochs * steps_per_epoch
     milestone_steps = [epoch * steps_per_epoch for epoch in milestone_epochs(milestones, epochs)]
 
