@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from emca.analysis.evaluation import evaluate
 from emca.data import DatasetError, build_loaders
+from emca.data.config import describe_augmentation
 from emca.engine.checkpoint import (CheckpointError, CheckpointStore, architecture_fingerprint, describe_history,
                                    load_checkpoint)
 from emca.engine.compatibility import check_resume_schedule
@@ -44,7 +45,7 @@ from emca.engine.progress import EpochProgress, RunClock, StepTimer, peak_memory
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
 from emca.engine.results import RESULTS, git_commit, library_versions, write_results
 from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
-from emca.engine.schedule import build_scheduler, describe_milestones
+from emca.engine.schedule import build_scheduler, describe_milestones, describe_warmup
 from emca.engine.step import OptimizerStep, build_clipping, check_accumulation
 from emca.engine.trackers import Trackers, build_trackers, epoch_scalars, flatten_config
 from emca.models import attention_modules, build_model, coverage_name
@@ -274,9 +275,11 @@ class Trainer:
             if optimizer_cfg.schedule.value == "step" else "cosine"
         )
         log.info(f"{describe_optimizer(optimizer_cfg, self.optimizer)}, {optimizer_cfg.loss.value} loss, "
-                 f"{self.epochs} epochs, {schedule}, warm-up {optimizer_cfg.warmup_epochs} epochs, "
+                 f"{self.epochs} epochs, {schedule}, {describe_warmup(optimizer_cfg.warmup_epochs, self.epochs)}, "
                  f"amp {trainer_cfg.amp.value}")
         extras = [
+            *describe_augmentation(cfg.dataset),
+            f"label smoothing {optimizer_cfg.label_smoothing}" if optimizer_cfg.label_smoothing else None,
             f"{trainer_cfg.accumulate} micro-batches per step" if trainer_cfg.accumulate > 1 else None,
             f"gradient clipping ({trainer_cfg.clip_mode.value}) at {trainer_cfg.clip_grad}" if self.clipping else None,
             f"mixup {trainer_cfg.mixup.mixup_alpha} / cutmix {trainer_cfg.mixup.cutmix_alpha}" if self.mixing else None,
