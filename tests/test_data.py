@@ -1,6 +1,7 @@
 """Loaders: shapes, labels, sharding, determinism, DALI/torchvision agreement, digits, synthetic."""
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,6 +11,8 @@ from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 
 from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders
+from emca.data import builder as builder_module
+from emca.data.builder import loader_workers
 from emca.data.datasets import ensure_digits
 from emca.data.sampling import train_shard, val_shard
 
@@ -258,3 +261,32 @@ def test_validation_alone_still_checks_its_folder_and_class_names(image_tree, tm
         build_loaders(dataset_cfg(root, num_classes=5), loader_cfg("torchvision"), train=False)
     with pytest.raises(DatasetError, match=r"dataset.num_classes=5 but the given class list has 3 names"):
         build_loaders(dataset_cfg(root, num_classes=5), loader_cfg("torchvision"), train=False, classes=["a", "y", "z"])
+
+
+@pytest.mark.parametrize("cores, ranks_here, expected", [(2, None, 2), (1, None, 1), (64, None, 8), (16, "4", 4),
+                                                          (2, "4", 1)])
+def test_default_loader_workers_fit_the_cores_this_process_may_use(monkeypatch, cores, ranks_here, expected):
+    monkeypatch.setattr(builder_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if ranks_here is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
+    assert loader_workers(None) == expected
+    assert loader_workers(3) == 3  # a number is taken as given
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "tiny_imagenet", "imagenet"])
+def test_the_image_datasets_default_to_the_machines_cores(compose_train, dataset):
+    # They asked for 4 (8) workers whatever the machine: PyTorch warned twice on 2 cores.
+    assert compose_train(f"dataset={dataset}").dataset.workers is None
+
+
+def test_a_loader_with_default_workers_uses_the_cores_and_pytorch_does_not_warn(image_tree, monkeypatch):
+    monkeypatch.setattr(builder_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    root = image_tree({"train": {"a": 4, "b": 4}, "val": {"a": 2}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*worker processes in total.*")
+        bundle = build_loaders(dataset_cfg(root, workers=None), loader_cfg("torchvision"))
+        run_epoch(bundle.train)
+    assert bundle.workers == 2 and bundle.train.loader.num_workers == 2

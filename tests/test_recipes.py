@@ -188,3 +188,5 @@ def test_a_two_epoch_try_of_a_long_recipe_runs_and_says_what_it_shortened(compos
     extras = [message for message in caplog.messages if message.startswith("with ")]
     assert len(extras) == 1 and "RandAugment 2 ops at magnitude 18/30" in extras[0], caplog.messages
     assert "mixup 0.1 / cutmix 1.0" in extras[0]
+    data = [message for message in caplog.messages if message.startswith("data digits via torchvision")]
+    assert len(data) == 1 and data[0].endswith(", 0 loader workers"), data  # digits_quick: in-process

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import DatasetConfig, LoaderConfig
+from .config import AUTO_WORKERS_MAX, DatasetConfig, LoaderConfig
 from .datasets import check_dataset_name, dataset_root
 from .errors import DatasetError
 from .folder import ImageList, check_root, list_split, screen_images
@@ -33,6 +33,7 @@ class DataBundle:
     classes: list[str]
     num_train: int  # global counts (all ranks), after skipping corrupt images
     num_val: int
+    workers: int = 0  # loader workers (DALI: threads) per rank, dataset.workers=null resolved; none when synthetic
 
 
 def _typed(cfg, schema):
@@ -49,6 +50,22 @@ def _typed(cfg, schema):
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EMCA_CACHE", Path.home() / ".cache" / "emca"))
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask: a SLURM or container limit counts)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(workers: Optional[int]) -> int:
+    """dataset.workers as a count: a number as given; null (the default) one per core this process
+    may run on, its share when torchrun starts several ranks on the node (LOCAL_WORLD_SIZE), at most
+    AUTO_WORKERS_MAX. More workers than cores only contend for them (PyTorch warns); the batches do
+    not depend on the count (every sample's augmentation is seeded by its index and epoch)."""
+    if workers is not None:
+        return workers
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(AUTO_WORKERS_MAX, available_cpus() // ranks_here))
 
 
 def _load_split(split_dir: Path, classes, dataset: DatasetConfig) -> ImageList:
@@ -110,6 +127,7 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
     """
     dataset: DatasetConfig = _typed(dataset_cfg, DatasetConfig)
     loader: LoaderConfig = _typed(loader_cfg, LoaderConfig)
+    dataset.workers = loader_workers(dataset.workers)  # this typed copy only: the run's config keeps null
     device = torch.device(device)
     if loader.name not in LOADERS:
         raise DatasetError(f"unknown loader.name={loader.name!r}; choose one of {', '.join(LOADERS)}")
@@ -167,6 +185,7 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
         train=make(train_images, prep, shards["train"], train=True) if train_images is not None else None,
         val=make(val_images, prep, shards["val"], train=False),
         num_classes=len(classes), classes=classes, num_train=len(train_images or ()), num_val=len(val_images),
+        workers=dataset.workers,
     )
 
 

@@ -16,6 +16,9 @@ from .errors import DatasetError
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
+# dataset.workers=null's most loader workers per rank (as eval.py's speed.workers=null).
+AUTO_WORKERS_MAX = 8
+
 DEFAULT_CACHE = "${oc.env:EMCA_CACHE,${oc.env:HOME}/.cache/emca}"
 
 
@@ -35,8 +38,9 @@ class DatasetConfig:
     val_resize: Optional[int] = None
     # GLOBAL batch size, split evenly over ranks.
     batch_size: int = 256
-    # Decoding threads (DALI) / worker processes (torchvision) per rank.
-    workers: int = 4
+    # Decoding threads (DALI) / worker processes (torchvision) per rank; null: one per CPU core this
+    # process may run on, shared among the node's ranks, at most AUTO_WORKERS_MAX (builder.loader_workers).
+    workers: Optional[int] = None
     # 'error': stop and name the file; 'skip': leave corrupt images out and warn with a count.
     on_bad_image: str = "error"
     # The dataset's schedule length; the trainer's default number of epochs.
@@ -66,7 +70,7 @@ class DatasetConfig:
         # checks: batch_size (sampling), image_size, crops, mean/std (transforms) and the names
         # (builder, datasets) have their own one-line checks where they are used.
         require_int("dataset.num_classes", self.num_classes, 1, DatasetError, nullable=True)
-        require_int("dataset.workers", self.workers, 0, DatasetError)
+        require_int("dataset.workers", self.workers, 0, DatasetError, nullable=True)
         require_int("dataset.epochs", self.epochs, 1, DatasetError)
 
 

@@ -172,6 +172,15 @@ def _decided_on_main(ctx: DistributedContext, decide):
     return value
 
 
+def _describe_workers(cfg: DictConfig, workers: int) -> str:
+    """The data line's loader workers per process, and where dataset.workers=null chose them."""
+    if cfg.loader.name == "synthetic":
+        return ""
+    kind = "DALI threads" if cfg.loader.name == "dali" else "loader workers"
+    chosen = " (one per CPU core, dataset.workers=null)" if cfg.dataset.workers is None else ""
+    return f", {workers} {kind}{chosen}"
+
+
 def _every(steps: int) -> str:
     return "every optimizer step" if steps == 1 else f"every {steps} optimizer steps"
 
@@ -269,7 +278,8 @@ class Trainer:
                  f"parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px")
         log.info(f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} "
                  f"val images, {self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over "
-                 f"{self.ctx.world_size} process(es), {self.steps_per_epoch} steps/epoch on {self.ctx.device}")
+                 f"{self.ctx.world_size} process(es), {self.steps_per_epoch} steps/epoch on {self.ctx.device}"
+                 f"{_describe_workers(cfg, self.data.workers)}")
         schedule = (
             describe_milestones(optimizer_cfg.milestones, self.epochs, optimizer_cfg.gamma)
             if optimizer_cfg.schedule.value == "step" else "cosine"
