@@ -274,8 +274,10 @@ class Trainer:
         if self.initialisation is not None:
             log.info(self.initialisation.summary())
         warn_ignored_model_options(cfg.attention, cfg.coverage)
-        log.info(f"model {arch['backbone']} attention={cfg.attention.name}{coverage}: {self.parameters / 1e6:.3f} M "
-                 f"parameters, {self.gflops:.3f} GFLOPs at {cfg.dataset.image_size} px")
+        # #P in make_tables' (the paper's) unit, M = 2^20, named: a bare 10^6 figure read as the table's did not match.
+        log.info(f"model {arch['backbone']} attention={cfg.attention.name}{coverage}: {self.parameters:,} parameters "
+                 f"({self.parameters / 2**20:.3f} M, M = 2^20 as in make_tables), {self.gflops:.3f} GFLOPs (10^9 "
+                 f"multiply-adds) at {cfg.dataset.image_size} px")
         log.info(f"data {cfg.dataset.name} via {cfg.loader.name}: {self.data.num_train} train / {self.data.num_val} "
                  f"val images, {self.data.num_classes} classes, global batch {cfg.dataset.batch_size} over "
                  f"{self.ctx.world_size} process(es), {self.steps_per_epoch} steps/epoch on {self.ctx.device}"
