@@ -8,9 +8,13 @@
 Run folders are found recursively (any folder with results.json or .hydra/config.yaml); each
 one's model, dataset and image size come from what the run recorded (results.json, or the
 checkpoint eval.py measured). Only rows some run fills are printed unless --full; repeated runs
-of one model (seeds) are shown as mean ± std (n runs); ours are set beside the paper's numbers,
-with their difference, only for runs on ImageNet at 224 px, as the paper's were. #P and GFLOPs
-are in the paper's units (2^20 parameters, 2^30 multiply-accumulates). Prints Markdown and
+of one model (seeds) are shown as mean ± std (n runs). Cells read `ours / paper (ours - paper)` for
+runs on ImageNet at 224 px, as the paper's were (#P at any size), `– / paper` where ours is not
+measured and `ours / –` for a run on another dataset or size; a table whose runs are all on
+another dataset (digits, Tiny-ImageNet) shows ours alone, without the paper's ImageNet figures.
+The notes under each table say how to read each form it holds, and name the override (e.g.
+attention.se_bias=false) or preset that trains the paper's model where a run's options differ.
+#P and GFLOPs are in the paper's units (2^20 parameters, 2^30 multiply-accumulates). Prints Markdown and
 writes to --out: tables.md, tables.csv (one number per line), one .tex per table (booktabs) and
 figure9_val_top1.png (validation top-1 per epoch of every run found). Table 9 (rotations) and
 Figure 6 (learned-scale statistics) come from the runs' eval.json (eval.py).

@@ -20,6 +20,7 @@ from emca.analysis.variants import Variant, channel_attention, emca, plain, vari
 from test_eval import RUN0, RUN1, make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "PAPER.md"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,13 @@ def test_table_specs_cover_the_papers_rows():
     t3 = {(e.variant, e.group): e.reference for e in TABLES["table3"].entries}
     t2 = {(e.variant, e.group): e.reference for e in TABLES["table2"].entries}
     assert t3[(emca("resnet18", "srm", "none"), "SRM")] == t2[(channel_attention("resnet18", "srm", "first"), "SRM")]
+
+
+def test_each_table_names_the_preset_that_trains_its_variants_with_the_papers_options():
+    """A run off the paper's options is pointed to spec.preset (runs.options_notes): it must sweep the cell."""
+    for spec in TABLES.values():
+        assert (CONFIGS / "experiment" / f"{spec.preset}.yaml").is_file(), spec.name
+        assert set(spec.variants()) <= set(TABLES[spec.preset].variants()), spec.name
 
 
 def test_filled_table_puts_ours_beside_the_paper_and_leaves_gaps():
@@ -209,10 +217,9 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     )
     emca_row = next(line for line in lines if line.startswith("| R-18 | EMCA-SE |"))
     assert f"| {results['1']['final']['val_top1']:.2f} |" in emca_row and "71.00" not in emca_row
-    assert (
-        "_Ours alone, measured on digits at 16 px, not the paper's imagenet at 224 px: R-18 ResNet, R-18 EMCA-SE._"
-        in lines
-    )
+    assert any(line.startswith("_Cells: ours alone, measured on digits at 16 px; '–' = not trained or not measured. "
+                               "The paper's figures are left out: they are on imagenet at 224 px") for line in lines)
+    assert not any(line.startswith(("_Cells: ours / paper", "_– / paper")) for line in lines)
     # Only the rows the runs fill: no R-18 SE row, no R-34 / R-50 rows.
     assert not any(line.startswith(("| R-18 | SE |", "| R-34", "| R-50")) for line in lines)
     assert "resnet50" not in markdown and "emca_srm" not in markdown
@@ -230,6 +237,18 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     }
     assert (out / "table3.tex").is_file() and (out / "table4.tex").is_file()
     assert (out / "figure9_val_top1.png").stat().st_size > 0
+
+
+def test_the_run_log_prints_parameters_with_their_unit_as_the_table_does(trained_sweep):
+    """train.log's #P carries its unit and is the figure make_tables prints (M = 2^20), not a bare 10^6 one."""
+    results = json.loads((trained_sweep / RUN1 / "results.json").read_text())
+    params = results["params"]
+    [line] = [line for line in (trained_sweep / RUN1 / "train.log").read_text().splitlines() if " parameters (" in line]
+    assert f": {params:,} parameters ({params / 2**20:.3f} M, M = 2^20 as in make_tables), " in line
+    assert f"{params / 1e6:.3f}" not in line
+    measured, _ = measurements(find_runs([trained_sweep / RUN1]))
+    [row] = fill_table(TABLES["table4"], measured).rows
+    assert row[1:3] == ["EMCA-SE", f"{params / 2**20:.3f}"]
 
 
 def test_measurements_take_speeds_from_eval_json_and_count_a_copied_run_once(trained_sweep, tmp_path):

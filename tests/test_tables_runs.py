@@ -11,14 +11,19 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import emca.config  # noqa: F401  (registers the training schema train.yaml composes)
 
 from emca.analysis import render
 from emca.analysis.complexity import build_variant, count_macs
-from emca.analysis.runs import find_runs, measurements
-from emca.analysis.tables import TABLES, fill_table
-from emca.analysis.variants import channel_attention, emca, plain
+from emca.analysis.runs import find_runs, measurements, override
+from emca.analysis.tables import METRICS, TABLES, fill_table
+from emca.analysis.variants import PAPER_OPTIONS, channel_attention, emca, plain, variant_from_config
 from test_eval import run_python
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESET_COVERAGE = {None: (1, "all"), "prev_stage_all": (1, "all"), "none": (0, 0)}
 
 
@@ -97,21 +102,114 @@ def test_repeats_whose_configs_differ_beyond_the_seed_say_so(tmp_path):
     assert any("(seeds 0, 1) averaged; their configs also differ in optimizer.lr:" in note for note in notes)
 
 
-def test_a_difference_to_the_paper_only_under_its_protocol(tmp_path):
+def legend_misses(table) -> list[str]:
+    """The cells of a filled table whose form no note explains (each form a cell takes has its line)."""
+    needs = {"ours / paper": "Cells: ours / paper (ours - paper)", "– / paper": "– / paper: ",
+             "ours / –": "ours / –: ", "ours alone": "Cells: ours alone, measured on "}
+    spec = TABLES[table.name]
+    published = [METRICS[key].published for _ in spec.groups or (None,) for key in spec.metrics]
+    missing = []
+    for row in table.rows:
+        for text, is_published in zip(row[2:], published, strict=True):
+            ours, slash, theirs = text.partition(" / ")
+            if not is_published or text in ("–", "– / –"):
+                continue
+            form = ("ours alone" if not slash else "– / paper" if ours == "–"
+                    else "ours / –" if theirs == "–" else "ours / paper")
+            if not any(note.startswith(needs[form]) for note in table.notes):
+                missing.append(f"{row[0]} {row[1]}: {text} ({form})")
+    return missing
+
+
+def test_a_cell_we_trained_under_the_papers_protocol_is_ours_beside_the_papers(tmp_path):
+    write_run(tmp_path / "imagenet", top1=71.0)
+    rows, table, _ = table4(tmp_path)
+    se = rows[("R-18", "SE")]
+    assert se["top-1"] == "71.00 / 70.59 (+0.41)" and se["#P (M)"] == "11.231 / 11.231 (+0.000)"
+    assert se["FPS"] == "– / 187"  # eval.py has not measured it: the paper's alone, and the legend says so
+    assert table.notes[0] == ("Cells: ours / paper (ours - paper), ours measured on imagenet at 224 px as the paper's "
+                              "were; '–' = none.")
+    assert any(note.startswith("– / paper: ours not measured") for note in table.notes)
+    assert not any(note.startswith("ours / –") for note in table.notes)  # no such cell: no such line
+    assert legend_misses(table) == []
+
+
+def test_a_digits_sweep_shows_ours_alone_and_no_paper_figure_in_cells_we_never_trained(tmp_path):
+    """The README's sweep on digits: Table 3's SE and ECA columns trained, SRM not. No ImageNet figure of
+    the paper's sits beside or among them (it read '– / 165 | – / 11.150 | – / 71.31' in the SRM column)."""
+    for attention in ("emca_se", "emca_eca"):
+        write_run(tmp_path / attention, attention=attention, coverage="none", dataset="digits", image_size=16,
+                  top1=16.94, params=11_226_000)
+    measured, _ = measurements(find_runs([tmp_path]))
+    table = fill_table(TABLES["table3"], measured)
+    [row] = table.rows
+    assert row[:2] == ["R-18", "EMCA none"]
+    assert row[2:] == ["–", "10.706", "16.94", "36.94", "–", "10.706", "16.94", "36.94", "–", "–", "–", "–"]
+    markdown = render.markdown(table)
+    assert not any(figure in markdown for figure in ("165", "11.150", "71.31", "11.189", "70.91"))
+    assert table.notes[0].startswith(
+        "Cells: ours alone, measured on digits at 16 px; '–' = not trained or not measured. The paper's figures are "
+        "left out: they are on imagenet at 224 px"
+    )
+    assert "make_tables --complexity" in table.notes[0]
+    assert not any(note.startswith(("Cells: ours / paper", "– / paper", "ours / –")) for note in table.notes)
+    assert {record["paper"] for record in table.records} == {None}  # the CSV as the table: no paper column
+    assert legend_misses(table) == []
+
+
+def test_a_trained_cell_off_the_papers_protocol_beside_paper_cells_is_ours_over_a_dash(tmp_path):
     write_run(tmp_path / "imagenet", top1=71.0)
     write_run(tmp_path / "small", attention="eca", image_size=64, top1=60.0, params=11_689_548)
     write_run(tmp_path / "digits", attention="none", dataset="digits", top1=93.33, params=11_689_512)
     rows, table, _ = table4(tmp_path)
     assert rows[("R-18", "SE")]["top-1"] == "71.00 / 70.59 (+0.41)"
-    assert rows[("R-18", "ECA*")]["top-1"] == "60.00" and rows[("R-18", "ECA*")]["FPS"] == "–"
-    assert rows[("R-18", "ResNet")]["top-1"] == "93.33"  # not '93.33 / 70.40 (+22.93)'
-    assert (
-        "_Ours alone, measured on imagenet at 64 px, not the paper's imagenet at 224 px: R-18 ECA*._"
-        in render.markdown(table)
-    )
-    assert "Ours alone, measured on digits at 224 px, not the paper's imagenet at 224 px: R-18 ResNet." in table.notes
+    eca, resnet = rows[("R-18", "ECA*")], rows[("R-18", "ResNet")]
+    assert eca["top-1"] == "60.00 / –" and eca["FPS"] == "– / –"
+    assert eca["#P (M)"] == "11.148 / 11.148 (+0.000)"  # the image size does not change the parameters
+    assert resnet["top-1"] == "93.33 / –" and resnet["#P (M)"] == "11.148 / –"  # not '93.33 / 70.40 (+22.93)'
+    assert ("ours / –: measured on imagenet at 64 px, for which the paper has no figures (the paper's are on imagenet "
+            "at 224 px), but for #P, which the image size does not change: R-18 ECA*.") in table.notes
+    assert ("_ours / –: measured on digits at 224 px, for which the paper has no figures (the paper's are on imagenet "
+            "at 224 px): R-18 ResNet._") in render.markdown(table)
     digits = [r for r in table.records if r["row"] == "ResNet" and r["metric"] == "top1"]
-    assert digits[0]["difference"] is None
+    assert digits[0]["paper"] is None and digits[0]["difference"] is None
+    assert legend_misses(table) == []
+
+
+def test_a_row_we_never_trained_is_the_papers_figures_alone_with_full(tmp_path):
+    write_run(tmp_path / "imagenet", top1=71.0)
+    rows, table, _ = table4(tmp_path, full=True)
+    assert rows[("R-50", "EMCA-SRM")]["top-1"] == "– / 77.20" and rows[("R-50", "EMCA-SRM")]["#P (M)"] == "– / 24.380"
+    assert any(note.startswith("– / paper: ") for note in table.notes) and legend_misses(table) == []
+
+
+def test_a_run_off_the_papers_options_is_named_with_the_override_that_trains_the_papers_model(tmp_path):
+    """The README's `train.py -m attention=emca_se,...` trains Hu et al.'s SE (biases): the note gives the fix."""
+    write_run(tmp_path / "biased", attention="emca_se", coverage="prev_stage_all", attention__se_bias=True)
+    write_run(tmp_path / "gated", attention="emca_eca", coverage="none", attention__gating="residual")
+    _, _, notes = table4(tmp_path)
+    assert [note for note in notes if note.startswith("Not the paper's model")] == [
+        "Not the paper's model, attention.se_bias=true where the paper has attention.se_bias=false: resnet18 emca_se "
+        f"integration=first coverage=prev_stage_all ({tmp_path / 'biased'}). To train the paper's, add "
+        "attention.se_bias=false to the command, or sweep with +experiment=table3 or +experiment=table4.",
+        "Not the paper's model, attention.gating=residual where the paper has attention.gating=multiply: resnet18 "
+        f"emca_eca integration=first coverage=none ({tmp_path / 'gated'}). To train the paper's, add "
+        "attention.gating=multiply to the command, or sweep with +experiment=table3.",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        readme = ["attention=emca_se", "coverage=prev_stage_all"]
+        assert variant_from_config(compose("train", overrides=readme)).options == (("se_bias", True),)
+        assert variant_from_config(compose("train", overrides=[*readme, "attention.se_bias=false"])).options == ()
+
+
+def test_the_override_a_note_names_sets_each_option_to_the_papers_value():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[override(key, value) for key, value in PAPER_OPTIONS.items()])
+    attention = OmegaConf.to_container(cfg.attention)
+    assert {key: attention[key] for key in PAPER_OPTIONS} == {
+        key: list(value) if isinstance(value, tuple) else value for key, value in PAPER_OPTIONS.items()
+    }
+    assert override("fca_dct_size", (56, 28, 14, 7)) == "attention.fca_dct_size=[56,28,14,7]"
 
 
 def test_gflops_are_the_recorded_layer_count_plus_what_the_papers_counter_adds(tmp_path):

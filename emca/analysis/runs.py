@@ -23,8 +23,8 @@ from typing import Any, Iterable, Optional
 
 from emca.analysis import paper_reference as paper
 from emca.analysis.complexity import build_variant, count_macs
-from emca.analysis.tables import SCALE_STATISTICS, Measured
-from emca.analysis.variants import Variant, variant_from_config
+from emca.analysis.tables import SCALE_STATISTICS, TABLES, Measured
+from emca.analysis.variants import PAPER_OPTIONS, Variant, variant_from_config
 from emca.engine.checkpoint import CHECKPOINT_DIR, GENERATIONS, LAST, load_checkpoint
 from emca.engine.results import RESULTS
 
@@ -255,17 +255,19 @@ def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Var
     by_cell: dict[Variant, list[list[Run]]] = {}
     for group in groups.values():
         by_cell.setdefault(group[0].variant.cell(), []).append(group)
-    measured, chosen_runs = {}, []
+    measured, chosen_groups = {}, []
     for cell, candidates in by_cell.items():
         candidates.sort(
             key=lambda group: (group[0].protocol == paper.PROTOCOL, not group[0].variant.options, len(group))
         )
         chosen = candidates[-1]
-        chosen_runs += chosen
+        chosen_groups.append(chosen)
         measured[cell] = _measured(chosen, accuracy)
         notes += _group_notes(chosen, candidates[:-1])
+    notes += options_notes(chosen_groups)
     devices = sorted(
-        {(run.evaluation.get("speed") or {}).get("device") for run in chosen_runs if run.evaluation} - {None}
+        {(run.evaluation.get("speed") or {}).get("device") for group in chosen_groups for run in group
+         if run.evaluation} - {None}
     )
     if devices:
         notes.append(f"Our speeds on {'; '.join(devices)} (eval.py); the paper's on the authors' Titan-XP machines.")
@@ -288,7 +290,7 @@ def _measured(group: list[Run], accuracy: str) -> Measured:
 
 
 def _group_notes(chosen: list[Run], set_aside: list[list[Run]]) -> list[str]:
-    """What a reader of the cell should know: repeats, options off the paper's, runs not shown."""
+    """What a reader of the cell should know: repeats and runs not shown (options_notes: options off the paper's)."""
     variant, notes = chosen[0].variant, []
     if len(chosen) > 1:
         seeds = ", ".join(str((run.config.get("trainer") or {}).get("seed")) for run in chosen)
@@ -296,15 +298,52 @@ def _group_notes(chosen: list[Run], set_aside: list[list[Run]]) -> list[str]:
         notes.append(f"{len(chosen)} runs of {variant.describe()} (seeds {seeds}) averaged"
                      + (f"; their configs also differ in {', '.join(sorted(differing))}" if differing else "")
                      + f": {', '.join(str(run.path) for run in chosen)}")
-    if variant.options:
-        notes.append(
-            f"{', '.join(str(run.path) for run in chosen)} differs from the paper's options: {variant.describe()}"
-        )
     for group in set_aside:
         notes.append(
             f"not shown, {variant.cell().describe()} has runs closer to the paper's: {group[0].variant.describe()} "
             f"on {group[0].dataset} at {group[0].image_size} px ({', '.join(str(run.path) for run in group)})"
         )
+    return notes
+
+
+def override(key: str, value: Any) -> str:
+    """The command-line override that sets this attention option: 'attention.se_bias=false'."""
+    return f"attention.{key}={_override_value(value)}"
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # Hydra reads true / false; Python's True would be a string there
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(item) for item in value) + "]"
+    return str(value)
+
+
+def presets_of(cell: Variant) -> list[str]:
+    """The experiment presets whose sweep trains this table cell with the paper's options."""
+    return list(dict.fromkeys(spec.preset for spec in TABLES.values() if spec.preset and cell in spec.variants()))
+
+
+def options_notes(groups: Iterable[list[Run]]) -> list[str]:
+    """One note per set of attention options off the paper's that shown runs have: which runs, and the
+    overrides (or presets) that train the paper's model instead. A sweep without a preset (the README's
+    `train.py -m attention=emca_se,...`) trains Hu et al.'s SE with biases, for one."""
+    by_options: dict[tuple, list[list[Run]]] = {}
+    for group in groups:
+        if group[0].variant.options:
+            by_options.setdefault(group[0].variant.options, []).append(group)
+    notes = []
+    for options, chosen in by_options.items():
+        ours = " ".join(override(key, value) for key, value in options)
+        fix = " ".join(override(key, PAPER_OPTIONS[key]) for key, _ in options)
+        runs = "; ".join(f"{group[0].variant.cell().describe()} ({', '.join(str(run.path) for run in group)})"
+                         for group in chosen)
+        presets = dict.fromkeys(preset for group in chosen for preset in presets_of(group[0].variant.cell()))
+        sweep = f", or sweep with {' or '.join(f'+experiment={name}' for name in presets)}" if presets else ""
+        notes.append(f"Not the paper's model, {ours} where the paper has {fix}: {runs}. To train the paper's, add "
+                     f"{fix} to the command{sweep}.")
     return notes
 
 

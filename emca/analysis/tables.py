@@ -101,6 +101,9 @@ class TableSpec:
     complexity: bool = True
     # (dataset, image size) of the paper's runs behind this table: ours are differenced only then.
     protocol: tuple[str, int] = paper.PROTOCOL
+    # The preset of configs/experiment/ that trains its variants with the paper's options (Tables 9 and
+    # Figure 6 are eval.py's measurements of Table 4's runs): a run of other options is pointed to it.
+    preset: Optional[str] = None
 
     @property
     def title(self) -> str:
@@ -129,7 +132,7 @@ def _table2() -> TableSpec:
         for backbone in BACKBONES for row in ("all", "first", "last") for kind in KINDS
     )
     return TableSpec("table2", "Table 2", "integration strategies of plain channel attention", "integration",
-                     ("fps", "params", "top1", "top5"), entries, tuple(KIND_LABELS.values()))
+                     ("fps", "params", "top1", "top5"), entries, tuple(KIND_LABELS.values()), preset="table2")
 
 
 def _table3() -> TableSpec:
@@ -141,7 +144,7 @@ def _table3() -> TableSpec:
                           paper.TABLE_2_3[(backbone, label, kind)])
                     for coverage, label in COVERAGE_ROWS.items() for kind in KINDS]
     return TableSpec("table3", "Table 3", "EMCA coverage regions (rows) with SE / ECA / SRM excitation", "coverage",
-                     ("fps", "params", "top1", "top5"), tuple(entries), tuple(KIND_LABELS.values()))
+                     ("fps", "params", "top1", "top5"), tuple(entries), tuple(KIND_LABELS.values()), preset="table3")
 
 
 def _methods(backbone: str) -> list[tuple[str, Variant]]:
@@ -174,6 +177,7 @@ def _table4() -> TableSpec:
         "method",
         ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"),
         entries,
+        preset="table4",
     )
 
 
@@ -194,7 +198,7 @@ def _table5() -> TableSpec:
                      "paper's units (#P from 10^6; GFLOPs its paper's increment over its plain R-50, from 10^9, added "
                      "to this paper's R-50, or for EPSANet its printed figure), and in brackets ours and theirs in "
                      "that paper's unit at its printed digits (emca/analysis/method_reference.py)", "method",
-                     ("params", "gflops", "top1", "top5"), tuple(entries))
+                     ("params", "gflops", "top1", "top5"), tuple(entries), preset="table5")
 
 
 def _other_method_reference(name: str, label: str) -> Optional[Reference]:
@@ -257,6 +261,7 @@ def _table9() -> TableSpec:
         entries,
         required=rotated,
         complexity=False,
+        preset="table4",
     )
 
 
@@ -267,7 +272,8 @@ def _figure6() -> TableSpec:
         for backbone in BACKBONES for method, variant in _methods(backbone) if variant.attention != "none"
     )
     return TableSpec("figure6", "Figure 6", "learned scales of the first attention module of each stage (s1-s4), "
-                     "per-channel averages over the validation set", "method", metrics, entries, complexity=False)
+                     "per-channel averages over the validation set", "method", metrics, entries, complexity=False,
+                     preset="table4")
 
 
 TABLES: dict[str, TableSpec] = {
@@ -441,59 +447,113 @@ def _plain_gflops(backbone: str, image_size: int) -> float:
     return paper_gflops(build_variant(plain(backbone)), image_size)
 
 
+# Parameters do not depend on the image size: #P of a run on the paper's dataset at another size still compares.
+SIZE_FREE = frozenset({"params"})
+
+
+def comparable_with_paper(protocol: tuple[Optional[str], Optional[int]], paper_protocol: tuple[str, int],
+                          key: str) -> bool:
+    """Whether our value of this metric, measured on `protocol` (dataset, image size), compares with the
+    paper's: the same dataset (its classes set the classifier's size) and, but for #P, the same image size."""
+    return protocol[0] == paper_protocol[0] if key in SIZE_FREE else tuple(protocol) == tuple(paper_protocol)
+
+
+def _shows_paper(spec: TableSpec, cells: Iterable[Measured]) -> bool:
+    """Whether the table sets the paper's figures beside ours: when some run compares with one of them, or
+    no run fills it. A table of digits or Tiny-ImageNet runs alone shows ours alone: ImageNet figures
+    beside them (or in the cells we never trained) would read as if they compared."""
+    cells = list(cells)
+    published = [key for key in spec.metrics if METRICS[key].published]
+    return not cells or any(comparable_with_paper(cell.protocol, spec.protocol, key)
+                            for cell in cells for key in published)
+
+
+@dataclass
+class _Filling:
+    """A run table being filled: its CSV records, the cells a note must explain, and which cell forms it
+    holds (the notes say how to read each form the table shows, and only those)."""
+
+    spec: TableSpec
+    measured: Mapping[Variant, Measured]
+    paper_shown: bool
+    records: list[dict] = field(default_factory=list)
+    differing: list[tuple[Variant, str]] = field(default_factory=list)
+    forms: set[str] = field(default_factory=set)
+    # {(dataset, image size) other than the paper's: labels of the cells measured so}
+    apart: dict[tuple, list[str]] = field(default_factory=dict)
+
+    def row(self, backbone: str, row_label: str, cells: Mapping[Optional[str], Entry]) -> list[str]:
+        row = [paper.SHORT_NAME.get(backbone, backbone), row_label]
+        for group in self.spec.groups or (None,):
+            entry = cells.get(group)
+            cell = self.measured.get(entry.variant) if entry and entry.variant else None
+            if cell is not None and tuple(cell.protocol) != tuple(self.spec.protocol):
+                label = f"{row[0]} {row_label}" + (f" {group}" if group else "")
+                self.apart.setdefault(cell.protocol, []).append(label)
+            row += [self.cell(backbone, row_label, group, entry, cell, key) for key in self.spec.metrics]
+        return row
+
+    def cell(self, backbone: str, row_label: str, group: Optional[str], entry: Optional[Entry],
+             cell: Optional[Measured], key: str) -> str:
+        metric = METRICS[key]
+        values = tuple(cell.values.get(key, ())) if cell else ()
+        reference = getattr(entry.reference, key, None) if entry and entry.reference else None
+        comparable = cell is None or comparable_with_paper(cell.protocol, self.spec.protocol, key)
+        shown = reference if metric.published and self.paper_shown and comparable else None
+        self.records.append(_record(self.spec.name, backbone, row_label, group, key, values, shown, metric))
+        if not metric.published or not self.paper_shown:
+            self.forms |= {"ours alone"} if values and metric.published else set()
+            return format_ours(values, metric)
+        if not comparable:  # a run on another dataset or image size: no figure of the paper's is its
+            self.forms |= {"ours / – (elsewhere)"} if values else set()
+            return compare_cell(values, None, metric)
+        self.forms |= {_form(values, reference)}
+        # A method paper's GFLOPs increment needs our plain ResNet's, which the runs may not have.
+        own = entry.own if entry else None
+        increment = bool(values) and key == "gflops" and own is not None and not own.gflops_absolute
+        plain_gflops = _plain_gflops(backbone, self.spec.protocol[1]) if increment else None
+        text, differs = reference_cell(entry, key, values, True, plain_gflops)
+        if differs:
+            self.differing.append((entry.variant, key))
+        return text
+
+
+def _form(values: Sequence[float], reference: Optional[float]) -> str:
+    """The form of a cell under the paper's protocol, as the notes name it."""
+    if values:
+        return "ours / paper" if reference is not None else "ours / – (unpublished)"
+    return "– / paper" if reference is not None else "– / –"
+
+
 def fill_table(spec: TableSpec, measured: Mapping[Variant, Measured], full: bool = False) -> Table:
     """The spec with our numbers (by variant) beside the paper's: only the rows some run fills,
     or every row of the paper's layout with `full` (missing variants are gaps)."""
-    metrics = [(key, METRICS[key]) for key in spec.metrics]
     groups = spec.groups or (None,)
     header = ["backbone", spec.row_header] + [
-        f"{group} {metric.label}" if group else metric.label for group in groups for _, metric in metrics
+        f"{group} {METRICS[key].label}" if group else METRICS[key].label for group in groups for key in spec.metrics
     ]
-    rows, records, apart, differing, left_out = [], [], {}, [], 0
-    for (backbone, row_label), cells in _rows(spec).items():
-        if not full and not any(entry.variant in measured for entry in cells.values()):
-            left_out += 1
-            continue
-        row = [paper.SHORT_NAME.get(backbone, backbone), row_label]
-        for group in groups:
-            entry = cells.get(group)
-            cell = measured.get(entry.variant) if entry and entry.variant else None
-            comparable = cell is None or cell.protocol == spec.protocol
-            if not comparable:
-                apart.setdefault(cell.protocol, []).append(f"{row[0]} {row_label}" + (f" {group}" if group else ""))
-            for key, metric in metrics:
-                reference = getattr(entry.reference, key, None) if entry and entry.reference else None
-                values = tuple(cell.values.get(key, ())) if cell else ()
-                # A method paper's GFLOPs increment needs our plain ResNet's, which the runs may not have.
-                own = entry.own if entry else None
-                increment = bool(values) and key == "gflops" and comparable and own and not own.gflops_absolute
-                plain_gflops = _plain_gflops(backbone, spec.protocol[1]) if increment else None
-                text, differs = reference_cell(entry, key, values, comparable, plain_gflops)
-                row.append(text)
-                records.append(
-                    _record(spec.name, backbone, row_label, group, key, values, reference, metric, comparable)
-                )
-                if differs:
-                    differing.append((entry.variant, key))
-        rows.append(row)
-    notes = _cell_notes(spec, [measured[v] for v in spec.variants() if v in measured], apart)
-    notes += difference_notes(differing)
-    if left_out:
-        notes.append(
-            f"Only the rows our runs fill ({left_out} of the paper's left out): make_tables --full prints them all."
-        )
-    return Table(spec.name, spec.title, spec.caption, header, rows, records, notes)
+    every_row = _rows(spec)
+    shown = {row: cells for row, cells in every_row.items()
+             if full or any(entry.variant in measured for entry in cells.values())}
+    filling = _Filling(spec, measured, _shows_paper(spec, (measured[entry.variant] for cells in shown.values()
+                                                           for entry in cells.values() if entry.variant in measured)))
+    rows = [filling.row(backbone, row_label, cells) for (backbone, row_label), cells in shown.items()]
+    notes = _cell_notes(spec, [measured[v] for v in spec.variants() if v in measured], filling)
+    notes += difference_notes(filling.differing)
+    if len(shown) < len(every_row):
+        notes.append(f"Only the rows our runs fill ({len(every_row) - len(shown)} of the paper's left out): "
+                     "make_tables --full prints them all.")
+    return Table(spec.name, spec.title, spec.caption, header, rows, filling.records, notes)
 
 
 def _record(table: str, backbone: str, row: str, group: Optional[str], metric_key: str, values: Sequence[float],
-            reference: Optional[float], metric: Metric, comparable: bool) -> dict:
-    """One CSV line: our mean, its spread and run count, the paper's value and (when the runs
-    followed the paper's protocol) the difference, unrounded."""
+            shown: Optional[float], metric: Metric) -> dict:
+    """One CSV line: our mean, its spread and run count, the paper's figure where the table sets it beside
+    ours (`shown`: runs measured as the paper's were, or no run) and the difference, unrounded."""
     mean, std = mean_and_std(values, metric)
-    published = reference if metric.published else None
     return {"table": table, "backbone": backbone, "row": row, "group": group or "", "metric": metric_key,
-            "ours": mean, "std": std, "runs": len(values) or None, "paper": published,
-            "difference": mean - published if comparable and mean is not None and published is not None else None}
+            "ours": mean, "std": std, "runs": len(values) or None, "paper": shown,
+            "difference": mean - shown if mean is not None and shown is not None else None}
 
 
 def units_note(metric_keys: Iterable[str]) -> list[str]:
@@ -520,20 +580,52 @@ def _own_rows_text(spec: TableSpec) -> str:
             "digits in brackets")
 
 
-def _cell_notes(spec: TableSpec, shown: list[Measured], apart: Mapping[tuple, list[str]]) -> list[str]:
-    """How to read the cells: format, units, repeats, and which cells stand alone and why."""
+def _cell_notes(spec: TableSpec, shown: list[Measured], filling: _Filling) -> list[str]:
+    """How to read the cells: each form the table holds, units, repeats, and which cells stand alone and why."""
     if not any(METRICS[key].published for key in spec.metrics):
-        notes, apart = ["Cells: ours ('–' = not measured); PAPER.md has no published values."], {}
+        notes = ["Cells: ours ('–' = not measured); PAPER.md has no published values."]
+    elif filling.paper_shown:
+        notes = _paper_legend(spec, filling)
     else:
-        notes = ["Cells: ours / paper (ours - paper)" + _own_rows_text(spec) + "; '–' = not measured or not published."]
+        notes = [_ours_alone_legend(spec, filling.apart)]
     if any(len(values) > 1 for cell in shown for key, values in cell.values.items() if not METRICS[key].per_model):
         notes.append("Repeated runs of a variant (seeds): mean ± sample standard deviation (n = runs).")
     if any(key.startswith("top1_rot") for key in spec.metrics):
         notes.append("Rotated columns: ours alone (PAPER.md has no published values); top-1 is the unrotated accuracy.")
-    notes += units_note(spec.metrics)
-    notes += [f"Ours alone, measured on {_protocol_text(protocol)}, not the paper's {_protocol_text(spec.protocol)}: "
-              f"{', '.join(labels)}." for protocol, labels in apart.items()]
+    return notes + units_note(spec.metrics)
+
+
+def _paper_legend(spec: TableSpec, filling: _Filling) -> list[str]:
+    """One line per cell form of a table that sets the paper's figures beside ours."""
+    paper_at = _protocol_text(spec.protocol)
+    forms = filling.forms
+    notes = [f"Cells: ours / paper (ours - paper), ours measured on {paper_at} as the paper's were"
+             + _own_rows_text(spec) + "; '–' = none."]
+    if "– / paper" in forms:
+        notes.append("– / paper: ours not measured (no run of the cell, or a speed eval.py has not measured), the "
+                     "paper's figure alone.")
+    if "ours / – (unpublished)" in forms:
+        notes.append("ours / –: the paper publishes no figure for this cell.")
+    for protocol, labels in filling.apart.items():
+        sized = protocol[0] == spec.protocol[0] and SIZE_FREE & set(spec.metrics)
+        but = ", but for #P, which the image size does not change" if sized else ""
+        notes.append(f"ours / –: measured on {_protocol_text(protocol)}, for which the paper has no figures (the "
+                     f"paper's are on {paper_at}){but}: {', '.join(labels)}.")
     return notes
+
+
+def _ours_alone_legend(spec: TableSpec, apart: Mapping[tuple, list[str]]) -> str:
+    """The line of a table that shows ours alone: where they were measured and where the paper's figures are."""
+    several = len(apart) > 1
+    where = "; ".join(_protocol_text(protocol) + (f" ({', '.join(labels)})" if several else "")
+                      for protocol, labels in apart.items())
+    sizes = ({"params", "gflops"} & set(spec.metrics)) and (
+        ", and our #P and GFLOPs count the runs' own classifier and image size (make_tables --complexity counts the "
+        "same models at 1000 classes and 224 px beside the paper's)")
+    return (f"Cells: ours alone, measured on {where}; '–' = not trained or not measured. The paper's figures are left "
+            f"out: they are on "
+            f"{_protocol_text(spec.protocol)}, so none of our accuracies or speeds here compares with them"
+            f"{sizes or ''}.")
 
 
 def complexity_table(spec: TableSpec, counts: Mapping[Variant, tuple[int, float]], image_size: int = 224) -> Table:
