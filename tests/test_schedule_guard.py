@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emca.engine.compatibility import check_resume_schedule
+from emca.engine.compatibility import RESUME_FREE, check_resume_config
 from emca.engine.trainer import Preempted, RunAborted, Trainer, train
 from emca.models.config import ignored_model_options
 
@@ -17,7 +17,14 @@ SAVED = {
     "optimizer": {"name": "sgd", "lr": 0.1, "milestones": [0.3, 0.6, 0.9], "gamma": 0.1, "warmup_epochs": 0},
     "dataset": {"batch_size": 64, "workers": 2},
 }
-PATH = Path("/runs/a/checkpoints/last.pt")
+RUN = Path("/runs/a")
+PATH = RUN / "checkpoints" / "last.pt"
+FIX = f"drop them to continue with the run's own values (hydra.run.dir={RUN} trainer.resume=auto applies them), " \
+      f"or start a new run from its weights with model.init_from={PATH}"
+
+
+def check_resume_schedule(saved, current, path, progress):
+    check_resume_config(saved, current, path, progress, RUN)
 
 
 def changed(**options):
@@ -28,9 +35,11 @@ def changed(**options):
     return config
 
 
-def test_an_unchanged_schedule_or_other_options_resume():
+def test_an_unchanged_run_or_one_read_or_watched_otherwise_resumes():
     check_resume_schedule(SAVED, SAVED, PATH, {"epoch": 2, "step_in_epoch": 1})
-    check_resume_schedule(SAVED, changed(trainer__seed=1, dataset__workers=0), PATH, {"epoch": 2})
+    check_resume_schedule(SAVED, changed(dataset__workers=0, dataset__root="/moved"), PATH, {"epoch": 2})
+    check_resume_schedule(SAVED, {**changed(trainer__device="cuda", trainer__log_every=1),
+                                  "logger": {"tensorboard": False}}, PATH, {"epoch": 2})
     check_resume_schedule(None, changed(trainer__epochs=9), PATH, {"epoch": 2})  # no saved config: nothing to compare
     # An option that the checkpoint's (older) config lacks is not compared.
     check_resume_schedule(SAVED, {**changed(), "optimizer": {**SAVED["optimizer"], "new_option": 1}}, PATH, {})
@@ -45,12 +54,42 @@ def test_a_changed_schedule_is_refused_in_one_line_naming_each_change():
     assert message == (
         f"refusing to resume {PATH} with another schedule: trainer.epochs=6 (the checkpoint's: 4), "
         "optimizer.milestones=[0.5] (the checkpoint's: [0.3, 0.6, 0.9]), dataset.batch_size=32 (the checkpoint's: "
-        "64); continue with the run's own values (its .hydra/config.yaml), or start a new run from its weights with "
-        f"model.init_from={PATH}"
+        f"64); {FIX}"
     )
     for option in ("optimizer__lr", "optimizer__name", "trainer__accumulate", "trainer__max_steps_per_epoch"):
         with pytest.raises(ValueError, match=option.replace("__", r"\.")):
             check_resume_schedule(SAVED, changed(**{option: None}), PATH, {"epoch": 1})
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"trainer__seed": 5}, "trainer.seed=5 (the run's: 0)"),
+    ({"dataset__image_size": 16}, "dataset.image_size=16 (the run's: 32)"),
+    ({"attention__name": "se"}, "attention.name='se' (the run's: 'emca_eca')"),
+    ({"dataset__image_size": 16, "trainer__epochs": 6}, "trainer.epochs=6 (the run's: 4), dataset.image_size=16"),
+])
+def test_a_change_of_data_geometry_seed_or_model_is_refused_naming_each_key(options, named):
+    saved = {**SAVED, "dataset": {**SAVED["dataset"], "image_size": 32}, "attention": {"name": "emca_eca"}}
+    current = {group: dict(values) for group, values in saved.items()}
+    for key, value in options.items():
+        group, name = key.split("__")
+        current[group][name] = value
+    with pytest.raises(ValueError) as error:
+        check_resume_schedule(saved, current, PATH, {"epoch": 4, "step_in_epoch": 0})
+    assert str(error.value).startswith(f"refusing to resume {PATH} with options that change what the run computes: "
+                                       f"{named}")
+    assert str(error.value).endswith(FIX) and "\n" not in str(error.value)
+
+
+def test_the_free_options_are_options_of_the_schema(compose_train):
+    """A renamed option would silently become compared (refused on resume): each free key must exist."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(compose_train(), resolve=False)
+    for key in RESUME_FREE:
+        node = config
+        for part in key.split("."):
+            assert part in node, key
+            node = node[part]
 
 
 def test_only_a_completed_run_is_extended_and_the_log_says_so(caplog):
