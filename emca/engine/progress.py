@@ -1,6 +1,12 @@
 """Training progress on rank 0: a step line every trainer.log_every steps, in train.log and on the
 console, and on a terminal wide enough for one also a tqdm bar under those lines.
 
+A pipe, a log file or a batch system's pseudo-terminal shows nothing but these lines, so whatever
+log_every says, rank 0 also writes one right after the first step this process trains and then at
+least every LOG_EVERY_S seconds of wall time (EpochProgress.interim): figures so far, read on rank 0
+alone (no collective, so no rank has to agree on the wall clock) and sent to no tracker, whose step
+series stays on the log_every grid.
+
 A step line carries what torchvision's MetricLogger prints (step and data-loading time, peak
 memory) and an ETA for the whole run, not only the epoch:
 
@@ -23,9 +29,15 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from emca.engine.metrics import Metrics
+from emca.engine.metrics import Metrics, MetricSums
 
 log = logging.getLogger(__name__)
+
+# Longest wall time between two step lines (trainer.log_every notwithstanding). Until TrainerConfig
+# states trainer.log_every_s, this is its value.
+LOG_EVERY_S = 30.0
+# The wall clock of the time-based lines (tests replace it).
+_clock = time.monotonic
 
 # Narrower terminals (a zero-width pseudo-terminal of a batch system, a split pane) get no bar, which
 # tqdm would draw as a wrapped mess or not at all: the step lines alone show the progress there.
@@ -63,13 +75,17 @@ class StepTimer:
         self.steps += 1
         self.last = time.perf_counter()
 
-    def take_window(self) -> "StepTimes":
-        """The means since the last call, and a fresh window."""
+    def peek(self) -> "StepTimes":
+        """The means since the last take_window, leaving the window open."""
         now = time.perf_counter()
         steps = max(self.steps, 1)
-        times = StepTimes(seconds=now - self.window_started, step_s=(now - self.window_started) / steps,
-                          data_s=self.data_s / steps)
-        self.window_started, self.data_s, self.steps = now, 0.0, 0
+        return StepTimes(seconds=now - self.window_started, step_s=(now - self.window_started) / steps,
+                         data_s=self.data_s / steps)
+
+    def take_window(self) -> "StepTimes":
+        """The means since the last call, and a fresh window."""
+        times = self.peek()
+        self.window_started, self.data_s, self.steps = time.perf_counter(), 0.0, 0
         return times
 
 
@@ -85,11 +101,16 @@ def _bar_wanted() -> bool:
 
 
 class EpochProgress(contextlib.AbstractContextManager):
-    def __init__(self, epoch: int, epochs: int, steps: int, first_step: int, enabled: bool):
+    def __init__(self, epoch: int, epochs: int, steps: int, first_step: int, enabled: bool,
+                 every_s: float = LOG_EVERY_S, first_line: bool = False):
+        """`every_s`: the longest wall time without a line; `first_line`: write one after the first step
+        (the first this process trains: the start-up's silence is the longest)."""
         self.prefix = f"epoch {epoch}/{epochs}"
         self.steps = steps
         self.step = first_step
         self.enabled = enabled
+        self.every_s, self.first_line_due = every_s, first_line
+        self.last_line = _clock()
         self.bar = None
         self._redirect = contextlib.nullcontext()
         if enabled and _bar_wanted():
@@ -114,16 +135,35 @@ class EpochProgress(contextlib.AbstractContextManager):
             self.bar.update()
 
     def report(self, metrics: Metrics, lr: float, images_per_s: float, times: StepTimes, memory_gib: float,
-               eta_s: float) -> None:
-        """One step line (rank 0), to the console and train.log alike."""
+               eta_s: float, note: str = "") -> None:
+        """One step line (rank 0), to the console and train.log alike; `note` ends it."""
         if not self.enabled:
             return
+        self.last_line, self.first_line_due = _clock(), False
         eta = datetime.timedelta(seconds=round(eta_s))
         log.info(
             f"{self.prefix} step {self.step}/{self.steps}  loss {metrics.loss:.4f}  top1 {metrics.top1:.2f}%  "
             f"lr {lr:.4g}  {images_per_s:.0f} img/s  step {times.step_s:.3f} s  data {times.data_s:.3f} s  "
-            f"mem {memory_gib:.2f} GiB  eta {eta}"
+            f"mem {memory_gib:.2f} GiB  eta {eta}{note}"
         )
+
+    def line_due(self) -> bool:
+        """A line between log_every's is due (rank 0: the first step's, or every_s without one); a clock
+        read, no device synchronisation."""
+        return self.enabled and (self.first_line_due or _clock() - self.last_line >= self.every_s)
+
+    def interim(self, window: MetricSums, lr: float, timer: StepTimer, clock: "RunClock", work_left: tuple[int, int],
+                world_size: int) -> None:
+        """A step line from what rank 0 has trained since the last log_every line, whose window (metrics and
+        times) stays open: the next regular line and the trackers' step series are as without this one."""
+        loss_sum, top1, _, count = window.totals.tolist()  # rank 0's own images: no collective
+        times = timer.peek()
+        metrics = Metrics(loss=loss_sum / max(count, 1.0), top1=100.0 * top1 / max(count, 1.0), top5=0.0,
+                          count=int(count))
+        eta_s = clock.eta_s(*work_left, pending=(times, timer.steps))
+        # img/s: rank 0's images times the ranks; loss and top-1 of rank 0's share of the batches alone.
+        self.report(metrics, lr, count * world_size / times.seconds, times, peak_memory_gib(window.totals.device),
+                    eta_s, note="  (rank 0's batches)" if world_size > 1 else "")
 
 
 class RunClock:
@@ -142,5 +182,9 @@ class RunClock:
     def add_validation(self, seconds: float) -> None:
         self.validation_s = seconds
 
-    def eta_s(self, steps_left: int, validations_left: int) -> float:
-        return self.train_s / max(self.steps, 1) * steps_left + self.validation_s * validations_left
+    def eta_s(self, steps_left: int, validations_left: int, pending: tuple[StepTimes, int] | None = None) -> float:
+        """`pending`: an open window (its times and steps) to count as well, e.g. before the first report."""
+        train_s, steps = self.train_s, self.steps
+        if pending is not None:
+            train_s, steps = train_s + pending[0].seconds, steps + pending[1]
+        return train_s / max(steps, 1) * steps_left + self.validation_s * validations_left
