@@ -10,6 +10,7 @@ and with trainer.deterministic=true on CPU ends with bit-identical weights.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from emca.data import DatasetError, build_loaders
 from emca.data.config import describe_augmentation
 from emca.engine.checkpoint import (CheckpointError, CheckpointStore, architecture_fingerprint, describe_history,
                                    load_checkpoint)
-from emca.engine.compatibility import check_resume_schedule
+from emca.engine.compatibility import check_resume_config
 from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
                                      silence_non_main_logging)
 from emca.engine.ema import build_weight_average
@@ -47,7 +48,7 @@ from emca.engine.results import RESULTS, git_commit, library_versions, write_res
 from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
 from emca.engine.schedule import build_scheduler, describe_milestones, describe_warmup
 from emca.engine.step import OptimizerStep, build_clipping, check_accumulation
-from emca.engine.trackers import Trackers, build_trackers, epoch_scalars, flatten_config
+from emca.engine.trackers import TrackerError, Trackers, build_trackers, check_trackers, epoch_scalars, flatten_config
 from emca.models import attention_modules, build_model, coverage_name
 from emca.models.config import check_model_options, warn_ignored_model_options
 from emca.models.summary import count_parameters, measure_gflops
@@ -104,7 +105,8 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
     except ValueError as error:
         raise RunAborted(str(error)) from error
     run_dir = Path(shared_run_dir(ctx, hydra_output_dir))
-    with RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop, _collective_failures(ctx, cfg):
+    with (RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop, _collective_failures(ctx, cfg),
+          _named_limits(cfg, folder)):
         try:
             trainer = _start(cfg, ctx, folder, records)
         except RunCompleted as done:
@@ -132,6 +134,8 @@ def _start(cfg: DictConfig, ctx: DistributedContext, folder: RunFolder, records:
     if ctx.any_rank(failure is not None):
         raise failure or RunAborted(f"rank {ctx.rank}: another rank could not start (its error is above); "
                                     "nothing was written")
+    # A tracker that cannot start is refused while nothing of the run is written yet.
+    _decided_on_main(ctx, lambda: check_trackers(cfg.logger))
     _decided_on_main(ctx, lambda: folder.adopt(records))
     return trainer
 
@@ -151,13 +155,64 @@ def _collective_failures(ctx: DistributedContext, cfg: DictConfig) -> Iterator[N
         ) from None
 
 
+@contextlib.contextmanager
+def _named_limits(cfg: DictConfig, folder: RunFolder) -> Iterator[None]:
+    """An OS or resource limit met while building or training (memory, the process limit, open
+    files, shared memory, a full or read-only disk), in one line naming the resource and the
+    setting, instead of a C++ assertion's text; saved checkpoints are never touched on the way out."""
+    try:
+        yield
+    except (MemoryError, RuntimeError, OSError) as error:
+        line = limit_reached(error, cfg)
+        if line is None:
+            raise
+        store = folder.store
+        if store.last.is_file():
+            kept = f"{store.last} is kept: continue with hydra.run.dir={store.run_dir} trainer.resume=auto"
+        elif folder.adopted:  # train.log and .hydra/ are written: only trainer.resume=auto may use the folder
+            kept = f"no checkpoint had been written: start again with hydra.run.dir={store.run_dir} trainer.resume=auto"
+        else:
+            kept = "nothing was written"
+        raise RunAborted(f"{line}; {kept}") from None
+
+
+def limit_reached(error: BaseException, cfg: DictConfig) -> Optional[str]:
+    """The resource an error says ran out, and the settings that decide how much of it is used;
+    None for any other error. (DataLoader workers' errors arrive as a RuntimeError with their text.)"""
+    text, dataset = str(error), cfg.dataset
+    number = getattr(error, "errno", None)
+    workers = f"dataset.workers={shown(dataset.workers)}"
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
+            words in text for words in ("can't allocate memory", "out of memory", "Cannot allocate memory")):
+        return (f"out of memory on {cfg.trainer.device} with dataset.image_size={dataset.image_size}, "
+                f"dataset.batch_size={dataset.batch_size} and {workers}: lower them (a new run), or free memory")
+    if "is killed by signal" in text:
+        return (f"a loader worker process was killed ({text.split('is killed by signal:')[-1].strip()}), most likely "
+                f"by the out-of-memory killer: lower {workers}, dataset.batch_size or dataset.image_size")
+    if number == errno.EAGAIN or "can't start new thread" in text:
+        return (f"cannot start another process or thread: the process limit (ulimit -u, or the container's pids "
+                f"limit) is reached with {workers}; lower dataset.workers or raise the limit")
+    if number == errno.EMFILE or "Too many open files" in text:
+        return (f"the open-file limit (ulimit -n) is reached with {workers}; raise ulimit -n or lower "
+                "dataset.workers")
+    if "shm" in text and ("No space left" in text or "bus error" in text.lower()):
+        return (f"shared memory (/dev/shm) is full with {workers}: raise the container's shared memory "
+                "(docker --shm-size) or lower dataset.workers")
+    path = getattr(error, "filename", None) or "a file"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left for {path} ({error.strerror}): free disk space there"
+    if number in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{path}: {error.strerror}: make it writable (a read-only mount, or its permissions)"
+    return None
+
+
 def _decided_on_main(ctx: DistributedContext, decide):
     """decide() on rank 0 and its outcome on every rank: its value, or its refusal raised everywhere."""
     outcome = None
     if ctx.is_main:
         try:
             outcome = ("value", decide())
-        except (RunFolderError, CheckpointError, OSError) as error:
+        except (RunFolderError, CheckpointError, TrackerError, OSError) as error:
             outcome = ("refused", str(error))
         except RunCompleted as done:
             outcome = ("completed", str(done))
@@ -310,13 +365,16 @@ class Trainer:
             return Progress()
         given = self.cfg.trainer.resume not in (None, "auto")
         state = load_checkpoint(path, self.fingerprint, option="trainer.resume" if given else None)
+        self._check_average(path, state.get("ema"))
+        # Before any weights load: a changed model is named by its option, not by a state-dict mismatch.
+        check_resume_config(state.get("config"), self.cfg, path, state["progress"], self.run_dir)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved with fp16 off
             self.scaler.load_state_dict(state["scaler"])
-        self._resume_average(path, state.get("ema"))
-        check_resume_schedule(state.get("config"), self.cfg, path, state["progress"])
+        if self.average is not None:
+            self.average.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         if state.get("run_id") and Path(path).resolve().is_relative_to(self.run_dir.resolve()):
             self.run_id = state["run_id"]
@@ -327,15 +385,13 @@ class Trainer:
             )
         return progress
 
-    def _resume_average(self, path: Path, averaged: Optional[dict[str, torch.Tensor]]) -> None:
+    def _check_average(self, path: Path, averaged: Optional[dict[str, torch.Tensor]]) -> None:
         if (averaged is None) != (self.average is None):
             had, decay = "with" if averaged is not None else "without", shown(self.cfg.trainer.ema.decay)
             raise ValueError(
                 f"{path} was trained {had} an EMA of the weights but trainer.ema.decay={decay}; "
                 "continue with the run's own trainer.ema settings (its .hydra/config.yaml), or start a new run"
             )
-        if self.average is not None:
-            self.average.load_state_dict(averaged)
 
     # ----------------------------------------------------------------------------- the run
     def fit(self, stop: StopRequest) -> dict[str, Any]:
@@ -344,7 +400,7 @@ class Trainer:
         trackers = None
         if self.ctx.is_main:
             trackers = build_trackers(self.cfg.logger, self.run_dir, self.run_id, self.run_params(),
-                                      progress.global_step)
+                                      progress.global_step, progress.history)
         try:
             for epoch in range(progress.epoch, self.epochs):
                 self._run_epoch(epoch, stop, trackers)
@@ -417,9 +473,10 @@ class Trainer:
             progress.best = {"epoch": epoch + 1, **val}
         progress.history.append(record)
         self._log_epoch(record, progress, time.perf_counter() - epoch_started)
+        self._save(progress, rng_state(), best=improved)
+        # Checkpoint first: the trackers only observe (and queue their calls: emca.engine.trackers.channel).
         if trackers is not None:
             trackers.log_epoch(epoch + 1, epoch_scalars(record))
-        self._save(progress, rng_state(), best=improved)
         if self.ctx.any_rank(stop.requested):
             self._stop_for(stop)
 
