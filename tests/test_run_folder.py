@@ -151,3 +151,31 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(compose_tra
     message = str(error.value)
     assert "\n" not in message and "No space left on device" in message and "last.pt is kept" in message
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == kept
+
+
+def test_a_folder_with_checkpoints_but_no_last_pt_is_never_restarted_silently(compose_train, tmp_path):
+    """The `checkpoints` link removed (or pointing to a removed generation): trainer.resume=auto stops
+    in one line with the way on, which works when followed as written."""
+    run = tmp_path / "run"
+    done = run_train(*ONE_EPOCH, run_dir=run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run / "checkpoints").unlink()
+    before = snapshot(run)
+    done = run_train(*ONE_EPOCH, "trainer.epochs=2", "trainer.resume=auto", run_dir=run)
+    assert done.returncode == 1 and snapshot(run) == before
+    [error] = error_lines(done)
+    assert f"run folder {run} has checkpoints but no {run}/checkpoints/last.pt (it is missing); continue from the " \
+           f"newest one left, {run}/.checkpoints/" in error
+    assert error.endswith("or start a new run in another hydra.run.dir")
+    repair = error.split(": ln ", 1)[1].split(", then rerun", 1)[0]
+    subprocess.run(f"ln {repair}", shell=True, check=True)
+    done = run_train(*ONE_EPOCH, "trainer.epochs=2", "trainer.resume=auto", run_dir=run)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["epoch"] == 2
+
+    for generation in (run / ".checkpoints").iterdir():  # the link now dangles, no generation is left
+        subprocess.run(["rm", "-r", str(generation)], check=True)
+    done = run_train(*ONE_EPOCH, "trainer.epochs=3", "trainer.resume=auto", run_dir=run)
+    assert done.returncode == 1
+    [error] = error_lines(done)
+    assert f"no {run}/checkpoints/last.pt (it points to a missing folder); no checkpoint is left under " in error

@@ -154,6 +154,8 @@ class RunFolder(contextlib.AbstractContextManager):
                 f"run folder {self.path} already holds a run ({', '.join(held)}): pass trainer.resume=auto to continue "
                 f"that run, or choose another hydra.run.dir"
             )
+        elif resume == "auto" and self._has_checkpoints():
+            raise RunFolderError(self._unreadable_last())
         elif held and (os.path.lexists(self.path / RESULTS) or self.store.best.is_file()):
             raise RunFolderError(
                 f"run folder {self.path} holds results or best.pt but no {last}: it cannot be continued; choose "
@@ -166,6 +168,26 @@ class RunFolder(contextlib.AbstractContextManager):
                 f"run {self.path} has already completed {epochs} epochs ({self.path / RESULTS}); nothing to do"
             )
         return source
+
+    def _has_checkpoints(self) -> bool:
+        """Whether the run saved a checkpoint once: the link, or a generation folder behind it."""
+        store = self.store
+        return os.path.lexists(store.link) or (store.generations.is_dir() and any(store.generations.iterdir()))
+
+    def _unreadable_last(self) -> str:
+        """Why trainer.resume=auto finds no last.pt in a folder that has checkpoints, and the ways on:
+        never a silent fresh start over the run's history."""
+        store, last = self.store, self.store.last
+        why = "it points to a missing folder" if store.link.is_symlink() and not store.link.exists() else "it is missing"
+        saved = sorted(store.generations.glob(f"*/{LAST}")) if store.generations.is_dir() else []
+        if saved:
+            generation = saved[-1].parent
+            way = (f"continue from the newest one left, {saved[-1]}: ln -sfn {generation.relative_to(self.path)} "
+                   f"{store.link}, then rerun with hydra.run.dir={self.path} trainer.resume=auto")
+        else:
+            way = f"no checkpoint is left under {store.generations}: restore {last} from a backup"
+        return f"run folder {self.path} has checkpoints but no {last} ({why}); {way}, or start a new run in another " \
+               "hydra.run.dir"
 
     @staticmethod
     def _continues(source: Path, last: Path) -> bool:
