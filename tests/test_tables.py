@@ -218,7 +218,8 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     emca_row = next(line for line in lines if line.startswith("| R-18 | EMCA-SE |"))
     assert f"| {results['1']['final']['val_top1']:.2f} |" in emca_row and "71.00" not in emca_row
     assert any(line.startswith("_Cells: ours alone, measured on digits at 16 px; '–' = not trained or not measured. "
-                               "The paper's figures are left out: they are on imagenet at 224 px") for line in lines)
+                               "The paper's figures are left out (PAPER.md §6 has them): they are on imagenet at "
+                               "224 px") for line in lines)
     assert not any(line.startswith(("_Cells: ours / paper", "_– / paper")) for line in lines)
     # Only the rows the runs fill: no R-18 SE row, no rows.
     assert not any(line.startswith(("| R-18 | SE |", "| R-34", "| R-50")) for line in lines)

@@ -149,7 +149,7 @@ def test_a_digits_sweep_shows_ours_alone_and_no_paper_figure_in_cells_we_never_t
     assert not any(figure in markdown for figure in ("165", "11.150", "71.31", "11.189", "70.91"))
     assert table.notes[0].startswith(
         "Cells: ours alone, measured on digits at 16 px; '–' = not trained or not measured. The paper's figures are "
-        "left out: they are on imagenet at 224 px"
+        "left out (PAPER.md §6 has them): they are on imagenet at 224 px"
     )
     assert "make_tables --complexity" in table.notes[0]
     assert not any(note.startswith(("Cells: ours / paper", "– / paper", "ours / –")) for note in table.notes)
@@ -185,16 +185,21 @@ def test_a_row_we_never_trained_is_the_papers_figures_alone_with_full(tmp_path):
 
 def test_a_run_off_the_papers_options_is_named_with_the_override_that_trains_the_papers_model(tmp_path):
     """The README's `train.py -m attention=emca_se,...` trains Hu et al.'s SE (biases): the note gives the fix."""
-    write_run(tmp_path / "biased", attention="emca_se", coverage="prev_stage_all", attention__se_bias=True)
+    write_run(tmp_path / "biased", attention="emca_se", coverage="prev_stage_all", attention__se_bias=True,
+              params=11_776_000)
     write_run(tmp_path / "gated", attention="emca_eca", coverage="none", attention__gating="residual")
-    _, _, notes = table4(tmp_path)
+    rows, table, notes = table4(tmp_path)
+    # Its #P is that of SE with biases: the options note explains it, not the paper's model's known difference.
+    assert rows[("R-18", "EMCA-SE")]["#P (M)"] == "11.230 / 11.190 (+0.040)"
+    assert not any("include_stem" in note for note in table.notes)
     assert [note for note in notes if note.startswith("Not the paper's model")] == [
-        "Not the paper's model, attention.se_bias=true where the paper has attention.se_bias=false: resnet18 emca_se "
-        f"integration=first coverage=prev_stage_all ({tmp_path / 'biased'}). To train the paper's, add "
-        "attention.se_bias=false to the command, or sweep with +experiment=table3 or +experiment=table4.",
-        "Not the paper's model, attention.gating=residual where the paper has attention.gating=multiply: resnet18 "
-        f"emca_eca integration=first coverage=none ({tmp_path / 'gated'}). To train the paper's, add "
-        "attention.gating=multiply to the command, or sweep with +experiment=table3.",
+        "Not the paper's model (the cells show this one's figures), attention.se_bias=true where the paper has "
+        f"attention.se_bias=false: resnet18 emca_se integration=first coverage=prev_stage_all ({tmp_path / 'biased'}). "
+        "To train the paper's, add attention.se_bias=false to the command, or sweep with +experiment=table3 or "
+        "+experiment=table4.",
+        "Not the paper's model (the cells show this one's figures), attention.gating=residual where the paper has "
+        f"attention.gating=multiply: resnet18 emca_eca integration=first coverage=none ({tmp_path / 'gated'}). To "
+        "train the paper's, add attention.gating=multiply to the command, or sweep with +experiment=table3.",
     ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         readme = ["attention=emca_se", "coverage=prev_stage_all"]

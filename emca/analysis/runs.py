@@ -286,7 +286,7 @@ def _measured(group: list[Run], accuracy: str) -> Measured:
         # Recorded: conv and linear layers alone; the paper's counter adds BatchNorm and pooling.
         extra = count_macs(build_variant(group[0].variant), group[0].image_size)[1]
         values["gflops"] = [(gflops * 1e9 + extra) / paper.GFLOP_UNIT for gflops in values["gflops"]]
-    return Measured({key: tuple(value) for key, value in values.items()}, group[0].protocol)
+    return Measured({key: tuple(value) for key, value in values.items()}, group[0].protocol, group[0].variant.options)
 
 
 def _group_notes(chosen: list[Run], set_aside: list[list[Run]]) -> list[str]:
@@ -342,8 +342,8 @@ def options_notes(groups: Iterable[list[Run]]) -> list[str]:
                          for group in chosen)
         presets = dict.fromkeys(preset for group in chosen for preset in presets_of(group[0].variant.cell()))
         sweep = f", or sweep with {' or '.join(f'+experiment={name}' for name in presets)}" if presets else ""
-        notes.append(f"Not the paper's model, {ours} where the paper has {fix}: {runs}. To train the paper's, add "
-                     f"{fix} to the command{sweep}.")
+        notes.append(f"Not the paper's model (the cells show this one's figures), {ours} where the paper has {fix}: "
+                     f"{runs}. To train the paper's, add {fix} to the command{sweep}.")
     return notes
 
 

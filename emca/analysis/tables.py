@@ -288,6 +288,9 @@ class Measured:
 
     values: Mapping[str, Sequence[float]]
     protocol: tuple[Optional[str], Optional[int]] = paper.PROTOCOL
+    # Attention options of its runs off the paper's (Variant.options): a #P that differs is theirs, which
+    # the runs' options note explains, not a known difference of the paper's model.
+    options: tuple[tuple[str, object], ...] = ()
 
     @classmethod
     def single(cls, metrics: Mapping[str, float], protocol: tuple[Optional[str], Optional[int]] = paper.PROTOCOL
@@ -513,7 +516,7 @@ class _Filling:
         increment = bool(values) and key == "gflops" and own is not None and not own.gflops_absolute
         plain_gflops = _plain_gflops(backbone, self.spec.protocol[1]) if increment else None
         text, differs = reference_cell(entry, key, values, True, plain_gflops)
-        if differs:
+        if differs and not cell.options:
             self.differing.append((entry.variant, key))
         return text
 
@@ -619,11 +622,15 @@ def _ours_alone_legend(spec: TableSpec, apart: Mapping[tuple, list[str]]) -> str
     several = len(apart) > 1
     where = "; ".join(_protocol_text(protocol) + (f" ({', '.join(labels)})" if several else "")
                       for protocol, labels in apart.items())
-    sizes = ({"params", "gflops"} & set(spec.metrics)) and (
-        ", and our #P and GFLOPs count the runs' own classifier and image size (make_tables --complexity counts the "
-        "same models at 1000 classes and 224 px beside the paper's)")
+    # #P depends on the classifier (the dataset's classes) alone, GFLOPs on the image size too.
+    counted = {frozenset({"params"}): "#P counts the runs' own classifier",
+               frozenset({"gflops"}): "GFLOPs count the runs' own classifier and image size",
+               frozenset({"params", "gflops"}): "#P and GFLOPs count the runs' own classifier (GFLOPs their image "
+                                                "size too)"}.get(frozenset({"params", "gflops"} & set(spec.metrics)))
+    sizes = counted and (f", and our {counted}: make_tables --complexity counts the same models at 1000 classes and "
+                         "224 px beside the paper's")
     return (f"Cells: ours alone, measured on {where}; '–' = not trained or not measured. The paper's figures are left "
-            f"out: they are on "
+            f"out (PAPER.md §6 has them): they are on "
             f"{_protocol_text(spec.protocol)}, so none of our accuracies or speeds here compares with them"
             f"{sizes or ''}.")
 
