@@ -8,9 +8,14 @@ and per epoch (loss/*, top1/*, top5/*, lr/epoch), so train and validation curves
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import torch
+
+from .channel import Channel
 from .config import LoggerConfig
 
 log = logging.getLogger(__name__)
@@ -43,55 +48,109 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return scalars
 
 
-class Trackers:
-    """The run's trackers as one: each call goes to every one of them."""
+class TrackerError(ValueError):
+    """A tracker that cannot start (an unwritable store, no login): one line, before anything is written."""
 
-    def __init__(self, trackers: list):
-        self.trackers = trackers
+
+def check_trackers(cfg: LoggerConfig) -> None:
+    """What can be known about the trackers before the run folder is written: a local store that
+    cannot be opened for writing, W&B online without credentials (raises TrackerError). A tracker
+    server that does not answer is found by its first call instead, and disabled."""
+    if cfg.timeout_s <= 0:
+        raise TrackerError(f"logger.timeout_s={cfg.timeout_s} must be positive (seconds a tracker may take)")
+    if cfg.mlflow.enabled:
+        from .mlflow import check_store
+
+        check_store(cfg.mlflow)
+    if cfg.wandb.enabled:
+        from .wandb import check_login
+
+        check_login(cfg.wandb)
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """An epoch's attention-scale histograms copied to the CPU: the channels read them on their own
+    threads, after the trainer has moved on."""
+
+    names: list[str]
+    limits: list[float]
+    counts: torch.Tensor
+    moments: torch.Tensor
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+
+    @classmethod
+    def of(cls, histograms) -> "HistogramSnapshot":
+        copies = [getattr(histograms, name).detach().cpu().clone() for name in ("counts", "moments", "minimum",
+                                                                               "maximum")]
+        return cls(list(histograms.names), histograms.bucket_limits(), *copies)
+
+    def bucket_limits(self) -> list[float]:
+        return self.limits
+
+
+class Trackers:
+    """The run's trackers as one: each call goes to every tracker's channel (emca.engine.trackers.channel),
+    so a tracker that fails or hangs is disabled in one line and the run goes on."""
+
+    def __init__(self, channels: list[Channel], timeout_s: float):
+        self.channels, self.timeout_s = channels, timeout_s
 
     def log_step(self, step: int, scalars: Mapping[str, float]) -> None:
         scalars = {f"{STEP_PREFIX}{key}": value for key, value in scalars.items()}
-        for tracker in self.trackers:
-            tracker.log_step(step, scalars)
+        for channel in self.channels:
+            channel.call("log_step", step, scalars)
 
     def log_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
-        for tracker in self.trackers:
-            tracker.log_epoch(epoch, scalars)
+        for channel in self.channels:
+            channel.call("log_epoch", epoch, dict(scalars))
 
     def log_histograms(self, epoch: int, histograms) -> None:
-        for tracker in self.trackers:
-            tracker.log_histograms(epoch, histograms)
+        snapshot = HistogramSnapshot.of(histograms)
+        for channel in self.channels:
+            channel.call("log_histograms", epoch, snapshot)
 
     def finish(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        for tracker in self.trackers:
-            tracker.finish(params, metrics)
+        for channel in self.channels:
+            channel.call("finish", dict(params), dict(metrics))
 
     def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
+        """Wait for what is queued, all trackers together at most logger.timeout_s."""
+        deadline = time.monotonic() + self.timeout_s
+        for channel in self.channels:
+            channel.close(deadline)
 
 
 def build_trackers(cfg: LoggerConfig, run_dir: Path, run_id: str, params: Mapping[str, Any],
-                   global_step: int) -> Trackers:
+                   global_step: int, history: Sequence[Mapping[str, Any]] = ()) -> Trackers:
     """`params`: the run's flattened parameters; `global_step`: the optimizer steps already trained
-    (a resumed run), after which TensorBoard drops what a pre-empted process wrote."""
-    trackers, shown = [], []
+    (a resumed run), after which TensorBoard drops what a pre-empted process wrote; `history`: the
+    epoch records so far, which MLflow gets again where its run lacks them. Each tracker starts on
+    its own thread: one that cannot start is reported and disabled, and the run goes on."""
+    channels, shown = [], []
     run_name = f"{run_dir.parent.name}/{run_dir.name}"  # e.g. <sweep time>/0_attention-emca_se
+    params = dict(params)
     if cfg.tensorboard:
         from .tensorboard import TensorBoardTracker
 
         # Events written after the checkpoint this run resumes from have a larger step.
-        trackers.append(TensorBoardTracker(run_dir, purge_step=global_step + 1 if global_step else None))
+        purge_step = global_step + 1 if global_step else None
+        channels.append(Channel("TensorBoard", lambda: TensorBoardTracker(run_dir, purge_step), cfg.timeout_s))
         shown.append("TensorBoard (event files beside train.log)")
     if cfg.mlflow.enabled:
         from .mlflow import MlflowTracker, tracking_uri
 
-        trackers.append(MlflowTracker(cfg.mlflow, run_id, run_name, params))
+        epochs = [(record["epoch"], epoch_scalars(record)) for record in history]
+        channels.append(Channel("MLflow", lambda: MlflowTracker(cfg.mlflow, run_id, run_name, params, epochs),
+                                cfg.timeout_s, after_failure="; a resume of this run sends MLflow the epoch "
+                                "records it missed"))
         shown.append(f"MLflow ({tracking_uri(cfg.mlflow)}, experiment {cfg.mlflow.experiment})")
     if cfg.wandb.enabled:
         from .wandb import WandbTracker
 
-        trackers.append(WandbTracker(cfg.wandb, run_dir, run_id, run_name, params, STEP_PREFIX))
+        channels.append(Channel("W&B", lambda: WandbTracker(cfg.wandb, run_dir, run_id, run_name, params,
+                                                             STEP_PREFIX), cfg.timeout_s))
         shown.append(f"W&B {cfg.wandb.mode.value} (project {cfg.wandb.project}, {run_dir / 'wandb'})")
     log.info(f"tracking to {', '.join(shown)}" if shown else "no experiment tracker (logger.tensorboard=false)")
-    return Trackers(trackers)
+    return Trackers(channels, cfg.timeout_s)

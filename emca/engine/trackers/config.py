@@ -38,3 +38,7 @@ class LoggerConfig:
     tensorboard: bool = True
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # How long one tracker call may take (a locked or unreachable store) before that tracker is
+    # disabled for the rest of the run; also the most the end of a run waits for the trackers'
+    # queued records. Training never waits on a tracker meanwhile.
+    timeout_s: float = 60.0

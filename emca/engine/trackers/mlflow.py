@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 from .config import MlflowConfig
 
@@ -24,21 +25,63 @@ _PARAM_VALUE_MAX = 6000  # and on the length of a param value
 def tracking_uri(cfg: MlflowConfig) -> str:
     if cfg.tracking_uri:
         return cfg.tracking_uri
-    store = Path.cwd() / "mlruns"
-    store.mkdir(exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def _local_store(uri: str) -> Optional[Path]:
+    """The SQLite file of a sqlite:/// URI (None: a server or another database)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    return None
+
+
+def check_store(cfg: MlflowConfig) -> None:
+    """A local SQLite store must be one that can be written: its folder (SQLite writes its journal
+    beside the file) and the file itself if it exists (raises TrackerError, one line). Creates the
+    default store's folder mlruns/."""
+    from . import TrackerError
+
+    uri = tracking_uri(cfg)
+    database = _local_store(uri)
+    if database is None or database == Path(":memory:"):
+        return
+    setting = f"logger.mlflow.tracking_uri={uri}" if cfg.tracking_uri else f"the default MLflow store {uri}"
+    fix = "point logger.mlflow.tracking_uri at a writable store, or train without MLflow: logger.mlflow.enabled=false"
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        probe = database.parent / f".{database.name}.write-probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+        if database.exists():
+            with open(database, "r+b") as file:  # opened for writing, nothing written
+                header = file.read(16)
+            if header and header != b"SQLite format 3\x00":
+                raise TrackerError(f"{setting} cannot be opened: {database} is not an SQLite database; {fix}")
+    except OSError as error:
+        raise TrackerError(f"{setting} cannot be opened for writing ({error.strerror}: "
+                           f"{error.filename or database}); {fix}") from None
 
 
 class MlflowTracker:
-    def __init__(self, cfg: MlflowConfig, run_id: str, run_name: str, params: Mapping[str, Any]):
+    def __init__(self, cfg: MlflowConfig, run_id: str, run_name: str, params: Mapping[str, Any],
+                 epochs: Sequence[tuple[int, Mapping[str, float]]] = ()):
+        """`epochs`: the (epoch, scalars) of the epochs trained so far (a resumed run): those the
+        MLflow run lacks, because MLflow failed or was off meanwhile, are sent again."""
         from mlflow.tracking import MlflowClient
 
         # Their INFO lines (creating the database tables, migrations) are noise in train.log; after the
         # import, which sets mlflow's own level.
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # A database error is logged there with its traceback and then raised: the tracker's channel
+        # reports it in one line (emca.engine.trackers.channel).
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
-        self.client = MlflowClient(tracking_uri(cfg))
+        uri = tracking_uri(cfg)
+        database = _local_store(uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        self.client = MlflowClient(uri)
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'")
@@ -51,6 +94,17 @@ class MlflowTracker:
             self.run_id = created.info.run_id
             logged = {}
         self._log_params({key: value for key, value in params.items() if key not in logged})
+        if epochs:
+            self._resend(epochs)
+
+    def _resend(self, epochs: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """The epoch series' points the run lacks (MLflow keeps every value logged: none twice)."""
+        tags = {tag for _, scalars in epochs for tag in scalars}
+        present = {tag: {metric.step for metric in self.client.get_metric_history(self.run_id, tag)} for tag in tags}
+        for epoch, scalars in epochs:
+            missing = {tag: value for tag, value in scalars.items() if epoch not in present[tag]}
+            if missing:
+                self._log_metrics(missing, epoch)
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

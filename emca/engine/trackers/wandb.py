@@ -11,9 +11,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import WandbConfig
+from .config import WandbConfig, WandbMode
 
 STEP_AXIS, EPOCH_AXIS = "optimizer_step", "epoch"
+
+
+def check_login(cfg: WandbConfig) -> None:
+    """logger.wandb.mode=online needs credentials (WANDB_API_KEY, `wandb login`'s netrc entry): without
+    them wandb.init stops the run with a UsageError. Found without a network call (raises TrackerError)."""
+    if cfg.mode != WandbMode.online:
+        return
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib.wbauth import authenticate_session
+
+    from . import TrackerError
+
+    host = wandb_setup.singleton().settings.base_url
+    try:
+        found = authenticate_session(host=host, source="emca-train", prompt=False, update_session=False)
+    except Exception as error:  # a malformed key or identity-token file, in W&B's own words
+        raise TrackerError(f"logger.wandb.mode=online: the W&B credentials for {host} are unusable ({error}); "
+                           "fix them (`wandb login --relogin`), or use logger.wandb.mode=offline") from None
+    if found is None:
+        raise TrackerError(f"logger.wandb.mode=online needs a W&B login for {host} and none is configured: run "
+                           "`wandb login` or set WANDB_API_KEY, or use logger.wandb.mode=offline (then `wandb sync`)")
 
 
 class WandbTracker:
