@@ -139,8 +139,9 @@ class CheckpointStore:
                 shutil.rmtree(new, ignore_errors=True)
             kept = f"{self.last} is kept" if current is not None else "no earlier checkpoint exists"
             raise CheckpointError(
-                f"cannot write checkpoint {new / LAST}: {error.strerror or error}; {kept} "
-                f"(free disk space or fix the folder's permissions, then resume with trainer.resume=auto)"
+                f"cannot write checkpoint {error.filename or new / LAST}: {error.strerror or error}; {kept} "
+                f"(free disk space or fix the folder's permissions, then continue with hydra.run.dir={self.run_dir} "
+                "trainer.resume=auto)"
             ) from None
         self._remove_others(new)
 
@@ -222,12 +223,34 @@ def _entry_epoch(path: Path) -> int:
     return int(path.stem.removeprefix("epoch-"))
 
 
+class _KeepsWriteErrors:
+    """The file torch.save writes through: torch's zip writer swallows the OSError of a failed write
+    (a full disk) and raises its own assertion text ("[enforce fail at inline_container.cc] unexpected
+    pos ..."); this keeps the OSError, whose errno names the cause."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _write_synced(path: Path, state: dict[str, Any]) -> None:
     with open(path, "wb") as file:
+        writer = _KeepsWriteErrors(file)
         try:
-            torch.save(state, file)
-        except RuntimeError as error:  # torch's zip writer may report a failed write as its own error
-            raise OSError(errno.EIO, " ".join(str(error).split())[:200]) from error
+            torch.save(state, writer)
+        except RuntimeError as error:
+            if writer.error is not None:
+                raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
+            raise OSError(errno.EIO, "torch.save failed: " + " ".join(str(error).split())[:200]) from error
         file.flush()
         os.fsync(file.fileno())
 
