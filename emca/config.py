@@ -164,6 +164,9 @@ class TrainerConfig:
     eval_every: int = 1
     # Log training loss / top-1 / lr / images/s every N steps.
     log_every: int = 20
+    # And a line after the first step and then at least every N seconds of wall time, whatever log_every
+    # says, so that a pipe, a log file or a batch job is never silent for long (rank 0's figures alone).
+    log_every_s: float = 30.0
     # Cap on training steps per epoch, for quick runs and tests; null: the whole epoch.
     max_steps_per_epoch: Optional[int] = None
     # Gradient accumulation: each optimizer step's global batch (dataset.batch_size) runs as this

@@ -49,7 +49,6 @@ TRAIN_OPTION_ERRORS = {
     "e.g. [0.3, 0.6, 0.9]",
     ("optimizer.gamma=0",): "optimizer.gamma=0.0 must be > 0",
     ("optimizer.warmup_epochs=-1",): "optimizer.warmup_epochs=-1 must be an integer >= 0",
-    ("optimizer.warmup_epochs=2",): "optimizer.warmup_epochs=2 must be < trainer.epochs (2)",
     ("optimizer.label_smoothing=1",): "optimizer.label_smoothing=1.0 must be in [0, 1)",
     ("optimizer.label_smoothing=-0.1",): "optimizer.label_smoothing=-0.1 must be in [0, 1)",
     (
@@ -63,7 +62,7 @@ TRAIN_OPTION_ERRORS = {
     ): "optimizer.bce_target_threshold=1.0 must be in (0, 1) or null",
     # dataset and loader (emca/data/config.py, and the data layer's own checks)
     ("dataset.num_classes=0",): "dataset.num_classes=0 must be an integer >= 1 or null",
-    ("dataset.workers=-1",): "dataset.workers=-1 must be an integer >= 0",
+    ("dataset.workers=-1",): "dataset.workers=-1 must be an integer >= 0 or null",
     ("dataset.epochs=0",): "dataset.epochs=0 must be an integer >= 1",
     ("dataset.image_size=0",): "dataset.image_size=0 must be positive",
     ("dataset.crop_padding=-1",): "dataset.crop_padding=-1 must be >= 0",

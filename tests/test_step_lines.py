@@ -52,8 +52,8 @@ def test_a_line_after_the_first_step_and_then_every_log_every_s(monkeypatch, cap
 
 def test_the_first_line_is_the_processs_not_every_epochs_and_other_ranks_write_none(monkeypatch):
     monkeypatch.setattr(progress_module, "_clock", FakeClock())
-    assert not EpochProgress(2, 2, 100, 0, enabled=True, first_line=False).line_due()
-    assert not EpochProgress(1, 2, 100, 0, enabled=False, first_line=True).line_due()
+    assert not EpochProgress(2, 2, 100, 0, enabled=True, every_s=30.0, first_line=False).line_due()
+    assert not EpochProgress(1, 2, 100, 0, enabled=False, every_s=30.0, first_line=True).line_due()
 
 
 def test_an_interim_line_leaves_the_window_open_for_the_regular_line(monkeypatch, caplog):
@@ -61,7 +61,7 @@ def test_an_interim_line_leaves_the_window_open_for_the_regular_line(monkeypatch
     timer, window = StepTimer(), a_window()
     timer.stepped()
     with caplog.at_level(logging.INFO, logger=progress_module.__name__):
-        with EpochProgress(1, 1, 10, 0, enabled=True, first_line=True) as shown:
+        with EpochProgress(1, 1, 10, 0, enabled=True, every_s=30.0, first_line=True) as shown:
             shown.advance()
             shown.interim(window, 0.1, timer, RunClock(), (9, 1), world_size=2)
     assert window.totals.tolist() == [4.0, 1.0, 2.0, 2.0] and timer.steps == 1

@@ -48,7 +48,7 @@ def test_the_bar_needs_a_terminal_wide_enough_and_the_lines_never_do(monkeypatch
     monkeypatch.setattr(progress_module.sys.stdout, "isatty", lambda: True, raising=False)
     monkeypatch.setattr(progress_module.shutil, "get_terminal_size", lambda fallback: os.terminal_size((columns, 24)))
     with caplog.at_level(logging.INFO, logger=progress_module.__name__):
-        with EpochProgress(1, 3, 10, 0, enabled=True) as shown:
+        with EpochProgress(1, 3, 10, 0, enabled=True, every_s=30.0) as shown:
             assert (shown.bar is not None) is bar
             shown.advance()
             shown.report(Metrics(1.5, 25.0, 50.0, 8), 0.1, 100.0, StepTimes(1.0, 0.5, 0.01), 1.25, 3725.0)

@@ -3,7 +3,7 @@ console, and on a terminal wide enough for one also a tqdm bar under those lines
 
 A pipe, a log file or a batch system's pseudo-terminal shows nothing but these lines, so whatever
 log_every says, rank 0 also writes one right after the first step this process trains and then at
-least every LOG_EVERY_S seconds of wall time (EpochProgress.interim): figures so far, read on rank 0
+least every trainer.log_every_s seconds of wall time (EpochProgress.interim): figures so far, read on rank 0
 alone (no collective, so no rank has to agree on the wall clock) and sent to no tracker, whose step
 series stays on the log_every grid.
 
@@ -33,9 +33,6 @@ from emca.engine.metrics import Metrics, MetricSums
 
 log = logging.getLogger(__name__)
 
-# Longest wall time between two step lines (trainer.log_every notwithstanding). Until TrainerConfig
-# states trainer.log_every_s, this is its value.
-LOG_EVERY_S = 30.0
 # The wall clock of the time-based lines (tests replace it).
 _clock = time.monotonic
 
@@ -102,7 +99,7 @@ def _bar_wanted() -> bool:
 
 class EpochProgress(contextlib.AbstractContextManager):
     def __init__(self, epoch: int, epochs: int, steps: int, first_step: int, enabled: bool,
-                 every_s: float = LOG_EVERY_S, first_line: bool = False):
+                 every_s: float, first_line: bool = False):
         """`every_s`: the longest wall time without a line; `first_line`: write one after the first step
         (the first this process trains: the start-up's silence is the longest)."""
         self.prefix = f"epoch {epoch}/{epochs}"

@@ -178,7 +178,8 @@ class RunFolder(contextlib.AbstractContextManager):
         """Why trainer.resume=auto finds no last.pt in a folder that has checkpoints, and the ways on:
         never a silent fresh start over the run's history."""
         store, last = self.store, self.store.last
-        why = "it points to a missing folder" if store.link.is_symlink() and not store.link.exists() else "it is missing"
+        dangling = store.link.is_symlink() and not store.link.exists()
+        why = "it points to a missing folder" if dangling else "it is missing"
         saved = sorted(store.generations.glob(f"*/{LAST}")) if store.generations.is_dir() else []
         if saved:
             generation = saved[-1].parent

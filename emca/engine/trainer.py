@@ -42,7 +42,7 @@ from emca.engine.mixing import build_mixing
 from emca.engine.optim import build_criterion, build_optimizer, describe_optimizer, scaled_lr
 from emca.engine.precision import amp_dtype
 from emca.engine.preemption import StoppedBeforeTraining, StopRequest
-from emca.engine.progress import LOG_EVERY_S, EpochProgress, RunClock, StepTimer, peak_memory_gib
+from emca.engine.progress import EpochProgress, RunClock, StepTimer, peak_memory_gib
 from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
 from emca.engine.results import RESULTS, git_commit, library_versions, write_results
 from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
@@ -494,7 +494,7 @@ class Trainer:
         # islice also fast-forwards over the batches trained before a pre-emption (loaded, not trained).
         batches = itertools.islice(self.data.train, first_step, self.steps_per_epoch)
         # A line right after the process's first step and then at least every log_every_s, whatever log_every says.
-        every_s = self.cfg.trainer.get("log_every_s", LOG_EVERY_S)
+        every_s = self.cfg.trainer.log_every_s
         with EpochProgress(epoch + 1, self.epochs, self.steps_per_epoch, first_step, enabled=ctx.is_main,
                            every_s=every_s, first_line=self.clock.steps == 0) as bar:
             timer = StepTimer()
