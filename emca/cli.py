@@ -128,7 +128,7 @@ def check_command_line(config_dir: Path, config_name: str, argv: Optional[list[s
     if any(arg.split("=", 1)[0] in _HANDS_OFF for arg in argv):
         return
     try:
-        check_overrides(config_dir, config_name, _overrides(argv), Path(sys.argv[0]).name)
+        check_overrides(config_dir, config_name, _overrides(argv), sys.argv[0])
     except OverrideError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python scripts/export.py` from anywhere, without an installed package
     sys.path.insert(0, str(REPO))
 
+from emca.cli import check_command_line  # noqa: E402
 from emca.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, atomic_write  # noqa: E402
 from emca.layers import pooling  # noqa: E402
 from emca.models.loading import read_checkpoint, restore_model  # noqa: E402
@@ -266,4 +267,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).resolve().parents[1] / "configs", "export")
     main()

@@ -5,11 +5,13 @@
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import emca.config  # noqa: F401  (registers the attention group's choices)
+from emca.cli import check_command_line
 from emca.models import build_model
 from emca.models.summary import format_summary
 
@@ -25,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).resolve().parents[1] / "configs", "summary")
     main()

@@ -127,3 +127,11 @@ def test_the_printed_resume_command_works_as_printed_and_a_changed_run_is_refuse
     state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert state["progress"]["epoch"] == 3 and state["config"]["trainer"]["epochs"] == 3
     assert (run_dir / ".hydra" / "config.yaml").read_text().replace("resume: auto", "resume: null") == record
+
+
+@pytest.mark.parametrize("config, wrong, right", [("export", "formt=onnx", "format"),
+                                                  ("summary", "image_sise=160", "image_size"),
+                                                  ("summary", "attention.se_ratoi=8", "attention.se_ratio")])
+def test_the_other_entry_points_refuse_misspelt_keys_too(config, wrong, right):
+    with pytest.raises(OverrideError, match=f"is not an option \\(did you mean {right}"):
+        check_overrides(CONFIGS, config, [wrong], f"scripts/{config}.py")
