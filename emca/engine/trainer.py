@@ -105,7 +105,7 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
     except ValueError as error:
         raise RunAborted(str(error)) from error
     run_dir = Path(shared_run_dir(ctx, hydra_output_dir))
-    with (RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop, _collective_failures(ctx, cfg),
+    with (RunFolder(run_dir, ctx.is_main) as folder, StopRequest() as stop, _collective_failures(ctx, cfg, run_dir),
           _named_limits(cfg, folder)):
         try:
             trainer = _start(cfg, ctx, folder, records)
@@ -119,7 +119,8 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
         try:
             return trainer.fit(stop)
         except DatasetError as error:  # an image that became unreadable or undecodable mid-run
-            raise RunAborted(f"{error}; {trainer.store.last} is kept, continue with trainer.resume=auto") from None
+            raise RunAborted(f"{error}; {trainer.store.last} is kept, continue with hydra.run.dir={run_dir} "
+                                 "trainer.resume=auto") from None
 
 
 def _start(cfg: DictConfig, ctx: DistributedContext, folder: RunFolder, records: Optional[dict[str, str]]) -> "Trainer":
@@ -141,7 +142,7 @@ def _start(cfg: DictConfig, ctx: DistributedContext, folder: RunFolder, records:
 
 
 @contextlib.contextmanager
-def _collective_failures(ctx: DistributedContext, cfg: DictConfig) -> Iterator[None]:
+def _collective_failures(ctx: DistributedContext, cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     """A rank that died, hung or was stopped: every other rank fails in one line after the timeout."""
     try:
         yield
@@ -151,7 +152,8 @@ def _collective_failures(ctx: DistributedContext, cfg: DictConfig) -> Iterator[N
         reason = " ".join(str(error).split())[:200]
         raise RunAborted(
             f"rank {ctx.rank}: a collective failed ({reason}); another rank stopped, hung or died (waited up to "
-            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); continue with trainer.resume=auto"
+            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); continue with hydra.run.dir={run_dir} "
+            "trainer.resume=auto"
         ) from None
 
 
@@ -428,8 +430,9 @@ class Trainer:
         try:
             write_results(self.run_dir, results)
         except OSError as error:
-            raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are "
-                             "intact: fix the folder, then rerun with trainer.resume=auto") from None
+            again = f"hydra.run.dir={self.run_dir} trainer.resume=auto"
+            raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are intact: "
+                             f"fix the folder, then rerun with {again}") from None
         final, best = results["final"], results["best"]
         finals = {f"hparams/final_{key}": value for key, value in final.items() if key.endswith(("1", "5"))}
         trackers.finish(self.run_params(), {f"hparams/best_{self.best_metric}": best[self.best_metric], **finals})
