@@ -131,6 +131,7 @@ def test_a_stopped_rank_fails_the_others_after_the_timeout(tmp_path):
         process.wait(timeout=60)
     error = lines[-1]
     assert "ERROR" in error and "rank 0: a collective failed" in error and "trainer.dist_timeout_s=5" in error
+    assert error.rstrip().endswith(" trainer.resume=auto") and "continue with hydra.run.dir=" in error
     assert waited < 120  # a hang guard, not a timing claim: PyTorch's default would wait 30 minutes
 
 

@@ -292,7 +292,8 @@ def test_an_image_that_fails_mid_run_is_one_line(compose_train, tmp_path, monkey
         return getitem(self, key)
 
     monkeypatch.setattr(ImageListDataset, "__getitem__", fail_later)
-    with pytest.raises(RunAborted, match=r"cannot decode image .*; .*last\.pt is kept, continue with trainer.resume"):
+    with pytest.raises(RunAborted, match=r"cannot decode image .*; .*last\.pt is kept, continue with "
+                                         rf"hydra\.run\.dir={tmp_path} trainer\.resume=auto$"):
         train(compose_train(*QUICK_RUN, "trainer.max_steps_per_epoch=null"), str(tmp_path))
 
 
