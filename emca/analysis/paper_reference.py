@@ -73,9 +73,6 @@ BACKBONE_BY_SHORT_NAME = {"R-18": "resnet18", "R-34": "resnet34", "R-50": "resne
 SHORT_NAME = {name: short for short, name in BACKBONE_BY_SHORT_NAME.items()}
 KINDS = ("se", "eca", "srm")
 
-# Row labels of the Table 2/3 block. `first(=none)` is both Table 2's plain-CA `first` row and
-# Table 3's EMCA `none` row: the paper treats them as the same model.
-TABLE_2_3_ROWS = ("all", "first(=none)", "last", "prev_stage_last", "prev_stage_all", "all_stages_last")
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 # dataset.workers=null's most loader workers per rank (as eval.py's speed.workers=null).
 AUTO_WORKERS_MAX = 8
 
-DEFAULT_CACHE = "${oc.env:EMCA_CACHE,${oc.env:HOME}/.cache/emca}"
-
 
 @dataclass
 class DatasetConfig:
