@@ -8,6 +8,8 @@ generates the digits tree at ROOT first). OUT receives info.json and {train,val}
 with a DALI index (shard-NNNNNN.idx) beside each; the image bytes are stored unchanged. Images are
 screened as the folder loaders screen them, and shuffled across shards once with --seed. Rerunning
 the same command after an interruption keeps the shards already complete and writes the rest.
+One packing writes OUT at a time: a second one is refused (OUT/.pack-lock names the first), and
+the success line comes only once every shard and info.json are on disk.
 Then train with dataset.format=shards dataset.root=OUT.
 """
 from __future__ import annotations
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                     on_bad_image=args.on_bad_image, dataset=args.dataset, workers=args.workers)
     except DatasetError as error:
         print(f"pack_shards: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk, a read-only OUT, an unreadable source: no info.json was written
+        print(f"pack_shards: error: {error.filename or args.out}: {error.strerror}; free space or fix the "
+              "permissions, then rerun the same command (the shards already complete are kept)", file=sys.stderr)
         return 1
     counts = ", ".join(f"{entry['samples']} {split}" for split, entry in info["splits"].items())
     print(f"{args.out}: {len(info['classes'])} classes, {counts} images; use dataset.format=shards "

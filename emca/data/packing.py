@@ -17,6 +17,7 @@ paths relative to OUT.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,10 +26,12 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from emca.engine.checkpoint import atomic_write
+from emca.engine.run_folder import InUse, lock_exclusively, name_holder
 
 from .builder import BAD_IMAGE_POLICIES, cache_dir
 from .datasets import dataset_root
@@ -42,6 +45,7 @@ from .shards import (
 log = logging.getLogger(__name__)
 
 PLAN = ".pack-plan"
+LOCK = ".pack-lock"  # held by the packing that writes OUT (emca.engine.run_folder.lock_exclusively)
 _OURS = re.compile(r"shard-\d{6}\.(tar|idx)|\.shard-\d{6}\.(tar|idx)\.\w+\.tmp")
 
 
@@ -58,7 +62,11 @@ class Shard:
 
 def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_bad_image: str = "error",
          dataset: str = "imagefolder", workers: int = 4) -> dict:
-    """Pack the ImageFolder tree `source` (train/ and val/) into shards under `out`; returns info.json's content."""
+    """Pack the ImageFolder tree `source` (train/ and val/) into shards under `out`; returns info.json's content.
+
+    `out` is owned by one packing at a time (a lock file, OUT/.pack-lock, while it runs): a second
+    one is refused in one line naming the first. A packing that raises leaves no info.json.
+    """
     if shard_size < 1:
         raise DatasetError(f"--shard-size {shard_size} must be at least 1")
     if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -67,6 +75,33 @@ def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_b
     check_root(root, dataset)
     if out.resolve() == root.resolve():
         raise DatasetError(f"the output folder {out} is the source tree; pass another folder as OUT")
+    with _owned(out):
+        return _pack(root, out, shard_size, seed, on_bad_image, dataset, workers)
+
+
+@contextlib.contextmanager
+def _owned(out: Path) -> Iterator[None]:
+    """Hold OUT's lock while packing; what the lock added (the file, a new OUT) goes again on the way
+    out, so a refused or failed packing into a new folder leaves nothing behind."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, _ = lock_exclusively(out / LOCK)
+    except InUse as busy:
+        raise DatasetError(f"{out} is being packed by {busy.holder}; wait for that packing to end (or stop it, "
+                           "then rerun this command: it keeps the shards already complete)") from None
+    try:
+        name_holder(fd)
+        yield
+    finally:
+        (out / LOCK).unlink(missing_ok=True)  # while still holding it: no one can take the name meanwhile
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only succeeds on a folder left empty
+
+
+def _pack(root: Path, out: Path, shard_size: int, seed: int, on_bad_image: str, dataset: str, workers: int) -> dict:
     train = list_split(root / "train")
     listed = {"train": train, "val": list_split(root / "val", train.classes)}
     sizes, fingerprint = _fingerprint(root, [path for images in listed.values() for path in images.paths])
@@ -78,6 +113,7 @@ def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_b
     info = {"format": FORMAT, "version": VERSION, "classes": train.classes,
             "source": {"root": str(root.resolve()), "dataset": dataset, "fingerprint": fingerprint},
             "pack": params, "plan": plan, "splits": {}}
+    planned = []
     for number, split in enumerate(SPLITS):
         images = screened[split]
         order = np.random.default_rng([seed, number]).permutation(len(images))
@@ -87,8 +123,24 @@ def pack(source: Path, out: Path, *, shard_size: int = 1000, seed: int = 0, on_b
         log.info("%s: %d images in %d shards (%d written, %d already complete)", split, len(images), len(shards),
                  written, len(shards) - written)
         info["splits"][split] = _split_info(out, images, shards)
+        planned += shards
+    _check_written(out, planned)
     atomic_write(out / INFO, lambda file: file.write(json.dumps(info, indent=1).encode() + b"\n"))
     return info
+
+
+def _check_written(out: Path, shards: list[Shard]) -> None:
+    """Before info.json declares the packing complete: every planned shard is on disk with its
+    index and size (nothing another writer, or a person, removed or replaced meanwhile)."""
+    for shard in shards:
+        _, size = shard_layout(shard.members)
+        try:
+            whole = shard.index.read_text() == index_text(shard.members) and shard.tar.stat().st_size == size
+        except (OSError, UnicodeDecodeError):
+            whole = False
+        if not whole:
+            raise DatasetError(f"{shard.tar} changed or went missing while {out} was being packed; rerun the same "
+                               "command (it keeps the shards that are complete)")
 
 
 def _screen(images: ImageList, split_dir: Path, on_bad_image: str, workers: int) -> ImageList:

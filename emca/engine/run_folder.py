@@ -99,30 +99,19 @@ class RunFolder(contextlib.AbstractContextManager):
         return self.resume_source(resume, epochs)
 
     def _lock(self) -> None:
-        path = self.path / LOCK
-        while True:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)  # Hydra made it already; a direct call may not have
-                folder = os.stat(self.path)
-                existed = path.exists()
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as error:
-                raise RunFolderError(
-                    f"cannot write the run folder {self.path} ({error.strerror}); choose a writable hydra.run.dir"
-                ) from None
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # EACCES or EAGAIN: another process holds it
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise RunFolderError(
-                    f"run folder {self.path} is in use by {holder}; wait for that run to end or choose another "
-                    "hydra.run.dir"
-                ) from None
-            # A refused run unlinks its new file while holding it: lock only the file the name refers to now.
-            if path.exists() and os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-            os.close(fd)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)  # Hydra made it already; a direct call may not have
+            folder = os.stat(self.path)
+            fd, existed = lock_exclusively(self.path / LOCK)
+        except InUse as busy:
+            raise RunFolderError(
+                f"run folder {self.path} is in use by {busy.holder}; wait for that run to end or choose another "
+                "hydra.run.dir"
+            ) from None
+        except OSError as error:
+            raise RunFolderError(
+                f"cannot write the run folder {self.path} ({error.strerror}); choose a writable hydra.run.dir"
+            ) from None
         self._lock_fd = fd
         self._times_before_lock = None if existed else (folder.st_atime_ns, folder.st_mtime_ns)
 
@@ -222,8 +211,7 @@ class RunFolder(contextlib.AbstractContextManager):
             raise RunFolderError(f"cannot write checkpoints under {self.path} ({error.strerror}); fix its permissions "
                                  f"or choose another hydra.run.dir") from None
         self.adopted = True
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, host_and_pid().encode(), 0)  # named in the refusal of a second run
+        name_holder(self._lock_fd)  # named in the refusal of a second run
         for name, text in (records or {}).items():
             atomic_write(self.path / CONFIG_DIR / name, lambda file, text=text: file.write(text.encode()))
         self._log_file = logging.FileHandler(self.path / LOG_FILE, mode="a")
@@ -250,3 +238,37 @@ def _refuse_slim(source: Path) -> None:
 
 def host_and_pid() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+class InUse(Exception):
+    """Another process holds the lock; `holder` is what it wrote into the lock file."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def lock_exclusively(path: Path) -> tuple[int, bool]:
+    """Open `path` (created if missing) and take its exclusive lockf lock without waiting:
+    (the descriptor, whether the file existed before). Raises InUse, or OSError if it cannot be
+    created. The kernel drops the lock when the process ends however it ends: a killed holder's
+    lock is simply taken over. Used by every writer that owns a folder (runs, pack_shards.py)."""
+    while True:
+        existed = path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: another process holds it
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise InUse(holder) from None
+        # An owner that is done unlinks its file while holding it: lock only the file the name refers to now.
+        if path.exists() and os.fstat(fd).st_ino == os.stat(path).st_ino:
+            return fd, existed
+        os.close(fd)
+
+
+def name_holder(fd: int) -> None:
+    """Write this process into the lock file it holds, for the refusal of the next one."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, host_and_pid().encode(), 0)
