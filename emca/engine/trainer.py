@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import itertools
 import json
 import logging
 import math
+import sys
 import time
+import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,6 +171,7 @@ def _named_limits(cfg: DictConfig, folder: RunFolder) -> Iterator[None]:
         line = limit_reached(error, cfg)
         if line is None:
             raise
+        _release_quietly(error)
         store = folder.store
         if store.last.is_file():
             kept = f"{store.last} is kept: continue with hydra.run.dir={store.run_dir} trainer.resume=auto"
@@ -176,6 +180,20 @@ def _named_limits(cfg: DictConfig, folder: RunFolder) -> Iterator[None]:
         else:
             kept = "nothing was written"
         raise RunAborted(f"{line}; {kept}") from None
+
+
+def _release_quietly(error: BaseException) -> None:
+    """Free what the error's frames hold now, without the noise of their finalizers: a DataLoader
+    iterator that failed to start its workers has no _workers_status, and its __del__ would print an
+    AttributeError traceback after our one line (a PyTorch shortcoming)."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _unraisable: None
+    try:
+        traceback.clear_frames(error.__traceback__)
+        error.__traceback__ = None
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def limit_reached(error: BaseException, cfg: DictConfig) -> Optional[str]:
