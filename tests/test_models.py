@@ -1,4 +1,5 @@
-"""Model library: torchvision parity, published parameter counts, PAPER.md formulas, EMCA numerics."""
+"""Model library: torchvision parity, published parameter counts, the paper's formulas (docs/paper.md), EMCA
+numerics."""
 
 import functools
 import math
@@ -54,7 +55,8 @@ def test_bias_free_se_resnet50_has_the_authors_parameter_count():
     assert count_parameters(model) == 28_071_976
 
 
-# PAPER.md §6 (Tables 2-4), in the authors' unit of 2^20 parameters; (attention, integration, coverage).
+# The paper's Tables 2-4 (docs/paper.md#reference-figures), in the authors' unit of 2^20 parameters;
+# (attention, integration, coverage).
 PAPER_SE_COUNTS = [
     (18, "se", "all", "none", 11.231), (34, "se", "all", "none", 20.938), (50, "se", "all", "none", 26.772),
     (18, "se", "first", "none", 11.189), (34, "se", "last", "none", 20.829), (50, "se", "first", "none", 25.037),
@@ -203,7 +205,7 @@ def test_srm_matches_the_published_formula():
 
 
 R_TABLE = {
-    # PAPER.md §4; R-18 has two blocks per stage.
+    # docs/paper.md#coverage-region; R-18 has two blocks per stage.
     (18, "none"): [1, 1, 1, 1],
     (18, "prev_stage_last"): [1, 2, 2, 2],
     (18, "prev_stage_all"): [1, 3, 3, 3],
@@ -420,7 +422,7 @@ def test_build_model_from_config_mappings():
 
 @pytest.mark.parametrize("attention", resnet_module.ATTENTIONS)
 def test_integration_defaults_to_the_methods_own_however_the_model_is_built(attention):
-    """README / PAPER.md §4: dense (every block) for plain SE / ECA / SRM, the first block of each stage
+    """README / docs/paper.md#integration: dense (every block) for plain SE / ECA / SRM, the first block of each stage
     for EMCA, whether the name goes to EMCAResNet, timm or build_model with a minimal config."""
     from emca.models.config import AttentionConfig, CoverageConfig
 

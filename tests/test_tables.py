@@ -19,7 +19,7 @@ from emca.analysis.tables import TABLES, Measured, complexity_table, fill_table
 from emca.analysis.variants import Variant, channel_attention, emca, plain, variant_from_config
 from test_eval import RUN0, RUN1, make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
 
-PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "PAPER.md"
+DESIGN_NOTES = Path(__file__).resolve().parents[1] / "docs" / "paper.md"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -29,10 +29,8 @@ def trained_sweep(sweep_base) -> Path:  # noqa: F811
 
 
 # ----------------------------------------------------------------------------- reference numbers
-def test_reference_blocks_are_verbatim_copies_of_the_paper_notes():
-    if not PAPER_MD.is_file():
-        pytest.skip(f"{PAPER_MD} not found")
-    text = PAPER_MD.read_text()
+def test_reference_blocks_are_verbatim_copies_of_the_design_notes():
+    text = DESIGN_NOTES.read_text(encoding="utf-8")
     for block in (paper.TABLE_2_3_TEXT, paper.TABLE_4_5_TEXT, paper.TABLE_5_OTHERS_TEXT):
         assert block.strip() in text
 
@@ -218,8 +216,8 @@ def test_make_tables_on_a_real_sweep(trained_sweep, tmp_path):
     emca_row = next(line for line in lines if line.startswith("| R-18 | EMCA-SE |"))
     assert f"| {results['1']['final']['val_top1']:.2f} |" in emca_row and "71.00" not in emca_row
     assert any(line.startswith("_Cells: ours alone, measured on digits at 16 px; '–' = not trained or not measured. "
-                               "The paper's figures are left out (PAPER.md §6 has them): they are on imagenet at "
-                               "224 px") for line in lines)
+                               "The paper's figures are left out (docs/paper.md#reference-figures has them): they are "
+                               "on imagenet at 224 px") for line in lines)
     assert not any(line.startswith(("_Cells: ours / paper", "_– / paper")) for line in lines)
     # Only the rows the runs fill: no R-18 SE row, no rows.
     assert not any(line.startswith(("| R-18 | SE |", "| R-34", "| R-50")) for line in lines)

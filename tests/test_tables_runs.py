@@ -149,7 +149,7 @@ def test_a_digits_sweep_shows_ours_alone_and_no_paper_figure_in_cells_we_never_t
     assert not any(figure in markdown for figure in ("165", "11.150", "71.31", "11.189", "70.91"))
     assert table.notes[0].startswith(
         "Cells: ours alone, measured on digits at 16 px; '–' = not trained or not measured. The paper's figures are "
-        "left out (PAPER.md §6 has them): they are on imagenet at 224 px"
+        "left out (docs/paper.md#reference-figures has them): they are on imagenet at 224 px"
     )
     assert "make_tables --complexity" in table.notes[0]
     assert not any(note.startswith(("Cells: ours / paper", "– / paper", "ours / –")) for note in table.notes)

@@ -1,4 +1,4 @@
-"""#P and GFLOPs in the paper's units (PAPER.md §6): computed by building the models, compared with
+"""#P and GFLOPs in the paper's units (docs/paper.md#units): computed by building the models, compared with
 the paper's printed numbers (Table 5's other methods: with their own papers' figures, in those papers'
 units); every cell that cannot print as the published figure is explained by exactly one note, and
 each note's claim is checked by computing it."""

@@ -1,6 +1,6 @@
 """Parameters and GFLOPs of table variants, without training: build each model and count.
 
-GFLOPs are counted as the paper's numbers are (PAPER.md §6): multiply-accumulates of the conv and
+GFLOPs are counted as the paper's numbers are (docs/paper.md#units): multiply-accumulates of the conv and
 linear layers (torchvision's count, what results.json records), plus 2 per BatchNorm output (scale
 and shift, as thop counts them) and 1 per element an average pools, in 2^30 units. That reproduces
 the paper's plain R-18/34/50 GFLOPs to the printed digit and its attention rows within 0.2 %.

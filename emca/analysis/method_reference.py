@@ -54,7 +54,7 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
                           "Zhang & Yang, ICASSP 2021, abstract (+2.76e-3 GFLOPs) and wofmanaf/SA-Net README"),
     # The README prints EPSANet-50 (Small) at 3.62 with no plain ResNet-50 of its own; the 4.12 beside it
     # is the plain ResNet-50 of the other papers' tables (FcaNet's, SA-Net's, GC's), not of the count
-    # that gave 3.62: the EMCA paper's counter (PAPER.md §6) in 10^9 gives EPSANet-50 3.62, the printed
+    # that gave 3.62: the EMCA paper's counter (docs/paper.md#units) in 10^9 gives EPSANet-50 3.62, the printed
     # figure, and the plain ResNet-50 4.11. So the printed figure itself is compared (tables.py); the
     # increment 3.62 - 4.12 mixes two counts (tests/test_tables_units.py checks both claims).
     "epsa": MethodReference("EPSANet", 22.56, 2, 3.62, 4.12, 2, 77.49,

@@ -1,8 +1,9 @@
-"""The paper's published numbers (PAPER.md §6, ImageNet), kept verbatim and parsed on import.
+"""The paper's published numbers (ImageNet), kept as text and parsed on import.
 
-The text blocks below are copied character for character from PAPER.md §6 so that a reader can
-diff them against the source; the parser turns them into lookups. The paper's units are binary
-(PAPER.md §6): its "M" parameters are 2^20, its GFLOPs 2^30 multiply-accumulates.
+The text blocks below are those of docs/paper.md#reference-figures, character for character
+(tests/test_tables.py checks it), which says where each figure comes from; the parser turns them
+into lookups. The paper's units are binary (docs/paper.md#units): its "M" parameters are 2^20, its
+GFLOPs 2^30 multiply-accumulates.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Optional
 
 PARAM_UNIT = 2**20  # the paper's "M": plain R-18/34/50 sum(numel) / 2^20 = 11.148 / 20.788 / 24.373
 GFLOP_UNIT = 2**30  # the paper's "G" of multiply-accumulates
-# Dataset and input size of every run behind these numbers (PAPER.md §5): ours are compared with
+# Dataset and input size of every run behind these numbers (docs/paper.md#training-protocol): ours are compared with
 # them only when measured the same way.
 PROTOCOL = ("imagenet", 224)
 

@@ -1,10 +1,10 @@
-"""The paper's tables (PAPER.md §6) as specifications, filled with our measurements beside theirs.
+"""The paper's tables (docs/paper.md#reference-figures) as specifications, filled with our measurements beside theirs.
 
 A TableSpec lists the cells of one paper table: for every (backbone, row, column group) the
 Variant that fills it and the published Reference. Filling a spec with measurements (a Measured per
 variant: every run's values, and the dataset and image size they were measured on) gives a Table
 (header + rows of text + long-format records), which render.py writes as Markdown, CSV or LaTeX.
-Parameters and GFLOPs are in the paper's units (PAPER.md §6), so they compare digit for digit.
+Parameters and GFLOPs are in the paper's units (docs/paper.md#units), so they compare digit for digit.
 The experiment presets in configs/experiment/ sweep exactly the variants of these specs
 (tests/test_experiments.py checks it).
 """
@@ -42,7 +42,7 @@ DEFAULT_COVERAGE = "prev_stage_all"
 class Metric:
     label: str
     digits: int
-    # Whether PAPER.md has the paper's value: cells of unpublished metrics show ours alone.
+    # Whether the paper publishes a value (paper_reference.py): cells of unpublished metrics show ours alone.
     published: bool = True
     # A property of the model, the same in every run of it: repeats show it once, not as mean ± std.
     per_model: bool = False
@@ -564,9 +564,9 @@ def units_note(metric_keys: Iterable[str]) -> list[str]:
     if not {"params", "gflops"} & set(metric_keys):
         return []
     return [
-        "#P in M = 2^20 parameters and GFLOPs in 2^30 multiply-accumulates, the paper's units (PAPER.md §6). GFLOPs "
-        "count conv and linear layers, 2 per BatchNorm output and 1 per averaged element: that gives the paper's "
-        "plain-ResNet GFLOPs to the digit and its attention rows within 0.2 %."
+        "#P in M = 2^20 parameters and GFLOPs in 2^30 multiply-accumulates, the paper's units "
+        "(docs/paper.md#units). GFLOPs count conv and linear layers, 2 per BatchNorm output and 1 per averaged "
+        "element: that gives the paper's plain-ResNet GFLOPs to the digit and its attention rows within 0.2 %."
     ]
 
 
@@ -586,7 +586,7 @@ def _own_rows_text(spec: TableSpec) -> str:
 def _cell_notes(spec: TableSpec, shown: list[Measured], filling: _Filling) -> list[str]:
     """How to read the cells: each form the table holds, units, repeats, and which cells stand alone and why."""
     if not any(METRICS[key].published for key in spec.metrics):
-        notes = ["Cells: ours ('–' = not measured); PAPER.md has no published values."]
+        notes = ["Cells: ours ('–' = not measured); the paper publishes no values for them."]
     elif filling.paper_shown:
         notes = _paper_legend(spec, filling)
     else:
@@ -594,7 +594,7 @@ def _cell_notes(spec: TableSpec, shown: list[Measured], filling: _Filling) -> li
     if any(len(values) > 1 for cell in shown for key, values in cell.values.items() if not METRICS[key].per_model):
         notes.append("Repeated runs of a variant (seeds): mean ± sample standard deviation (n = runs).")
     if any(key.startswith("top1_rot") for key in spec.metrics):
-        notes.append("Rotated columns: ours alone (PAPER.md has no published values); top-1 is the unrotated accuracy.")
+        notes.append("Rotated columns: ours alone (the paper publishes no values); top-1 is the unrotated accuracy.")
     return notes + units_note(spec.metrics)
 
 
@@ -630,7 +630,7 @@ def _ours_alone_legend(spec: TableSpec, apart: Mapping[tuple, list[str]]) -> str
     sizes = counted and (f", and our {counted}: make_tables --complexity counts the same models at 1000 classes and "
                          "224 px beside the paper's")
     return (f"Cells: ours alone, measured on {where}; '–' = not trained or not measured. The paper's figures are left "
-            f"out (PAPER.md §6 has them): they are on "
+            f"out (docs/paper.md#reference-figures has them): they are on "
             f"{_protocol_text(spec.protocol)}, so none of our accuracies or speeds here compares with them"
             f"{sizes or ''}.")
 

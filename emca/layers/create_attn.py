@@ -84,7 +84,7 @@ class AttentionKind:
 # in emca/analysis/method_reference.py; tests/test_attention_table.py checks our models against them.
 ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     # SE's bias=True is Hu et al.'s (timm's SEModule); the table presets use False, the EMCA authors' SE
-    # whose parameter counts the paper prints (PAPER.md §6).
+    # whose parameter counts the paper prints (docs/paper.md#parameter-counts).
     AttentionKind("se", "SE", "branch", excitation=SEExcitation, pooling="mean",
                   options={"ratio": 16, "bias": True}),
     # kernel: 'adaptive' (ECA's formula per stage) or one odd size per stage, e.g. [3, 5, 5, 7].
@@ -149,7 +149,7 @@ def reads(attention: str) -> tuple[str, ...]:
 
 def default_integration(attention: str) -> Optional[str]:
     """Which blocks of each stage carry a branch attention when the config does not say: every block
-    for the plain methods (their dense integration), the first one for EMCA (PAPER.md §4). None for
+    for the plain methods (their dense integration), the first one for EMCA (docs/paper.md#integration). None for
     methods that sit elsewhere (stage_end, block): their table entry says where."""
     if attention == "none" or kind_of(attention).place != "branch":
         return None

@@ -27,7 +27,7 @@ class SEExcitation(nn.Module):
     """Squeeze-and-Excitation body: FC(C -> C/r) -> ReLU -> FC(C/r -> C).
 
     bias=True is Hu et al.'s SE (timm's SEModule); bias=False is the EMCA authors' SE, whose
-    parameter counts the paper prints (PAPER.md §6).
+    parameter counts the paper prints (docs/paper.md#parameter-counts).
     """
 
     def __init__(self, channels: int, ratio: int = 16, bias: bool = True):

@@ -1,4 +1,5 @@
-"""The coverage region of EMCA (PAPER.md §4, Eq. 5): which earlier block outputs a stage's module sees.
+"""The coverage region of EMCA (the paper's Eq. 5, docs/paper.md#coverage-region): which earlier
+block outputs a stage's module sees.
 
 R_i = 1 + sum_{j=1..S} N'_{i-j}: the block itself plus the last N' block outputs of each of the S
 preceding stages. `stages` and `blocks` are an int or 'all' (S = i - 1, N' = N_{i-j}). The stem

@@ -9,7 +9,7 @@ from ..layers import EMCA
 
 def count_parameters(model: nn.Module) -> int:
     """sum(p.numel()) over all parameters (the torchvision convention; the paper counts the same in
-    units of 2^20, PAPER.md §6)."""
+    units of 2^20, docs/paper.md#units)."""
     return sum(p.numel() for p in model.parameters())
 
 
