@@ -221,6 +221,31 @@ def test_a_full_disk_is_one_line_the_last_checkpoint_survives_and_the_run_contin
         assert progress_of(run_dir) == (2, 0)
 
 
+def test_a_read_only_run_folder_is_one_line_before_anything_and_the_advice_continues_the_run(
+        compose_train, tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run_dir = disk / "run"
+    preempt_after_step(monkeypatch, 4)
+    with pytest.raises(Preempted):
+        train(compose_train(*RUN), str(run_dir))
+    monkeypatch.undo()
+    before = {path: digest(path) for path in run_dir.rglob("*") if path.is_file()}
+    with read_only(disk):
+        with pytest.raises(RunAborted) as refused:
+            train(compose_train(*RUN, "trainer.resume=auto"), str(run_dir))
+    message = str(refused.value)
+    assert message.startswith(f"cannot write the run folder {run_dir} (Read-only file system); make it writable, or "
+                              f"copy it (cp -a {run_dir} NEW) and continue there with hydra.run.dir=NEW "
+                              "trainer.resume=auto")
+    assert {path: digest(path) for path in run_dir.rglob("*") if path.is_file()} == before
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)  # as the line advises
+    results = train(compose_train(*RUN, "trainer.resume=auto"), str(copy))
+    assert results["epoch_reached"] == 2
+    assert results["run_id"] == torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["run_id"]
+
+
 def test_a_first_checkpoint_that_does_not_fit_is_one_line(compose_train, tmp_path):
     with small_disk(tmp_path / "disk", "2m") as disk:
         with pytest.raises(RunAborted) as full:

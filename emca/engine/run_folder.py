@@ -109,11 +109,17 @@ class RunFolder(contextlib.AbstractContextManager):
                 "hydra.run.dir"
             ) from None
         except OSError as error:
-            raise RunFolderError(
-                f"cannot write the run folder {self.path} ({error.strerror}); choose a writable hydra.run.dir"
-            ) from None
+            raise RunFolderError(self._unwritable(error)) from None
         self._lock_fd = fd
         self._times_before_lock = None if existed else (folder.st_atime_ns, folder.st_mtime_ns)
+
+    def _unwritable(self, error: OSError) -> str:
+        """The refusal of a folder that cannot be written (a read-only mount, permissions, a full disk)."""
+        problem = f"cannot write the run folder {self.path} ({error.strerror})"
+        if self.path.is_dir() and self.artefacts():  # a run to continue: another folder would start afresh
+            return (f"{problem}; make it writable, or copy it (cp -a {self.path} NEW) and continue there with "
+                    "hydra.run.dir=NEW trainer.resume=auto")
+        return f"{problem}; fix its permissions or choose a writable hydra.run.dir"
 
     # ------------------------------------------------------------------ what the folder holds
     def artefacts(self) -> list[str]:
@@ -208,8 +214,7 @@ class RunFolder(contextlib.AbstractContextManager):
         except OSError as error:
             with contextlib.suppress(OSError):
                 self.store.generations.rmdir()  # what prepare may have created: the refusal leaves no trace
-            raise RunFolderError(f"cannot write checkpoints under {self.path} ({error.strerror}); fix its permissions "
-                                 f"or choose another hydra.run.dir") from None
+            raise RunFolderError(self._unwritable(error)) from None
         self.adopted = True
         name_holder(self._lock_fd)  # named in the refusal of a second run
         for name, text in (records or {}).items():
