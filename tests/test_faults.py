@@ -285,6 +285,20 @@ def test_more_loader_workers_than_the_process_limit_is_one_line_and_the_advice_w
     assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
 
 
+def test_a_full_dev_shm_is_one_line_without_a_traceback_at_exit(tmp_path):
+    """Loader workers hand batches over in /dev/shm: a small one (a container's default 64 MB) fills up."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a mount namespace here (unshare -m needs root)")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", *QUICK_RUN, f"hydra.run.dir={run_dir}", "dataset.workers=2"]
+    failed = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$@"',
+                             "sh", *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    (line,) = [line for line in (failed.stdout + failed.stderr).splitlines() if "[ERROR]" in line]
+    assert "shared memory (/dev/shm) is full with dataset.workers=2" in line
+    assert "Traceback" not in failed.stderr and "Exception ignored" not in failed.stderr
+
+
 # --- pack_shards.py owns its output ------------------------------------------------------------
 
 def test_a_second_pack_shards_writer_is_refused_and_a_killed_one_is_taken_over(
