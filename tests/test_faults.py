@@ -299,6 +299,18 @@ def test_a_full_dev_shm_is_one_line_without_a_traceback_at_exit(tmp_path):
     assert "Traceback" not in failed.stderr and "Exception ignored" not in failed.stderr
 
 
+def test_the_open_file_limit_is_one_line_naming_workers(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", *QUICK_RUN, f"hydra.run.dir={run_dir}", "dataset.workers=8"]
+    # 40 descriptors start the trainer; eight workers' pipes need more.
+    failed = subprocess.run(["sh", "-c", 'ulimit -n 40 && exec "$@"', "sh", *command], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    (line,) = [line for line in (failed.stdout + failed.stderr).splitlines() if "[ERROR]" in line]
+    assert "the open-file limit (ulimit -n) is reached with dataset.workers=8" in line
+    assert "Traceback" not in failed.stderr
+
+
 # --- pack_shards.py owns its output ------------------------------------------------------------
 
 def test_a_second_pack_shards_writer_is_refused_and_a_killed_one_is_taken_over(
