@@ -2,12 +2,13 @@
 
     python eval.py checkpoint=outputs/2026-01-01/10-00-00/checkpoints/best.pt
     python eval.py checkpoint=PATH dataset.root=/data/imagenet loader=torchvision gradcam.images=8
-    python eval.py checkpoint=PATH speed.enabled=false rotations=[0]        # accuracy only
+    python eval.py checkpoint=PATH accuracy_only=true                       # top-1/top-5/loss alone, fastest
     python eval.py checkpoint=PATH gradcam.classes=[3,7] gradcam.layer=layer3.1
     torchrun --nproc_per_node=8 eval.py checkpoint=PATH                     # each val image once
 
 Measures top-1 / top-5 / loss, top-1 on the validation images rotated 90/180/270 degrees clockwise
-(Table 9), parameters and GFLOPs, the paper's three speeds (FPS, FPS-dagger, FPS-double-dagger),
+(Table 9), parameters and GFLOPs, the paper's three speeds (FPS, FPS-dagger, FPS-double-dagger;
+FPS on a fixed number of images, speed.single_images, whatever the validation set's size),
 the learned-scale statistics of Figure 6 (with a plot) and optional Grad-CAM maps (Figures 7-8;
 scripts/gradcam_grid.py lays several runs' maps of the same images side by side).
 Options and the output policy: configs/eval.yaml. Exit status 0, or 1 with a one-line error.

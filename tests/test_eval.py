@@ -170,10 +170,11 @@ def test_speed_measurements_count_images_after_warmup():
     batches = random_batches(count=5, batch=4)
     throughput = time_pipeline(model, batches, CPU.device, batch_size=4, workers=0, warmup=2)
     assert throughput.images == 12 and throughput.images_per_second > 0
+    assert throughput.images_requested is None  # the whole pass
     capped = time_pipeline(model, batches, CPU.device, batch_size=4, workers=0, warmup=1, max_images=5)
-    assert capped.images == 8
+    assert (capped.images, capped.as_dict()["images_requested"]) == (8, 5)
     synthetic = time_model(model, CPU.device, batch_size=4, image_size=16, warmup=1, iterations=2)
-    assert synthetic.images == 8 and synthetic.as_dict()["images_per_second"] > 0
+    assert synthetic.images == synthetic.images_requested == 8 and synthetic.as_dict()["images_per_second"] > 0
     assert (throughput.warmup_batches, throughput.timed_batches, throughput.few_batches) == (2, 3, True)  # < 10 timed
 
 
@@ -186,6 +187,63 @@ def test_a_pass_shorter_than_the_warmup_is_timed_on_its_last_batch_and_flagged()
     assert (single.warmup_batches, single.timed_batches) == (0, 1)
     many = time_pipeline(model, random_batches(count=12, batch=1), CPU.device, batch_size=1, workers=0, warmup=2)
     assert (many.warmup_batches, many.timed_batches, many.few_batches) == (2, 10, False)
+
+
+class CountingLoader:
+    """A validation loader of `images` zero images in batches of `batch_size` that counts the images
+    handed out, generated lazily: what a timer reads, not what the set holds."""
+
+    def __init__(self, images: int, batch_size: int, size: int = 16):
+        self.images, self.batch_size, self.size, self.read = images, batch_size, size, 0
+
+    def __len__(self) -> int:
+        return -(-self.images // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, self.images, self.batch_size):
+            batch = min(self.batch_size, self.images - start)
+            self.read += batch
+            yield torch.zeros(batch, 3, self.size, self.size), torch.zeros(batch, dtype=torch.long)
+
+
+def test_fps_reads_a_fixed_number_of_images_and_no_batch_after_the_last_timed():
+    model = tiny_model()
+    for images in (40, 400):
+        loader = CountingLoader(images, batch_size=1)
+        fps = time_pipeline(model, loader, CPU.device, batch_size=1, workers=0, warmup=3, max_images=12)
+        assert (loader.read, fps.images, fps.warmup_batches) == (15, 12, 3), images
+    with pytest.raises(ValueError, match="max_images=0 must be an integer >= 1 or None"):
+        time_pipeline(model, CountingLoader(4, 1), CPU.device, batch_size=1, workers=0, warmup=0, max_images=0)
+
+
+def test_the_default_speeds_read_a_fixed_number_of_images_whatever_the_validation_sets_size(monkeypatch):
+    """eval.py's default time must not grow with the validation set beyond one accuracy pass and the
+    paper's FPS-double-dagger pass: batch-1 FPS over a whole set took minutes (issue 22)."""
+    from types import SimpleNamespace
+
+    from emca.analysis import checkpoint_eval
+
+    speed_cfg = eval_options().speed  # eval.yaml's defaults, as `python eval.py checkpoint=PATH` uses them
+    assert speed_cfg.single_images is not None, "the default FPS must time a fixed number of images"
+    # A model that costs nothing: only the number of images each measurement reads matters here.
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
+    for num_val in (1_000, 10_000):  # both larger than the FPS warm-up and count
+        loaders = []
+
+        def build_loaders(settings, *_args, made=loaders, images=num_val, **_kwargs):
+            made.append(CountingLoader(images, settings["batch_size"]))
+            return SimpleNamespace(val=made[-1])
+
+        monkeypatch.setattr(checkpoint_eval, "build_loaders", build_loaders)
+        speed = checkpoint_eval.measure_speeds(model, speed_cfg, {"image_size": 16}, {}, CPU.device, False, None,
+                                               0, None)
+        fps_loader, pipeline_loader = loaders
+        assert fps_loader.read == speed_cfg.warmup + speed_cfg.single_images, num_val
+        assert speed["fps"]["images"] == speed["fps"]["images_requested"] == speed_cfg.single_images
+        assert speed["fps"]["warmup_batches"] == speed_cfg.warmup
+        assert speed["fps_model"]["images"] == speed_cfg.model_iterations * speed_cfg.batch
+        assert speed["fps_model"]["warmup_batches"] == speed_cfg.model_warmup
+        assert pipeline_loader.read == num_val  # FPS-double-dagger: the paper's whole validation pass
 
 
 # ----------------------------------------------------------------------------- eval.py end to end
@@ -221,7 +279,7 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
     from emca.engine.trainer import train
 
     # The Quickstart's digits: 360 validation images, 2 batches of the default speed.batch=256,
-    # fewer than the default 10 warm-up batches.
+    # fewer than the default 10 warm-up batches; FPS times its 100 images of the 350 after the warm-up.
     train(compose_train(*QUICK_RUN), str(tmp_path / "run"))
     result = run_python("eval.py", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -235,12 +293,46 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
         )
         for key in ("fps", "fps_model", "fps_pipeline")
     }
-    assert counts == {"fps": (10, 10, 350, False), "fps_model": (10, 10, 50, False), "fps_pipeline": (10, 1, 1, True)}
+    assert counts == {"fps": (10, 10, 100, False), "fps_model": (2, 2, 10, False), "fps_pipeline": (10, 1, 1, True)}
+    assert [speed[key]["images_requested"] for key in ("fps", "fps_model", "fps_pipeline")] == [100, 2560, None]
     # speed.workers: null, the loader workers this machine's CPUs allow, recorded as the number used.
     assert speed["fps_pipeline"]["workers"] == min(8, len(os.sched_getaffinity(0)))
     assert "FPS‡ from few batches, a rough figure: 1 warm-up + 1 timed batches (warm-up cut from 10)" in result.stdout
     assert "FPS from few" not in result.stdout and "FPS† from few" not in result.stdout
+    assert "(batch 1, 1 worker, 100 images after 10 warm-up)" in result.stdout
     assert f"wrote       {tmp_path / 'run' / 'eval.json'}" in result.stdout
+
+
+def test_accuracy_only_measures_the_plain_pass_alone(trained_sweep, sweep_base, tmp_path, monkeypatch):
+    from emca.analysis import checkpoint_eval
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("accuracy_only=true must skip the speeds, learned scales and their plot")
+
+    passes = []
+
+    def evaluate_and_record(model, loader, ctx, rotations, *args, **kwargs):
+        passes.append(list(rotations))
+        return evaluate(model, loader, ctx, rotations, *args, **kwargs)
+
+    for skipped in ("measure_speeds", "LearnedScales", "plot_scales", "gradcam_maps"):
+        monkeypatch.setattr(checkpoint_eval, skipped, never)
+    monkeypatch.setattr(checkpoint_eval, "evaluate", evaluate_and_record)
+    monkeypatch.setenv("EMCA_CACHE", sweep_env(sweep_base)["EMCA_CACHE"])
+    output = tmp_path / "accuracy.json"
+    # The defaults ask for four rotations, the scales and the speeds: the switch alone turns them off.
+    cfg = eval_options(f"checkpoint={trained_sweep / RUN1 / 'checkpoints' / 'last.pt'}", "accuracy_only=true",
+                       f"output={output}")
+    report = checkpoint_eval.evaluate_checkpoint(cfg, CPU)
+    assert passes == [[0]]
+    written = json.loads(output.read_text())
+    assert written["accuracy_only"] is True and list(written["rotation"]) == ["0"]
+    assert (written["speed"], written["learned_scales"], written["learned_scales_plot"]) == (None, None, None)
+    final = json.loads((trained_sweep / RUN1 / "results.json").read_text())["final"]
+    assert (written["val"]["top1"], written["val"]["top5"]) == (final["val_top1"], final["val_top5"])
+    summary = checkpoint_eval.format_summary(report)
+    assert "skipped     rotations, learned scales, speeds (accuracy_only=true)" in summary
+    assert "rotation " not in summary and "speed " not in summary
 
 
 def test_eval_reads_a_validation_folder_alone_with_the_runs_class_names(evaluated, trained_sweep, sweep_base, tmp_path):
@@ -346,6 +438,12 @@ def eval_options(*overrides: str):
         ("rotations=[0,45]", "rotations=[0, 45] must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
         ("rotations=90", "rotations=90 must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
         ("learned_scales=3", "learned_scales=3 must be true or false"),
+        ("accuracy_only=maybe", "accuracy_only='maybe' must be true or false"),
+        (
+            "gradcam.images=3",  # with accuracy_only=true, below
+            "accuracy_only=true measures accuracy alone, without Grad-CAM maps: drop gradcam.images=3 or "
+            "accuracy_only=true",
+        ),
         ("speed.enabled=maybe", "speed.enabled='maybe' must be true or false"),
         ("channels_last=1", "channels_last=1 must be true, false or null"),
         ("speed.single_workers=-1", "speed.single_workers=-1 must be an integer >= 0"),
@@ -355,6 +453,7 @@ def eval_options(*overrides: str):
         ("speed.workers=-1", "speed.workers=-1 must be an integer >= 0 or null"),
         ("speed.model_iterations=0", "speed.model_iterations=0 must be an integer >= 1"),
         ("speed.warmup=-1", "speed.warmup=-1 must be an integer >= 0"),
+        ("speed.model_warmup=-1", "speed.model_warmup=-1 must be an integer >= 0"),
         ("gradcam.images=-1", "gradcam.images=-1 must be an integer >= 0"),
         (
             "gradcam.indices=[1,-2]",
@@ -375,8 +474,10 @@ def test_each_impossible_eval_option_is_one_line_naming_it(override, message):
     from emca.analysis.checkpoint_eval import EvalError, check_options
 
     check_options(eval_options("checkpoint=x.pt"))  # the defaults pass
+    check_options(eval_options("checkpoint=x.pt", "accuracy_only=true"))
+    with_accuracy_only = ("accuracy_only=true",) if override == "gradcam.images=3" else ()
     with pytest.raises(EvalError) as error:
-        check_options(eval_options("checkpoint=x.pt", override))
+        check_options(eval_options("checkpoint=x.pt", *with_accuracy_only, override))
     assert str(error.value) == message
 
 

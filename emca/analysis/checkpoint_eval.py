@@ -89,7 +89,7 @@ def check_options(cfg: DictConfig) -> None:
     rotations = cfg.rotations
     require(isinstance(rotations, Sequence) and all(is_int(degrees) and degrees % 90 == 0 for degrees in rotations),
             "rotations", rotations, "a list of multiples of 90 degrees, e.g. [0,90,180,270]", EvalError)
-    for option in ("learned_scales", "speed.enabled", "ema"):
+    for option in ("accuracy_only", "learned_scales", "speed.enabled", "ema"):
         require(
             isinstance(OmegaConf.select(cfg, option), bool),
             option,
@@ -100,12 +100,17 @@ def check_options(cfg: DictConfig) -> None:
     require(cfg.channels_last is None or isinstance(cfg.channels_last, bool), "channels_last", cfg.channels_last,
             "true, false or null", EvalError)
     minimums = {"speed.single_workers": 0, "speed.batch": 1, "speed.model_iterations": 1,
-                "speed.warmup": 0, "gradcam.images": 0}
+                "speed.warmup": 0, "speed.model_warmup": 0, "gradcam.images": 0}
     for option, minimum in minimums.items():
         require_int(option, OmegaConf.select(cfg, option), minimum, EvalError)
     require_int("speed.single_images", cfg.speed.single_images, 1, EvalError, nullable=True)
     require_int("speed.workers", cfg.speed.workers, 0, EvalError, nullable=True)
     check_gradcam_options(cfg.gradcam)
+    if cfg.accuracy_only and gradcam_requested(cfg.gradcam):
+        chosen = next(f"gradcam.{key}={cfg.gradcam[key]}" for key in ("images", "classes", "indices")
+                      if cfg.gradcam[key])
+        raise EvalError(f"accuracy_only=true measures accuracy alone, without Grad-CAM maps: drop {chosen} "
+                        "or accuracy_only=true")
 
 
 def check_gradcam_options(options: DictConfig) -> None:
@@ -163,6 +168,14 @@ def speed_workers(workers: Optional[int]) -> int:
     return min(8, cpus)
 
 
+def measured(cfg: DictConfig) -> tuple[list[int], bool, bool]:
+    """(rotations, learned scales?, speeds?) that this evaluation measures: accuracy_only=true
+    keeps the plain pass alone, the one measurement whose time no option can bound."""
+    if cfg.accuracy_only:
+        return [0], False, False
+    return [0] + [degrees for degrees in cfg.rotations if degrees % 360], cfg.learned_scales, cfg.speed.enabled
+
+
 def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[dict[str, Any]]:
     """Measure, write eval.json (and the figures) and return its content; None on ranks other than 0."""
     check_options(cfg)
@@ -171,8 +184,7 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     # Named from the path as given (run/checkpoints/...), not from the generation folder it leads to.
     output = output_path(cfg.output, Path(os.path.abspath(given)), cfg.ema)
     state = read_checkpoint(given)
-    train_cfg = state["config"]
-    trainer_cfg = train_cfg.get("trainer", {})
+    trainer_cfg = state["config"].get("trainer", {})
     amp = str(_option(cfg.amp, trainer_cfg.get("amp", "off")))
     try:
         amp_dtype = parse_amp(amp)
@@ -182,15 +194,14 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = restore_model(checkpoint, state, cfg.ema).to(ctx.device, memory_format=memory_format).eval()
 
-    dataset_cfg, loader_cfg = data_configs(train_cfg, cfg)
+    dataset_cfg, loader_cfg = data_configs(state["config"], cfg)
     seed = trainer_cfg.get("seed", 0)
     data = validation_data(state, dataset_cfg, loader_cfg, ctx, channels_last, seed)
-
     gradcam_plan = (
         plan_gradcam(model, dataset_cfg, data.classes, cfg.gradcam) if gradcam_requested(cfg.gradcam) else None
     )
-    rotations = [0] + [degrees for degrees in cfg.rotations if degrees % 360]
-    scales = LearnedScales(model, ctx.device) if cfg.learned_scales and attention_modules(model) else None
+    rotations, learned_scales, speeds = measured(cfg)
+    scales = LearnedScales(model, ctx.device) if learned_scales and attention_modules(model) else None
     if ctx.is_main:
         log.info(f"evaluating {checkpoint} on {data.num_val} {dataset_cfg['name']} validation images "
                  f"(rotations {rotations}) with {ctx.world_size} process(es) on {ctx.device}")
@@ -203,15 +214,15 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         return None
 
     report = base_report(checkpoint, state, dataset_cfg, loader_cfg, data, ctx, metrics, cfg.ema)
-    report.update(amp=amp, channels_last=channels_last, params=count_parameters(model),
-                  gflops=measure_gflops(model, evaluated_size(dataset_cfg)),
+    report.update(accuracy_only=cfg.accuracy_only, amp=amp, channels_last=channels_last,
+                  params=count_parameters(model), gflops=measure_gflops(model, evaluated_size(dataset_cfg)),
                   learned_scales=scales.statistics() if scales else None)
     if scales is not None:
         title = f"Learned scales, {describe_architecture(state['fingerprint'])}, {data.num_val} val images"
         report["learned_scales_plot"] = str(
             plot_scales(report["learned_scales"], output.with_name(f"{output.stem}_scales.png"), title)
         )
-    if cfg.speed.enabled:
+    if speeds:
         report["speed"] = measure_speeds(
             model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, amp_dtype, seed, data.classes
         )
@@ -219,6 +230,12 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         report["gradcam"] = gradcam_maps(
             model, gradcam_plan, dataset_cfg, ctx.device, channels_last, output.with_name(f"{output.stem}_gradcam")
         )
+    return write_report(report, output)
+
+
+def write_report(report: dict[str, Any], output: Path) -> dict[str, Any]:
+    """Stamp the report (when, which code, which libraries), write it atomically and return it with
+    its path."""
     report.update(
         created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         git=git_commit(),
@@ -262,6 +279,7 @@ def base_report(checkpoint: Path, state: dict[str, Any], dataset_cfg: dict[str, 
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": (state.get("progress") or {}).get("epoch"),
         "weights": "ema" if ema else "trained",
+        "accuracy_only": None,
         "model": state["fingerprint"]["architecture"],
         "dataset": {
             "name": dataset_cfg["name"],
@@ -308,7 +326,8 @@ def measure_speeds(
         ).val
 
     warmup = speed_cfg.warmup
-    log.info("speed: FPS (batch 1, %d worker(s))", speed_cfg.single_workers)
+    single = "the rest of the validation set" if speed_cfg.single_images is None else speed_cfg.single_images
+    log.info("speed: FPS (batch 1, %d worker(s), %s images after %d warm-up)", speed_cfg.single_workers, single, warmup)
     fps = time_pipeline(
         model,
         val_loader(1, speed_cfg.single_workers),
@@ -319,13 +338,14 @@ def measure_speeds(
         max_images=speed_cfg.single_images,
         amp_dtype=amp_dtype,
     )
-    log.info("speed: FPS-dagger (model only, batch %d)", speed_cfg.batch)
+    log.info("speed: FPS-dagger (model only, %d batches of %d after %d warm-up)",
+             speed_cfg.model_iterations, speed_cfg.batch, speed_cfg.model_warmup)
     fps_model = time_model(
         model,
         device,
         batch_size=speed_cfg.batch,
         image_size=evaluated_size(dataset_cfg),
-        warmup=warmup,
+        warmup=speed_cfg.model_warmup,
         iterations=speed_cfg.model_iterations,
         channels_last=channels_last,
         amp_dtype=amp_dtype,
@@ -409,17 +429,21 @@ def format_summary(report: dict[str, Any]) -> str:
         f"{report['world_size']} process(es), amp {report['amp']}",
         f"accuracy    top-1 {report['val']['top1']:.2f}%  top-5 {report['val']['top5']:.2f}%  loss "
         f"{report['val']['loss']:.4f}",
-        "rotation    "
-        + "  ".join(f"{degrees}°: {m['top1']:.2f}%" for degrees, m in report["rotation"].items())
-        + "  (top-1, clockwise)",
         f"complexity  {report['params'] / 1e6:.3f} M parameters (sum of numel), {report['gflops']:.3f} GFLOPs at "
         f"{report['image_size']} px",
     ]
+    if report.get("accuracy_only"):
+        lines.append("skipped     rotations, learned scales, speeds (accuracy_only=true)")
+    else:
+        lines.insert(-1, "rotation    "
+                     + "  ".join(f"{degrees}°: {m['top1']:.2f}%" for degrees, m in report["rotation"].items())
+                     + "  (top-1, clockwise)")
     speed = report.get("speed")
     if speed:
         fps, fps_model, fps_pipeline = speed["fps"], speed["fps_model"], speed["fps_pipeline"]
         lines.append(
-            f"speed       FPS {fps['images_per_second']:.1f} (batch 1, {fps['workers']} worker)  "
+            f"speed       FPS {fps['images_per_second']:.1f} (batch 1, {fps['workers']} worker, {fps['images']} "
+            f"images after {fps['warmup_batches']} warm-up)  "
             f"FPS† {fps_model['images_per_second']:.1f} (model only, batch {fps_model['batch_size']})  "
             f"FPS‡ {fps_pipeline['images_per_second']:.1f} (validation pass, batch {fps_pipeline['batch_size']}, "
             f"{fps_pipeline['workers']} workers)"

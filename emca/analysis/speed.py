@@ -9,6 +9,10 @@ then starts the clock after synchronising the device. Pipeline passes copy the p
 host after every batch, as an application would, which also makes "one image at a time" literal:
 an image is finished before the next one is read.
 
+FPS is timed on a fixed number of images after the warm-up (`max_images`; the paper fixes no count),
+so that its cost does not grow with the validation set: batch 1 over a whole set was most of
+eval.py's time on a small machine.
+
 A validation pass shorter than the warm-up is measured anyway, never refused: the warm-up is cut so
 that at least one batch is timed. Each Throughput records the warm-up asked for, the warm-up run and
 the batches timed; `few_batches` flags a figure from fewer than MIN_TIMED_BATCHES timed batches or
@@ -60,6 +64,9 @@ class Throughput:
     timed_batches: int
     warmup_requested: int
     workers: Optional[int] = None  # loader workers (None: synthetic input, no loader)
+    # The images asked to be timed (None: the rest of the pass): with `images` it tells a fixed-count
+    # figure from a whole-pass one, and one cut short by a small validation set.
+    images_requested: Optional[int] = None
 
     @property
     def images_per_second(self) -> float:
@@ -92,9 +99,11 @@ def time_pipeline(
 ) -> Throughput:
     """Images per second of loading + inference over one pass of the loader (after up to `warmup`
     batches, fewer where the pass is short, so that one batch at least is timed), up to max_images
-    images (None: to the end of the pass)."""
+    images (None: to the end of the pass). No batch beyond the last timed one is read."""
     if len(loader) == 0:
         raise ValueError("the loader yields no batch to time")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images={max_images} must be an integer >= 1 or None (the whole pass)")
     model.eval()
     warmup_run = min(warmup, len(loader) - 1)
     batches = iter(loader)
@@ -112,7 +121,7 @@ def time_pipeline(
             break
     synchronize(device)
     seconds = time.perf_counter() - started
-    return Throughput(images_timed, seconds, batch_size, warmup_run, timed_batches, warmup, workers)
+    return Throughput(images_timed, seconds, batch_size, warmup_run, timed_batches, warmup, workers, max_images)
 
 
 @torch.no_grad()
@@ -138,4 +147,6 @@ def time_model(
     for _ in range(iterations):
         _forward(model, images, amp_dtype)
     synchronize(device)
-    return Throughput(batch_size * iterations, time.perf_counter() - started, batch_size, warmup, iterations, warmup)
+    seconds = time.perf_counter() - started
+    images = batch_size * iterations
+    return Throughput(images, seconds, batch_size, warmup, iterations, warmup, images_requested=images)
