@@ -30,8 +30,8 @@ def fail(error: Exception) -> NoReturn:
 def main(cfg: DictConfig) -> None:
     # Imported here, after Hydra has composed the config: `eval.py --help` loads neither torch nor the models.
     from emca.analysis.checkpoint_eval import EvalError, evaluate_checkpoint, format_summary
+    from emca.common.checkpoint_file import CheckpointError
     from emca.data import DatasetError
-    from emca.engine.checkpoint import CheckpointError
     from emca.engine.distributed import setup_distributed, silence_non_main_logging
 
     user_errors = (EvalError, CheckpointError, DatasetError)

@@ -54,7 +54,8 @@ if str(REPO) not in sys.path:  # `python scripts/export.py` from anywhere, witho
     sys.path.insert(0, str(REPO))
 
 from emca.cli import check_command_line  # noqa: E402
-from emca.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, atomic_write  # noqa: E402
+from emca.common.checkpoint_file import CHECKPOINT_DIR, CheckpointError  # noqa: E402
+from emca.common.files import atomic_write  # noqa: E402
 from emca.layers import pooling  # noqa: E402
 from emca.models.loading import read_checkpoint, restore_model  # noqa: E402
 from emca.options import is_int, require, require_int  # noqa: E402

@@ -23,8 +23,8 @@ import torch
 
 from emca.analysis.checkpoint_eval import EvalError, read_checkpoint, restore_model
 from emca.analysis.gradcam import AUTO, GradcamError, choose_images, heat_maps, save_grid
+from emca.common.checkpoint_file import BEST, CHECKPOINT_DIR, CheckpointError
 from emca.data import DatasetError
-from emca.engine.checkpoint import BEST, CHECKPOINT_DIR, CheckpointError
 from emca.models import coverage_name
 
 USER_ERRORS = (EvalError, CheckpointError, DatasetError)

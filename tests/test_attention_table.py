@@ -9,7 +9,7 @@ import timm
 import torch
 
 from emca.analysis.method_reference import METHOD_REFERENCES
-from emca.engine.checkpoint import architecture_fingerprint
+from emca.common.checkpoint_file import architecture_fingerprint
 from emca.layers import EMCA
 from emca.layers.cbam import CBAMChannelExcitation
 from emca.layers.create_attn import (ATTENTION_KINDS, ATTENTIONS, KINDS, AttentionKind, default_integration, is_emca,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import emca
-from emca.engine.checkpoint import BEST, GENERATIONS, HISTORY, LAST, RESUME_ONLY, CheckpointStore, describe_history
+from emca.common.checkpoint_file import BEST, LAST
+from emca.engine.checkpoint import GENERATIONS, HISTORY, RESUME_ONLY, CheckpointStore, describe_history
 from emca.engine.trainer import RunAborted, train
 
 from conftest import SYNTHETIC_RUN

@@ -12,7 +12,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from emca.engine.checkpoint import CheckpointError
+from emca.common.checkpoint_file import CheckpointError
 from emca.models import detection_backbone
 from emca.models.detection import FrozenBatchNorm1d
 

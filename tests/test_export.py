@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT, SYNTHETIC_RUN, randomise_parameters
 from emca.analysis.checkpoint_eval import read_checkpoint, restore_model
-from emca.engine.checkpoint import CheckpointError
+from emca.common.checkpoint_file import CheckpointError
 from emca.layers import pooling
 from emca.layers.create_attn import ATTENTIONS, is_emca
 from emca.models import EMCAResNet, build_model

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from emca.engine.checkpoint import CheckpointError
+from emca.common.checkpoint_file import CheckpointError
 from emca.engine.initialisation import initialise_from
 from emca.models import build_model
 

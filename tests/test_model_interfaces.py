@@ -14,7 +14,7 @@ from PIL import Image
 
 import emca
 from conftest import QUICK_RUN
-from emca.engine.checkpoint import CheckpointError
+from emca.common.checkpoint_file import CheckpointError
 from emca.models import WeightsMismatchError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from emca.engine.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
+from emca.common.checkpoint_file import BEST, LAST, CheckpointError, load_checkpoint
 from emca.engine.trainer import RunAborted, train
 from emca.models.config import check_model_options
 from emca.options import require, require_int, shown

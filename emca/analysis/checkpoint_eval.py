@@ -2,7 +2,7 @@
 reports about a trained model, into one eval.json.
 
 The checkpoint carries the run's resolved configuration; the model is built from it and the
-weights are loaded after emca.engine.checkpoint.check_fingerprint, which refuses a checkpoint
+weights are loaded after emca.common.checkpoint_file.check_fingerprint, which refuses a checkpoint
 whose architecture fingerprint differs from the rebuilt model. Data settings come from the same
 configuration, with eval.yaml's non-null `dataset` fields and `loader` choice on top.
 """
@@ -34,10 +34,12 @@ from emca.analysis.gradcam import (
 )
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
+from emca.common.checkpoint_file import CHECKPOINT_DIR, describe_architecture
+from emca.common.files import atomic_write
 from emca.models import coverage_name
 from emca.data import build_loaders
 from emca.data.folder import ImageList
-from emca.engine.checkpoint import CHECKPOINT_DIR, HISTORY, atomic_write, describe_architecture
+from emca.engine.checkpoint import HISTORY
 from emca.engine.distributed import DistributedContext
 from emca.engine.results import git_commit, library_versions
 from emca.engine.precision import amp_dtype as parse_amp

@@ -25,7 +25,8 @@ from emca.analysis import paper_reference as paper
 from emca.analysis.complexity import build_variant, count_macs
 from emca.analysis.tables import SCALE_STATISTICS, TABLES, Measured
 from emca.analysis.variants import PAPER_OPTIONS, Variant, variant_from_config
-from emca.engine.checkpoint import CHECKPOINT_DIR, GENERATIONS, LAST, load_checkpoint
+from emca.common.checkpoint_file import CHECKPOINT_DIR, LAST, load_checkpoint
+from emca.engine.checkpoint import GENERATIONS
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)

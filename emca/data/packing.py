@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from emca.engine.checkpoint import atomic_write
+from emca.common.files import atomic_write
 from emca.engine.run_folder import InUse, lock_exclusively, name_holder
 
 from .builder import BAD_IMAGE_POLICIES, cache_dir

@@ -11,67 +11,34 @@ last.pt says about best.pt and the history is true of the files beside it. Only 
 what trainer.resume needs (RESUME_ONLY: optimizer, scheduler, scaler, random state); best.pt and
 the history entries are slim: what evaluation, export, model.init_from and weight averaging read.
 Nothing else lives in a generation (eval.py writes beside the run folder's `checkpoints` link).
-Single files (results.json, eval.json) use atomic_write: a temporary file, fsynced and renamed.
+Reading one file and its architecture check belong to emca.common.checkpoint_file: the models
+and the analysis read checkpoints too.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, IO, Optional
+from typing import IO, Any, Optional
 
 import torch
-from torch import nn
 
+from emca.common.checkpoint_file import BEST, CHECKPOINT_DIR, LAST, CheckpointError
+from emca.common.files import fsync_dir
 from emca.options import require_int
 
-CHECKPOINT_DIR = "checkpoints"  # the symlink users and tools read through
-GENERATIONS = ".checkpoints"  # the generation folders it points into
-LAST = "last.pt"
-BEST = "best.pt"
+# Transitional (issue 24): imported from here by modules being rewritten at the same time
+# (run_folder.py, engine/tasks); they move to emca.common, then these lines go.
+from emca.common.checkpoint_file import architecture_fingerprint, check_checkpoint_path  # noqa: F401
+from emca.common.files import atomic_write  # noqa: F401
+
+GENERATIONS = ".checkpoints"  # the generation folders CHECKPOINT_DIR points into
 HISTORY = "history"  # the last trainer.keep_last_n epochs, slim: history/epoch-NNNN.pt
 # What only trainer.resume reads: last.pt holds it, best.pt and the history leave it out.
 RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for this run; the message is one line."""
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a folder's entries (a rename, a new file) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through a temporary file in its folder: it holds the old or the new content.
-
-    Stale temporary files of killed writers are not swept here: besides the run that owns a folder,
-    eval.py writes into it too (eval.json), and that process's temporary file may still be in flight.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    # os.open rather than mkstemp: the file gets the usual umask permissions, not 0600.
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class CheckpointStore:
@@ -263,77 +230,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
         if error.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         shutil.copyfile(source, target)
-
-
-def architecture_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint must match: the model's own description (backbone, attention, coverage,
-    classes) and a digest of every state_dict key and shape."""
-    signature = "\n".join(f"{key}:{tuple(value.shape)}" for key, value in model.state_dict().items())
-    return {
-        "architecture": model.architecture(),
-        "state_dict_sha256": hashlib.sha256(signature.encode()).hexdigest(),
-    }
-
-
-def describe_architecture(fingerprint: dict[str, Any]) -> str:
-    arch = fingerprint["architecture"]
-    coverage = arch.get("coverage")
-    coverage_text = (
-        "no coverage" if coverage is None else f"coverage stages={coverage['stages']} blocks={coverage['blocks']}"
-    )
-    return f"{arch['backbone']} / attention {arch['attention']} / {coverage_text} / {arch['num_classes']} classes"
-
-
-def check_checkpoint_path(path: Path, option: str | None = None) -> str:
-    """Refuse (one line) a path that is no file; else how errors name it ("trainer.resume=PATH")."""
-    named = f"{option}={path}" if option else f"checkpoint {path}"
-    if path.is_dir():
-        inside = next((file for file in (path / LAST, path / CHECKPOINT_DIR / LAST) if file.is_file()), None)
-        raise CheckpointError(
-            f"{named} is a folder, not a checkpoint file; give the file, e.g. {inside or path / CHECKPOINT_DIR / LAST}"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{named} does not exist")
-    return named
-
-
-def load_checkpoint(
-    path: Path, expected_fingerprint: dict[str, Any] | None = None, option: str | None = None
-) -> dict[str, Any]:
-    """Read a checkpoint written by CheckpointStore.save, refusing one of a different architecture.
-
-    Without expected_fingerprint the architecture is not checked (eval.py first builds the model
-    the checkpoint describes). `option` names the option the path came from in the errors.
-    """
-    path = Path(path)
-    named = check_checkpoint_path(path, option)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError as error:
-        raise CheckpointError(f"{named} cannot be read: permission denied") from error
-    except Exception as error:  # torch's messages for a damaged file advise weights_only=False, which cannot help
-        # Distinct files, unless written before best.pt was slim: then the best last epoch made it a hard link.
-        other = path.with_name({LAST: BEST, BEST: LAST}.get(path.name, path.name))
-        hint = f"; {other} may be intact" if other.is_file() and not os.path.samefile(other, path) else ""
-        raise CheckpointError(
-            f"{named} cannot be read: it is damaged (truncated or not a PyTorch checkpoint){hint}"
-        ) from error
-    if expected_fingerprint is not None:
-        check_fingerprint(state, path, expected_fingerprint)
-    return state
-
-
-def check_fingerprint(state: Any, path: Path, expected_fingerprint: dict[str, Any]) -> None:
-    """Refuse (CheckpointError, one line) checkpoint contents of another architecture."""
-    found = state.get("fingerprint") if isinstance(state, dict) else None
-    if found is None:
-        raise CheckpointError(f"{path} is not an EMCA-Train checkpoint (no architecture fingerprint)")
-    if found != expected_fingerprint:
-        if found["architecture"] != expected_fingerprint["architecture"]:
-            detail = (f"it holds {describe_architecture(found)}, "
-                      f"this run builds {describe_architecture(expected_fingerprint)}")
-        else:
-            detail = (
-                f"its parameter names or shapes differ from this run's {describe_architecture(expected_fingerprint)}"
-            )
-        raise CheckpointError(f"refusing checkpoint {path}: {detail}")

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from emca.engine.checkpoint import CheckpointError, load_checkpoint
+from emca.common.checkpoint_file import CheckpointError, load_checkpoint
 
 
 @dataclass

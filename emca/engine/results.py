@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from emca.engine.checkpoint import atomic_write
+from emca.common.files import atomic_write
 
 RESULTS = "results.json"
 VERSIONED_PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "timm", "numpy", "emca-train")

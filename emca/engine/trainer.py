@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from emca.analysis.evaluation import evaluate
 from emca.data import DatasetError, build_loaders
 from emca.data.config import describe_augmentation
-from emca.engine.checkpoint import (CheckpointError, CheckpointStore, architecture_fingerprint, describe_history,
-                                   load_checkpoint)
+from emca.common.checkpoint_file import CheckpointError, architecture_fingerprint, load_checkpoint
+from emca.engine.checkpoint import CheckpointStore, describe_history
 from emca.engine.compatibility import check_resume_config
 from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
                                      silence_non_main_logging)

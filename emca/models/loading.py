@@ -1,7 +1,7 @@
 """A trained model out of its checkpoint: emca.load_model(PATH) -> (model, transform).
 
 The checkpoint carries the run's resolved configuration: the model is built from it (no attention,
-coverage or option to restate), its weights are loaded after emca.engine.checkpoint.check_fingerprint,
+coverage or option to restate), its weights are loaded after emca.common.checkpoint_file.check_fingerprint,
 and the transform is the run's validation preprocessing, as the torchvision loader applies it
 (emca.data.transforms: shorter side, centre crop, per-channel normalisation). eval.py, Grad-CAM and
 load_model share read_checkpoint / restore_model; each names itself in the errors.
@@ -16,7 +16,7 @@ from typing import Any, Mapping, NamedTuple, Union
 import torch
 from torch import nn
 
-from ..engine.checkpoint import CheckpointError, architecture_fingerprint, check_fingerprint, load_checkpoint
+from ..common.checkpoint_file import CheckpointError, architecture_fingerprint, check_fingerprint, load_checkpoint
 from .config import check_model_options
 
 

@@ -22,7 +22,7 @@ from timm.models import (FeatureDictNet, FeatureGraphNet, build_model_with_cfg, 
                          resolve_pretrained_cfg)
 from timm.models import load_checkpoint as load_checkpoint_into
 
-from ..engine.checkpoint import CheckpointError, describe_architecture, load_checkpoint
+from ..common.checkpoint_file import CheckpointError, describe_architecture, load_checkpoint
 from ..layers.create_attn import ATTENTIONS, is_emca, kind_of
 from .resnet import BACKBONES, EMCAResNet, accepted_keywords, default_cfg, unknown_keyword, weights_mismatch
 

@@ -19,7 +19,7 @@ from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from ..engine.checkpoint import describe_architecture
+from ..common.checkpoint_file import describe_architecture
 from ..layers import EMCA
 from ..layers.create_attn import (ATTENTIONS, INTEGRATIONS, AttentionKind, create_attention, create_excitation,
                                   default_integration, is_emca, kind_of, kind_options, option_defaults)
