@@ -178,7 +178,9 @@ def continued_overrides(run_dir: Path, given: list[str]) -> Optional[list[str]]:
     path = Path(run_dir) / OVERRIDES_RECORD
     if not path.is_file():
         return None
-    recorded = [str(line) for line in OmegaConf.load(path)]
+    from emca.common.renamed_options import upgrade_override  # v0.2 runs recorded options since renamed
+
+    recorded = [upgrade_override(str(line)) for line in OmegaConf.load(path)]
     keys = {override_key(line) for line in given}
     kept = [line for line in recorded if override_key(line) not in keys]
     return [*kept, *given] if kept else None

@@ -82,13 +82,13 @@ def numpy_gc(module: GlobalContext, y: torch.Tensor) -> np.ndarray:
 
 def test_matches_a_numpy_reference_with_explicit_loops():
     torch.manual_seed(2)
-    module = randomized(GlobalContext(32, ratio=1 / 8), seed=3).double()
+    module = randomized(GlobalContext(32, reduction=8), seed=3).double()
     y = torch.randn(2, 32, 5, 6, dtype=torch.float64)
     np.testing.assert_allclose(module(y).detach().numpy(), numpy_gc(module, y), rtol=1e-10, atol=1e-12)
 
 
 def test_attention_pooling_hand_computed():
-    module = GlobalContext(2, ratio=0.5)
+    module = GlobalContext(2, reduction=2)
     with torch.no_grad():
         module.conv_mask.weight.copy_(torch.tensor([math.log(3) / 4, 0.0]).view(1, 2, 1, 1))
         module.conv_mask.bias.fill_(0.7)  # a shared shift: the softmax ignores it
@@ -134,12 +134,12 @@ def test_bfloat16_under_autocast_stays_bfloat16_and_close_to_float32():
     torch.testing.assert_close(out.float(), module(y.float()), rtol=0.05, atol=0.1)
 
 
-@pytest.mark.parametrize(("channels", "ratio"), [(256, 1 / 16), (2048, 1 / 16), (64, 1 / 4)])
-def test_parameter_count(channels, ratio):
-    hidden = int(channels * ratio)
+@pytest.mark.parametrize(("channels", "reduction"), [(256, 16), (2048, 16), (64, 4)])
+def test_parameter_count(channels, reduction):
+    hidden = channels // reduction
     mask = channels + 1  # 1x1 conv C -> 1 with bias
     transform = (channels * hidden + hidden) + 2 * hidden + (hidden * channels + channels)  # fc1, LN, fc2
-    assert sum(p.numel() for p in GlobalContext(channels, ratio).parameters()) == mask + transform
+    assert sum(p.numel() for p in GlobalContext(channels, reduction).parameters()) == mask + transform
 
 
 def test_resnet50_with_gc_in_c3_to_c5_has_the_papers_28_08_million():
@@ -155,4 +155,4 @@ def test_resnet50_with_gc_in_c3_to_c5_has_the_papers_28_08_million():
 
 def test_too_narrow_a_bottleneck_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
-        GlobalContext(8, ratio=1 / 16)
+        GlobalContext(8, reduction=16)

@@ -67,7 +67,7 @@ def test_wrong_keys_and_choices_get_one_line_with_the_fix(override, message):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["trainer.epochs=2", "attention=se,emca_eca", "attention.se_ratio=8", "coverage=none"],
+    ["trainer.epochs=2", "attention=se,emca_eca", "attention.se_reduction=8", "coverage=none"],
     ["+experiment=table3/se_all", "hydra.run.dir=x", "hydra/launcher=slurm"],
     ["+experiment=digits_quick", "dataset.image_size=16", "optimizer.betas=[0.9,0.99]", "model.init_exclude=[fc]"],
     ["++trainer.epochs=2", "attention=glob(emca_*)", "+experiment=table5", "attention.eca_kernel=5"],
@@ -131,7 +131,7 @@ def test_the_printed_resume_command_works_as_printed_and_a_changed_run_is_refuse
 
 @pytest.mark.parametrize("config, wrong, right", [("export", "formt=onnx", "format"),
                                                   ("summary", "image_sise=160", "image_size"),
-                                                  ("summary", "attention.se_ratoi=8", "attention.se_ratio")])
+                                                  ("summary", "attention.se_reductoin=8", "attention.se_reduction")])
 def test_the_other_entry_points_refuse_misspelt_keys_too(config, wrong, right):
     with pytest.raises(OverrideError, match=f"is not an option \\(did you mean {right}"):
         check_overrides(CONFIGS, config, [wrong], f"scripts/{config}.py")

@@ -157,7 +157,7 @@ def test_unknown_keyword_and_pretrained_are_one_line_errors():
         timm.create_model("emca_se_resnet18", drop_path=0.1)
     message = str(error.value)
     assert "\n" not in message and "'drop_path'" in message
-    assert all(name in message for name in ("drop_path_rate", "in_chans", "se_ratio", "features_only"))
+    assert all(name in message for name in ("drop_path_rate", "in_chans", "se_reduction", "features_only"))
     with pytest.raises(ValueError, match="no pretrained EMCA-ResNet weights") as error:
         timm.create_model("emca_se_resnet18", pretrained=True)
     assert "\n" not in str(error.value)
@@ -232,7 +232,7 @@ def test_timms_loaders_read_a_checkpoint_of_ours(trained):
     ours = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(trained)))
     refusals = [
         (CheckpointError, dict(model_name="emca_eca_resnet18", **ours), "it holds resnet18 / attention emca_se"),
-        (CheckpointError, dict(model_name="emca_se_resnet18", se_ratio=4, **ours), "its weights differ"),
+        (CheckpointError, dict(model_name="emca_se_resnet18", se_reduction=4, **ours), "its weights differ"),
         (WeightsMismatchError, dict(model_name="emca_eca_resnet18", num_classes=2, checkpoint_path=str(trained)),
          "these weights do not fit resnet18 / attention emca_eca"),
         (CheckpointError, dict(model_name="emca_se_resnet18", pretrained=True,

@@ -51,7 +51,7 @@ def test_se_resnet50_has_the_published_parameter_count():
 
 def test_bias_free_se_resnet50_has_the_authors_parameter_count():
     # 28,088,024 (Hu et al.) less C + C/16 biases in each of the 16 modules: 28,071,976 = 26.772 x 2^20.
-    model = EMCAResNet("resnet50", attention="se", integration="all", se_ratio=16, se_bias=False)
+    model = EMCAResNet("resnet50", attention="se", integration="all", se_reduction=16, se_bias=False)
     assert count_parameters(model) == 28_071_976
 
 
@@ -406,7 +406,7 @@ def test_build_model_from_config_mappings():
         {
             "name": "emca_se",
             "integration": "first",
-            "se_ratio": 8,
+            "se_reduction": 8,
             "eca_kernel": "adaptive",
             "gating": "residual",
             "align": "repeat",

@@ -78,7 +78,7 @@ TRAIN_OPTION_ERRORS = {
     (
         "backbone.name=resnet7",
     ): "backbone.name='resnet7' must be one of resnet18, resnet34, resnet50, resnet101, resnet152",
-    ("attention=se", "attention.se_ratio=0"): "attention.se_ratio=0 must be an integer >= 1",
+    ("attention=se", "attention.se_reduction=0"): "attention.se_reduction=0 must be an integer >= 1",
     (
         "attention=eca",
         "attention.eca_kernel=big",
@@ -199,6 +199,6 @@ def test_messages_show_values_as_written_on_the_command_line():
 
 
 def test_model_options_from_a_checkpoints_plain_config():
-    check_model_options({"name": "resnet18"}, {"name": "eca", "eca_kernel": [3, 5, 5, 7], "se_ratio": 16})
+    check_model_options({"name": "resnet18"}, {"name": "eca", "eca_kernel": [3, 5, 5, 7], "se_reduction": 16})
     with pytest.raises(ValueError, match=r"^attention\.eca_kernel='big' must be 'adaptive'"):
         check_model_options({"name": "resnet18"}, {"eca_kernel": "big"})  # not read as the list of sizes b, i, g

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from emca.common.renamed_options import upgrade_config
 from emca.layers.create_attn import EMCA_PREFIX, is_emca, option_defaults, reads
 from emca.models import coverage_name, default_integration
 from emca.models.config import AttentionConfig
@@ -74,8 +75,8 @@ def variant_from_config(cfg: Any) -> Variant:
     The coverage preset is derived from coverage.stages / coverage.blocks rather than trusted from
     coverage.name, which a command-line override of the fields leaves stale.
     """
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
+    # A v0.2 run's config may name options since renamed (attention.gc_ratio): read in today's names.
+    cfg = OmegaConf.create(upgrade_config(OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg))
     backbone = str(cfg.backbone.name)
     attention = str(cfg.attention.name)
     if attention == "none":

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from emca.common.renamed_options import upgrade_config
 from emca.options import shown
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def check_resume_config(
         return
     if isinstance(current, DictConfig):
         current = OmegaConf.to_container(current, resolve=True, enum_to_str=True)
-    before, after = run_options(saved), run_options(current)
+    # A v0.2 run's config may name options since renamed (attention.gc_ratio): compared in today's names.
+    before, after = run_options(upgrade_config(saved)), run_options(current)
     changed = [key for key in after if key in before and before[key] != after[key]]
     if not changed:
         return

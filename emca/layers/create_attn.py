@@ -76,7 +76,7 @@ class AttentionKind:
             raise ValueError(f"attention kind {self.name}: positions are for block methods (stages for the others)")
 
     def field(self, option: str) -> str:
-        """The config field of one of its options: se + ratio -> se_ratio."""
+        """The config field of one of its options: se + reduction -> se_reduction."""
         return f"{self.name}_{option}"
 
 
@@ -86,7 +86,7 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     # SE's bias=True is Hu et al.'s (timm's SEModule); the table presets use False, the EMCA authors' SE
     # whose parameter counts the paper prints (docs/paper.md#parameter-counts).
     AttentionKind("se", "SE", "branch", excitation=SEExcitation, pooling="mean",
-                  options={"ratio": 16, "bias": True}),
+                  options={"reduction": 16, "bias": True}),
     # kernel: 'adaptive' (ECA's formula per stage) or one odd size per stage, e.g. [3, 5, 5, 7].
     AttentionKind("eca", "ECA", "branch", excitation=ECAExcitation, pooling="mean",
                   options={"kernel": "adaptive"}, per_stage=("kernel",)),
@@ -108,8 +108,8 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("epsa", "EPSANet", "block", module=epsa_block, options={"size": "small", "reduction": 16}),
     # Double attention after the blocks a2_positions lists (the paper's R-50: 2 in res3, 3 in res4).
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
-    # Global context block in every block of stages 2-4 (GCNet's c3-c5), ratio 1/16.
-    AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"ratio": 1 / 16}, stages=(2, 3, 4)),
+    # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
+    AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
@@ -134,7 +134,7 @@ def kind_of(attention: str) -> AttentionKind:
 
 
 def option_defaults() -> dict[str, Any]:
-    """Every method option as its config field, with its default: {'se_ratio': 16, ...}."""
+    """Every method option as its config field, with its default: {'se_reduction': 16, ...}."""
     return {kind.field(option): default for kind in ATTENTION_KINDS for option, default in kind.options.items()}
 
 

@@ -30,9 +30,9 @@ class SEExcitation(nn.Module):
     parameter counts the paper prints (docs/paper.md#parameter-counts).
     """
 
-    def __init__(self, channels: int, ratio: int = 16, bias: bool = True):
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
         super().__init__()
-        hidden = max(channels // ratio, 1)
+        hidden = max(channels // reduction, 1)
         self.fc1 = nn.Linear(channels, hidden, bias=bias)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, channels, bias=bias)

@@ -5,15 +5,16 @@ position of y (the paper's Eq. 3 with its three steps):
 
     context modelling   a = softmax_hw(W_k y)                       W_k: 1x1 conv C -> 1, with bias
                         c = sum_hw a * y                            (B, C): attention pooling
-    transform           t = W_v2 ReLU(LN(W_v1 c))                  C -> C * ratio -> C, with biases
+    transform           t = W_v2 ReLU(LN(W_v1 c))                  C -> C / r -> C, with biases
     fusion              out = y + t                                 broadcast over H x W
 
 The layout follows the authors' code (github.com/xvjiarui/GCNet, mmdet/ops/gcb/context_block.py,
 pooling_type='att', fusion_types=('channel_add',)): biases everywhere, the LayerNorm over the
-C * ratio bottleneck with scale and shift (eps 1e-5), hidden width int(C * ratio), the mask conv
-Kaiming-initialised (fan_in) and the last transform layer zero-initialised, so that the block
-starts as the identity. The transform acts on a pooled vector, so it is written with Linear layers
-and a LayerNorm over (C * ratio,), the same arithmetic as the authors' 1x1 convs on (B, C, 1, 1).
+C / r bottleneck with scale and shift (eps 1e-5), the mask conv Kaiming-initialised (fan_in) and the
+last transform layer zero-initialised, so that the block starts as the identity. The paper's bottleneck
+ratio 1/r is given as its divisor r (`reduction`, as every method's): hidden width C // r, the width of
+the authors' int(C * ratio). The transform acts on a pooled vector, so it is written with Linear layers
+and a LayerNorm over (C // r,), the same arithmetic as the authors' 1x1 convs on (B, C, 1, 1).
 """
 
 import torch
@@ -21,11 +22,11 @@ from torch import nn
 
 
 class GlobalContext(nn.Module):
-    def __init__(self, channels: int, ratio: float = 1 / 16):
+    def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        hidden = int(channels * ratio)
+        hidden = channels // reduction
         if hidden < 1:
-            raise ValueError(f"GC's bottleneck int({channels} * {ratio}) must be at least 1 channel")
+            raise ValueError(f"GC's bottleneck {channels} // {reduction} must be at least 1 channel")
         self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
         self.fc1 = nn.Linear(channels, hidden)
         self.norm = nn.LayerNorm(hidden)

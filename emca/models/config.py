@@ -42,7 +42,7 @@ def _option_field(kind: AttentionKind, option: str) -> tuple[str, Any, Any]:
 
 
 # The method options, one field <method>_<option> per option of the attention table, with the
-# table's default (se_ratio, se_bias, eca_kernel, cbam_reduction, ...): the table states each once.
+# table's default (se_reduction, se_bias, eca_kernel, cbam_reduction, ...): the table states each once.
 AttentionConfig = make_dataclass(
     "AttentionConfig",
     [_option_field(kind, option) for kind in ATTENTION_KINDS for option in kind.options],
@@ -69,7 +69,7 @@ def attention_choices() -> dict[str, Any]:
 
 def check_model_options(backbone: Any, attention: Any) -> None:
     """The model options that the model itself checks in no one-line error naming the option (an
-    unknown backbone is timm's RuntimeError, se_ratio=0 a ZeroDivisionError). The others, such as
+    unknown backbone is timm's RuntimeError, se_reduction=0 a ZeroDivisionError). The others, such as
     attention.integration or coverage.stages, are checked where the model is built."""
 
     def get(cfg: Any, key: str, default: Any = None) -> Any:  # DictConfig, dict (a checkpoint's) or dataclass

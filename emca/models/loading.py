@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..common.checkpoint_file import CheckpointError, architecture_fingerprint, check_fingerprint, load_checkpoint
+from ..common.renamed_options import upgrade_config
 from .config import check_model_options
 
 
@@ -31,7 +32,11 @@ def read_checkpoint(path: Path, error: type[Exception] = CheckpointError, reader
                     "train.py")
     if "fingerprint" not in state:
         raise error(f"{path} has no architecture fingerprint; {reader} needs a checkpoint written by train.py")
-    return state
+    # A v0.2 checkpoint's config may name options since renamed (attention.gc_ratio): read in today's names.
+    try:
+        return {**state, "config": upgrade_config(state["config"])}
+    except ValueError as problem:
+        raise error(f"{path}: {problem}") from None
 
 
 def restore_model(path: Path, state: dict[str, Any], ema: bool = False, error: type[Exception] = CheckpointError,
