@@ -18,11 +18,13 @@ is accepted (`adopt`), with the lines logged before then.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import logging.handlers
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -116,6 +118,9 @@ class RunFolder(contextlib.AbstractContextManager):
     def _unwritable(self, error: OSError) -> str:
         """The refusal of a folder that cannot be written (a read-only mount, permissions, a full disk)."""
         problem = f"cannot write the run folder {self.path} ({error.strerror})"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            # resume=auto continues a run, restarts one that has no checkpoint yet, and starts an empty folder.
+            return f"{problem}; free space there, then run with hydra.run.dir={self.path} trainer.resume=auto"
         if self.path.is_dir() and self.artefacts():  # a run to continue: another folder would start afresh
             return (f"{problem}; make it writable, or copy it (cp -a {self.path} NEW) and continue there with "
                     "hydra.run.dir=NEW trainer.resume=auto")
@@ -217,15 +222,44 @@ class RunFolder(contextlib.AbstractContextManager):
             raise RunFolderError(self._unwritable(error)) from None
         self.adopted = True
         name_holder(self._lock_fd)  # named in the refusal of a second run
-        for name, text in (records or {}).items():
-            atomic_write(self.path / CONFIG_DIR / name, lambda file, text=text: file.write(text.encode()))
-        self._log_file = logging.FileHandler(self.path / LOG_FILE, mode="a")
+        try:
+            for name, text in (records or {}).items():
+                atomic_write(self.path / CONFIG_DIR / name, lambda file, text=text: file.write(text.encode()))
+        except OSError as error:  # a full disk: the records written before stay whole (atomic_write)
+            raise RunFolderError(self._unwritable(error)) from None
+        self._log_file = RunLog(self.path / LOG_FILE, mode="a")
         self._log_file.setFormatter(logging.Formatter(LOG_FORMAT))
         self._early_lines.setTarget(self._log_file)
         self._early_lines.flush()
         root = logging.getLogger()
         root.removeHandler(self._early_lines)
         root.addHandler(self._log_file)
+
+
+class RunLog(logging.FileHandler):
+    """train.log. A write that fails (a full disk, a folder made read-only) stops the file, with one
+    line on stderr, instead of Python's "--- Logging error ---" traceback for every line after it and
+    an OSError from close(); the console keeps every line, and the run goes on."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        reason = getattr(error, "strerror", None) or error
+        sys.stderr.write(f"{self.baseFilename} can no longer be written ({reason}); its lines go to the console only\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the tail that failed to flush: the file is closed all the same
+            pass
 
 
 def _refuse_slim(source: Path) -> None:
