@@ -163,6 +163,26 @@ def test_a_locked_mlflow_store_costs_one_line_not_the_run_and_a_resume_sends_wha
             (event.step, pytest.approx(event.value)) for event in events.Scalars(tag)], tag
 
 
+def test_trackers_turned_on_at_a_resume_get_the_epochs_trained_without_them(compose_train, tmp_path, monkeypatch):
+    store, run_dir = tmp_path / "mlflow.db", tmp_path / "run"
+    preempt_after_step(monkeypatch, 4)
+    with pytest.raises(Preempted):  # epoch 1 trained with no tracker at all
+        train(compose_train(*RUN, "logger.tensorboard=false"), str(run_dir))
+    monkeypatch.undo()
+    assert not list(run_dir.glob("events.out.tfevents.*"))
+    train(compose_train(*RUN, "trainer.resume=auto", "logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{store}"),
+          str(run_dir))
+    history = json.loads((run_dir / "results.json").read_text())["history"]
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    client = MlflowClient(f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("emca-train").experiment_id])
+    for tag, key in (("top1/val", "val_top1"), ("loss/train", "train_loss")):
+        expected = [(record["epoch"], pytest.approx(record[key])) for record in history]
+        assert [(event.step, event.value) for event in events.Scalars(tag)] == expected, tag
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag)] == expected, tag
+
+
 def test_a_read_only_mlflow_store_is_refused_before_anything_is_written_and_the_advice_works(
         compose_train, tmp_path):
     store = tmp_path / "store"
@@ -207,7 +227,7 @@ def test_a_full_disk_is_one_line_the_last_checkpoint_survives_and_the_run_contin
             train(compose_train(*RUN), str(run_dir))
         monkeypatch.undo()
         kept = digest(run_dir / "checkpoints" / "last.pt")
-        filler = fill(disk, leave_bytes=1 << 20)
+        filler = fill(disk, leave_bytes=0)  # train.log and the event file fail too, as their pages fill
         caplog.set_level(logging.INFO)
         with pytest.raises(RunAborted) as full:
             train(compose_train(*RUN, "trainer.resume=auto"), str(run_dir))
@@ -215,9 +235,35 @@ def test_a_full_disk_is_one_line_the_last_checkpoint_survives_and_the_run_contin
         assert "No space left on device" in message and "enforce fail" not in message and "\n" not in message
         assert f"continue with hydra.run.dir={run_dir} trainer.resume=auto" in message
         assert digest(run_dir / "checkpoints" / "last.pt") == kept and progress_of(run_dir) == (1, 1)
-        assert "Traceback" not in capfd.readouterr().err
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "Logging error" not in err
+        assert err.count("train.log can no longer be written (No space left on device)") <= 1
         filler.unlink()
         train(compose_train(*RUN, "trainer.resume=auto"), str(run_dir))  # as the line advises
+        assert progress_of(run_dir) == (2, 0)
+
+
+def test_train_py_on_a_full_disk_is_one_line_and_the_advice_works(tmp_path):
+    disk, env = tmp_path / "disk", {**os.environ}
+    with small_disk(disk, "1g"):
+        run_dir = disk / "run"
+
+        def train_py(*options: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "train.py", *RUN, f"hydra.run.dir={run_dir}", *options],
+                                  cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+        assert train_py("trainer.epochs=1").returncode == 0
+        kept = digest(run_dir / "checkpoints" / "last.pt")
+        filler = fill(disk, leave_bytes=0)
+        failed = train_py("trainer.epochs=2", "trainer.resume=auto")
+        assert failed.returncode == 1
+        (line,) = [line for line in (failed.stdout + failed.stderr).splitlines() if "[ERROR]" in line]
+        assert "(No space left on device)" in line
+        assert line.endswith(f"free space there, then run with hydra.run.dir={run_dir} trainer.resume=auto")
+        assert "Traceback" not in failed.stderr and "Logging error" not in failed.stderr
+        assert digest(run_dir / "checkpoints" / "last.pt") == kept
+        filler.unlink()
+        assert train_py("trainer.epochs=2", "trainer.resume=auto").returncode == 0  # as the line advises
         assert progress_of(run_dir) == (2, 0)
 
 

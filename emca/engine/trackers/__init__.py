@@ -21,6 +21,9 @@ from .config import LoggerConfig
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "train_step/"
+# What a tracker that failed gets back (the epoch series, from the checkpoint's history; W&B offline
+# cannot be asked what it holds, so it keeps its gap).
+RESENT = "; a resume of this run sends it the epoch records it missed"
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -126,25 +129,25 @@ def build_trackers(cfg: LoggerConfig, run_dir: Path, run_id: str, params: Mappin
                    global_step: int, history: Sequence[Mapping[str, Any]] = ()) -> Trackers:
     """`params`: the run's flattened parameters; `global_step`: the optimizer steps already trained
     (a resumed run), after which TensorBoard drops what a pre-empted process wrote; `history`: the
-    epoch records so far, which MLflow gets again where its run lacks them. Each tracker starts on
+    epoch records so far, which MLflow and TensorBoard get again where they lack them. Each tracker starts on
     its own thread: one that cannot start is reported and disabled, and the run goes on."""
     channels, shown = [], []
     run_name = f"{run_dir.parent.name}/{run_dir.name}"  # e.g. <sweep time>/0_attention-emca_se
     params = dict(params)
+    epochs = [(record["epoch"], epoch_scalars(record)) for record in history]
     if cfg.tensorboard:
         from .tensorboard import TensorBoardTracker
 
         # Events written after the checkpoint this run resumes from have a larger step.
         purge_step = global_step + 1 if global_step else None
-        channels.append(Channel("TensorBoard", lambda: TensorBoardTracker(run_dir, purge_step), cfg.timeout_s))
+        channels.append(Channel("TensorBoard", lambda: TensorBoardTracker(run_dir, purge_step, epochs),
+                                cfg.timeout_s, after_failure=RESENT))
         shown.append("TensorBoard (event files beside train.log)")
     if cfg.mlflow.enabled:
         from .mlflow import MlflowTracker, tracking_uri
 
-        epochs = [(record["epoch"], epoch_scalars(record)) for record in history]
         channels.append(Channel("MLflow", lambda: MlflowTracker(cfg.mlflow, run_id, run_name, params, epochs),
-                                cfg.timeout_s, after_failure="; a resume of this run sends MLflow the epoch "
-                                "records it missed"))
+                                cfg.timeout_s, after_failure=RESENT))
         shown.append(f"MLflow ({tracking_uri(cfg.mlflow)}, experiment {cfg.mlflow.experiment})")
     if cfg.wandb.enabled:
         from .wandb import WandbTracker

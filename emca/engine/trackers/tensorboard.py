@@ -9,9 +9,11 @@ and hparams/final_* at the end of a completed run.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
+from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -27,11 +29,48 @@ OVERLAYS = {
 }
 
 
+def _missing(run_dir: Path, epochs: Sequence[tuple[int, Mapping[str, float]]]) -> list[tuple[int, dict]]:
+    """The epoch scalars that no event file in run_dir holds (read as TensorBoard reads them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    present = {tag: {event.step for event in events.Scalars(tag)} for tag in tags}
+    missing = []
+    for epoch, scalars in epochs:
+        lacking = {tag: value for tag, value in scalars.items() if epoch not in present.get(tag, ())}
+        if lacking:
+            missing.append((epoch, lacking))
+    return missing
+
+
+def _quiet_writer_failures(previous=threading.excepthook):
+    """TensorBoard's writer thread re-raises a failed write (a full disk), which Python prints as a
+    traceback; the writer raises it again at its next call, which the tracker's channel reports in
+    one line. Other threads' exceptions go to the previous hook."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    return hook
+
+
+threading.excepthook = _quiet_writer_failures()
+
+
 class TensorBoardTracker:
-    def __init__(self, run_dir: Path, purge_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, purge_step: Optional[int] = None,
+                 epochs: Sequence[tuple[int, Mapping[str, float]]] = ()):
+        """`epochs`: the (epoch, scalars) trained so far (a resumed run): those the run folder's event
+        files lack (TensorBoard was off, or failed, meanwhile) are written again."""
+        missing = _missing(run_dir, epochs) if epochs else []
         # purge_step drops step events a pre-empted run wrote after the checkpoint it resumes from.
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         self.writer.add_custom_scalars(OVERLAYS)
+        for epoch, scalars in missing:
+            self.log_epoch(epoch, scalars)
 
     def log_step(self, step: int, scalars: Mapping[str, float]) -> None:
         for tag, value in scalars.items():
