@@ -23,7 +23,8 @@ from torch.distributed import run
 from torch.distributed.elastic.agent.server import api as agent_api
 from torch.distributed.elastic.multiprocessing import api as processes
 
-from emca.engine.preemption import SIGINT_EXIT_STATUS, STOP_SIGNALS, exit_status
+from emca.common.signals import STOP_SIGNALS
+from emca.engine.preemption import SIGINT_EXIT_STATUS, exit_status
 
 received: list[int] = []  # the first signal; a repeat is ignored
 exit_codes: dict[int, Optional[int]] = {}  # local rank -> exit status, once the agent has closed its ranks

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from emca.engine.preemption import detach_worker, stop_signals_blocked
+from emca.common.signals import detach_worker, stop_signals_blocked
 
 from .errors import DatasetError
 from .folder import ImageList, open_image

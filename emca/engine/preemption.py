@@ -12,22 +12,18 @@ installed before ours (e.g. submitit's requeue handler) is called after the save
 Before training starts (listing and screening a dataset can take minutes) there is nothing to
 save: a signal then stops the run at once, raising StoppedBeforeTraining from the handler.
 
-SLURM and a terminal's Ctrl-C signal the whole process group, DataLoader workers
-included: a worker killed by the signal would take the epoch down with it. Workers therefore start
-with the stop signals blocked (the mask is inherited through fork and exec, `stop_signals_blocked`),
-and each one moves to a process group of its own before unblocking them (`detach_worker`): the
-group's signal no longer reaches it, while the loader's own shutdown (SIGTERM to the worker) still
-ends it.
+The signals themselves, and the mask that keeps them from DataLoader workers, are emca.common.signals'
+(the data layer starts the workers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-from typing import Iterator, Optional
+from typing import Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+from emca.common.signals import STOP_SIGNALS
+
 SIGINT_EXIT_STATUS = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C
 
 
@@ -92,29 +88,3 @@ class StopRequest(contextlib.AbstractContextManager):
         previous = self._previous.get(self.signal) if self.signal is not None else None
         if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signal, None)
-
-
-def detach_worker(_worker_id: int = 0) -> None:
-    """A DataLoader worker_init_fn: leave the trainer's process group, drop a stop signal meant for
-    that group, and take SIGTERM's default action back (the parent's handler came with fork)."""
-    os.setpgid(0, 0)
-    for signum in (signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    pending = signal.sigpending() & set(STOP_SIGNALS)
-    while pending and signal.sigtimedwait(pending, 0) is not None:  # sent to the group before the move
-        pending = signal.sigpending() & set(STOP_SIGNALS)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-@contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Block the stop signals while child processes are started, so that they inherit the block.
-
-    A signal that reaches this process meanwhile stays pending and is delivered on leaving.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
