@@ -195,26 +195,8 @@ class EMCAResNet(tv_resnet.ResNet):
         global_pool: str = "avg",
         **options: Any,
     ):
-        if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone '{backbone}': choose one of {list(BACKBONES)}")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention '{attention}': choose one of {list(ATTENTIONS)}")
-        _check_integration(attention, integration)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
-        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
-        for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
-        unknown = sorted(set(options) - set(option_defaults()))
-        if unknown:
-            raise TypeError(unknown_keyword(type(self).__name__, unknown[0], accepted_keywords()))
-        for key, default in option_defaults().items():  # bool("false") would silently be True
-            if isinstance(default, bool) and not isinstance(options.get(key, default), bool):
-                raise ValueError(f"{key} must be true or false, got {options[key]!r}")
+        _check_arguments(type(self).__name__, backbone, attention, integration, num_classes, in_chans,
+                         {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}, global_pool, options)
         spec = BACKBONES[backbone]
         super().__init__(
             spec.block, list(spec.stage_depths), num_classes=max(num_classes, 1), zero_init_residual=zero_init_residual
@@ -234,14 +216,24 @@ class EMCAResNet(tv_resnet.ResNet):
         self.pooled_outputs: frozenset[int] = frozenset()
         self.pooling = "mean"  # what the EMCA modules' excitation reads, hence how sources are pooled
         if attention != "none":
-            self._add_attention(kind_of(attention), integration or default_integration(attention), options,
-                                gating, align)
+            kind = kind_of(attention)
+            per_stage = [kind_options(kind, options, i, len(self._stages)) for i in range(len(self._stages))]
+            integration = integration or default_integration(attention)
+            # EMCA is called from here, not through _add_attention, so that the coverage region's path
+            # from the config to the module stays short (emca.models.build_model's docstring counts it).
+            if is_emca(attention):
+                self._add_emca(kind, integration, per_stage, gating, align)
+            else:
+                self._add_attention(kind, integration, per_stage)
+        self._add_timm_interface(num_classes, in_chans, float(drop_rate), float(drop_path_rate), global_pool)
 
-        # timm's interface. The default model (3 channels, avg pool, no dropout or drop path) keeps
-        # torchvision's modules and initialisation: the head is torchvision's pool + flatten + fc.
+    def _add_timm_interface(self, num_classes: int, in_chans: int, drop_rate: float, drop_path_rate: float,
+                            global_pool: str) -> None:
+        """timm's interface. The default model (3 channels, avg pool, no dropout or drop path) keeps
+        torchvision's modules and initialisation: the head is torchvision's pool + flatten + fc."""
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.drop_rate = float(drop_rate)
+        self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = self.stage_channels[-1]
         if in_chans != 3:
@@ -251,7 +243,7 @@ class EMCAResNet(tv_resnet.ResNet):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         if num_classes == 0 or self.global_pool.feat_mult() != 1 or not global_pool:
             self.reset_classifier(num_classes, global_pool)
-        self._add_drop_path(float(drop_path_rate))
+        self._add_drop_path(drop_path_rate)
         self.feature_info = self._feature_info()
         self.pretrained_cfg = self.default_cfg = default_cfg(num_classes=num_classes, input_size=(in_chans, 224, 224))
 
@@ -277,16 +269,14 @@ class EMCAResNet(tv_resnet.ResNet):
                              module=f"stage_attn.{number}" if after else f"layer{number + 1}"))
         return info
 
-    def _add_attention(self, kind: AttentionKind, integration, fields, gating, align):
+    def _add_attention(self, kind: AttentionKind, integration: str | None, per_stage: list[dict[str, Any]]) -> None:
+        """A plain method's modules, where its table entry puts them (branch, stage_end or block)."""
         carried = kind.stages or range(1, len(self._stages) + 1)
         if kind.stages is not None and max(kind.stages) > len(self._stages):
             raise ValueError(
                 f"{kind.name} sits in stages {kind.stages} but {self.backbone_name} has {len(self._stages)}"
             )
-        per_stage = [kind_options(kind, fields, i, len(self._stages)) for i in range(len(self._stages))]
-        if is_emca(self.attention_name):
-            self._add_emca(kind, integration, per_stage, gating, align)
-        elif kind.place == "branch":
+        if kind.place == "branch":
             for number in carried:
                 stage = self._stages[number - 1]
                 for index in attention_blocks(integration, len(stage)):
@@ -304,7 +294,10 @@ class EMCAResNet(tv_resnet.ResNet):
                 _named_errors(kind, per_stage[stage], kind.module, self._stages[stage][index], **per_stage[stage])
                 self._stages[stage][index].edited = True
 
-    def _add_emca(self, kind: AttentionKind, integration, per_stage, gating, align):
+    def _add_emca(self, kind: AttentionKind, integration: str, per_stage: list[dict[str, Any]], gating: str,
+                  align: str) -> None:
+        """An EMCA module on the chosen blocks of each stage, reading the earlier block outputs that the
+        coverage region names (coverage_sources: output indices, 0 the stem)."""
         output_channels = [self.conv1.out_channels] + [
             c for c, n in zip(self.stage_channels, self.stage_depths, strict=True) for _ in range(n)
         ]
@@ -511,6 +504,31 @@ def _named_errors(kind: AttentionKind, options: dict[str, Any], build, *args, **
     except ValueError as error:
         given = ", ".join(f"attention.{kind.field(key)}={shown(value)}" for key, value in options.items())
         raise ValueError(f"attention={kind.name}: {error}" + (f" (with {given})" if given else "")) from None
+
+
+def _check_arguments(owner: str, backbone: str, attention: str, integration: str | None, num_classes: Any,
+                     in_chans: Any, rates: dict[str, Any], global_pool: str, options: dict[str, Any]) -> None:
+    """EMCAResNet's arguments, each refused in one line before anything is built."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone '{backbone}': choose one of {list(BACKBONES)}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention '{attention}': choose one of {list(ATTENTIONS)}")
+    _check_integration(attention, integration)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
+    for name, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {global_pool!r}")
+    unknown = sorted(set(options) - set(option_defaults()))
+    if unknown:
+        raise TypeError(unknown_keyword(owner, unknown[0], accepted_keywords()))
+    for key, default in option_defaults().items():  # bool("false") would silently be True
+        if isinstance(default, bool) and not isinstance(options.get(key, default), bool):
+            raise ValueError(f"{key} must be true or false, got {options[key]!r}")
 
 
 def _check_integration(attention: str, integration: str | None) -> None:
