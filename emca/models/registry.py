@@ -47,6 +47,12 @@ MODELS: dict[str, tuple[str, str | None]] = {
 default_cfgs = generate_default_cfgs({name: default_cfg() for name in MODELS})
 
 
+def registered_cfg(backbone: str) -> dict[str, Any]:
+    """timm's pretrained_cfg of emca_<backbone> (the name that takes attention= as a keyword), as
+    timm.create_model sets it on a model: the evaluation recipe, 1000 classes, the architecture's name."""
+    return resolve_pretrained_cfg(_name(backbone, None)).to_dict()
+
+
 def _create(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> EMCAResNet:
     accepted = accepted_keywords(backbone_fixed=True)
     for keyword in kwargs:
