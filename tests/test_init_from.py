@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from emca.common.checkpoint_file import CheckpointError
-from emca.engine.initialisation import initialise_from
+from emca.models.initialisation import initialise_from
 from emca.models import build_model
 
 from conftest import SYNTHETIC_RUN

@@ -40,6 +40,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .initialisation import initialise_from
 from .resnet import EMCAResNet
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,6 @@ def detection_backbone(
     body = StageFeatures(returned, backbone=backbone, attention=attention, coverage=coverage, **model_options)
     initialisation = None
     if weights is not None:
-        from ..engine.initialisation import initialise_from
-
         initialisation = initialise_from(body, str(weights), exclude=["fc"])
         log.info(initialisation.summary().replace("model.init_from", "detection_backbone weights"))
     if frozen:
