@@ -208,6 +208,19 @@ class TrainConfig:
     model: ModelInitConfig = field(default_factory=ModelInitConfig)
 
 
+@dataclass
+class SummaryConfig:
+    """scripts/model_summary.py (configs/summary.yaml): the model groups of TrainConfig and the input
+    it is measured at."""
+
+    backbone: BackboneConfig = MISSING
+    attention: AttentionConfig = MISSING
+    coverage: CoverageConfig = MISSING
+    # ImageNet's 1,000-way head and 224 px: what the paper's parameter counts and GFLOPs are for.
+    num_classes: int = 1000
+    image_size: int = 224
+
+
 def _run_dir(default: str) -> str:
     return default if env_rank() == 0 else scratch_run_dir()
 
@@ -264,9 +277,10 @@ def _sweep_subdir(num, *, _root_) -> str:
 
 
 def register() -> None:
-    """Register the schema and the resolvers configs/train.yaml uses (idempotent)."""
+    """Register the schemas (train's, summary's) and the resolvers configs/train.yaml uses (idempotent)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
+    store.store(name="summary_schema", node=SummaryConfig)
     # The `attention` group's choices come from the attention table, not from YAML files.
     for name, node in attention_choices().items():
         store.store(group="attention", name=name, node=node)

@@ -13,8 +13,11 @@ from emca.options import require_int
 
 from .errors import DatasetError
 
-IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+# ImageNet's RGB statistics (0.485, 0.456, 0.406 / 0.229, 0.224, 0.225) x 255, written rounded as the
+# v0.2 dataset files wrote them (0.224 * 255 is 57.120000000000005 in floats): a v0.2 run's recorded
+# values must compare equal when it resumes (emca.engine.compatibility).
+IMAGENET_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_STD = [58.395, 57.12, 57.375]
 
 # dataset.workers=null's most loader workers per rank (as eval.py's speed.workers=null).
 AUTO_WORKERS_MAX = 8
@@ -46,8 +49,12 @@ class DatasetConfig:
     # 'random_resized' (ImageNet-style) | 'pad_random' (zero-pad crop_padding px, random crop).
     train_crop: str = "random_resized"
     crop_scale: Any = field(default_factory=lambda: [0.08, 1.0])
-    crop_ratio: Any = field(default_factory=lambda: [3 / 4, 4 / 3])
-    crop_padding: int = 4
+    # 3/4 to 4/3, with 4/3 written to 7 decimals as the v0.2 dataset files wrote it, so that a v0.2
+    # run's recorded value compares equal when it resumes.
+    crop_ratio: Any = field(default_factory=lambda: [0.75, 1.3333333])
+    # pad_random only (random_resized reads no padding); no padding unless a dataset asks for it
+    # (tiny_imagenet: 4 px, our choice, docs/paper.md#decisions).
+    crop_padding: int = 0
     hflip: bool = True
     # Validation centre-crop size; null: image_size (train at 160 and test at 224 as RSB: 160 and 224).
     val_image_size: Optional[int] = None

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 from emca.layers.create_attn import (ATTENTION_KINDS, ATTENTIONS, EMCA_PREFIX, AttentionKind, default_integration,
                                      is_emca)
 from emca.options import is_int, require, require_int, shown
@@ -17,7 +19,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"
+    # One of BACKBONES (emca.models.resnet), chosen by the backbone group of each
+    # entry point's defaults list (configs/train.yaml: resnet18, the offline default; summary.yaml: resnet50).
+    name: str = MISSING
+    # Zero-initialise each block's last BatchNorm scale, so that every residual block starts as the identity.
     zero_init_residual: bool = False
 
 
