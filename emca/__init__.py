@@ -1,6 +1,6 @@
 """EMCA-Train: EMCA-ResNets (Efficient Multi-scale Channel Attention) and their training framework.
 
-    model, transform = emca.load_model("run/checkpoints/best.pt")   # emca.models.loading
+    model, transform = emca.load_model("run/checkpoints/best.pt")   # emca/api.py
 """
 
 __version__ = "0.1.0"
@@ -11,7 +11,7 @@ __all__ = ["__version__", "load_model"]
 def __getattr__(name: str):
     # Lazily, so that `import emca` (and the light tools under it, such as the launcher) imports no torch.
     if name == "load_model":
-        from emca.models.loading import load_model
+        from emca.api import load_model
 
         return load_model
     raise AttributeError(f"module 'emca' has no attribute '{name}'")

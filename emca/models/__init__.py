@@ -9,7 +9,6 @@ from .coverage import PRESETS as COVERAGE_PRESETS
 from .coverage import CoverageRegion, coverage_name, coverage_sources
 from ..layers.create_attn import ATTENTIONS, INTEGRATIONS, default_integration, option_defaults
 from .resnet import BACKBONES, EMCAResNet, WeightsMismatchError
-from .loading import EvalTransform, LoadedModel, load_model
 from .detection import detection_backbone
 
 
@@ -69,8 +68,6 @@ __all__ = [
     "INTEGRATIONS",
     "CoverageRegion",
     "EMCAResNet",
-    "EvalTransform",
-    "LoadedModel",
     "WeightsMismatchError",
     "attention_modules",
     "build_model",
@@ -78,5 +75,4 @@ __all__ = [
     "coverage_sources",
     "default_integration",
     "detection_backbone",
-    "load_model",
 ]
