@@ -23,6 +23,7 @@ from omegaconf import MISSING, OmegaConf
 
 from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
+from emca.engine.optim import LossName, NoWeightDecay, OptimizerName  # noqa: F401  (where optim.py reads them)
 from emca.layers.create_attn import ATTENTIONS
 from emca.engine.trackers.config import LoggerConfig
 from emca.models import coverage_name
@@ -40,17 +41,6 @@ class LrSchedule(Enum):
     cosine = "cosine"  # cosine decay from lr to 0 over the epochs after warm-up
 
 
-class OptimizerName(Enum):
-    sgd = "sgd"  # torch.optim.SGD (momentum, nesterov): the paper's
-    adamw = "adamw"  # torch.optim.AdamW (betas, eps): decoupled weight decay
-    lamb = "lamb"  # timm.optim.Lamb (betas, eps): layer-wise trust ratio, ResNet strikes back's
-
-
-class LossName(Enum):
-    ce = "ce"  # softmax cross-entropy (soft targets under mixup / cutmix)
-    bce = "bce"  # per-class binary cross-entropy, timm's BinaryCrossEntropy (ResNet strikes back)
-
-
 class ClipMode(Enum):
     norm = "norm"  # scale all gradients so that their global L2 norm is at most trainer.clip_grad
     value = "value"  # clamp every gradient element to [-clip_grad, clip_grad]
@@ -66,12 +56,6 @@ class MixupMode(Enum):
     batch = "batch"  # one mixing factor and one choice of mixup / cutmix per batch (timm's default)
     pair = "pair"  # per pair of images (element i with element B-1-i)
     elem = "elem"  # per image
-
-
-class NoWeightDecay(Enum):
-    bn = "bn"  # BatchNorm weights and biases
-    bias = "bias"  # every bias (any parameter with ndim <= 1 that is named *.bias)
-    srm = "srm"  # every parameter of SRM-based attention modules (srm, emca_srm), as SRM's own code
 
 
 @dataclass

@@ -21,9 +21,29 @@ from emca.options import require, require_int
 # Attentions with SRM's excitation (srm, emca_srm): no_weight_decay=srm exempts their attention modules.
 SRM_ATTENTIONS = tuple(a for a in ATTENTIONS if a != "none" and kind_of(a).excitation is SRMExcitation)
 
-# optimizer.name -> the name the start-up log gives it.
-OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW", "lamb": "LAMB"}
-LOSSES = ("ce", "bce")
+class OptimizerName(Enum):
+    sgd = "sgd"  # torch.optim.SGD (momentum, nesterov): the paper's
+    adamw = "adamw"  # torch.optim.AdamW (betas, eps): decoupled weight decay
+    lamb = "lamb"  # timm.optim.Lamb (betas, eps): layer-wise trust ratio, ResNet strikes back's
+
+
+class LossName(Enum):
+    ce = "ce"  # softmax cross-entropy (soft targets under mixup / cutmix)
+    bce = "bce"  # per-class binary cross-entropy, timm's BinaryCrossEntropy (ResNet strikes back)
+
+
+class NoWeightDecay(Enum):
+    bn = "bn"  # BatchNorm weights and biases
+    bias = "bias"  # every bias (any parameter with ndim <= 1 that is named *.bias)
+    srm = "srm"  # every parameter of SRM-based attention modules (srm, emca_srm), as SRM's own code
+
+
+# The choices, from the Enums above (the config schema, emca/config.py, types the options with them).
+OPTIMIZERS = tuple(name.value for name in OptimizerName)
+LOSSES = tuple(loss.value for loss in LossName)
+NO_WEIGHT_DECAY = tuple(kind.value for kind in NoWeightDecay)
+# How the start-up log names each optimizer.
+LABELS = {OptimizerName.sgd: "SGD", OptimizerName.adamw: "AdamW", OptimizerName.lamb: "LAMB"}
 
 
 def option_value(value: Any) -> Any:
@@ -39,9 +59,10 @@ def scaled_lr(lr: float, global_batch: int, lr_scale_batch: int | None) -> float
 def no_decay_parameter_names(model: nn.Module, kinds: Iterable[str], attention_name: str) -> set[str]:
     """Qualified names of the parameters the given kinds (bn, bias, srm) exempt from weight decay."""
     kinds = set(kinds)
-    unknown = kinds - {"bn", "bias", "srm"}
+    unknown = kinds - set(NO_WEIGHT_DECAY)
     if unknown:
-        raise ValueError(f"optimizer.no_weight_decay: unknown kinds {sorted(unknown)}; expected bn, bias, srm")
+        raise ValueError(f"optimizer.no_weight_decay: unknown kinds {sorted(unknown)}; "
+                         f"expected {', '.join(NO_WEIGHT_DECAY)}")
     names: set[str] = set()
     if "bn" in kinds:
         for module_name, module in model.named_modules():
@@ -123,7 +144,7 @@ def describe_optimizer(optimizer_cfg, optimizer: torch.optim.Optimizer) -> str:
         details = f"betas {tuple(optimizer_cfg.betas)} eps {optimizer_cfg.eps}"
     kinds = [option_value(kind) for kind in optimizer_cfg.no_weight_decay]
     exempt = f" (none on {', '.join(kinds)})" if kinds else ""
-    return f"{OPTIMIZERS[name]} lr {lr:.4g} {details} weight decay {optimizer_cfg.weight_decay}{exempt}"
+    return f"{LABELS[OptimizerName(name)]} lr {lr:.4g} {details} weight decay {optimizer_cfg.weight_decay}{exempt}"
 
 
 def build_criterion(optimizer_cfg, soft_targets: bool = False) -> nn.Module:
