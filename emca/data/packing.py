@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from emca.common.files import atomic_write
-from emca.engine.run_folder import InUse, lock_exclusively, name_holder
+from emca.common.locks import InUse, lock_exclusively, name_holder
 
 from .builder import BAD_IMAGE_POLICIES, cache_dir
 from .datasets import dataset_root
@@ -45,7 +45,7 @@ from .shards import (
 log = logging.getLogger(__name__)
 
 PLAN = ".pack-plan"
-LOCK = ".pack-lock"  # held by the packing that writes OUT (emca.engine.run_folder.lock_exclusively)
+LOCK = ".pack-lock"  # held by the packing that writes OUT (emca.common.locks.lock_exclusively)
 _OURS = re.compile(r"shard-\d{6}\.(tar|idx)|\.shard-\d{6}\.(tar|idx)\.\w+\.tmp")
 
 

@@ -30,11 +30,6 @@ from emca.common.checkpoint_file import BEST, CHECKPOINT_DIR, LAST, CheckpointEr
 from emca.common.files import fsync_dir
 from emca.options import require_int
 
-# Transitional (issue 24): imported from here by modules being rewritten at the same time
-# (run_folder.py, engine/tasks); they move to emca.common, then these lines go.
-from emca.common.checkpoint_file import architecture_fingerprint, check_checkpoint_path  # noqa: F401
-from emca.common.files import atomic_write  # noqa: F401
-
 GENERATIONS = ".checkpoints"  # the generation folders CHECKPOINT_DIR points into
 HISTORY = "history"  # the last trainer.keep_last_n epochs, slim: history/epoch-NNNN.pt
 # What only trainer.resume reads: last.pt holds it, best.pt and the history leave it out.

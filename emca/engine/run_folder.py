@@ -1,11 +1,11 @@
 """A run folder belongs to one run: only the process that owns it writes its training artefacts
 (eval.py adds its own eval.json beside them, outside the checkpoints' generations).
 
-The owner (rank 0) holds an exclusive POSIX record lock (lockf) on `<run folder>/.lock` for the
-whole run: the kernel drops it when the process ends, however it ends, so a lock left by a killed
-run is stale and simply taken over; unlike flock it is not inherited by forked DataLoader workers
-(an orphaned worker cannot keep a requeued run out) and works over NFS through its lock manager
-(the file stays, naming the last owner). Before anything is written, the folder's
+The owner (rank 0) holds an exclusive POSIX record lock (lockf: emca.common.locks) on
+`<run folder>/.lock` for the whole run: the kernel drops it when the process ends, however it ends,
+so a lock left by a killed run is stale and simply taken over; unlike flock it is not inherited by
+forked DataLoader workers (an orphaned worker cannot keep a requeued run out) and works over NFS
+through its lock manager (the file stays, naming the last owner). Before anything is written, the folder's
 contents decide whether the command may use it: a folder that holds any artefact of a run
 (checkpoints, results.json, the recorded config, the log, event files) is refused unless the
 command continues that run. A refusal leaves the folder byte for byte as it was: a lock file this
@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import logging.handlers
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from emca.engine.checkpoint import (CHECKPOINT_DIR, GENERATIONS, LAST, CheckpointStore, atomic_write,
-                                   check_checkpoint_path, resumable)
+from emca.common.checkpoint_file import CHECKPOINT_DIR, LAST, check_checkpoint_path
+from emca.common.files import atomic_write
+from emca.common.locks import InUse, lock_exclusively, name_holder
+from emca.engine.checkpoint import GENERATIONS, CheckpointStore, resumable
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -273,41 +273,3 @@ def _refuse_slim(source: Path) -> None:
         fix = f"trainer.resume={beside}" if beside else f"trainer.resume=<run folder>/{CHECKPOINT_DIR}/{LAST}"
         raise RunFolderError(f"trainer.resume={source} holds weights only (best.pt and the history keep no optimizer "
                              f"state); resume with {fix}, or start a new run from them with model.init_from={source}")
-
-
-def host_and_pid() -> str:
-    return f"pid {os.getpid()} on {socket.gethostname()}"
-
-
-class InUse(Exception):
-    """Another process holds the lock; `holder` is what it wrote into the lock file."""
-
-    def __init__(self, holder: str):
-        super().__init__(holder)
-        self.holder = holder
-
-
-def lock_exclusively(path: Path) -> tuple[int, bool]:
-    """Open `path` (created if missing) and take its exclusive lockf lock without waiting:
-    (the descriptor, whether the file existed before). Raises InUse, or OSError if it cannot be
-    created. The kernel drops the lock when the process ends however it ends: a killed holder's
-    lock is simply taken over. Used by every writer that owns a folder (runs, pack_shards.py)."""
-    while True:
-        existed = path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: another process holds it
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise InUse(holder) from None
-        # An owner that is done unlinks its file while holding it: lock only the file the name refers to now.
-        if path.exists() and os.fstat(fd).st_ino == os.stat(path).st_ino:
-            return fd, existed
-        os.close(fd)
-
-
-def name_holder(fd: int) -> None:
-    """Write this process into the lock file it holds, for the refusal of the next one."""
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, host_and_pid().encode(), 0)

@@ -112,7 +112,7 @@ def detection_backbone(
     model_options: EMCAResNet's other keywords (integration, gating, align, include_stem, drop_path_rate,
         the attention options such as se_ratio); num_classes has no place here (the detector has its own).
     weights: a path to one of our checkpoints or to a torchvision ResNet state_dict, loaded with
-        emca.engine.initialisation.initialise_from (the classifier excluded): the tensors the file
+        emca.models.initialisation.initialise_from (the classifier excluded): the tensors the file
         and the backbone share are loaded, the rest keep their initialisation (an attention module a
         torchvision ResNet lacks, say); the result's `initialisation` says which, and it is logged.
         A tensor of another shape is a one-line CheckpointError. None: Kaiming initialisation.
