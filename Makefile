@@ -24,8 +24,10 @@ TEST_WORKERS ?= auto
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
+# ruff: style and real mistakes; lint-imports: the package's layers (pyproject.toml's import-linter contract).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 summary: $(VENV)/.installed
 	$(PY) scripts/model_summary.py $(ARGS)
