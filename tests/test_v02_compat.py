@@ -22,7 +22,9 @@ import torch
 
 import emca
 
-from conftest import REPO_ROOT
+from emca.engine.compatibility import check_resume_config
+
+from conftest import REPO_ROOT, compose_train_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +36,10 @@ RUN = ("+experiment=digits_quick", f"trainer.max_steps_per_epoch={STEPS}", "trai
        "attention=emca_se", "coverage=prev_stage_all")
 
 
-def v02_tree(destination: Path) -> Path:
-    """eb4e51f's files under `destination`, or a skip where the clone lacks that commit."""
+@pytest.fixture(scope="module")
+def v02_tree(tmp_path_factory) -> Path:
+    """eb4e51f's files in a temporary folder, or a skip where the clone lacks that commit."""
+    destination = tmp_path_factory.mktemp("v0.2")
     found = subprocess.run(["git", "cat-file", "-e", f"{V02}^{{commit}}"], cwd=REPO_ROOT, capture_output=True)
     if found.returncode != 0:
         pytest.skip(f"the repository holds no history of v0.2 ({V02}): a shallow clone")
@@ -71,8 +75,8 @@ def train_v02_until_stopped(tree: Path, folder: Path, env: dict) -> str:
     return output
 
 
-def test_a_v02_run_folder_resumes_evaluates_and_loads(tmp_path):
-    tree = v02_tree(tmp_path / "v0.2")
+def test_a_v02_run_folder_resumes_evaluates_and_loads(v02_tree, tmp_path):
+    tree = v02_tree
     folder = tmp_path / "run"
     # One intra-op thread per process: the machine is shared. The digits files are generated once, by v0.2.
     today = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -108,3 +112,36 @@ def test_a_v02_run_folder_resumes_evaluates_and_loads(tmp_path):
     image = next((tmp_path / "cache" / "digits" / "val" / "0").iterdir())
     with torch.no_grad():
         assert model(transform(image)[None]).shape == (1, 10)
+
+
+# v0.2's presets: every dataset under every recipe, each other group's choices, every experiment.
+PRESETS = [
+    *([f"dataset={dataset}", f"recipe={recipe}"] for dataset in ("digits", "imagenet", "imagefolder", "tiny_imagenet")
+      for recipe in ("paper", "tv_new", "rsb_a3")),
+    *([choice] for choice in ("optimizer=sgd_cosine", "loader=torchvision", "loader=synthetic", "trainer=gpu",
+                              "backbone=resnet50", "attention=se", "attention=emca_srm", "attention=bam",
+                              "attention=gc", "attention=fca", "attention=epsa", "attention=none")),
+    *([f"+experiment={name}"] for name in ("digits_quick", "table2", "table3", "table4", "table5")),
+]
+COMPOSE = """
+import json, os, sys
+import emca.config
+assert emca.config.__file__.startswith(os.getcwd()), emca.config.__file__  # v0.2's package, not today's
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    print(json.dumps([OmegaConf.to_container(compose("train", overrides=overrides), resolve=True, enum_to_str=True)
+                      for overrides in json.loads(sys.argv[2])]))
+"""
+
+
+def test_v02_presets_compose_to_the_options_their_runs_recorded(v02_tree):
+    """A continued run composes its recorded overrides with today's defaults and refuses any change
+    outside RESUME_FREE: every v0.2 preset must compose today to the options v0.2 recorded for it."""
+    presets = [[*overrides, "dataset.root=/data"] for overrides in PRESETS]
+    composed = run(["-c", COMPOSE, v02_tree / "configs", json.dumps(presets)], v02_tree,
+                   {**os.environ, "PYTHONPATH": str(v02_tree)})
+    assert composed.returncode == 0, composed.stderr[-3000:]
+    for overrides, recorded in zip(presets, json.loads(composed.stdout), strict=True):
+        today = compose_train_config(*overrides)
+        check_resume_config(recorded, today, Path("last.pt"), {"epoch": 1, "step_in_epoch": 1}, Path("run"))
