@@ -10,7 +10,6 @@ from hydra import compose, initialize_config_dir
 import emca.config  # noqa: F401  (registers the config schema and resolvers)
 from emca.engine.checkpoint import CheckpointStore
 from emca.engine.distributed import setup_distributed
-from emca.engine.metrics import MetricSums
 from emca.engine.preemption import StopRequest
 from emca.engine.trainer import Trainer
 
@@ -31,6 +30,6 @@ def trainer_epoch(trainer: Trainer):
 
     def epoch():
         trainer.progress.step_in_epoch = 0
-        trainer.train_one_epoch(0, stop, trackers=None, epoch_sums=MetricSums(trainer.ctx.device))
+        trainer.train_one_epoch(0, stop, trackers=None, epoch_sums=trainer.task.sums(trainer.ctx.device))
 
     return epoch

@@ -24,6 +24,7 @@ from omegaconf import MISSING, OmegaConf
 from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
 from emca.engine.optim import LossName, NoWeightDecay, OptimizerName  # noqa: F401  (where optim.py reads them)
+from emca.engine.tasks import TASKS
 from emca.layers.create_attn import ATTENTIONS
 from emca.engine.trackers.config import LoggerConfig
 from emca.models import coverage_name
@@ -179,6 +180,10 @@ class ModelInitConfig:
     init_exclude: List[str] = field(default_factory=list)
 
 
+# What a run trains (emca/engine/tasks): one choice per task of its table.
+TaskName = Enum("TaskName", {name: name for name in TASKS})
+
+
 @dataclass
 class TrainConfig:
     backbone: BackboneConfig = MISSING
@@ -190,6 +195,7 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     model: ModelInitConfig = field(default_factory=ModelInitConfig)
+    task: TaskName = TaskName.classification
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emca.analysis.evaluation import evaluate, rotate_clockwise
+from emca.engine.tasks.classification import evaluate, rotate_clockwise
 from emca.analysis.scales import LearnedScales, first_attention_per_stage
 from emca.analysis.speed import time_model, time_pipeline
 from emca.engine.distributed import DistributedContext

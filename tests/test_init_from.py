@@ -76,7 +76,7 @@ def test_a_run_starts_from_another_runs_checkpoint_and_records_it(compose_train,
 
     trainer = Trainer(cfg, setup_distributed("cpu"), CheckpointStore(tmp_path / "third"), None)
     state = trainer.model.state_dict()
-    assert all(torch.equal(state[name], weights[name]) for name in trainer.initialisation.loaded)
-    assert "layer1.0.conv1.weight" in trainer.initialisation.loaded
+    assert all(torch.equal(state[name], weights[name]) for name in trainer.task.initialisation.loaded)
+    assert "layer1.0.conv1.weight" in trainer.task.initialisation.loaded
     with pytest.raises(RunAborted, match="model.init_from=.*missing.pt does not exist"):
         train(compose_train(*SYNTHETIC_RUN, f"model.init_from={tmp_path / 'missing.pt'}"), str(tmp_path / "fourth"))

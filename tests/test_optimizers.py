@@ -75,7 +75,7 @@ def assert_same(a: tuple[nn.Module, torch.optim.Optimizer], b: tuple[nn.Module, 
 def test_each_optimizer_steps_bit_identical_to_the_class_built_by_hand(name, options):
     cfg = config(name, lr=0.05, weight_decay=0.02, **options)
     model, twin = toy_model(), toy_model()
-    ours = build_optimizer(model, cfg, global_batch=256, attention_name="none")
+    ours = build_optimizer(model, cfg, global_batch=256)
     decay, no_decay = ours.param_groups
     named = dict(model.named_parameters())
     assert {n for n, p in named.items() if any(p is q for q in no_decay["params"])} == NO_DECAY
@@ -90,7 +90,7 @@ def test_lamb_leaves_clipping_to_the_trainer():
     """timm's Lamb clips the global gradient norm to 1.0 unless told not to; the step test's gradients
     (norm ~ 25) would differ from a clipped Lamb's."""
     model, clipped_model = toy_model(), toy_model()
-    ours = build_optimizer(model, config("lamb"), global_batch=256, attention_name="none")
+    ours = build_optimizer(model, config("lamb"), global_batch=256)
     assert ours.defaults["max_grad_norm"] is None
     clipped = Lamb(mirrored_groups(ours, model, clipped_model), lr=0.1)
     step_both([(model, ours), (clipped_model, clipped)], steps=2)
@@ -102,7 +102,7 @@ def test_a_zero_gradient_step_decays_only_the_decay_group(name):
     lr, weight_decay = 0.1, 0.05
     model = toy_model()
     optimizer = build_optimizer(model, config(name, lr=lr, lr_scale_batch=None, weight_decay=weight_decay),
-                                global_batch=64, attention_name="none")
+                                global_batch=64)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
@@ -120,9 +120,9 @@ def test_a_zero_gradient_step_decays_only_the_decay_group(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_the_linear_scaling_rule_applies_to_every_optimizer(name):
     model = toy_model()
-    scaled = build_optimizer(model, config(name, lr=0.1, lr_scale_batch=256), global_batch=512, attention_name="none")
+    scaled = build_optimizer(model, config(name, lr=0.1, lr_scale_batch=256), global_batch=512)
     assert [group["lr"] for group in scaled.param_groups] == [pytest.approx(0.2)] * 2
-    given = build_optimizer(model, config(name, lr=0.1, lr_scale_batch=None), global_batch=512, attention_name="none")
+    given = build_optimizer(model, config(name, lr=0.1, lr_scale_batch=None), global_batch=512)
     assert [group["lr"] for group in given.param_groups] == [0.1, 0.1]
 
 
@@ -130,7 +130,7 @@ def test_the_linear_scaling_rule_applies_to_every_optimizer(name):
 def test_the_state_resumes_through_a_weights_only_checkpoint(name):
     cfg = config(name, lr=0.05)
     model = toy_model()
-    optimizer = build_optimizer(model, cfg, global_batch=256, attention_name="none")
+    optimizer = build_optimizer(model, cfg, global_batch=256)
     step_both([(model, optimizer)], steps=2)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -138,7 +138,7 @@ def test_the_state_resumes_through_a_weights_only_checkpoint(name):
     saved = torch.load(buffer, weights_only=True)
     resumed_model = toy_model(seed=1)
     resumed_model.load_state_dict(saved["model"])
-    resumed = build_optimizer(resumed_model, cfg, global_batch=256, attention_name="none")
+    resumed = build_optimizer(resumed_model, cfg, global_batch=256)
     resumed.load_state_dict(saved["optimizer"])
     step_both([(model, optimizer), (resumed_model, resumed)], steps=2, seed=2)
     assert_same((model, optimizer), (resumed_model, resumed))
@@ -151,7 +151,7 @@ def test_adaptive_optimizers_reduce_a_toy_loss_in_20_steps(name, lr):
     labels = (images @ torch.randn(6, 3, generator=generator)).argmax(1)
     model = toy_model()
     optimizer = build_optimizer(model, config(name, lr=lr, lr_scale_batch=None, weight_decay=0.01),
-                                global_batch=128, attention_name="none")
+                                global_batch=128)
     criterion = build_criterion(config(name))
     losses = []
     for _ in range(20):
@@ -166,10 +166,10 @@ def test_adaptive_optimizers_reduce_a_toy_loss_in_20_steps(name, lr):
 def test_the_start_up_line_describes_each_optimizer():
     model = toy_model()
     sgd = config("sgd", lr=0.1, no_weight_decay=[])
-    assert describe_optimizer(sgd, build_optimizer(model, sgd, 64, "none")) == (
+    assert describe_optimizer(sgd, build_optimizer(model, sgd, 64)) == (
         "SGD lr 0.025 momentum 0.9 weight decay 0.0001")
     lamb = config("lamb", lr=0.008, lr_scale_batch=None, weight_decay=0.02)
-    optimizer = build_optimizer(model, lamb, 2048, "none")
+    optimizer = build_optimizer(model, lamb, 2048)
     assert describe_optimizer(lamb, optimizer) == (
         "LAMB lr 0.008 betas (0.9, 0.999) eps 1e-06 weight decay 0.02 (none on bn, bias)")
     # A warm-up scheduler lowers lr at once; the line gives the rate it warms up to.
@@ -182,8 +182,8 @@ def test_an_untyped_config_gives_the_same_optimizer():
     fields = OmegaConf.to_container(config("lamb", lr=0.05), enum_to_str=True)
     assert fields["name"] == "lamb" and fields["no_weight_decay"] == ["bn", "bias"]
     model, twin = toy_model(), toy_model()
-    typed = build_optimizer(model, config("lamb", lr=0.05), 256, "none")
-    untyped = build_optimizer(twin, OmegaConf.create(fields), 256, "none")
+    typed = build_optimizer(model, config("lamb", lr=0.05), 256)
+    untyped = build_optimizer(twin, OmegaConf.create(fields), 256)
     step_both([(model, typed), (twin, untyped)], steps=2)
     assert_same((model, typed), (twin, untyped))
 
@@ -250,20 +250,20 @@ def test_bce_against_the_hand_formula():
 ])
 def test_impossible_optimizer_options_are_one_line_naming_the_option(name, options, line):
     with pytest.raises(ValueError) as error:
-        build_optimizer(toy_model(), config(name, **options), 256, "none")
+        build_optimizer(toy_model(), config(name, **options), 256)
     assert str(error.value) == line
 
 
 def test_options_of_another_optimizer_are_not_checked():
     # Only SGD reads momentum, only AdamW and LAMB read betas and eps.
-    build_optimizer(toy_model(), config("adamw", momentum=1.0, nesterov=True), 256, "none")
-    build_optimizer(toy_model(), config("sgd", betas=[1.0, 2.0], eps=0.0), 256, "none")
+    build_optimizer(toy_model(), config("adamw", momentum=1.0, nesterov=True), 256)
+    build_optimizer(toy_model(), config("sgd", betas=[1.0, 2.0], eps=0.0), 256)
 
 
 def test_unknown_names_in_an_untyped_config_are_one_line():
     fields = OmegaConf.to_container(config("sgd"), enum_to_str=True)
     with pytest.raises(ValueError) as error:
-        build_optimizer(toy_model(), OmegaConf.create({**fields, "name": "adam"}), 256, "none")
+        build_optimizer(toy_model(), OmegaConf.create({**fields, "name": "adam"}), 256)
     assert str(error.value) == "optimizer.name='adam' must be one of sgd, adamw, lamb"
     with pytest.raises(ValueError) as error:
         build_criterion(OmegaConf.create({**fields, "loss": "focal"}))

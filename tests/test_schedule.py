@@ -115,32 +115,34 @@ def _srm_resnet18():
 def test_no_weight_decay_kinds():
     model = _srm_resnet18()
     params = dict(model.named_parameters())
-    bn = no_decay_parameter_names(model, ["bn"], "emca_srm")
+    bn = no_decay_parameter_names(model, ["bn"])
     assert "bn1.weight" in bn and "bn1.bias" in bn and "fc.bias" not in bn
     assert all(params[name].ndim == 1 for name in bn)
-    bias = no_decay_parameter_names(model, ["bias"], "emca_srm")
+    bias = no_decay_parameter_names(model, ["bias"])
     assert "fc.bias" in bias and "bn1.bias" in bias and "bn1.weight" not in bias
-    srm = no_decay_parameter_names(model, ["srm"], "emca_srm")
+    srm = no_decay_parameter_names(model, ["srm"])
     assert srm and all(".attn." in name for name in srm)
     # Attention parameters belong to SRM only for SRM-based attention.
-    assert no_decay_parameter_names(model, ["srm"], "emca_eca") == set()
+    eca = build_model({"name": "resnet18"}, {"name": "emca_eca", "integration": "first"},
+                      {"stages": 1, "blocks": "all"}, num_classes=10)
+    assert no_decay_parameter_names(eca, ["srm"]) == set()
     assert not any(name.startswith("conv1") or ".conv" in name.split(".attn.")[0] for name in bn | bias | srm)
 
 
 def test_optimizer_groups_and_scaled_lr():
     model = _srm_resnet18()
     cfg = OmegaConf.structured(OptimizerConfig(lr=0.1, lr_scale_batch=256, no_weight_decay=["bn", "bias", "srm"]))
-    optimizer = build_optimizer(model, cfg, global_batch=512, attention_name="emca_srm")
+    optimizer = build_optimizer(model, cfg, global_batch=512)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     assert decay["lr"] == pytest.approx(0.2) and decay["momentum"] == 0.9
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert all(p.ndim > 1 for p in decay["params"])
     # The paper's recipe: one group, weight decay on everything, lr 0.1 per 256 images.
-    plain = build_optimizer(model, OmegaConf.structured(OptimizerConfig()), global_batch=64, attention_name="emca_srm")
+    plain = build_optimizer(model, OmegaConf.structured(OptimizerConfig()), global_batch=64)
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == pytest.approx(0.025)
     unscaled = build_optimizer(
-        model, OmegaConf.structured(OptimizerConfig(lr_scale_batch=None)), global_batch=64, attention_name="emca_srm"
+        model, OmegaConf.structured(OptimizerConfig(lr_scale_batch=None)), global_batch=64
     )
     assert unscaled.param_groups[0]["lr"] == 0.1
 

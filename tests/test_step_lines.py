@@ -39,7 +39,8 @@ def test_a_line_after_the_first_step_and_then_every_log_every_s(monkeypatch, cap
             shown.advance()
             timer.stepped()
             assert shown.line_due()  # at once, however slow the start
-            shown.interim(a_window(), 0.1, timer, RunClock(), (199, 2), world_size=1)
+            shown.interim(a_window().local(), 0.1, timer, RunClock(), (199, 2), world_size=1,
+                          device=torch.device("cpu"))
             assert not shown.line_due()
             clock.now = 29.9
             assert not shown.line_due()
@@ -63,7 +64,7 @@ def test_an_interim_line_leaves_the_window_open_for_the_regular_line(monkeypatch
     with caplog.at_level(logging.INFO, logger=progress_module.__name__):
         with EpochProgress(1, 1, 10, 0, enabled=True, every_s=30.0, first_line=True) as shown:
             shown.advance()
-            shown.interim(window, 0.1, timer, RunClock(), (9, 1), world_size=2)
+            shown.interim(window.local(), 0.1, timer, RunClock(), (9, 1), world_size=2, device=torch.device("cpu"))
     assert window.totals.tolist() == [4.0, 1.0, 2.0, 2.0] and timer.steps == 1
     assert caplog.messages[0].endswith("  (rank 0's batches)")
 

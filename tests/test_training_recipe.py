@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from emca.engine.ema import WeightAverage, build_weight_average
 from emca.engine.mixing import build_mixing
 from emca.engine.step import Clipping, OptimizerStep, build_clipping, check_accumulation
+from emca.engine.tasks.classification import ClassificationStep
 
 MIXUP = OmegaConf.create({"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5,
                           "mode": OmegaConf.create({"value": "batch"})})
@@ -42,8 +43,9 @@ def step_for(model, train_model=None, lr=0.1, momentum=0.9, **options) -> Optimi
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = options.pop("scaler", torch.amp.GradScaler("cpu", enabled=False))
-    criterion = options.pop("criterion", nn.CrossEntropyLoss())
-    return OptimizerStep(model, train_model or model, optimizer, scheduler, scaler, criterion, None, **options)
+    # The classification task's side of the step: the criterion and mixup as the trainer builds them.
+    task = ClassificationStep(options.pop("criterion", nn.CrossEntropyLoss()), options.pop("mixing", None))
+    return OptimizerStep(model, train_model or model, optimizer, scheduler, scaler, task, None, **options)
 
 
 # --------------------------------------------------------------------------- EMA
@@ -113,7 +115,7 @@ def test_k_micro_batches_make_the_update_of_one_batch(mixing):
         step = step_for(model, accumulate=accumulate, mixing=mix)
         for index in range(3):
             result = step(images.clone(), labels, index)
-        results[accumulate] = (model.state_dict(), result.loss, result.logits)
+        results[accumulate] = (model.state_dict(), result.loss, result.outputs)
     one, four = results[1], results[4]
     for name in one[0]:
         torch.testing.assert_close(four[0][name], one[0][name], rtol=1e-5, atol=1e-6)
@@ -208,9 +210,9 @@ def test_train_top1_under_mixup_counts_the_largest_share():
     images, labels = toy_batch(8)
     mixed, targets = mixing(images.clone(), labels, 0)
     result = step_for(copy.deepcopy(model), mixing=mixing)(images.clone(), labels, 0)
-    assert torch.equal(result.labels, targets.argmax(1))
+    assert torch.equal(result.targets, targets.argmax(1))
     plain = step_for(model)(images, labels, 0)
-    assert plain.labels is labels
+    assert plain.targets is labels
 
 
 def test_mixup_options_are_checked_in_one_line():

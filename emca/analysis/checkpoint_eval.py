@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from emca.analysis.evaluation import evaluate
+from emca.engine.tasks.classification import evaluate
 from emca.analysis.gradcam import (
     AUTO,
     GradcamError,

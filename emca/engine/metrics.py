@@ -1,4 +1,5 @@
-"""Loss and accuracy as sums over ranks, and the distribution of the learned attention scales.
+"""Classification's metrics: loss and accuracy as sums over ranks, and the distribution of the
+learned attention scales (emca/engine/tasks/classification.py).
 
 Metrics are kept as sums (loss x images, correct predictions, images) on the device and reduced
 with one all_reduce: the result is the exact figure over all images, not a mean of per-rank means.
@@ -45,14 +46,11 @@ class MetricSums:
 
     def reduce(self, ctx: DistributedContext) -> "Metrics":
         """Sum over ranks (a collective: every rank calls it) and return the means."""
-        loss_sum, top1, top5, count = self.reduce_totals(ctx)
-        denominator = max(count, 1.0)
-        return Metrics(
-            loss=loss_sum / denominator,
-            top1=100.0 * top1 / denominator,
-            top5=100.0 * top5 / denominator,
-            count=int(count),
-        )
+        return Metrics.of_totals(self.reduce_totals(ctx))
+
+    def local(self) -> "Metrics":
+        """This rank's means alone (no collective), for a step line between reports."""
+        return Metrics.of_totals(self.totals.tolist())
 
 
 @dataclass(frozen=True)
@@ -61,6 +59,20 @@ class Metrics:
     top1: float
     top5: float
     count: int
+
+    @staticmethod
+    def of_totals(totals: Sequence[float]) -> "Metrics":
+        loss_sum, top1, top5, count = totals
+        denominator = max(count, 1.0)
+        return Metrics(loss=loss_sum / denominator, top1=100.0 * top1 / denominator, top5=100.0 * top5 / denominator,
+                       count=int(count))
+
+    def line(self) -> str:
+        return f"loss {self.loss:.4f}  top1 {self.top1:.2f}%"
+
+    def scalars(self) -> dict[str, float]:
+        """A step series' and an epoch's training figures (top-5 is a validation figure)."""
+        return {"loss": self.loss, "top1": self.top1}
 
 
 class ScaleHistograms:

@@ -13,13 +13,9 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from emca.layers.create_attn import ATTENTIONS, kind_of
-from emca.layers.excitation import SRMExcitation
 from emca.models import attention_modules
 from emca.options import require, require_int
 
-# Attentions with SRM's excitation (srm, emca_srm): no_weight_decay=srm exempts their attention modules.
-SRM_ATTENTIONS = tuple(a for a in ATTENTIONS if a != "none" and kind_of(a).excitation is SRMExcitation)
 
 class OptimizerName(Enum):
     sgd = "sgd"  # torch.optim.SGD (momentum, nesterov): the paper's
@@ -56,7 +52,13 @@ def scaled_lr(lr: float, global_batch: int, lr_scale_batch: int | None) -> float
     return lr if lr_scale_batch is None else lr * global_batch / lr_scale_batch
 
 
-def no_decay_parameter_names(model: nn.Module, kinds: Iterable[str], attention_name: str) -> set[str]:
+def declares(module: nn.Module, kind: str) -> bool:
+    """Whether a module, or a module inside it, declares itself exempt with `kind` (a layer's class
+    attribute `no_weight_decay`: SRMExcitation's is srm): the layers say it, not this module."""
+    return any(getattr(inner, "no_weight_decay", None) == kind for inner in module.modules())
+
+
+def no_decay_parameter_names(model: nn.Module, kinds: Iterable[str]) -> set[str]:
     """Qualified names of the parameters the given kinds (bn, bias, srm) exempt from weight decay."""
     kinds = set(kinds)
     unknown = kinds - set(NO_WEIGHT_DECAY)
@@ -70,9 +72,10 @@ def no_decay_parameter_names(model: nn.Module, kinds: Iterable[str], attention_n
                 names.update(f"{module_name}.{name}" for name, _ in module.named_parameters(recurse=False))
     if "bias" in kinds:
         names.update(name for name, p in model.named_parameters() if p.ndim <= 1 and name.endswith("bias"))
-    if "srm" in kinds and attention_name in SRM_ATTENTIONS:
+    if "srm" in kinds:  # every parameter of an attention module with SRM's excitation (srm, emca_srm)
         for module_name, module in attention_modules(model).items():
-            names.update(f"{module_name}.{name}" for name, _ in module.named_parameters())
+            if declares(module, "srm"):
+                names.update(f"{module_name}.{name}" for name, _ in module.named_parameters())
     return names
 
 
@@ -112,11 +115,11 @@ def optimizer_arguments(name: str, optimizer_cfg) -> dict[str, Any]:
     return arguments
 
 
-def build_optimizer(model: nn.Module, optimizer_cfg, global_batch: int, attention_name: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optimizer_cfg, global_batch: int) -> torch.optim.Optimizer:
     check_optimizer_options(optimizer_cfg)
     lr = scaled_lr(optimizer_cfg.lr, global_batch, optimizer_cfg.lr_scale_batch)
     kinds = (option_value(kind) for kind in optimizer_cfg.no_weight_decay)
-    exempt = no_decay_parameter_names(model, kinds, attention_name)
+    exempt = no_decay_parameter_names(model, kinds)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from emca.engine.metrics import Metrics, MetricSums
+from emca.engine.task import TaskMetrics
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class EpochProgress(contextlib.AbstractContextManager):
         if self.bar is not None:
             self.bar.update()
 
-    def report(self, metrics: Metrics, lr: float, images_per_s: float, times: StepTimes, memory_gib: float,
+    def report(self, metrics: TaskMetrics, lr: float, images_per_s: float, times: StepTimes, memory_gib: float,
                eta_s: float, note: str = "") -> None:
         """One step line (rank 0), to the console and train.log alike; `note` ends it."""
         if not self.enabled:
@@ -139,7 +139,7 @@ class EpochProgress(contextlib.AbstractContextManager):
         self.last_line, self.first_line_due = _clock(), False
         eta = datetime.timedelta(seconds=round(eta_s))
         log.info(
-            f"{self.prefix} step {self.step}/{self.steps}  loss {metrics.loss:.4f}  top1 {metrics.top1:.2f}%  "
+            f"{self.prefix} step {self.step}/{self.steps}  {metrics.line()}  "
             f"lr {lr:.4g}  {images_per_s:.0f} img/s  step {times.step_s:.3f} s  data {times.data_s:.3f} s  "
             f"mem {memory_gib:.2f} GiB  eta {eta}{note}"
         )
@@ -149,17 +149,15 @@ class EpochProgress(contextlib.AbstractContextManager):
         read, no device synchronisation."""
         return self.enabled and (self.first_line_due or _clock() - self.last_line >= self.every_s)
 
-    def interim(self, window: MetricSums, lr: float, timer: StepTimer, clock: "RunClock", work_left: tuple[int, int],
-                world_size: int) -> None:
-        """A step line from what rank 0 has trained since the last log_every line, whose window (metrics and
-        times) stays open: the next regular line and the trackers' step series are as without this one."""
-        loss_sum, top1, _, count = window.totals.tolist()  # rank 0's own images: no collective
+    def interim(self, metrics: TaskMetrics, lr: float, timer: StepTimer, clock: "RunClock",
+                work_left: tuple[int, int], world_size: int, device: torch.device) -> None:
+        """A step line from what rank 0 has trained since the last log_every line (`metrics`: its window's
+        local figures, read without a collective), whose window (metrics and times) stays open: the next
+        regular line and the trackers' step series are as without this one."""
         times = timer.peek()
-        metrics = Metrics(loss=loss_sum / max(count, 1.0), top1=100.0 * top1 / max(count, 1.0), top5=0.0,
-                          count=int(count))
         eta_s = clock.eta_s(*work_left, pending=(times, timer.steps))
-        # img/s: rank 0's images times the ranks; loss and top-1 of rank 0's share of the batches alone.
-        self.report(metrics, lr, count * world_size / times.seconds, times, peak_memory_gib(window.totals.device),
+        # img/s: rank 0's images times the ranks; the figures of rank 0's share of the batches alone.
+        self.report(metrics, lr, metrics.count * world_size / times.seconds, times, peak_memory_gib(device),
                     eta_s, note="  (rank 0's batches)" if world_size > 1 else "")
 
 

@@ -67,6 +67,10 @@ class ECAExcitation(nn.Module):
 class SRMExcitation(nn.Module):
     """Style-based Recalibration body: channel-wise FC over (mean, std), then BatchNorm."""
 
+    # optimizer.no_weight_decay=[srm] exempts the attention modules built on this excitation, as SRM's own
+    # code trains them without weight decay (emca.engine.optim reads this, importing no layer class).
+    no_weight_decay = "srm"
+
     def __init__(self, channels: int):
         super().__init__()
         # Zero-initialised as in the SRM authors' code: every gate starts at sigmoid(0) = 0.5.
