@@ -99,7 +99,10 @@ def main(argv=None) -> None:
             {name: trainer_epoch(t) for name, t in trainers.items()}, args.rounds, args.warmup
         )
 
-    steps = {name: t.steps_per_epoch for name, t in trainers.items()}
+    print_report(args, device, {name: t.steps_per_epoch for name, t in trainers.items()}, timings)
+
+
+def print_report(args, device: torch.device, steps: dict, timings: dict) -> None:
     rates = {name: steps[name] * args.batch_size / timing.median for name, timing in timings.items()}
     rows = [[name, steps[name], f"{rates[name]:.0f}", f"{timing.spread:.0%}", f"{rates[name] / rates['synthetic']:.3f}"]
             for name, timing in timings.items()]

@@ -102,7 +102,7 @@ def bare_epoch(trainer: Trainer, args):
     device = trainer.ctx.device
     dtype = amp_dtype(args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    loader = trainer.data.train
+    loader = trainer.task.train_loader
     accumulate, ema_every = args.accumulate, args.ema_every
     model_ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema_decay is not None else None
     num_updates = 0

@@ -2,7 +2,7 @@
 
 A Variant is the part of a configuration that decides a table cell: backbone, attention, where
 the attention sits (integration) and, for EMCA, the coverage preset. Other options (gating,
-alignment, se_ratio, ...) do not change the cell; they are kept in `options` so that runs that
+alignment, se_reduction, ...) do not change the cell; they are kept in `options` so that runs that
 differ only there can be told apart when they compete for one cell.
 """
 

@@ -162,31 +162,34 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
         val=lambda epoch: val_shard(len(val_images), rank=rank, world_size=world_size),
     )
     common = dict(batch_size=batch, workers=dataset.workers, seed=seed, device=device, channels_last=channels_last)
-    if loader.name == "torchvision":
-        from .torch_loader import TorchvisionLoader
-
-        make = partial(TorchvisionLoader, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
-                       prefetch_factor=loader.prefetch_factor, **common)
-    else:
-        try:
-            from .dali_loader import DaliLoader, reader_options
-        except ImportError as error:
-            raise DatasetError(
-                f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision"
-            ) from None
-
-        dali = dict(rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth, use_gpu=loader.dali_use_gpu,
-                    reader=reader_options(loader), **common)
-        make = partial(DaliLoader.from_files, **dali)
-        if dataset.format == "shards":
-            make = partial(DaliLoader.from_shards, world_size=world_size, shuffle_buffer=loader.dali_shuffle_buffer,
-                           **dali)
+    make = _loader_factory(dataset, loader, common, rank, world_size)
     return DataBundle(
         train=make(train_images, prep, shards["train"], train=True) if train_images is not None else None,
         val=make(val_images, prep, shards["val"], train=False),
         num_classes=len(classes), classes=classes, num_train=len(train_images or ()), num_val=len(val_images),
         workers=dataset.workers,
     )
+
+
+def _loader_factory(dataset: DatasetConfig, loader: LoaderConfig, common: dict, rank: int, world_size: int):
+    """make(images, preprocessing, shard_of_epoch, train=...) -> the loader of loader.name over those images."""
+    if loader.name == "torchvision":
+        from .torch_loader import TorchvisionLoader
+
+        return partial(TorchvisionLoader, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
+                       prefetch_factor=loader.prefetch_factor, **common)
+    try:
+        from .dali_loader import DaliLoader, reader_options
+    except ImportError as error:
+        raise DatasetError(
+            f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision"
+        ) from None
+    dali = dict(rank=rank, prefetch_queue_depth=loader.prefetch_queue_depth, use_gpu=loader.dali_use_gpu,
+                reader=reader_options(loader), **common)
+    if dataset.format == "shards":
+        return partial(DaliLoader.from_shards, world_size=world_size, shuffle_buffer=loader.dali_shuffle_buffer,
+                       **dali)
+    return partial(DaliLoader.from_files, **dali)
 
 
 def _synthetic_bundle(dataset, loader, prep, batch, world_size, device, channels_last, seed) -> DataBundle:

@@ -110,7 +110,7 @@ def detection_backbone(
     backbone, attention, coverage: as in the configs (resnet18..resnet152; an attention of
         emca.models.ATTENTIONS, 'none' for the plain ResNet; an EMCA coverage preset or {stages, blocks}).
     model_options: EMCAResNet's other keywords (integration, gating, align, include_stem, drop_path_rate,
-        the attention options such as se_ratio); num_classes has no place here (the detector has its own).
+        the attention options such as se_reduction); num_classes has no place here (the detector has its own).
     weights: a path to one of our checkpoints or to a torchvision ResNet state_dict, loaded with
         emca.models.initialisation.initialise_from (the classifier excluded): the tensors the file
         and the backbone share are loaded, the rest keep their initialisation (an attention module a
@@ -129,15 +129,7 @@ def detection_backbone(
     extra_blocks: the FPN's extra levels; default LastLevelMaxPool() (Faster / Mask R-CNN's 'pool').
     out_channels: the FPN's width (torchvision: 256).
     """
-    if "num_classes" in model_options:
-        raise TypeError("detection_backbone() takes no num_classes: the backbone has no classifier, give "
-                        "num_classes to the detector (FasterRCNN(backbone, num_classes=...))")
-    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_layers must be an integer in [0, 5] (as torchvision's), got {trainable_layers!r}")
-    returned = [1, 2, 3, 4] if returned_layers is None else list(returned_layers)
-    if not returned or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4 for k in returned) or (
-            returned != sorted(set(returned))):
-        raise ValueError(f"returned_layers must be increasing stage numbers in [1, 4], got {returned_layers!r}")
+    returned = _check_arguments(model_options, trainable_layers, returned_layers)
     frozen = _frozen_norms(norm_layer)
 
     body = StageFeatures(returned, backbone=backbone, attention=attention, coverage=coverage, **model_options)
@@ -153,6 +145,20 @@ def detection_backbone(
     result = EMCABackboneWithFPN(body, channels, out_channels, extra_blocks=extra_blocks)
     result.initialisation = initialisation
     return result
+
+
+def _check_arguments(model_options: dict, trainable_layers: Any, returned_layers: Any) -> list[int]:
+    """The returned stages, after refusing what torchvision's resnet_fpn_backbone would not take."""
+    if "num_classes" in model_options:
+        raise TypeError("detection_backbone() takes no num_classes: the backbone has no classifier, give "
+                        "num_classes to the detector (FasterRCNN(backbone, num_classes=...))")
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be an integer in [0, 5] (as torchvision's), got {trainable_layers!r}")
+    returned = [1, 2, 3, 4] if returned_layers is None else list(returned_layers)
+    if not returned or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4 for k in returned) or (
+            returned != sorted(set(returned))):
+        raise ValueError(f"returned_layers must be increasing stage numbers in [1, 4], got {returned_layers!r}")
+    return returned
 
 
 def _frozen_norms(norm_layer: Optional[Callable[..., nn.Module]]) -> bool:

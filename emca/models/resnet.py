@@ -174,7 +174,7 @@ class EMCAResNet(tv_resnet.ResNet):
     shared pooled descriptors, and timm's model interface (features_only through forward_intermediates,
     stochastic depth, grad checkpointing, reset_classifier, group_matcher, pretrained_cfg).
 
-    Method options are keyword arguments named as their config fields (se_ratio=8, cbam_reduction=8);
+    Method options are keyword arguments named as their config fields (se_reduction=8, cbam_reduction=8);
     an option of another method is accepted and ignored, as a config holds every method's fields.
     """
 

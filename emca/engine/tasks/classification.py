@@ -20,7 +20,7 @@ from emca.data import build_loaders
 from emca.data.config import describe_augmentation
 from emca.common.checkpoint_file import architecture_fingerprint
 from emca.engine.distributed import DistributedContext
-from emca.engine.initialisation import initialise_from
+from emca.models.initialisation import initialise_from
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
 from emca.engine.mixing import build_mixing
 from emca.engine.optim import build_criterion
