@@ -3,24 +3,34 @@
 Hydra refuses a misspelt key with a hint that makes it worse (`trainer.epoch=2`: "To append to your
 config use +trainer.epoch=2", which then runs 15 epochs with an `epoch: 2` beside them) and an unknown
 choice with a 22-line block. Like argparse in timm's and torchvision's trainers, an entry point here
-refuses both in one line naming the closest key or choice, `+` or not, before anything runs.
+refuses both in one line naming the closest key or choice, `+` or not, before anything runs. A value of
+the wrong type gets Hydra's multi-line ValidationError; here it is one line naming the option, the value
+and what the schema's field accepts (its `accepted` or `minimum` metadata, else its type), and a number
+given for a boolean is refused rather than read as true (OmegaConf reads `learned_scales=3` as true).
 
 A run continued with `hydra.run.dir=<run folder> trainer.resume=...` continues *that* run: the overrides
 recorded in <run folder>/.hydra/overrides.yaml apply unless the command line sets the same key, as timm
 reloads its saved args.yaml; the trainer then refuses what would change the run's results so far.
 
-Only hydra and omegaconf are imported here: `eval.py --help` stays free of torch.
+Only hydra, omegaconf and emca.options are imported here: `eval.py --help` stays free of torch.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import logging
 import sys
+import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
+
+from emca.options import shown
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +42,8 @@ OVERRIDES_RECORD = Path(".hydra") / "overrides.yaml"
 
 
 class OverrideError(ValueError):
-    """A command-line override that names no option or no choice: one line with the fix."""
+    """A command-line override that names no option or no choice, or gives a value of the wrong
+    type: one line with the fix."""
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -81,6 +92,68 @@ def _check_key(override: Any, config: dict, script: str) -> None:
     close = _closest_keys(config, key)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise OverrideError(f"{text}: {key} is not an option{hint}; `python {script} --cfg job` lists them all")
+
+
+def _field(config: DictConfig, key: str) -> Optional[tuple[Any, dict]]:
+    """(type, metadata) of the schema field `key` names in a composed config; None for a key that is
+    no dataclass field (an untyped node, a list index)."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return None
+    fields = {item.name: item for item in dataclasses.fields(schema)}
+    if name not in fields:
+        return None
+    try:
+        return typing.get_type_hints(schema)[name], dict(fields[name].metadata)
+    except (NameError, TypeError):  # an annotation that does not resolve: Hydra's own check says the rest
+        return None
+
+
+def accepted(hint: Any, metadata: dict) -> str:
+    """What a schema field accepts, as "must be ..." says it: its `accepted` metadata, or from
+    `minimum` (an integer >= it) or its type; "or null" where the field is Optional."""
+    if "accepted" in metadata:
+        return metadata["accepted"]
+    args = typing.get_args(hint)
+    nullable = typing.get_origin(hint) is typing.Union and type(None) in args
+    inner = next(arg for arg in args if arg is not type(None)) if nullable else hint
+    if inner is bool:
+        return "true, false or null" if nullable else "true or false"
+    if "minimum" in metadata:
+        text = f"an integer >= {metadata['minimum']}"
+    elif typing.get_origin(inner) is list:
+        item = (typing.get_args(inner) or (Any,))[0]
+        text = "a list" + (f", each {_kind(item)}" if item is not Any else "")
+    else:
+        text = _kind(inner)
+    return f"{text} or null" if nullable else text
+
+
+def _kind(hint: Any) -> str:
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(member.name for member in hint)
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_type(override: Any, config: DictConfig) -> None:
+    """Refuse the value of `override` in one line where the schema's field does not take it."""
+    if override.is_delete() or override.is_sweep_override():
+        return  # a sweep's values are checked as each job composes
+    key, value = override.key_or_group, override.value()
+    found = _field(config, key)
+    if found is None:
+        return
+    hint, metadata = found
+    try:
+        interpolation = isinstance(value, str) and value.startswith("${")
+        if hint in (bool, Optional[bool]) and not isinstance(value, (bool, type(None))) and not interpolation:
+            raise ValidationError("a number or a string is no boolean")
+        OmegaConf.update(copy.deepcopy(config), key, value, merge=True)  # as Hydra will merge it
+    except ValidationError:
+        raise OverrideError(f"{key}={shown(value)} must be {accepted(hint, metadata)}") from None
 
 
 def _choices(override: Any) -> list[str]:
@@ -135,8 +208,8 @@ def check_command_line(config_dir: Path, config_name: str, argv: Optional[list[s
 
 
 def check_overrides(config_dir: Path, config_name: str, overrides: list[str], script: str) -> None:
-    """Raise OverrideError for the first override that names no option (any group, `+` or not) or no
-    choice of a config group."""
+    """Raise OverrideError for the first override that names no option (any group, `+` or not), no
+    choice of a config group, or a value its schema field does not take."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -156,13 +229,14 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], sc
             if override.key_or_group in groups:
                 _check_choice(override, loader, chosen)
         try:
-            config = compose(config_name, overrides=_composition_overrides(parsed, groups))
+            composed = compose(config_name, overrides=_composition_overrides(parsed, groups))
         except HydraException:
             return  # a composition error of a preset: Hydra reports it as it runs
-    config = OmegaConf.to_container(config, resolve=False, throw_on_missing=False)
+    config = OmegaConf.to_container(composed, resolve=False, throw_on_missing=False)
     for override in parsed:
         if override.key_or_group not in groups:
             _check_key(override, config, script)
+            _check_type(override, composed)
 
 
 def override_key(line: str) -> str:

@@ -78,6 +78,21 @@ def test_wrong_keys_and_choices_get_one_line_with_the_fix(override, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.amp=fp8", "trainer.amp='fp8' must be one of off, bf16, fp16"),
+    ("trainer.compile=1", "trainer.compile=1 must be true or false"),  # OmegaConf alone reads 1 as true
+    ("trainer.resume=[a]", "trainer.resume=['a'] must be a string or null"),
+    ("optimizer.lr=fast", "optimizer.lr='fast' must be a number"),
+    ("dataset.batch_size=1.5", "dataset.batch_size=1.5 must be an integer"),
+    ("optimizer.no_weight_decay=[bn,everything]",
+     "optimizer.no_weight_decay=['bn', 'everything'] must be a list, each one of bn, bias, srm"),
+])
+def test_a_value_of_the_wrong_type_is_one_line_naming_what_the_option_takes(override, message):
+    with pytest.raises(OverrideError) as error:
+        check_overrides(CONFIGS, "train", [override], "train.py")
+    assert str(error.value) == message
+
+
 @pytest.mark.parametrize("overrides", [
     ["trainer.epochs=2", "attention=se,emca_eca", "attention.se_reduction=8", "coverage=none"],
     ["+experiment=table3/se_all", "hydra.run.dir=x", "hydra/launcher=slurm"],
