@@ -1,4 +1,4 @@
-"""The paper's three speeds (PAPER.md §5), in images per second.
+"""The paper's three speeds (docs/paper.md#speeds), in images per second.
 
 FPS                whole pipeline (decode, resize, normalise, forward), batch 1, one loader worker
 FPS-dagger         the model alone on a synthetic batch of 256 already on the device
