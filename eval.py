@@ -11,14 +11,20 @@ Measures top-1 / top-5 / loss, top-1 on the validation images rotated 90/180/270
 FPS on a fixed number of images, speed.single_images, whatever the validation set's size),
 the learned-scale statistics of Figure 6 (with a plot) and optional Grad-CAM maps (Figures 7-8;
 scripts/gradcam_grid.py lays several runs' maps of the same images side by side).
-Options and the output policy: configs/eval.yaml. Exit status 0, or 1 with a one-line error.
+Options: emca/analysis/eval_config.py (EvalConfig, the schema of configs/eval.yaml); the output
+policy: configs/eval.yaml. Exit status 0, or 1 with a one-line error (a wrong option too, before
+anything runs: emca/cli.py).
 """
 
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
+
+import emca.analysis.eval_config  # noqa: F401  (registers eval_schema, which configs/eval.yaml names)
+from emca.cli import check_command_line
 
 
 def fail(error: Exception) -> NoReturn:
@@ -49,4 +55,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).resolve().parent / "configs", "eval")
     main()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import emca.analysis.eval_config  # noqa: F401  (registers eval_schema, as eval.py does before composing)
 from emca.engine.tasks.classification import evaluate, rotate_clockwise
 from emca.analysis.scales import LearnedScales, first_attention_per_stage
 from emca.analysis.speed import time_model, time_pipeline
@@ -426,50 +427,79 @@ def test_eval_errors_are_one_line_with_a_nonzero_exit(tmp_path, trained_sweep, s
 
 
 def eval_options(*overrides: str):
-    """configs/eval.yaml with command-line style overrides, as check_options sees it."""
-    from omegaconf import OmegaConf
+    """configs/eval.yaml composed with its schema and command-line style overrides, as eval.py gets it."""
+    from hydra import compose, initialize_config_dir
 
-    return OmegaConf.merge(OmegaConf.load(REPO / "configs" / "eval.yaml"), OmegaConf.from_dotlist(list(overrides)))
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("eval", overrides=list(overrides))
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("rotations=[0,45]", "rotations=[0, 45] must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
-        ("rotations=90", "rotations=90 must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
-        ("learned_scales=3", "learned_scales=3 must be true or false"),
-        ("accuracy_only=maybe", "accuracy_only='maybe' must be true or false"),
-        (
-            "gradcam.images=3",  # with accuracy_only=true, below
-            "accuracy_only=true measures accuracy alone, without Grad-CAM maps: drop gradcam.images=3 or "
-            "accuracy_only=true",
-        ),
-        ("speed.enabled=maybe", "speed.enabled='maybe' must be true or false"),
-        ("channels_last=1", "channels_last=1 must be true, false or null"),
-        ("speed.single_workers=-1", "speed.single_workers=-1 must be an integer >= 0"),
-        ("speed.single_images=0", "speed.single_images=0 must be an integer >= 1 or null"),
-        ("speed.batch=0", "speed.batch=0 must be an integer >= 1"),
-        ("speed.batch=2.5", "speed.batch=2.5 must be an integer >= 1"),
-        ("speed.workers=-1", "speed.workers=-1 must be an integer >= 0 or null"),
-        ("speed.model_iterations=0", "speed.model_iterations=0 must be an integer >= 1"),
-        ("speed.warmup=-1", "speed.warmup=-1 must be an integer >= 0"),
-        ("speed.model_warmup=-1", "speed.model_warmup=-1 must be an integer >= 0"),
-        ("gradcam.images=-1", "gradcam.images=-1 must be an integer >= 0"),
-        (
-            "gradcam.indices=[1,-2]",
-            "gradcam.indices=[1, -2] must be null or a list of validation image positions >= 0, e.g. [0,120,300]",
-        ),
-        (
-            "gradcam.indices=[]",
-            "gradcam.indices=[] must be null or a list of validation image positions >= 0, e.g. [0,120,300]",
-        ),
-        (
-            "gradcam.classes=cat",
-            "gradcam.classes='cat' must be null or a list of class folder names, e.g. [n01440764,n02102040]",
-        ),
-        ("gradcam.layer=''", "gradcam.layer='' must be auto or a module name, e.g. layer3.1"),
-    ],
-)
+# A value of the wrong type: the schema refuses it, and emca/cli.py (eval.py's first step) says so in
+# one line before anything runs; a number given for a boolean is refused, not read as true.
+WRONG_TYPES = [
+    ("rotations=90", "rotations=90 must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
+    ("rotations=[0,a]", "rotations=[0, 'a'] must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
+    ("learned_scales=3", "learned_scales=3 must be true or false"),
+    ("accuracy_only=maybe", "accuracy_only='maybe' must be true or false"),
+    ("ema=1", "ema=1 must be true or false"),
+    ("speed.enabled=maybe", "speed.enabled='maybe' must be true or false"),
+    ("channels_last=1", "channels_last=1 must be true, false or null"),
+    ("speed.batch=2.5", "speed.batch=2.5 must be an integer >= 1"),
+    ("speed.single_images=all", "speed.single_images='all' must be an integer >= 1 or null"),
+    (
+        "gradcam.indices=[a]",
+        "gradcam.indices=['a'] must be null or a list of validation image positions >= 0, e.g. [0,120,300]",
+    ),
+    (
+        "gradcam.classes=cat",
+        "gradcam.classes='cat' must be null or a list of class folder names, e.g. [n01440764,n02102040]",
+    ),
+]
+# A value of the right type that is still impossible: check_options refuses it before any work.
+IMPOSSIBLE_VALUES = [
+    ("rotations=[0,45]", "rotations=[0, 45] must be a list of multiples of 90 degrees, e.g. [0,90,180,270]"),
+    (
+        "gradcam.images=3",  # with accuracy_only=true, below
+        "accuracy_only=true measures accuracy alone, without Grad-CAM maps: drop gradcam.images=3 or "
+        "accuracy_only=true",
+    ),
+    ("speed.single_workers=-1", "speed.single_workers=-1 must be an integer >= 0"),
+    ("speed.single_images=0", "speed.single_images=0 must be an integer >= 1 or null"),
+    ("speed.batch=0", "speed.batch=0 must be an integer >= 1"),
+    ("speed.workers=-1", "speed.workers=-1 must be an integer >= 0 or null"),
+    ("speed.model_iterations=0", "speed.model_iterations=0 must be an integer >= 1"),
+    ("speed.warmup=-1", "speed.warmup=-1 must be an integer >= 0"),
+    ("speed.model_warmup=-1", "speed.model_warmup=-1 must be an integer >= 0"),
+    ("gradcam.images=-1", "gradcam.images=-1 must be an integer >= 0"),
+    (
+        "gradcam.indices=[1,-2]",
+        "gradcam.indices=[1, -2] must be null or a list of validation image positions >= 0, e.g. [0,120,300]",
+    ),
+    (
+        "gradcam.indices=[]",
+        "gradcam.indices=[] must be null or a list of validation image positions >= 0, e.g. [0,120,300]",
+    ),
+    (
+        "gradcam.classes=[]",
+        "gradcam.classes=[] must be null or a list of class folder names, e.g. [n01440764,n02102040]",
+    ),
+    ("gradcam.layer=''", "gradcam.layer='' must be auto or a module name, e.g. layer3.1"),
+]
+
+
+@pytest.mark.parametrize("override, message", WRONG_TYPES)
+def test_each_eval_option_of_a_wrong_type_is_one_line_naming_it(override, message):
+    from emca.cli import OverrideError, check_overrides
+
+    check_overrides(REPO / "configs", "eval", ["checkpoint=x.pt"], "eval.py")  # the defaults pass
+    check_overrides(REPO / "configs", "eval", ["checkpoint=x.pt", "ema=true", "channels_last=null",
+                                               "gradcam.classes=[3,cat]", "rotations=[0]"], "eval.py")
+    with pytest.raises(OverrideError) as error:
+        check_overrides(REPO / "configs", "eval", ["checkpoint=x.pt", override], "eval.py")
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("override, message", IMPOSSIBLE_VALUES)
 def test_each_impossible_eval_option_is_one_line_naming_it(override, message):
     from emca.analysis.checkpoint_eval import EvalError, check_options
 
@@ -479,6 +509,12 @@ def test_each_impossible_eval_option_is_one_line_naming_it(override, message):
     with pytest.raises(EvalError) as error:
         check_options(eval_options("checkpoint=x.pt", *with_accuracy_only, override))
     assert str(error.value) == message
+
+
+def test_eval_py_refuses_either_kind_in_one_line_before_any_work():
+    for override, message in (WRONG_TYPES[2], IMPOSSIBLE_VALUES[4]):  # learned_scales=3, speed.batch=0
+        result = run_python("eval.py", "checkpoint=x.pt", override)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
 
 
 def test_grad_cam_images_are_chosen_one_way():

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from emca.engine.tasks.classification import evaluate
 from emca.analysis.gradcam import (
-    AUTO,
     GradcamError,
     choose_layer,
     heat_maps,
@@ -32,6 +31,7 @@ from emca.analysis.gradcam import (
     save_gradcam,
     validation_images,
 )
+from emca.analysis.eval_config import CLASSES, INDICES, LAYER, ROTATIONS, minimums
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.common.checkpoint_file import CHECKPOINT_DIR, describe_architecture
@@ -45,7 +45,7 @@ from emca.engine.results import git_commit, library_versions
 from emca.engine.precision import amp_dtype as parse_amp
 from emca.models import attention_modules, loading
 from emca.models.summary import count_parameters, measure_gflops
-from emca.options import is_int, require, require_int
+from emca.options import require, require_int
 
 log = logging.getLogger(__name__)
 
@@ -84,29 +84,13 @@ def _option(value: Any, trained: Any) -> Any:
 
 
 def check_options(cfg: DictConfig) -> None:
-    """eval.yaml's own options, before any work (build_loaders checks the dataset ones). The file
-    has no schema, so types are checked too."""
+    """What eval.yaml's schema (emca/analysis/eval_config.py) cannot say, before any work: Hydra has
+    checked the types, build_loaders checks the dataset options."""
     if not cfg.checkpoint:
         raise EvalError("give the checkpoint to evaluate: python eval.py checkpoint=PATH")
-    rotations = cfg.rotations
-    require(isinstance(rotations, Sequence) and all(is_int(degrees) and degrees % 90 == 0 for degrees in rotations),
-            "rotations", rotations, "a list of multiples of 90 degrees, e.g. [0,90,180,270]", EvalError)
-    for option in ("accuracy_only", "learned_scales", "speed.enabled", "ema"):
-        require(
-            isinstance(OmegaConf.select(cfg, option), bool),
-            option,
-            OmegaConf.select(cfg, option),
-            "true or false",
-            EvalError,
-        )
-    require(cfg.channels_last is None or isinstance(cfg.channels_last, bool), "channels_last", cfg.channels_last,
-            "true, false or null", EvalError)
-    minimums = {"speed.single_workers": 0, "speed.batch": 1, "speed.model_iterations": 1,
-                "speed.warmup": 0, "speed.model_warmup": 0, "gradcam.images": 0}
-    for option, minimum in minimums.items():
-        require_int(option, OmegaConf.select(cfg, option), minimum, EvalError)
-    require_int("speed.single_images", cfg.speed.single_images, 1, EvalError, nullable=True)
-    require_int("speed.workers", cfg.speed.workers, 0, EvalError, nullable=True)
+    require(all(degrees % 90 == 0 for degrees in cfg.rotations), "rotations", cfg.rotations, ROTATIONS, EvalError)
+    for option, minimum, nullable in minimums():
+        require_int(option, OmegaConf.select(cfg, option), minimum, EvalError, nullable)
     check_gradcam_options(cfg.gradcam)
     if cfg.accuracy_only and gradcam_requested(cfg.gradcam):
         chosen = next(f"gradcam.{key}={cfg.gradcam[key]}" for key in ("images", "classes", "indices")
@@ -116,21 +100,12 @@ def check_options(cfg: DictConfig) -> None:
 
 
 def check_gradcam_options(options: DictConfig) -> None:
-    """gradcam.*: one way of choosing the images, each of the right type."""
+    """gradcam.*: no empty list or name, no negative position, and one way of choosing the images."""
     indices, classes = options.indices, options.classes
-    require(
-        indices is None
-        or (isinstance(indices, Sequence) and len(indices) > 0 and all(is_int(i) and i >= 0 for i in indices)),
-        "gradcam.indices",
-        indices,
-        "null or a list of validation image positions >= 0, e.g. [0,120,300]",
-        EvalError,
-    )
-    require(classes is None or (isinstance(classes, Sequence) and not isinstance(classes, str) and len(classes) > 0
-                                and all(isinstance(c, (str, int)) for c in classes)),
-            "gradcam.classes", classes, "null or a list of class folder names, e.g. [n01440764,n02102040]", EvalError)
-    require(isinstance(options.layer, str) and options.layer != "", "gradcam.layer", options.layer,
-            f"{AUTO} or a module name, e.g. layer3.1", EvalError)
+    require(indices is None or (len(indices) > 0 and min(indices) >= 0), "gradcam.indices", indices, INDICES,
+            EvalError)
+    require(classes is None or len(classes) > 0, "gradcam.classes", classes, CLASSES, EvalError)
+    require(options.layer != "", "gradcam.layer", options.layer, LAYER, EvalError)
     given = [
         option
         for option, value in (("images", options.images > 0), ("classes", classes), ("indices", indices))
@@ -312,21 +287,7 @@ def measure_speeds(
     model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, amp_dtype, seed, classes
 ) -> dict[str, Any]:
     """FPS, FPS-dagger and FPS-double-dagger on this process' device alone."""
-
-    def val_loader(batch_size: int, workers: int):
-        settings = {**dataset_cfg, "batch_size": batch_size, "workers": workers}
-        return build_loaders(
-            settings,
-            loader_cfg,
-            rank=0,
-            world_size=1,
-            device=device,
-            channels_last=channels_last,
-            seed=seed,
-            train=False,
-            classes=classes,
-        ).val
-
+    val_loader = functools.partial(speed_loader, dataset_cfg, loader_cfg, device, channels_last, seed, classes)
     warmup = speed_cfg.warmup
     single = "the rest of the validation set" if speed_cfg.single_images is None else speed_cfg.single_images
     log.info("speed: FPS (batch 1, %d worker(s), %s images after %d warm-up)", speed_cfg.single_workers, single, warmup)
@@ -369,6 +330,13 @@ def measure_speeds(
         "fps_model": fps_model.as_dict(),
         "fps_pipeline": fps_pipeline.as_dict(),
     }
+
+
+def speed_loader(dataset_cfg, loader_cfg, device, channels_last, seed, classes, batch_size: int, workers: int):
+    """A single-process validation loader of `batch_size` and `workers` for a speed measurement."""
+    settings = {**dataset_cfg, "batch_size": batch_size, "workers": workers}
+    return build_loaders(settings, loader_cfg, rank=0, world_size=1, device=device, channels_last=channels_last,
+                         seed=seed, train=False, classes=classes).val
 
 
 def gradcam_requested(options: DictConfig) -> bool:
