@@ -1,12 +1,13 @@
-"""The training config schema: every Hydra group typed by a dataclass and registered in Hydra's
-ConfigStore, so that a misspelt key or a wrong type fails at start-up with Hydra's own error.
-A well-typed but impossible value (optimizer.lr=-1, dataset.workers=-1) is refused where the option
-is read, in one line naming the option, the value and what is accepted (emca/options.py).
+"""The config schemas: train's (every Hydra group typed by a dataclass), model_summary's, export's
+and (from emca/analysis/eval_config.py) eval's, registered in Hydra's ConfigStore, so that a misspelt
+key or a wrong type fails at start-up (in one line from the entry points: emca/cli.py). A well-typed
+but impossible value (optimizer.lr=-1, dataset.workers=-1) is refused where the option is read, in one
+line naming the option, the value and what is accepted (emca/options.py).
 
 configs/train.yaml names `train_schema` first in its defaults list; the group YAML files
 (configs/<group>/*.yaml) are then merged into the typed nodes below and validated field by field.
 The `attention` group has no YAML files: its choices are registered here from the attention table.
-Importing this module registers the schema and the resolvers configs/train.yaml uses.
+Importing this module registers the schemas and the resolvers configs/train.yaml uses.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from emca.analysis import eval_config
 from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
 from emca.engine.optim import LossName, NoWeightDecay, OptimizerName  # noqa: F401  (where optim.py reads them)
@@ -211,6 +213,38 @@ class SummaryConfig:
     image_size: int = 224
 
 
+class ExportFormat(Enum):
+    onnx = "onnx"  # ONNX Runtime and the other ONNX consumers
+    torchscript = "torchscript"  # torch.jit.load, C++ included
+    exported_program = "exported_program"  # torch.export.load (.pt2)
+
+
+MIN_OPSET = 18  # the dynamo-based exporter's lowest
+
+
+@dataclass
+class ExportConfig:
+    """scripts/export.py (configs/export.yaml): the checkpoint, the format and how the artefact is checked."""
+
+    # Required: path to a train.py checkpoint (checkpoints/best.pt or last.pt).
+    checkpoint: Optional[str] = None
+    format: ExportFormat = ExportFormat.onnx
+    # null: beside the checkpoint (the run folder for <run>/checkpoints/*.pt).
+    output: Optional[str] = None
+    # true: the EMA weights of a run trained with trainer.ema.
+    ema: bool = False
+    # null: the run's validation crop (dataset.val_image_size, else dataset.image_size).
+    image_size: Optional[int] = field(default=None, metadata={"minimum": 1})
+    # format=onnx: the ONNX opset (18: the exporter's own, read by ONNX Runtime >= 1.14).
+    opset: int = field(default=MIN_OPSET, metadata={"minimum": MIN_OPSET})
+    # The artefact is reloaded (ONNX Runtime, torch.jit.load, torch.export.load) and run on a batch of
+    # 2 and a batch of 3 random images beside the PyTorch model; it is written only if the largest
+    # |artefact - PyTorch| is at most tolerance * max(1, largest |PyTorch logit|). Float32 kernels that
+    # fuse or reorder operations (ONNX Runtime) differ by ~1e-6 of the logits; a wrong export (a gate
+    # lost, a batch size baked in) by the logits' own order.
+    tolerance: float = 1.0e-4
+
+
 def _run_dir(default: str) -> str:
     return default if env_rank() == 0 else scratch_run_dir()
 
@@ -267,10 +301,13 @@ def _sweep_subdir(num, *, _root_) -> str:
 
 
 def register() -> None:
-    """Register the schemas (train's, summary's) and the resolvers configs/train.yaml uses (idempotent)."""
+    """Register the schemas (train's, summary's, export's, eval's) and the resolvers configs/train.yaml
+    uses (idempotent)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="summary_schema", node=SummaryConfig)
+    store.store(name="export_schema", node=ExportConfig)
+    eval_config.register()  # eval.py registers it alone (without torch); here for every other composer
     # The `attention` group's choices come from the attention table, not from YAML files.
     for name, node in attention_choices().items():
         store.store(group="attention", name=name, node=node)

@@ -29,7 +29,7 @@ format=torchscript: torch.jit.trace (a traced graph; the batch size stays symbol
 Every artefact is then loaded back (ONNX Runtime's CPU provider, torch.jit.load, torch.export.load)
 and run on a batch of 2 and a batch of 3 random images beside the PyTorch model; the largest
 |artefact - PyTorch| at each batch size is printed, and the file is written only when it is at most
-tolerance * max(1, largest |logit|) (configs/export.yaml says why 1e-4). Options: configs/export.yaml.
+tolerance * max(1, largest |logit|) (ExportConfig says why 1e-4). Options: ExportConfig in emca/config.py.
 Exit status 0, or 1 with a one-line error (a missing or foreign checkpoint, an unknown format, an
 artefact that does not match).
 """
@@ -56,16 +56,15 @@ if str(REPO) not in sys.path:  # `python scripts/export.py` from anywhere, witho
 from emca.cli import check_command_line  # noqa: E402
 from emca.common.checkpoint_file import CHECKPOINT_DIR, CheckpointError  # noqa: E402
 from emca.common.files import atomic_write  # noqa: E402
+from emca.config import MIN_OPSET, ExportFormat  # noqa: E402  (and registers export_schema)
 from emca.layers import pooling  # noqa: E402
 from emca.models.loading import read_checkpoint, restore_model  # noqa: E402
 from emca.options import is_int, require, require_int  # noqa: E402
 
-FORMATS = ("onnx", "torchscript", "exported_program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript", "exported_program": ".pt2"}
 LABELS = {"onnx": "ONNX Runtime", "torchscript": "torch.jit.load", "exported_program": "torch.export.load"}
 CHECK_BATCHES = (2, 3)  # two batch sizes: the second is not the one the graph was captured at
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "images", "logits", "batch"
-MIN_OPSET = 18  # the dynamo-based exporter's lowest
 
 
 class ExportError(ValueError):
@@ -188,15 +187,12 @@ def limit(tolerance: float, scale: float) -> float:
 # --------------------------------------------------------------------------- the command
 
 def check_options(cfg: DictConfig) -> None:
+    """What ExportConfig's types cannot say (Hydra has checked those)."""
     if not cfg.checkpoint:
         raise ExportError("give the checkpoint to export: python scripts/export.py checkpoint=PATH format=onnx")
-    require(cfg.format in FORMATS, "format", cfg.format, f"one of {', '.join(FORMATS)}", ExportError)
-    require(isinstance(cfg.ema, bool), "ema", cfg.ema, "true or false", ExportError)
     require_int("image_size", cfg.image_size, 1, ExportError, nullable=True)
     require_int("opset", cfg.opset, MIN_OPSET, ExportError)
-    tolerance = cfg.tolerance
-    require(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance > 0, "tolerance",
-            tolerance, "a positive number, e.g. 1e-4", ExportError)
+    require(cfg.tolerance > 0, "tolerance", cfg.tolerance, "a positive number, e.g. 1e-4", ExportError)
 
 
 def output_path(output: Optional[str], checkpoint: Path, fmt: str, ema: bool) -> Path:
@@ -215,8 +211,9 @@ def output_path(output: Optional[str], checkpoint: Path, fmt: str, ema: bool) ->
 def export_checkpoint(cfg: DictConfig) -> list[str]:
     """Export, check and write; returns the lines to print. ExportError if the artefact does not match."""
     check_options(cfg)
+    fmt = ExportFormat(cfg.format).value
     given = Path(cfg.checkpoint).expanduser()
-    output = output_path(cfg.output, Path(os.path.abspath(given)), cfg.format, cfg.ema)
+    output = output_path(cfg.output, Path(os.path.abspath(given)), fmt, cfg.ema)
     state = read_checkpoint(given, ExportError, "scripts/export.py")
     model = restore_model(given, state, cfg.ema, ExportError, "drop ema=true").eval().requires_grad_(False)
     dataset = state["config"].get("dataset", {})
@@ -224,19 +221,19 @@ def export_checkpoint(cfg: DictConfig) -> list[str]:
     require(is_int(image_size) and image_size > 0, "image_size", image_size, "a positive integer (the checkpoint's "
             "configuration gives none)", ExportError)
 
-    data = export_bytes(model, cfg.format, image_size, cfg.opset)
-    found, scale = differences(model, load_runner(cfg.format, data), image_size)
+    data = export_bytes(model, fmt, image_size, cfg.opset)
+    found, scale = differences(model, load_runner(fmt, data), image_size)
     allowed = limit(cfg.tolerance, scale)
     measured = ", ".join(f"{value:.2e} at batch {batch}" for batch, value in found.items())
     if max(found.values()) > allowed:
-        raise ExportError(f"the {cfg.format} export of {given} differs from PyTorch by {measured} (more than "
+        raise ExportError(f"the {fmt} export of {given} differs from PyTorch by {measured} (more than "
                           f"{allowed:.1e} = tolerance {cfg.tolerance:g} x {max(1.0, scale):.3g}); nothing written")
     replaced = output.exists()
     atomic_write(output, lambda file: file.write(data))
 
     arch = state["fingerprint"]["architecture"]
     what = {"onnx": f"ONNX opset {cfg.opset}", "torchscript": "TorchScript, traced",
-            "exported_program": "torch.export program"}[cfg.format]
+            "exported_program": "torch.export program"}[fmt]
     weights = "EMA" if cfg.ema else "trained"
     mean, std = dataset.get("mean"), dataset.get("std")
     return [
@@ -244,7 +241,7 @@ def export_checkpoint(cfg: DictConfig) -> list[str]:
         f"input     float32 ({BATCH_AXIS}, 3, {image_size}, {image_size}), any batch size; RGB normalised as the "
         f"run's validation images: (pixel - {_short(mean)}) / {_short(std)} on the 0-255 scale",
         f"output    logits ({BATCH_AXIS}, {arch['num_classes']})",
-        f"checked   {LABELS[cfg.format]} vs PyTorch on the same images: max abs difference {measured} "
+        f"checked   {LABELS[fmt]} vs PyTorch on the same images: max abs difference {measured} "
         f"(limit {allowed:.1e})",
     ]
 

@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT, SYNTHETIC_RUN, randomise_parameters
 from emca.analysis.checkpoint_eval import read_checkpoint, restore_model
+from emca.cli import OverrideError, check_overrides
 from emca.common.checkpoint_file import CheckpointError
 from emca.layers import pooling
 from emca.layers.create_attn import ATTENTIONS, is_emca
@@ -186,15 +187,28 @@ def test_an_artefact_that_differs_is_one_line_and_not_written(tiny_run, tmp_path
 
 @pytest.mark.parametrize("overrides, message", [
     (("format=onnx",), "give the checkpoint to export: python scripts/export.py checkpoint=PATH"),
-    (("checkpoint=CKPT", "format=tflite"), "format='tflite' must be one of onnx, torchscript, exported_program"),
     (("checkpoint=CKPT", "opset=13"), "opset=13 must be an integer >= 18"),
-    (("checkpoint=CKPT", "tolerance=0"), "tolerance=0 must be a positive number"),
+    (("checkpoint=CKPT", "image_size=0"), "image_size=0 must be an integer >= 1 or null"),
+    (("checkpoint=CKPT", "tolerance=0"), "tolerance=0.0 must be a positive number"),
     (("checkpoint=CKPT", "output=FOLDER"), "must be a file path, not a folder"),
 ])
 def test_each_impossible_option_is_one_line_naming_it(tmp_path, overrides, message):
     overrides = [o.replace("CKPT", str(tmp_path / "best.pt")).replace("FOLDER", str(tmp_path)) for o in overrides]
     with pytest.raises(export.ExportError, match=re.escape(message)):
         export.export_checkpoint(export_options(*overrides))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("format=tflite", "format='tflite' must be one of onnx, torchscript, exported_program"),
+    ("ema=maybe", "ema='maybe' must be true or false"),
+    ("opset=latest", "opset='latest' must be an integer >= 18"),
+    ("tolerance=small", "tolerance='small' must be a number"),
+])
+def test_each_option_of_a_wrong_type_is_one_line_naming_it(override, message):
+    # ExportConfig's types, said in one line by emca/cli.py, which export.py runs before Hydra composes.
+    with pytest.raises(OverrideError) as error:
+        check_overrides(REPO_ROOT / "configs", "export", ["checkpoint=x.pt", override], "scripts/export.py")
+    assert str(error.value) == message
 
 
 def test_export_py_errors_are_one_line_with_status_1(tmp_path):
@@ -204,6 +218,9 @@ def test_export_py_errors_are_one_line_with_status_1(tmp_path):
     assert "nowhere.pt" in missing.stderr
     with pytest.raises(CheckpointError):
         export.export_checkpoint(export_options(f"checkpoint={tmp_path / 'nowhere.pt'}"))
+    wrong_type = run_export(f"checkpoint={tmp_path / 'nowhere.pt'}", "format=tflite")  # before the checkpoint is read
+    assert (wrong_type.returncode, wrong_type.stdout) == (1, "")
+    assert wrong_type.stderr == "error: format='tflite' must be one of onnx, torchscript, exported_program\n"
 
 
 def test_a_foreign_file_or_missing_ema_weights_is_one_line_naming_export_py(tiny_run, tmp_path):
