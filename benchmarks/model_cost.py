@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from emca.engine.precision import amp_dtype, autocast
+from emca.layers.create_attn import ATTENTIONS, default_integration, is_emca, kind_of
+from emca.models.resnet import EMCAResNet
+
 from _timing import (
     MIB,
     Timing,
@@ -36,9 +40,6 @@ from _timing import (
     ratio_verdict,
     tensor_bytes,
 )
-from emca.engine.precision import amp_dtype, autocast
-from emca.layers.create_attn import ATTENTIONS, default_integration, is_emca, kind_of
-from emca.models.resnet import EMCAResNet
 
 
 @dataclass(frozen=True)

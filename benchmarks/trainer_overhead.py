@@ -27,6 +27,13 @@ import copy
 import tempfile
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+
+from emca.engine.precision import amp_dtype, autocast
+from emca.engine.trainer import Trainer
+
 from _timing import (  # first: it quiets a warning of a module that timm's import may load
     Timing,
     add_run_arguments,
@@ -37,14 +44,7 @@ from _timing import (  # first: it quiets a warning of a module that timm's impo
     prepare_run,
     ratio_verdict,
 )
-
-import torch
-import torch.nn.functional as F
-from timm.utils import ModelEmaV3
-
 from _trainer import build_trainer, trainer_epoch
-from emca.engine.precision import amp_dtype, autocast
-from emca.engine.trainer import Trainer
 
 OVERHEAD_BUDGET = 0.05
 

@@ -27,8 +27,8 @@ from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
 from emca.engine.optim import LossName, NoWeightDecay, OptimizerName  # noqa: F401  (where optim.py reads them)
 from emca.engine.tasks import TASKS
-from emca.layers.create_attn import ATTENTIONS
 from emca.engine.trackers.config import LoggerConfig
+from emca.layers.create_attn import ATTENTIONS
 from emca.models import coverage_name
 from emca.models.config import AttentionConfig, BackboneConfig, CoverageConfig, attention_choices
 

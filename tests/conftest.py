@@ -123,8 +123,9 @@ def preempt_after_step(monkeypatch, step: int) -> None:
 
 def compose_train_config(*overrides: str):
     """The config `python train.py *overrides` runs (Hydra compose API)."""
-    import emca.config  # noqa: F401  (registers the schema and resolvers)
     from hydra import compose, initialize_config_dir
+
+    import emca.config  # noqa: F401  (registers the schema and resolvers)
 
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=list(overrides))

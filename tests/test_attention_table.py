@@ -12,8 +12,16 @@ from emca.analysis.method_reference import METHOD_REFERENCES
 from emca.common.checkpoint_file import architecture_fingerprint
 from emca.layers import EMCA
 from emca.layers.cbam import CBAMChannelExcitation
-from emca.layers.create_attn import (ATTENTION_KINDS, ATTENTIONS, KINDS, AttentionKind, default_integration, is_emca,
-                                     option_defaults, reads)
+from emca.layers.create_attn import (
+    ATTENTION_KINDS,
+    ATTENTIONS,
+    KINDS,
+    AttentionKind,
+    default_integration,
+    is_emca,
+    option_defaults,
+    reads,
+)
 from emca.models import EMCAResNet, attention_modules
 from emca.models.config import AttentionConfig
 from emca.models.summary import count_parameters, measure_gflops, stage_layout

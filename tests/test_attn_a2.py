@@ -8,8 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import randomise_parameters
 from emca.layers.double_attention import DoubleAttention, a2_positions
+
+from conftest import randomise_parameters
 
 
 def randomise(module: nn.Module, seed: int = 0) -> nn.Module:

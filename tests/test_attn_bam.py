@@ -7,8 +7,9 @@ import pytest
 import torch
 import torchvision
 
-from conftest import randomise_parameters
 from emca.layers.bam import BAM
+
+from conftest import randomise_parameters
 
 EPS = 1e-5  # BatchNorm's default eps, which the reference applies by hand
 

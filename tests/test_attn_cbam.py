@@ -7,9 +7,10 @@ import pytest
 import torch
 from timm.layers.cbam import CbamModule
 
-from conftest import randomise_parameters
 from emca.layers.cbam import CBAM, CBAMChannelExcitation
 from emca.layers.pooling import pool_descriptor
+
+from conftest import randomise_parameters
 
 R50_PLAIN_PARAMS = 25_557_032  # torchvision.models.resnet50()
 R50_STAGES = ((256, 3), (512, 4), (1024, 6), (2048, 3))  # (block output channels, blocks)

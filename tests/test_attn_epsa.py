@@ -9,8 +9,9 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from conftest import randomise_parameters
 from emca.layers.epsanet import EPSA_SIZES, PSAConv, SEWeight, psa_conv_options
+
+from conftest import randomise_parameters
 
 
 def reference_psa(module: PSAConv, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ import pytest
 import torch
 from timm.layers.global_context import GlobalContext as TimmGlobalContext
 
-from conftest import randomise_parameters
 from emca.layers.global_context import GlobalContext
+
+from conftest import randomise_parameters
 
 R50_PLAIN_PARAMS = 25_557_032  # torchvision.models.resnet50()
 R50_STAGES = ((256, 3), (512, 4), (1024, 6), (2048, 3))  # (block output channels, blocks), c2..c5

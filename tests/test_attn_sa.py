@@ -9,8 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from conftest import randomise_parameters
 from emca.layers.shuffle_attention import ShuffleAttention
+
+from conftest import randomise_parameters
 
 EPS = 1e-5  # GroupNorm's default eps
 

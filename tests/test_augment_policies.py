@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import signed_bin
 from omegaconf import OmegaConf
@@ -21,6 +20,8 @@ from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders
 from emca.data.dali_loader import _augmentation_space
 from emca.data.policies import AUTOAUGMENT_BINS, AUTOAUGMENT_IMAGENET, RANDAUGMENT_BINS, erase_fill
 from emca.data.transforms import Preprocessing
+
+from conftest import SHARED_DATA
 
 # The torchvision loader runs in-process (workers=0) here: one intra-op thread, as in its workers.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

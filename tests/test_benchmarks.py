@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, SHARED_DATA
 from emca.layers.pooling import STD_EPS, pool_descriptor
 from emca.models.resnet import EMCAResNet
+
+from conftest import REPO_ROOT, SHARED_DATA
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("[!_]*.py"))

@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from emca.common.checkpoint_file import (BEST, CHECKPOINT_DIR, LAST, CheckpointError, architecture_fingerprint,
-                                         load_checkpoint)
+from emca.common.checkpoint_file import (
+    BEST,
+    CHECKPOINT_DIR,
+    LAST,
+    CheckpointError,
+    architecture_fingerprint,
+    load_checkpoint,
+)
 from emca.engine.checkpoint import GENERATIONS, HISTORY, RESUME_ONLY, CheckpointStore
 from emca.engine.reproducibility import rng_state, set_rng_state
 from emca.models import build_model

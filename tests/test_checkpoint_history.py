@@ -4,6 +4,7 @@ N epochs, pruned in the same rename that commits a save (killed at any instant: 
 
 import pytest
 import torch
+from test_checkpoint import history_epochs
 
 import emca
 from emca.common.checkpoint_file import BEST, LAST
@@ -11,7 +12,6 @@ from emca.engine.checkpoint import GENERATIONS, HISTORY, RESUME_ONLY, Checkpoint
 from emca.engine.trainer import RunAborted, train
 
 from conftest import SYNTHETIC_RUN
-from test_checkpoint import history_epochs
 
 
 def full_state(epoch: int, best: int) -> dict:

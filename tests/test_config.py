@@ -17,8 +17,9 @@ GROUPS = ("backbone", "attention", "coverage", "dataset", "loader", "optimizer",
 def group_options(group: str) -> list[str]:
     """A group's choices: its YAML files; the attention group's come from the attention table."""
     if group == "attention":
-        import emca.config  # noqa: F401  (registers them)
         from hydra.core.config_store import ConfigStore
+
+        import emca.config  # noqa: F401  (registers them)
 
         return sorted(name.removesuffix(".yaml") for name in ConfigStore.instance().list("attention"))
     return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))

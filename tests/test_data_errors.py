@@ -13,8 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders
-from emca.data import builder, folder
+from emca.data import DatasetConfig, DatasetError, LoaderConfig, build_loaders, builder, folder
 
 LOADERS = ["dali", "torchvision"]
 

@@ -4,8 +4,8 @@ a checkpoint made by a real (tiny) train.py sweep that tests/test_tables.py also
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import emca.analysis.eval_config  # noqa: F401  (registers eval_schema, as eval.py does before composing)
-from emca.engine.tasks.classification import evaluate, rotate_clockwise
 from emca.analysis.scales import LearnedScales, first_attention_per_stage
 from emca.analysis.speed import time_model, time_pipeline
 from emca.engine.distributed import DistributedContext
+from emca.engine.tasks.classification import evaluate, rotate_clockwise
 from emca.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,8 +276,9 @@ def test_eval_reports_rotations_scales_speeds_and_gradcam(evaluated):
 
 
 def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speeds_batches(compose_train, tmp_path):
-    from conftest import QUICK_RUN
     from emca.engine.trainer import train
+
+    from conftest import QUICK_RUN
 
     # The Quickstart's digits: 360 validation images, 2 batches of the default speed.batch=256,
     # fewer than the default 10 warm-up batches; FPS times its 100 images of the 350 after the warm-up.

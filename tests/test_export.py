@@ -28,13 +28,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO_ROOT, SYNTHETIC_RUN, randomise_parameters
 from emca.analysis.checkpoint_eval import read_checkpoint, restore_model
 from emca.cli import OverrideError, check_overrides
 from emca.common.checkpoint_file import CheckpointError
 from emca.layers import pooling
 from emca.layers.create_attn import ATTENTIONS, is_emca
 from emca.models import EMCAResNet, build_model
+
+from conftest import REPO_ROOT, SYNTHETIC_RUN, randomise_parameters
 
 spec = importlib.util.spec_from_file_location("export_script", REPO_ROOT / "scripts" / "export.py")
 export = importlib.util.module_from_spec(spec)

@@ -23,9 +23,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from emca.engine.trainer import Preempted, RunAborted, train
-
 import emca.config  # noqa: F401  (registers the resolvers the saved config uses)
+from emca.engine.trainer import Preempted, RunAborted, train
 
 from conftest import QUICK_RUN, REPO_ROOT, SYNTHETIC_RUN, preempt_after_step
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import QUICK_RUN
 from emca.analysis.checkpoint_eval import read_checkpoint, restore_model
 from emca.analysis.gradcam import PANEL_INCHES, GradcamError, choose_images, choose_layer, heat_maps, pick_images
 from emca.data.folder import ImageList
 from emca.models import build_model
+
+from conftest import QUICK_RUN
 
 # One intra-op thread in subprocesses too: the 2-core machine is shared (see tests/test_eval.py).
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -6,8 +6,8 @@ import torch
 import torchvision
 
 from emca.common.checkpoint_file import CheckpointError
-from emca.models.initialisation import initialise_from
 from emca.models import build_model
+from emca.models.initialisation import initialise_from
 
 from conftest import SYNTHETIC_RUN
 
@@ -71,8 +71,8 @@ def test_a_run_starts_from_another_runs_checkpoint_and_records_it(compose_train,
     assert results["init_from"]["kept"] > 0 and first["init_from"] is None
     assert results["config"]["model"]["init_from"] == str(source)
     # The initial weights, before any step: what the file held for every shared plain-ResNet tensor.
-    from emca.engine.distributed import setup_distributed
     from emca.engine.checkpoint import CheckpointStore
+    from emca.engine.distributed import setup_distributed
 
     trainer = Trainer(cfg, setup_distributed("cpu"), CheckpointStore(tmp_path / "third"), None)
     state = trainer.model.state_dict()

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import emca
-from conftest import QUICK_RUN
 from emca.common.checkpoint_file import CheckpointError
 from emca.models import WeightsMismatchError
+
+from conftest import QUICK_RUN
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,7 +13,6 @@ from emca.options import require, require_int, shown
 
 from conftest import SYNTHETIC_RUN
 
-
 # Every option of the train schema that has impossible values, with the whole line it gets. The
 # synthetic run trains 2 epochs (digits_quick), so a warm-up of 2 epochs leaves none to train.
 TRAIN_OPTION_ERRORS = {

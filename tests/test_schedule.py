@@ -8,8 +8,15 @@ from omegaconf import OmegaConf
 
 from emca.config import OptimizerConfig
 from emca.engine.optim import build_optimizer, no_decay_parameter_names, scaled_lr
-from emca.engine.schedule import (build_scheduler, describe_milestones, describe_warmup, distinct_from, lr_factor,
-                                  milestone_epochs, warmup_epochs_used)
+from emca.engine.schedule import (
+    build_scheduler,
+    describe_milestones,
+    describe_warmup,
+    distinct_from,
+    lr_factor,
+    milestone_epochs,
+    warmup_epochs_used,
+)
 from emca.models import build_model
 
 

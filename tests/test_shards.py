@@ -11,6 +11,7 @@ import tarfile
 from collections import Counter
 
 import pytest
+from test_train import assert_same_run, checkpoint
 
 from emca.data import DatasetError, build_loaders
 from emca.data.packing import pack
@@ -19,7 +20,6 @@ from emca.engine.progress import EpochProgress
 from emca.engine.trainer import Preempted, train
 
 from conftest import QUICK_RUN
-from test_train import assert_same_run, checkpoint
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SHARD_SIZE = 4, 30, 8, 16
 SPLITS = {"train": CLASSES * TRAIN_PER_CLASS, "val": CLASSES * VAL_PER_CLASS}

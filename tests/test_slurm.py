@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import emca.config  # noqa: F401  (registers the schema and resolvers)
-from conftest import REPO_ROOT
 from emca.engine.slurm import with_resume_auto
+
+from conftest import REPO_ROOT
 
 # hydra_plugins/ sits in the repository root, which `python train.py` has on sys.path (pytest may not).
 sys.path.insert(0, str(REPO_ROOT))

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_eval import RUN0, RUN1, make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
 
 from emca.analysis import paper_reference as paper
 from emca.analysis import render
@@ -17,7 +18,6 @@ from emca.analysis.complexity import count_variants
 from emca.analysis.runs import find_runs, measurements
 from emca.analysis.tables import TABLES, Measured, complexity_table, fill_table
 from emca.analysis.variants import Variant, channel_attention, emca, plain, variant_from_config
-from test_eval import RUN0, RUN1, make_sweep, run_python, sweep_base  # noqa: F401  (sweep_base is a fixture)
 
 DESIGN_NOTES = Path(__file__).resolve().parents[1] / "docs" / "paper.md"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

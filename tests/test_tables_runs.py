@@ -13,15 +13,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_eval import run_python
 
 import emca.config  # noqa: F401  (registers the training schema train.yaml composes)
-
 from emca.analysis import render
 from emca.analysis.complexity import build_variant, count_macs
 from emca.analysis.runs import find_runs, measurements, override
 from emca.analysis.tables import METRICS, TABLES, fill_table
 from emca.analysis.variants import PAPER_OPTIONS, channel_attention, emca, plain, variant_from_config
-from test_eval import run_python
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESET_COVERAGE = {None: (1, "all"), "prev_stage_all": (1, "all"), "none": (0, 0)}

@@ -2,8 +2,8 @@
 with or without a terminal bar), TensorBoard's shared epoch axis and HParams, MLflow and W&B."""
 
 import json
-import os
 import logging
+import os
 import re
 import struct
 from pathlib import Path
@@ -14,12 +14,11 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import emca.config  # noqa: F401  (registers the resolvers the saved config uses)
 from emca.engine import progress as progress_module
 from emca.engine.metrics import Metrics
 from emca.engine.progress import EpochProgress, RunClock, StepTimes
 from emca.engine.trainer import Preempted, train
-
-import emca.config  # noqa: F401  (registers the resolvers the saved config uses)
 
 from conftest import SYNTHETIC_RUN, preempt_after_step
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import emca
-
 from emca.engine.compatibility import check_resume_config
 
 from conftest import REPO_ROOT, compose_train_config

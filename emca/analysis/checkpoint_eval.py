@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from emca.engine.tasks.classification import evaluate
+from emca.analysis.eval_config import CLASSES, INDICES, LAYER, ROTATIONS, minimums
 from emca.analysis.gradcam import (
     GradcamError,
     choose_layer,
@@ -31,19 +31,18 @@ from emca.analysis.gradcam import (
     save_gradcam,
     validation_images,
 )
-from emca.analysis.eval_config import CLASSES, INDICES, LAYER, ROTATIONS, minimums
 from emca.analysis.scales import LearnedScales, plot_scales
 from emca.analysis.speed import describe_device, time_model, time_pipeline
 from emca.common.checkpoint_file import CHECKPOINT_DIR, describe_architecture
 from emca.common.files import atomic_write
-from emca.models import coverage_name
 from emca.data import build_loaders
 from emca.data.folder import ImageList
 from emca.engine.checkpoint import HISTORY
 from emca.engine.distributed import DistributedContext
-from emca.engine.results import git_commit, library_versions
 from emca.engine.precision import amp_dtype as parse_amp
-from emca.models import attention_modules, loading
+from emca.engine.results import git_commit, library_versions
+from emca.engine.tasks.classification import evaluate
+from emca.models import attention_modules, coverage_name, loading
 from emca.models.summary import count_parameters, measure_gflops
 from emca.options import require, require_int
 

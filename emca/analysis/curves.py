@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from emca.analysis.figures import plt, save_figure
 from matplotlib.ticker import MaxNLocator
 
+from emca.analysis.figures import plt, save_figure
 from emca.analysis.paper_reference import SHORT_NAME
 from emca.analysis.runs import Run
 

@@ -13,10 +13,10 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from emca.analysis.figures import plt, save_figure
 import torch
 from torch import nn
 
+from emca.analysis.figures import plt, save_figure
 from emca.engine.distributed import DistributedContext
 from emca.models import attention_modules
 

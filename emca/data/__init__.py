@@ -5,8 +5,8 @@
         bundle.train.set_epoch(epoch)
         for images, labels in bundle.train: ...
 """
-from .builder import DataBundle, build_loaders
-from .config import DatasetConfig, LoaderConfig
-from .errors import DatasetError
+from emca.data.builder import DataBundle, build_loaders
+from emca.data.config import DatasetConfig, LoaderConfig
+from emca.data.errors import DatasetError
 
 __all__ = ["DataBundle", "DatasetConfig", "DatasetError", "LoaderConfig", "build_loaders"]

@@ -11,14 +11,14 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import AUTO_WORKERS_MAX, DatasetConfig, LoaderConfig
-from .datasets import check_dataset_name, dataset_root
-from .errors import DatasetError
-from .folder import ImageList, check_root, list_split, screen_images
-from .shards import INFO, load_split, read_info
-from .sampling import per_rank_batch_size, train_batches_per_epoch, train_shard, val_shard
-from .synthetic import SyntheticLoader
-from .transforms import Preprocessing
+from emca.data.config import AUTO_WORKERS_MAX, DatasetConfig, LoaderConfig
+from emca.data.datasets import check_dataset_name, dataset_root
+from emca.data.errors import DatasetError
+from emca.data.folder import ImageList, check_root, list_split, screen_images
+from emca.data.sampling import per_rank_batch_size, train_batches_per_epoch, train_shard, val_shard
+from emca.data.shards import INFO, load_split, read_info
+from emca.data.synthetic import SyntheticLoader
+from emca.data.transforms import Preprocessing
 
 LOADERS = ("dali", "torchvision", "synthetic")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -174,12 +174,12 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
 def _loader_factory(dataset: DatasetConfig, loader: LoaderConfig, common: dict, rank: int, world_size: int):
     """make(images, preprocessing, shard_of_epoch, train=...) -> the loader of loader.name over those images."""
     if loader.name == "torchvision":
-        from .torch_loader import TorchvisionLoader
+        from emca.data.torch_loader import TorchvisionLoader
 
         return partial(TorchvisionLoader, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
                        prefetch_factor=loader.prefetch_factor, **common)
     try:
-        from .dali_loader import DaliLoader, reader_options
+        from emca.data.dali_loader import DaliLoader, reader_options
     except ImportError as error:
         raise DatasetError(
             f"loader=dali needs NVIDIA DALI ({error}); pip install nvidia-dali-cuda130, or use loader=torchvision"

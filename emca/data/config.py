@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from emca.data.errors import DatasetError
 from emca.options import require_int
-
-from .errors import DatasetError
 
 # ImageNet's RGB statistics (0.485, 0.456, 0.406 / 0.229, 0.224, 0.225) x 255, written rounded as the
 # v0.2 dataset files wrote them (0.224 * 255 is 57.120000000000005 in floats): a v0.2 run's recorded
@@ -87,7 +86,7 @@ POLICY_NAMES = {"randaugment": "RandAugment", "trivialaugment": "TrivialAugmentW
 def describe_augmentation(dataset) -> list[str]:
     """The training augmentation beyond crop and flip, for the start-up log's "with ..." line:
     e.g. ["RandAugment 2 ops at magnitude 18/30", "random erasing p=0.25"]; [] when there is none."""
-    from .policies import RANDAUGMENT_BINS  # torchvision's, imported only when a run describes itself
+    from emca.data.policies import RANDAUGMENT_BINS  # torchvision's, imported only when a run describes itself
 
     policy = dataset.auto_augment
     parts = []

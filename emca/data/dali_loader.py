@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
-from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
 from nvidia.dali.auto_aug import augmentations as a
+from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
 from nvidia.dali.auto_aug.core import Policy, augmentation
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .config import LoaderConfig
-from .errors import DatasetError
-from .folder import ImageList, open_image
-from .policies import (
+from emca.data.config import LoaderConfig
+from emca.data.errors import DatasetError
+from emca.data.folder import ImageList, open_image
+from emca.data.policies import (
     AUTOAUGMENT_BINS,
     AUTOAUGMENT_IMAGENET,
     ERASE_ATTEMPTS,
@@ -45,9 +45,9 @@ from .policies import (
     RANDAUGMENT_BINS,
     erase_fill,
 )
-from .sampling import derive_seed, shard_order
-from .shards import LABEL_EXT, ShardList
-from .transforms import Preprocessing
+from emca.data.sampling import derive_seed, shard_order
+from emca.data.shards import LABEL_EXT, ShardList
+from emca.data.transforms import Preprocessing
 
 READER = "Reader"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DatasetError
-from .folder import folder_error
+from emca.data.errors import DatasetError
+from emca.data.folder import folder_error
 
 DATASETS = ("digits", "tiny_imagenet", "imagenet", "imagefolder")
 

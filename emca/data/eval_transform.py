@@ -12,8 +12,8 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
-from .torch_loader import load_rgb, to_rgb
-from .transforms import BatchNormalizer, Preprocessing, val_image
+from emca.data.torch_loader import load_rgb, to_rgb
+from emca.data.transforms import BatchNormalizer, Preprocessing, val_image
 
 
 class EvalTransform:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import DatasetError, printable
+from emca.data.errors import DatasetError, printable
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,22 @@ import numpy as np
 
 from emca.common.files import atomic_write
 from emca.common.locks import InUse, lock_exclusively, name_holder
-
-from .builder import BAD_IMAGE_POLICIES, cache_dir
-from .datasets import dataset_root
-from .errors import DatasetError
-from .folder import ImageList, check_root, list_split, screen_images
-from .shards import (
-    BLOCK, FORMAT, INFO, LABEL_EXT, SPLITS, VERSION, index_text, member_header, sample_key, shard_layout, shard_name,
+from emca.data.builder import BAD_IMAGE_POLICIES, cache_dir
+from emca.data.datasets import dataset_root
+from emca.data.errors import DatasetError
+from emca.data.folder import ImageList, check_root, list_split, screen_images
+from emca.data.shards import (
+    BLOCK,
+    FORMAT,
+    INFO,
+    LABEL_EXT,
+    SPLITS,
+    VERSION,
+    index_text,
+    member_header,
+    sample_key,
+    shard_layout,
+    shard_name,
     write_tar,
 )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DatasetError
+from emca.data.errors import DatasetError
 
 
 def derive_seed(*parts: int) -> int:

@@ -33,7 +33,7 @@ from typing import IO, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import DatasetError
+from emca.data.errors import DatasetError
 
 FORMAT = "emca-shards"
 VERSION = 1

@@ -15,13 +15,12 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from emca.common.signals import detach_worker, stop_signals_blocked
-
-from .errors import DatasetError
-from .folder import ImageList, open_image
-from .policies import TorchvisionAugment
-from .sampling import derive_seed
-from .shards import ShardList
-from .transforms import BatchNormalizer, Preprocessing, train_image, val_image
+from emca.data.errors import DatasetError
+from emca.data.folder import ImageList, open_image
+from emca.data.policies import TorchvisionAugment
+from emca.data.sampling import derive_seed
+from emca.data.shards import ShardList
+from emca.data.transforms import BatchNormalizer, Preprocessing, train_image, val_image
 
 # PIL's modes for 16-bit greyscale: PNG and TIFF (I;16, I;16B) and PGM (I, which PIL's reader scales
 # to 0-65535 whatever the file's maxval).

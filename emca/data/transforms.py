@@ -17,11 +17,10 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from emca.data.config import DatasetConfig
+from emca.data.errors import DatasetError
+from emca.data.policies import POLICIES, RANDAUGMENT_BINS
 from emca.options import is_int, require, require_int
-
-from .config import DatasetConfig
-from .errors import DatasetError
-from .policies import POLICIES, RANDAUGMENT_BINS
 
 TRAIN_CROPS = ("random_resized", "pad_random")
 

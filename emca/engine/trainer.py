@@ -28,12 +28,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from emca.data import DatasetError
 from emca.common.checkpoint_file import CheckpointError, load_checkpoint
+from emca.data import DatasetError
 from emca.engine.checkpoint import CheckpointStore, describe_history
 from emca.engine.compatibility import check_resume_config
-from emca.engine.distributed import (DistributedContext, is_collective_failure, setup_distributed, shared_run_dir,
-                                     silence_non_main_logging)
+from emca.engine.distributed import (
+    DistributedContext,
+    is_collective_failure,
+    setup_distributed,
+    shared_run_dir,
+    silence_non_main_logging,
+)
 from emca.engine.ema import build_weight_average
 from emca.engine.errors import Preempted, RunAborted
 from emca.engine.limits import named_limits

@@ -18,8 +18,8 @@ biases, [mean, max], BN momentum 0.1) but has the same structure.
 import torch
 from torch import nn
 
-from .excitation import SEExcitation
-from .pooling import pool_descriptor
+from emca.layers.excitation import SEExcitation
+from emca.layers.pooling import pool_descriptor
 
 # The authors' BasicConv builds the spatial BN with momentum 0.01 (torch's default is 0.1).
 SPATIAL_BN_MOMENTUM = 0.01

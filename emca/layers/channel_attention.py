@@ -4,7 +4,7 @@
 import torch
 from torch import nn
 
-from .pooling import pool_descriptor
+from emca.layers.pooling import pool_descriptor
 
 
 class ChannelAttention(nn.Module):

@@ -28,16 +28,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import nn
 
-from .bam import BAM
-from .cbam import CBAM, CBAMChannelExcitation
-from .channel_attention import ChannelAttention
-from .double_attention import a2_block, a2_positions
-from .epsanet import epsa_block
-from .excitation import ECAExcitation, SEExcitation, SRMExcitation
-from .fcanet import MultiSpectralAttention
-from .global_context import GlobalContext
-from .pooling import POOLINGS
-from .shuffle_attention import shuffle_attention
+from emca.layers.bam import BAM
+from emca.layers.cbam import CBAM, CBAMChannelExcitation
+from emca.layers.channel_attention import ChannelAttention
+from emca.layers.double_attention import a2_block, a2_positions
+from emca.layers.epsanet import epsa_block
+from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
+from emca.layers.fcanet import MultiSpectralAttention
+from emca.layers.global_context import GlobalContext
+from emca.layers.pooling import POOLINGS
+from emca.layers.shuffle_attention import shuffle_attention
 
 PLACES = ("branch", "stage_end", "block")
 INTEGRATIONS = ("all", "first", "last")

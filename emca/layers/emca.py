@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pooling import POOLINGS, pool_descriptor
+from emca.layers.pooling import POOLINGS, pool_descriptor
 
 ALIGNMENTS = ("repeat", "linear")
 GATINGS = ("multiply", "residual")

@@ -7,6 +7,7 @@ internally), because EMCA applies them to a fused multi-scale vector rather than
 """
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

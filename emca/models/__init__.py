@@ -4,12 +4,12 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from . import registry  # registers the emca_* names with timm, for timm's users
-from .coverage import PRESETS as COVERAGE_PRESETS
-from .coverage import CoverageRegion, coverage_name, coverage_sources
-from ..layers.create_attn import ATTENTIONS, INTEGRATIONS, default_integration, option_defaults
-from .resnet import BACKBONES, EMCAResNet, WeightsMismatchError
-from .detection import detection_backbone
+from emca.layers.create_attn import ATTENTIONS, INTEGRATIONS, default_integration, option_defaults
+from emca.models import registry  # registers the emca_* names with timm, for timm's users
+from emca.models.coverage import PRESETS as COVERAGE_PRESETS
+from emca.models.coverage import CoverageRegion, coverage_name, coverage_sources
+from emca.models.detection import detection_backbone
+from emca.models.resnet import BACKBONES, EMCAResNet, WeightsMismatchError
 
 
 def build_model(backbone: Any, attention: Any, coverage: Any, num_classes: int) -> EMCAResNet:

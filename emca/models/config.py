@@ -7,12 +7,17 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from emca.layers.create_attn import (ATTENTION_KINDS, ATTENTIONS, EMCA_PREFIX, AttentionKind, default_integration,
-                                     is_emca)
+from emca.layers.create_attn import (
+    ATTENTION_KINDS,
+    ATTENTIONS,
+    EMCA_PREFIX,
+    AttentionKind,
+    default_integration,
+    is_emca,
+)
+from emca.models.coverage import PRESETS, coverage_name
+from emca.models.resnet import BACKBONES
 from emca.options import is_int, require, require_int, shown
-
-from .coverage import PRESETS, coverage_name
-from .resnet import BACKBONES
 
 log = logging.getLogger(__name__)
 

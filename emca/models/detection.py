@@ -40,8 +40,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .initialisation import initialise_from
-from .resnet import EMCAResNet
+from emca.models.initialisation import initialise_from
+from emca.models.resnet import EMCAResNet
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from ..common.checkpoint_file import CheckpointError, architecture_fingerprint, check_fingerprint, load_checkpoint
-from ..common.renamed_options import upgrade_config
-from .config import check_model_options
+from emca.common.checkpoint_file import CheckpointError, architecture_fingerprint, check_fingerprint, load_checkpoint
+from emca.common.renamed_options import upgrade_config
+from emca.models.config import check_model_options
 
 
 def read_checkpoint(path: Path, error: type[Exception] = CheckpointError, reader: str = "emca.load_model"
@@ -40,7 +40,7 @@ def restore_model(path: Path, state: dict[str, Any], ema: bool = False, error: t
                   without_ema: str = "use ema=False") -> nn.Module:
     """The run's model with the checkpoint's weights (on the CPU, in training mode): the trained ones,
     or with `ema` their exponential moving average (a run trained with trainer.ema)."""
-    from . import build_model  # emca.models imports this module
+    from emca.models import build_model  # emca.models imports this module
 
     train_cfg = state["config"]
     num_classes = state["fingerprint"]["architecture"]["num_classes"]

@@ -18,13 +18,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from timm.models import (FeatureDictNet, FeatureGraphNet, build_model_with_cfg, generate_default_cfgs, register_model,
-                         resolve_pretrained_cfg)
+from timm.models import (
+    FeatureDictNet,
+    FeatureGraphNet,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models import load_checkpoint as load_checkpoint_into
 
-from ..common.checkpoint_file import CheckpointError, describe_architecture, load_checkpoint
-from ..layers.create_attn import ATTENTIONS, is_emca, kind_of
-from .resnet import BACKBONES, EMCAResNet, accepted_keywords, default_cfg, unknown_keyword, weights_mismatch
+from emca.common.checkpoint_file import CheckpointError, describe_architecture, load_checkpoint
+from emca.layers.create_attn import ATTENTIONS, is_emca, kind_of
+from emca.models.resnet import BACKBONES, EMCAResNet, accepted_keywords, default_cfg, unknown_keyword, weights_mismatch
 
 NO_WEIGHTS = ("no pretrained EMCA-ResNet weights are published: use pretrained=False, or load a checkpoint of yours "
               "with pretrained=True, pretrained_cfg_overlay=dict(file=PATH) (or checkpoint_path=PATH, or "

@@ -19,13 +19,23 @@ from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from ..common.checkpoint_file import describe_architecture
-from ..layers import EMCA
-from ..layers.create_attn import (ATTENTIONS, INTEGRATIONS, AttentionKind, create_attention, create_excitation,
-                                  default_integration, is_emca, kind_of, kind_options, option_defaults)
-from ..layers.pooling import pool_descriptor
-from ..options import shown
-from .coverage import CoverageRegion, coverage_sources
+from emca.common.checkpoint_file import describe_architecture
+from emca.layers import EMCA
+from emca.layers.create_attn import (
+    ATTENTIONS,
+    INTEGRATIONS,
+    AttentionKind,
+    create_attention,
+    create_excitation,
+    default_integration,
+    is_emca,
+    kind_of,
+    kind_options,
+    option_defaults,
+)
+from emca.layers.pooling import pool_descriptor
+from emca.models.coverage import CoverageRegion, coverage_sources
+from emca.options import shown
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers import EMCA
+from emca.layers import EMCA
 
 
 def count_parameters(model: nn.Module) -> int:

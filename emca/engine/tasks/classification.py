@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from emca.common.checkpoint_file import architecture_fingerprint
 from emca.data import build_loaders
 from emca.data.config import describe_augmentation
-from emca.common.checkpoint_file import architecture_fingerprint
 from emca.engine.distributed import DistributedContext
-from emca.models.initialisation import initialise_from
 from emca.engine.metrics import Metrics, MetricSums, ScaleHistograms
 from emca.engine.mixing import build_mixing
 from emca.engine.optim import build_criterion
@@ -28,6 +27,7 @@ from emca.engine.precision import autocast
 from emca.engine.task import Task, TaskStep
 from emca.models import attention_modules, build_model, coverage_name
 from emca.models.config import check_model_options, warn_ignored_model_options
+from emca.models.initialisation import initialise_from
 from emca.models.summary import count_parameters, measure_gflops
 
 

@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .channel import Channel
-from .config import LoggerConfig
+from emca.engine.trackers.channel import Channel
+from emca.engine.trackers.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ def check_trackers(cfg: LoggerConfig) -> None:
     if cfg.timeout_s <= 0:
         raise TrackerError(f"logger.timeout_s={cfg.timeout_s} must be positive (seconds a tracker may take)")
     if cfg.mlflow.enabled:
-        from .mlflow import check_store
+        from emca.engine.trackers.mlflow import check_store
 
         check_store(cfg.mlflow)
     if cfg.wandb.enabled:
-        from .wandb import check_login
+        from emca.engine.trackers.wandb import check_login
 
         check_login(cfg.wandb)
 
@@ -136,7 +136,7 @@ def build_trackers(cfg: LoggerConfig, run_dir: Path, run_id: str, params: Mappin
     params = dict(params)
     epochs = [(record["epoch"], epoch_scalars(record)) for record in history]
     if cfg.tensorboard:
-        from .tensorboard import TensorBoardTracker
+        from emca.engine.trackers.tensorboard import TensorBoardTracker
 
         # Events written after the checkpoint this run resumes from have a larger step.
         purge_step = global_step + 1 if global_step else None
@@ -144,13 +144,13 @@ def build_trackers(cfg: LoggerConfig, run_dir: Path, run_id: str, params: Mappin
                                 cfg.timeout_s, after_failure=RESENT))
         shown.append("TensorBoard (event files beside train.log)")
     if cfg.mlflow.enabled:
-        from .mlflow import MlflowTracker, tracking_uri
+        from emca.engine.trackers.mlflow import MlflowTracker, tracking_uri
 
         channels.append(Channel("MLflow", lambda: MlflowTracker(cfg.mlflow, run_id, run_name, params, epochs),
                                 cfg.timeout_s, after_failure=RESENT))
         shown.append(f"MLflow ({tracking_uri(cfg.mlflow)}, experiment {cfg.mlflow.experiment})")
     if cfg.wandb.enabled:
-        from .wandb import WandbTracker
+        from emca.engine.trackers.wandb import WandbTracker
 
         channels.append(Channel("W&B", lambda: WandbTracker(cfg.wandb, run_dir, run_id, run_name, params,
                                                              STEP_PREFIX), cfg.timeout_s))

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .config import MlflowConfig
+from emca.engine.trackers.config import MlflowConfig
 
 RUN_ID_TAG = "emca.run_id"
 _BATCH = 100  # MLflow's limit on params per log_batch call
@@ -39,7 +39,7 @@ def check_store(cfg: MlflowConfig) -> None:
     """A local SQLite store must be one that can be written: its folder (SQLite writes its journal
     beside the file) and the file itself if it exists (raises TrackerError, one line). Creates the
     default store's folder mlruns/."""
-    from . import TrackerError
+    from emca.engine.trackers import TrackerError
 
     uri = tracking_uri(cfg)
     database = _local_store(uri)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import WandbConfig, WandbMode
+from emca.engine.trackers.config import WandbConfig, WandbMode
 
 STEP_AXIS, EPOCH_AXIS = "optimizer_step", "epoch"
 
@@ -24,7 +24,7 @@ def check_login(cfg: WandbConfig) -> None:
     from wandb.sdk import wandb_setup
     from wandb.sdk.lib.wbauth import authenticate_session
 
-    from . import TrackerError
+    from emca.engine.trackers import TrackerError
 
     host = wandb_setup.singleton().settings.base_url
     try:
