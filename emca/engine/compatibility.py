@@ -39,7 +39,6 @@ RESUME_FREE = ("trainer.resume", "trainer.device", "trainer.compile", "trainer.d
                "dataset.on_bad_image", "loader.prefetch_queue_depth", "loader.dali_dont_use_mmap",
                "loader.dali_read_ahead", "loader.dali_reader_prefetch", "loader.prefetch_factor", "loader.pin_memory",
                "loader.persistent_workers")
-_ABSENT = object()
 
 
 def _flatten(config: Any, prefix: str) -> dict[str, Any]:
@@ -47,24 +46,6 @@ def _flatten(config: Any, prefix: str) -> dict[str, Any]:
         return {key: value for name, item in config.items()
                 for key, value in _flatten(item, f"{prefix}.{name}").items()}
     return {prefix: config}
-
-
-def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(config, Mapping) or part not in config:
-            return _ABSENT
-        config = config[part]
-    return config
-
-
-def schedule_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The schedule-defining options of a resolved config (plain containers), flattened to dotted keys."""
-    found: dict[str, Any] = {}
-    for option in SCHEDULE_OPTIONS:
-        value = _lookup(config, option)
-        if value is not _ABSENT:
-            found.update(_flatten(value, option))
-    return found
 
 
 def _within(key: str, options: tuple[str, ...]) -> bool:
