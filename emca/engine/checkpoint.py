@@ -28,6 +28,7 @@ import torch
 
 from emca.common.checkpoint_file import BEST, CHECKPOINT_DIR, LAST, CheckpointError
 from emca.common.files import fsync_dir
+from emca.engine.errors import continue_command
 from emca.options import require_int
 
 GENERATIONS = ".checkpoints"  # the generation folders CHECKPOINT_DIR points into
@@ -102,8 +103,8 @@ class CheckpointStore:
             kept = f"{self.last} is kept" if current is not None else "no earlier checkpoint exists"
             raise CheckpointError(
                 f"cannot write checkpoint {error.filename or new / LAST}: {error.strerror or error}; {kept} "
-                f"(free disk space or fix the folder's permissions, then continue with hydra.run.dir={self.run_dir} "
-                "trainer.resume=auto)"
+                f"(free disk space or fix the folder's permissions, then continue with "
+                f"{continue_command(self.run_dir)})"
             ) from None
         self._remove_others(new)
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from emca.common.renamed_options import upgrade_config
+from emca.engine.errors import continue_command
 from emca.options import shown
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def check_resume_config(
     if not changed:
         return
     # What the advice says works as written: train.py applies a run's recorded overrides when it continues.
-    fix = (f"drop them to continue with the run's own values (hydra.run.dir={run_dir} trainer.resume=auto applies "
-           f"them), or start a new run from its weights with model.init_from={path}")
+    fix = (f"drop them to continue with the run's own values ({continue_command(run_dir)} applies them), or start a "
+           f"new run from its weights with model.init_from={path}")
     if all(_within(key, SCHEDULE_OPTIONS) for key in changed):
         _check_schedule(before, after, changed, path, progress, fix)
         return

@@ -1,4 +1,5 @@
-"""How a run ends when it does not complete: a problem the user can fix, or a stop signal."""
+"""How a run ends when it does not complete (a problem the user can fix, or a stop signal), and the
+command that continues it."""
 
 from __future__ import annotations
 
@@ -19,3 +20,9 @@ class Preempted(Exception):
     def __init__(self, signal_name: str, exit_status: int):
         super().__init__(signal_name)
         self.exit_status = exit_status  # 0, or 130 after SIGINT
+
+
+def continue_command(run_dir) -> str:
+    """The overrides that continue the run in `run_dir`, as every message that advises it writes them:
+    train.py then applies the run's recorded overrides (emca/cli.py), so they work as written."""
+    return f"hydra.run.dir={run_dir} trainer.resume=auto"

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import DictConfig
 
-from emca.engine.errors import RunAborted
+from emca.engine.errors import RunAborted, continue_command
 from emca.engine.run_folder import RunFolder
 from emca.options import shown
 
@@ -33,9 +33,9 @@ def named_limits(cfg: DictConfig, folder: RunFolder) -> Iterator[None]:
         _release_quietly(error)
         store = folder.store
         if store.last.is_file():
-            kept = f"{store.last} is kept: continue with hydra.run.dir={store.run_dir} trainer.resume=auto"
+            kept = f"{store.last} is kept: continue with {continue_command(store.run_dir)}"
         elif folder.adopted:  # train.log and .hydra/ are written: only trainer.resume=auto may use the folder
-            kept = f"no checkpoint had been written: start again with hydra.run.dir={store.run_dir} trainer.resume=auto"
+            kept = f"no checkpoint had been written: start again with {continue_command(store.run_dir)}"
         else:
             kept = "nothing was written"
         raise RunAborted(f"{line}; {kept}") from None

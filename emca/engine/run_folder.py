@@ -32,6 +32,7 @@ from emca.common.checkpoint_file import CHECKPOINT_DIR, LAST, check_checkpoint_p
 from emca.common.files import atomic_write
 from emca.common.locks import InUse, lock_exclusively, name_holder
 from emca.engine.checkpoint import GENERATIONS, CheckpointStore, resumable
+from emca.engine.errors import continue_command
 from emca.engine.results import RESULTS
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,10 @@ class RunFolder(contextlib.AbstractContextManager):
         problem = f"cannot write the run folder {self.path} ({error.strerror})"
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             # resume=auto continues a run, restarts one that has no checkpoint yet, and starts an empty folder.
-            return f"{problem}; free space there, then run with hydra.run.dir={self.path} trainer.resume=auto"
+            return f"{problem}; free space there, then run with {continue_command(self.path)}"
         if self.path.is_dir() and self.artefacts():  # a run to continue: another folder would start afresh
             return (f"{problem}; make it writable, or copy it (cp -a {self.path} NEW) and continue there with "
-                    "hydra.run.dir=NEW trainer.resume=auto")
+                    f"{continue_command('NEW')}")
         return f"{problem}; fix its permissions or choose a writable hydra.run.dir"
 
     # ------------------------------------------------------------------ what the folder holds
@@ -184,7 +185,7 @@ class RunFolder(contextlib.AbstractContextManager):
         if saved:
             generation = saved[-1].parent
             way = (f"continue from the newest one left, {saved[-1]}: ln -sfn {generation.relative_to(self.path)} "
-                   f"{store.link}, then rerun with hydra.run.dir={self.path} trainer.resume=auto")
+                   f"{store.link}, then rerun with {continue_command(self.path)}")
         else:
             way = f"no checkpoint is left under {store.generations}: restore {last} from a backup"
         return f"run folder {self.path} has checkpoints but no {last} ({why}); {way}, or start a new run in another " \

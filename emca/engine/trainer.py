@@ -40,7 +40,7 @@ from emca.engine.distributed import (
     silence_non_main_logging,
 )
 from emca.engine.ema import build_weight_average
-from emca.engine.errors import Preempted, RunAborted
+from emca.engine.errors import Preempted, RunAborted, continue_command
 from emca.engine.limits import named_limits
 from emca.engine.optim import build_optimizer, describe_optimizer, scaled_lr
 from emca.engine.precision import amp_dtype
@@ -107,8 +107,8 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
         try:
             return trainer.fit(stop)
         except DatasetError as error:  # an input that became unreadable or undecodable mid-run
-            raise RunAborted(f"{error}; {trainer.store.last} is kept, continue with hydra.run.dir={run_dir} "
-                                 "trainer.resume=auto") from None
+            raise RunAborted(f"{error}; {trainer.store.last} is kept, continue with "
+                             f"{continue_command(run_dir)}") from None
 
 
 def _start(cfg: DictConfig, ctx: DistributedContext, folder: RunFolder, records: Optional[dict[str, str]]) -> "Trainer":
@@ -140,8 +140,8 @@ def _collective_failures(ctx: DistributedContext, cfg: DictConfig, run_dir: Path
         reason = " ".join(str(error).split())[:200]
         raise RunAborted(
             f"rank {ctx.rank}: a collective failed ({reason}); another rank stopped, hung or died (waited up to "
-            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); continue with hydra.run.dir={run_dir} "
-            "trainer.resume=auto"
+            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}); continue with "
+            f"{continue_command(run_dir)}"
         ) from None
 
 
@@ -324,9 +324,8 @@ class Trainer:
         try:
             write_results(self.run_dir, results)
         except OSError as error:
-            again = f"hydra.run.dir={self.run_dir} trainer.resume=auto"
             raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are intact: "
-                             f"fix the folder, then rerun with {again}") from None
+                             f"fix the folder, then rerun with {continue_command(self.run_dir)}") from None
         final, best, metric, main = results["final"], results["best"], self.best_metric, f"val_{self.task.best}"
         finals = {f"hparams/final_{key}": value for key, value in final.items() if key != "epoch"
                   and not key.endswith("_loss")}
@@ -535,7 +534,7 @@ class Trainer:
                 position = f"after epoch {progress.epoch}"
             log.warning(
                 f"{stop.name} received: saved {self.store.last} {position}; "
-                f"continue with hydra.run.dir={self.run_dir} trainer.resume=auto"
+                f"continue with {continue_command(self.run_dir)}"
             )
         stop.hand_over()
         raise Preempted(stop.name, stop.exit_status)
