@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from emca.options import shown
+from emca.options import override_key, shown
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +237,6 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], sc
         if override.key_or_group not in groups:
             _check_key(override, config, script)
             _check_type(override, composed)
-
-
-def override_key(line: str) -> str:
-    """The key or group an override sets (`+experiment=x` -> experiment, `~a.b` -> a.b)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(line).key_or_group
 
 
 def continued_overrides(run_dir: Path, given: list[str]) -> Optional[list[str]]:

@@ -42,3 +42,9 @@ def require_int(
         return
     accepted = f"an integer >= {minimum}" + (" or null" if nullable else "")
     require(is_int(value) and value >= minimum, option, value, accepted, error)
+
+
+def override_key(line: str) -> str:
+    """The key or group a command-line override sets, as Hydra reads it: `+experiment=x` -> experiment,
+    `++a.b=1` and `~a.b` -> a.b, `group@package=x` -> group."""
+    return line.split("=", 1)[0].lstrip("+~").split("@", 1)[0]

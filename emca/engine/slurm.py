@@ -25,14 +25,11 @@ import os
 import signal
 from typing import Any, Sequence
 
+from emca.options import override_key
+
 # The trainer saves last.pt and stops on it (emca.engine.preemption).
 WARNING_SIGNAL = signal.SIGUSR1
 RESUME_KEY = "trainer.resume"
-
-
-def override_key(override: str) -> str:
-    """'trainer.resume=auto' -> 'trainer.resume' (also for '+key=...', '++key=...', '~key')."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def with_resume_auto(overrides: Sequence[str], replace: bool) -> list[str]:
