@@ -92,6 +92,14 @@ class DistributedContext:
         dist.broadcast_object_list(holder, src=0, group=self.host_group)
         return holder[0]
 
+    def all_gather_object(self, obj: Any) -> list:
+        """Every rank's `obj` (any picklable object), in rank order, on every rank."""
+        if not self.is_distributed:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.host_group)
+        return gathered
+
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics drift apart per rank
         under DDP), so that validation and the saved checkpoint see the same model."""
