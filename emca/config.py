@@ -30,7 +30,7 @@ from emca.engine.tasks import TASKS
 from emca.engine.trackers.config import LoggerConfig
 from emca.layers.create_attn import ATTENTIONS
 from emca.models import coverage_name
-from emca.models.config import AttentionConfig, BackboneConfig, CoverageConfig, attention_choices
+from emca.models.config import AttentionConfig, BackboneConfig, CoverageConfig, DetectorConfig, attention_choices
 
 
 class AmpMode(Enum):
@@ -53,6 +53,8 @@ class ClipMode(Enum):
 class BestMetric(Enum):
     val_top1 = "val_top1"  # the trained weights' validation top-1
     ema_val_top1 = "ema_val_top1"  # the EMA weights' (needs trainer.ema.decay)
+    val_bbox_ap = "val_bbox_ap"  # task=detection: the trained weights' COCO box AP
+    ema_val_bbox_ap = "ema_val_bbox_ap"  # task=detection: the EMA weights'
 
 
 class MixupMode(Enum):
@@ -87,6 +89,8 @@ class OptimizerConfig:
     gamma: float = 0.1
     # Linear warm-up from ~0 to lr over this many epochs (counted per iteration), then the schedule.
     warmup_epochs: int = 0
+    # Or over this many iterations (MMDetection's warmup_iters, e.g. 500); 0: warmup_epochs decides.
+    warmup_steps: int = 0
     label_smoothing: float = 0.0
     loss: LossName = LossName.ce
     # bce only: targets above this value become 1, the others 0 (timm's target_threshold; RSB: 0.2); null: kept.
@@ -198,6 +202,8 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     model: ModelInitConfig = field(default_factory=ModelInitConfig)
     task: TaskName = TaskName.classification
+    # task=detection: the detector around the backbone (configs/detector); null for classification.
+    detector: Optional[DetectorConfig] = None
 
 
 @dataclass

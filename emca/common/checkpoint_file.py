@@ -25,12 +25,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used for this run; the message is one line."""
 
 
-def architecture_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint must match: the model's own description (backbone, attention, coverage,
-    classes) and a digest of every state_dict key and shape."""
+def architecture_fingerprint(model: nn.Module, architecture: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must match: the model's description (backbone, attention, coverage, classes:
+    `architecture`, by default the model's own architecture()) and a digest of every state_dict key and shape."""
     signature = "\n".join(f"{key}:{tuple(value.shape)}" for key, value in model.state_dict().items())
     return {
-        "architecture": model.architecture(),
+        "architecture": model.architecture() if architecture is None else architecture,
         "state_dict_sha256": hashlib.sha256(signature.encode()).hexdigest(),
     }
 
@@ -41,7 +41,9 @@ def describe_architecture(fingerprint: dict[str, Any]) -> str:
     coverage_text = (
         "no coverage" if coverage is None else f"coverage stages={coverage['stages']} blocks={coverage['blocks']}"
     )
-    return f"{arch['backbone']} / attention {arch['attention']} / {coverage_text} / {arch['num_classes']} classes"
+    detector = f"{arch['detector']} on " if arch.get("detector") else ""
+    return (f"{detector}{arch['backbone']} / attention {arch['attention']} / {coverage_text} / "
+            f"{arch['num_classes']} classes")
 
 
 def check_checkpoint_path(path: Path, option: str | None = None) -> str:

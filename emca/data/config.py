@@ -29,8 +29,12 @@ class DatasetConfig:
     # Folder holding train/ and val/ class folders (for digits: where they are generated); with
     # format=shards the folder scripts/pack_shards.py wrote (the one with info.json).
     root: str = "???"
-    # 'folder': an ImageFolder tree | 'shards': WebDataset tar shards packed by scripts/pack_shards.py.
+    # 'folder': an ImageFolder tree | 'shards': WebDataset tar shards packed by scripts/pack_shards.py |
+    # 'coco': COCO-format detection (task=detection): <root>/<split>/ and <root>/annotations/instances_<split>.json.
     format: str = "folder"
+    # format=coco: the splits' folder names (COCO 2017's).
+    train_split: str = "train2017"
+    val_split: str = "val2017"
     # null: read from the train folder; a configured value must agree with the folder.
     num_classes: Optional[int] = None
     image_size: int = 224

@@ -71,8 +71,10 @@ def warmup_epochs_used(warmup_epochs: int, epochs: int) -> int:
     return min(warmup_epochs, epochs - 1)
 
 
-def describe_warmup(warmup_epochs: int, epochs: int) -> str:
+def describe_warmup(warmup_epochs: int, epochs: int, warmup_steps: int = 0) -> str:
     """The warm-up for the start-up log, naming the override when a short run capped it."""
+    if warmup_steps:
+        return f"warm-up {warmup_steps} iterations (optimizer.warmup_steps)"
     used = warmup_epochs_used(warmup_epochs, epochs)
     text = f"warm-up {used} epoch{'' if used == 1 else 's'}"
     if used == warmup_epochs:
@@ -89,22 +91,25 @@ def lr_factor(
     warmup_epochs: int = 0,
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
+    warmup_iterations: int = 0,
 ) -> Callable[[int], float]:
-    """The multiplier of the base learning rate at iteration `step` (0-based); a warm-up the run cannot
-    hold is capped (warmup_epochs_used)."""
+    """The multiplier of the base learning rate at iteration `step` (0-based); a warm-up in epochs the
+    run cannot hold is capped (warmup_epochs_used); `warmup_iterations` (optimizer.warmup_steps), when
+    non-zero, replaces the epochs (MMDetection counts its warm-up in iterations)."""
     require(schedule in ("step", "cosine"), "optimizer.schedule", schedule, "step or cosine")
     # trainer.epochs first: a warm-up cannot be blamed for a run of no epochs.
     require_int("trainer.epochs", epochs, 1)
     require_int("optimizer.warmup_epochs", warmup_epochs, 0)
     require(gamma > 0, "optimizer.gamma", gamma, "> 0")
-    warmup_steps = warmup_epochs_used(warmup_epochs, epochs) * steps_per_epoch
+    require_int("optimizer.warmup_steps", warmup_iterations, 0)
+    warmup_steps = warmup_iterations or warmup_epochs_used(warmup_epochs, epochs) * steps_per_epoch
     total_steps = epochs * steps_per_epoch
     milestone_steps = [epoch * steps_per_epoch for epoch in milestone_epochs(milestones, epochs)]
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        if schedule == "cosine":
+        if schedule == "cosine":  # (a warm-up in iterations may outlast the run: then no cosine is reached)
             progress = (step - warmup_steps) / (total_steps - warmup_steps)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return gamma ** sum(step >= boundary for boundary in milestone_steps)
@@ -122,5 +127,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optimizer_cfg, epochs: int
             warmup_epochs=optimizer_cfg.warmup_epochs,
             milestones=optimizer_cfg.milestones,
             gamma=optimizer_cfg.gamma,
+            warmup_iterations=optimizer_cfg.warmup_steps,
         ),
     )

@@ -225,6 +225,9 @@ class Trainer:
         self.clipping = build_clipping(trainer_cfg)
         self.average = build_weight_average(self.model, trainer_cfg.ema, self.steps_per_epoch)
         self.best_metric = trainer_cfg.best_metric.value
+        if self.best_metric not in (f"val_{self.task.best}", f"ema_val_{self.task.best}"):
+            raise ValueError(f"trainer.best_metric={self.best_metric} is not a figure of task={self.task.name}; "
+                             f"use trainer.best_metric=val_{self.task.best} (or ema_val_{self.task.best})")
         if self.best_metric.startswith("ema_") and self.average is None:
             raise ValueError(f"trainer.best_metric={self.best_metric} needs an EMA: set trainer.ema.decay "
                              "(e.g. 0.9998)")
@@ -241,7 +244,8 @@ class Trainer:
             if optimizer_cfg.schedule.value == "step" else "cosine"
         )
         log.info(f"{describe_optimizer(optimizer_cfg, self.optimizer)}, {optimizer_cfg.loss.value} loss, "
-                 f"{self.epochs} epochs, {schedule}, {describe_warmup(optimizer_cfg.warmup_epochs, self.epochs)}, "
+                 f"{self.epochs} epochs, {schedule}, "
+                 f"{describe_warmup(optimizer_cfg.warmup_epochs, self.epochs, optimizer_cfg.warmup_steps)}, "
                  f"amp {trainer_cfg.amp.value}")
         extras = [
             *self.task.recipe(),

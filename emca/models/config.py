@@ -3,6 +3,7 @@
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, make_dataclass
+from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -144,3 +145,40 @@ def warn_ignored_model_options(attention: Any, coverage: Any) -> None:
     emca = EMCA_PREFIX + name if EMCA_PREFIX + name in ATTENTIONS else "an emca_* attention"
     log.warning(f"attention={name} ignores {', '.join(ignored)}: only EMCA's multi-scale aggregation reads them; "
                 f"drop them, or choose {emca} to use them")
+
+
+class DetectorName(Enum):
+    faster_rcnn = "faster_rcnn"  # torchvision's FasterRCNN (RPN + RoIAlign box head) on the backbone's FPN
+    mask_rcnn = "mask_rcnn"  # torchvision's MaskRCNN: Faster R-CNN with a mask head (boxes and instance masks)
+    retinanet = "retinanet"  # torchvision's RetinaNet: one stage, focal loss, FPN levels P3-P7
+
+
+class DetectorNorm(Enum):
+    # The backbone's BatchNorm statistics frozen, its affine values trained outside the frozen stages:
+    # MMDetection's norm_eval=True with requires_grad=True, with which the paper's detectors were trained.
+    mmdet = "mmdet"
+    # torchvision's FrozenBatchNorm2d: statistics and affine values frozen (its detection models' default).
+    frozen = "frozen"
+
+
+class RetinaNetExtra(Enum):
+    c5 = "c5"  # P6 from the backbone's last stage (MMDetection's add_extra_convs='on_input': the paper's)
+    p5 = "p5"  # P6 from the FPN's P5 (torchvision's retinanet_resnet50_fpn)
+
+
+@dataclass
+class DetectorConfig:
+    """The detector around the backbone (task=detection): torchvision's models, set as the paper's
+    MMDetection 1x configs set theirs."""
+
+    name: DetectorName = DetectorName.faster_rcnn
+    # The detector's own resize (torchvision's GeneralizedRCNNTransform): shorter side min_size, longer
+    # at most max_size (MMDetection's 1333 x 800), then normalised with ImageNet's statistics.
+    min_size: int = 800
+    max_size: int = 1333
+    # Backbone stages trained, counted from the last (torchvision's trainable_layers): 3 leaves the
+    # stem and stage 1 frozen (MMDetection's frozen_stages=1); 5 trains all.
+    trainable_layers: int = 3
+    norm: DetectorNorm = DetectorNorm.mmdet
+    # RetinaNet only: where its extra levels P6 / P7 start.
+    retinanet_extra: RetinaNetExtra = RetinaNetExtra.c5

@@ -61,6 +61,23 @@ class FrozenBatchNorm1d(FrozenBatchNorm2d):
         return x * scale.reshape(shape) + bias.reshape(shape)
 
 
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm whose statistics are frozen and whose affine parameters train: it stays in eval
+    mode whatever model.train() says, as MMDetection's `norm_eval=True` with `requires_grad=True`
+    keeps its backbones' BatchNorm (the setting the paper's detection figures were trained with).
+    Its state_dict is a BatchNorm2d's, so ImageNet weights load into it unchanged."""
+
+    def train(self, mode: bool = True) -> "EvalBatchNorm2d":
+        return super().train(False)
+
+
+class EvalBatchNorm1d(nn.BatchNorm1d):
+    """EvalBatchNorm2d's rule for the BatchNorm1d inside some attention modules (SRM, BAM)."""
+
+    def train(self, mode: bool = True) -> "EvalBatchNorm1d":
+        return super().train(False)
+
+
 class StageFeatures(EMCAResNet):
     """An EMCAResNet without its head whose forward returns the selected stages' outputs as an
     OrderedDict {"0": ..., "1": ...} (IntermediateLayerGetter's output), computed by the model's own
@@ -118,8 +135,10 @@ def detection_backbone(
         A tensor of another shape is a one-line CheckpointError. None: Kaiming initialisation.
     norm_layer: FrozenBatchNorm2d (torchvision's default) turns every BatchNorm of the backbone into
         a frozen one that keeps its statistics and affine values as buffers, the attention modules'
-        included (BatchNorm1d ones become FrozenBatchNorm1d); nn.BatchNorm2d or None keeps the
-        BatchNorms trainable as built. Another norm is refused (the weights could not carry over).
+        included (BatchNorm1d ones become FrozenBatchNorm1d); EvalBatchNorm2d freezes the statistics
+        only and trains the affine values (MMDetection's norm_eval, the paper's setting); nn.BatchNorm2d
+        or None keeps the BatchNorms trainable as built. Another norm is refused (the weights could not
+        carry over).
     trainable_layers: as torchvision's, 0..5: which of layer4, layer3, layer2, layer1, conv1 (counted
         from layer4) keep requires_grad; 5 trains all, bn1 too. The attention modules inside a frozen
         stage freeze with it (a stage_end module such as BAM's goes with the stage it follows); an
@@ -130,15 +149,15 @@ def detection_backbone(
     out_channels: the FPN's width (torchvision: 256).
     """
     returned = _check_arguments(model_options, trainable_layers, returned_layers)
-    frozen = _frozen_norms(norm_layer)
+    convert_norms = _norm_conversion(norm_layer)
 
     body = StageFeatures(returned, backbone=backbone, attention=attention, coverage=coverage, **model_options)
     initialisation = None
     if weights is not None:
         initialisation = initialise_from(body, str(weights), exclude=["fc"])
         log.info(initialisation.summary().replace("model.init_from", "detection_backbone weights"))
-    if frozen:
-        freeze_batchnorm(body)
+    if convert_norms is not None:
+        convert_norms(body)
     _freeze_layers(body, trainable_layers)
 
     channels = [body.feature_info[k]["num_chs"] for k in returned]  # (stage_channels reads BatchNorm widths)
@@ -161,13 +180,17 @@ def _check_arguments(model_options: dict, trainable_layers: Any, returned_layers
     return returned
 
 
-def _frozen_norms(norm_layer: Optional[Callable[..., nn.Module]]) -> bool:
+def _norm_conversion(norm_layer: Optional[Callable[..., nn.Module]]) -> Optional[Callable[[nn.Module], nn.Module]]:
+    """What becomes of the backbone's BatchNorms: frozen entirely, statistics frozen, or kept as built."""
     if isinstance(norm_layer, type) and issubclass(norm_layer, FrozenBatchNorm2d):
-        return True
+        return freeze_batchnorm
+    if norm_layer is EvalBatchNorm2d:
+        return freeze_statistics
     if norm_layer is None or norm_layer is nn.BatchNorm2d:
-        return False
-    raise ValueError(f"norm_layer must be torchvision.ops.misc.FrozenBatchNorm2d (frozen statistics, the default) "
-                     f"or nn.BatchNorm2d (trained BatchNorm), got {norm_layer!r}")
+        return None
+    raise ValueError(f"norm_layer must be torchvision.ops.misc.FrozenBatchNorm2d (frozen statistics and affine, "
+                     f"the default), EvalBatchNorm2d (frozen statistics, trained affine: MMDetection's) or "
+                     f"nn.BatchNorm2d (trained BatchNorm), got {norm_layer!r}")
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -179,6 +202,21 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
             setattr(module, name, _frozen(child))
         else:
             freeze_batchnorm(child)
+    return module
+
+
+def freeze_statistics(module: nn.Module) -> nn.Module:
+    """Turn, in place, every BatchNorm1d / BatchNorm2d under `module` into EvalBatchNorm1d / 2d (the
+    same module, its class changed: parameters, buffers and hooks stay). Returns `module`."""
+    for child in module.modules():
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = EvalBatchNorm2d
+        elif type(child) is nn.BatchNorm1d:
+            child.__class__ = EvalBatchNorm1d
+        if isinstance(child, (EvalBatchNorm1d, EvalBatchNorm2d)):
+            if child.running_mean is None:
+                raise ValueError(f"cannot freeze {child}: it keeps no running statistics (track_running_stats=False)")
+            child.eval()
     return module
 
 

@@ -45,9 +45,10 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     <metric>/<split> (loss/train, top1/val, top5/ema_val) and lr/epoch."""
     scalars = {"lr/epoch": record["lr"]}
     for key, value in record.items():
-        split, _, metric = key.rpartition("_")
-        if split in ("train", "val", "ema_val") and metric in ("loss", "top1", "top5"):
-            scalars[f"{metric}/{split}"] = value
+        # ema_val before val: "ema_val_top1" is the EMA's; a metric may hold "_" (bbox_ap50, loss_mask).
+        split = next((split for split in ("ema_val", "val", "train") if key.startswith(f"{split}_")), None)
+        if split is not None and value is not None:
+            scalars[f"{key[len(split) + 1:]}/{split}"] = value
     return scalars
 
 
