@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import emca.config  # noqa: F401  (registers the config schema and resolvers)
 from emca.cli import OVERRIDES_RECORD, check_command_line, continued_overrides
+from emca.engine.tasks import TASKS
 from emca.engine.trainer import Preempted, RunAborted, train
 
 log = logging.getLogger("train")
@@ -61,7 +62,9 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         cfg, overrides = run_config(cfg)
-        return train(cfg, hydra_cfg.runtime.output_dir, hydra_records(cfg, overrides))["best"]["val_top1"]
+        results = train(cfg, hydra_cfg.runtime.output_dir, hydra_records(cfg, overrides))
+        # What a sweeper optimises: the best epoch's validation figure of the task (top-1, box AP).
+        return results["best"][f"val_{TASKS[results['task']].best}"]
     except Preempted as stopped:
         sys.exit(stopped.exit_status)
     except RunAborted as error:

@@ -180,5 +180,10 @@ class DetectorConfig:
     # stem and stage 1 frozen (MMDetection's frozen_stages=1); 5 trains all.
     trainable_layers: int = 3
     norm: DetectorNorm = DetectorNorm.mmdet
+    # Faster / Mask R-CNN: proposals kept per image after the RPN's NMS, in training and testing
+    # (MMDetection's max_per_img 1000; torchvision's default keeps 2000 in training), and the RoIs
+    # sampled from them per image for the box head's loss (both: 512).
+    proposals: int = 1000
+    rois_per_image: int = 512
     # RetinaNet only: where its extra levels P6 / P7 start.
     retinanet_extra: RetinaNetExtra = RetinaNetExtra.c5

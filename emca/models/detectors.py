@@ -58,9 +58,18 @@ def build_detector(detector: Any, backbone: Any, attention: Any, coverage: Any, 
     # file's statistics by the same names), so the run's log names the option, model.init_from.
     initialisation = initialise_from(body.body, weights, exclude=["fc"]) if weights else None
     model = DETECTORS[name](body, num_classes=num_classes, min_size=_field(detector, "min_size"),
-                            max_size=_field(detector, "max_size"))
+                            max_size=_field(detector, "max_size"), **({} if retinanet else _rcnn_options(detector)))
     model.initialisation = initialisation
     return model
+
+
+def _rcnn_options(detector: Any) -> dict[str, int]:
+    """torchvision's keywords for the two-stage detectors' proposal and RoI counts."""
+    proposals, rois = _field(detector, "proposals"), _field(detector, "rois_per_image")
+    require_int("detector.proposals", proposals, 1)
+    require_int("detector.rois_per_image", rois, 1)
+    return {"rpn_post_nms_top_n_train": proposals, "rpn_post_nms_top_n_test": proposals,
+            "box_batch_size_per_image": rois}
 
 
 def _retinanet_extra(detector: Any, backbone: Any) -> LastLevelP6P7:
@@ -73,4 +82,5 @@ def _retinanet_extra(detector: Any, backbone: Any) -> LastLevelP6P7:
 
 def detector_architecture(model: nn.Module, detector: Any, num_classes: int) -> dict[str, Any]:
     """What a detection checkpoint must match: the backbone's description and the detector's."""
-    return {**model.backbone.body.architecture(), "num_classes": num_classes, "detector": value(_field(detector, "name"))}
+    return {**model.backbone.body.architecture(), "num_classes": num_classes,
+            "detector": value(_field(detector, "name"))}

@@ -8,8 +8,9 @@ from omegaconf import DictConfig
 from emca.engine.distributed import DistributedContext
 from emca.engine.task import Task
 from emca.engine.tasks.classification import ClassificationTask
+from emca.engine.tasks.detection import DetectionTask
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask,)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, DetectionTask)}
 
 
 def build_task(cfg: DictConfig, ctx: DistributedContext) -> Task:
