@@ -284,7 +284,6 @@ def test_train_leaves_out_crowds_and_empty_images_val_keeps_all(coco):
 
 
 # pycocotools 2.0.11's mask decoding calls numpy 2 the old way (np.array(copy=False) on its own type).
-@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 def test_masks(coco):
     data = build(coco(), masks=True)
     image, target = by_image(epoch_batches(data.train, 0))[1]

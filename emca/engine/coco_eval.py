@@ -11,8 +11,9 @@ the AP of the whole set.
   truth is never evaluated.
 - Figures are percent (COCOeval's stats[0..5] x 100, as papers print AP): f"{iou}_ap" (AP at IoU
   0.50:0.95), _ap50, _ap75, and _ap_s / _ap_m / _ap_l for small / medium / large objects.
-- A figure is nan where its area range has no ground truth among the evaluated images (COCOeval's
-  -1): there is nothing to find, so the figure is missing, not 0. Where there is ground truth and
+- A figure is None where its area range has no ground truth among the evaluated images (COCOeval's
+  -1): there is nothing to find, so the figure is missing, not 0 (None, not nan: results.json stays
+  JSON, and a resumed run's records compare equal to the uninterrupted run's). Where there is ground truth and
   no detection, it is 0.0 (on COCO's val set every area range has ground truth, so a model that
   detects nothing scores 0.0 everywhere).
 - Only the images given to update are evaluated: the ground truth of an image no rank reached
@@ -29,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -83,8 +84,8 @@ def empty_results(ground_truth: COCO) -> COCO:
     return results
 
 
-def coco_figures(ground_truth: COCO, rows: list[dict], image_ids: list[int], iou_type: str) -> list[float]:
-    """COCOeval's stats[0..5] over `image_ids` in percent, nan for its -1 (no ground truth)."""
+def coco_figures(ground_truth: COCO, rows: list[dict], image_ids: list[int], iou_type: str) -> list[Optional[float]]:
+    """COCOeval's stats[0..5] over `image_ids` in percent, None for its -1 (no ground truth)."""
     with quiet():
         # loadRes writes id, area and iscrowd into the rows it is given: give it copies.
         results = ground_truth.loadRes([dict(row) for row in rows]) if rows else empty_results(ground_truth)
@@ -93,7 +94,7 @@ def coco_figures(ground_truth: COCO, rows: list[dict], image_ids: list[int], iou
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return [float("nan") if stat < 0 else 100.0 * float(stat) for stat in evaluation.stats[: len(FIGURES)]]
+    return [None if stat < 0 else 100.0 * float(stat) for stat in evaluation.stats[: len(FIGURES)]]
 
 
 class CocoEvaluator:

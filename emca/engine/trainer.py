@@ -331,8 +331,9 @@ class Trainer:
             raise RunAborted(f"cannot write {self.run_dir / RESULTS} ({error.strerror}); the checkpoints are intact: "
                              f"fix the folder, then rerun with {continue_command(self.run_dir)}") from None
         final, best, metric, main = results["final"], results["best"], self.best_metric, f"val_{self.task.best}"
+        # A figure without a value (COCO's AP of an object size no validation image has) is left out.
         finals = {f"hparams/final_{key}": value for key, value in final.items() if key != "epoch"
-                  and not key.endswith("_loss")}
+                  and not key.endswith("_loss") and value is not None}
         trackers.finish(self.run_params(), {f"hparams/best_{metric}": best[metric], **finals})
         ema = f", EMA {final[f'ema_{main}']:.2f}%" if f"ema_{main}" in final else ""
         log.info(f"done: final val {self.task.best_label} {final[main]:.2f}%{ema}, best {metric} "

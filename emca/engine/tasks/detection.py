@@ -18,6 +18,7 @@ from torch import nn
 
 from emca.common.checkpoint_file import architecture_fingerprint
 from emca.data.coco import DetectionData, build_detection_loaders
+from emca.data.sampling import derive_seed
 from emca.engine.coco_eval import CocoEvaluator
 from emca.engine.distributed import DistributedContext
 from emca.engine.precision import autocast
@@ -112,10 +113,14 @@ class DetectionStep(TaskStep):
     """Images of any size with their boxes (lists, as torchvision's detectors take them): the loss is
     the sum of the detector's losses; micro-batches are slices of the lists."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, seed: int):
+        self.device, self.seed = device, seed
 
     def prepare(self, images: list[torch.Tensor], targets: list[dict[str, Any]], step: int):
+        # The detectors draw from the global generator (the RPN's and the box head's sampling of positive
+        # and negative anchors / proposals): seeded by the step, a run resumed mid-epoch draws what the
+        # uninterrupted one drew, whatever the skipped steps consumed.
+        torch.manual_seed(derive_seed(self.seed, step))
         images, targets = to_device(images, targets, self.device)
         return images, targets, targets
 
@@ -156,7 +161,7 @@ class DetectionTask(DetectionStep, Task):
         coverage = architecture["coverage"]  # None without EMCA
         self.coverage_name = coverage_name(coverage["stages"], coverage["blocks"]) if coverage else None
         self.model = model
-        super().__init__(ctx.device)
+        super().__init__(ctx.device, derive_seed(cfg.trainer.seed, ctx.rank))
 
     def sums(self, device: torch.device, start: Optional[list[float]] = None) -> LossSums:
         return LossSums(LOSSES[self.kind], device, start=start)
