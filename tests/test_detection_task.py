@@ -21,7 +21,7 @@ from emca.engine.trainer import Preempted, RunAborted, train
 from emca.models import build_model
 from emca.models.detectors import build_detector
 
-from conftest import REPO_ROOT, preempt_after_step
+from conftest import REPO_ROOT, SYNTHETIC_RUN, preempt_after_step
 from test_ddp import torchrun_args
 
 CLASSES = 2  # of the 20: a detector learns 2 classes' boxes in a few CPU steps
@@ -169,3 +169,8 @@ def test_impossible_combinations_are_one_line(option, words, boxes, compose_trai
         train(compose_train(*small_run(boxes), option), str(tmp_path))
     assert words in str(refused.value) and "\n" not in str(refused.value)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_detector_without_its_task_is_refused(compose_train, tmp_path):
+    with pytest.raises(RunAborted, match="detector=retinanet trains with task=detection; add task=detection"):
+        train(compose_train(*SYNTHETIC_RUN, "detector=retinanet"), str(tmp_path))

@@ -103,6 +103,9 @@ class ClassificationTask(ClassificationStep, Task):
 
     def __init__(self, cfg: DictConfig, ctx: DistributedContext):
         self.cfg, self.ctx = cfg, ctx
+        if cfg.get("detector") is not None:  # a detector chosen without its task would be silently ignored
+            raise ValueError(f"detector={cfg.detector.name.value} trains with task=detection; add task=detection, "
+                             "or drop the detector for classification")
         trainer_cfg = cfg.trainer
         self.data = build_loaders(
             cfg.dataset, cfg.loader, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
