@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import assert_same_run, checkpoint
 
 from emca.data.coco import build_detection_loaders
@@ -102,6 +103,10 @@ def test_a_short_fine_tune_from_classification_weights_detects(fine_tuned):
     log = (run_dir / "train.log").read_text()
     assert "model.init_from=" in log and "tensors loaded" in log
     assert "loss_classifier" in log and "bbox AP" in log
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    for tag in ("bbox_ap/val", "bbox_ap50/val", "loss/train", "loss_classifier/train"):
+        assert [event.step for event in events.Scalars(tag)] == [1, 2], tag
     state = checkpoint(run_dir, "best.pt")
     assert [c["id"] for c in state["categories"]] == list(range(1, CLASSES + 1))
     assert state["fingerprint"]["architecture"]["detector"] == "faster_rcnn"

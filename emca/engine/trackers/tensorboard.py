@@ -1,7 +1,8 @@
 """TensorBoard events in the run folder itself (rank 0 only).
 
 Tags: train_step/* every trainer.log_every optimizer steps (x: the optimizer step); per epoch
-(x: the epoch) loss/{train,val,ema_val}, top1/{train,val,ema_val}, top5/{val,ema_val} and lr/epoch,
+(x: the epoch) loss/{train,val,ema_val}, top1/{train,val,ema_val}, top5/{val,ema_val} and lr/epoch
+(task=detection: loss/train and its parts, bbox_ap/val, segm_ap/val, ...: <figure>/<split> of any record),
 which the Custom Scalars tab overlays (train against val against EMA); scales/<attention module>
 histograms per validation; HParams (the run's parameters) with hparams/best_<trainer.best_metric>
 and hparams/final_* at the end of a completed run.
@@ -25,6 +26,9 @@ OVERLAYS = {
         "loss": ["Multiline", ["loss/train", "loss/val", "loss/ema_val"]],
         "top-1": ["Multiline", ["top1/train", "top1/val", "top1/ema_val"]],
         "top-5": ["Multiline", ["top5/val", "top5/ema_val"]],
+        # task=detection's COCO AP (its other figures, bbox_ap50/val and so on, are plain scalars).
+        "box AP": ["Multiline", ["bbox_ap/val", "bbox_ap/ema_val"]],
+        "mask AP": ["Multiline", ["segm_ap/val", "segm_ap/ema_val"]],
     }
 }
 
