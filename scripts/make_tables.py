@@ -4,6 +4,7 @@
     python scripts/make_tables.py multirun/table4/... --full       # every row of the paper's layout
     python scripts/make_tables.py --complexity                    # params / GFLOPs, no training needed
     python scripts/make_tables.py --complexity --tables table4 --backbones resnet18 --image-size 224
+    python scripts/make_tables.py --complexity --tables table6 table8  # detectors, MMDetection's count
 
 Run folders are found recursively (any folder with results.json or .hydra/config.yaml); each
 one's model, dataset and image size come from what the run recorded (results.json, or the
@@ -17,7 +18,10 @@ attention.se_bias=false) or preset that trains the paper's model where a run's o
 #P and GFLOPs are in the paper's units (2^20 parameters, 2^30 multiply-accumulates). Prints Markdown and
 writes to --out: tables.md, tables.csv (one number per line), one .tex per table (booktabs) and
 figure9_val_top1.png (validation top-1 per epoch of every run found). Table 9 (rotations) and
-Figure 6 (learned-scale statistics) come from the runs' eval.json (eval.py).
+Figure 6 (learned-scale statistics) come from the runs' eval.json (eval.py). Tables 6 and 8 (COCO
+detection and instance segmentation) come from task=detection runs: box and mask AP, and #P and
+GFLOPs as MMDetection counts them (10^6 trainable parameters, 10^9 multiply-adds at 1280 x 800), of
+which the project holds the paper's figures for the plain detectors alone (docs/paper.md#tables-6-and-8).
 """
 
 from __future__ import annotations
@@ -31,8 +35,20 @@ from emca.analysis import render
 from emca.analysis.complexity import count_variants
 from emca.analysis.curves import plot_top1_curves
 from emca.analysis.runs import ACCURACIES, find_runs, measurements
-from emca.analysis.tables import TABLES, Table, complexity_table, fill_table
+from emca.analysis.tables import (
+    DETECTION_BACKBONE,
+    DETECTION_TABLES,
+    TABLES,
+    Table,
+    complexity_table,
+    detection_complexity_table,
+    fill_detection_table,
+    fill_table,
+)
 from emca.models import BACKBONES
+
+# Tables whose models --complexity counts: the ImageNet tables that say so, and every detection table.
+COUNTED = [name for name, spec in TABLES.items() if spec.complexity] + list(DETECTION_TABLES)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--tables",
         nargs="+",
-        choices=sorted(TABLES),
+        choices=sorted({**TABLES, **DETECTION_TABLES}),
         help="which tables (default: every table a run fills; all with --complexity)",
     )
     parser.add_argument(
@@ -62,16 +78,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--backbones", nargs="+", choices=BACKBONES, help="--complexity: only these backbones (e.g. resnet18)"
     )
     parser.add_argument(
-        "--image-size", type=int, default=224, help="--complexity: input resolution for GFLOPs (default 224)"
+        "--image-size", type=int, default=224,
+        help="--complexity: input resolution for the ImageNet tables' GFLOPs (default 224; detectors: 1280 x 800)"
     )
     args = parser.parse_args(argv)
     if not args.complexity and not args.sweep_dirs:
         parser.error("give at least one SWEEP_DIR (or --complexity)")
-    if args.complexity and args.tables and not any(TABLES[name].complexity for name in args.tables):
+    if args.complexity and args.tables and not any(name in COUNTED for name in args.tables):
         parser.error(
-            f"--complexity counts the variants of {', '.join(n for n, s in TABLES.items() if s.complexity)}; "
+            f"--complexity counts the variants of {', '.join(COUNTED)}; "
             f"{', '.join(args.tables)} hold(s) only measured results: drop --complexity and give the sweep folders"
         )
+    held_back = [name for name in args.tables or () if name in DETECTION_TABLES]
+    if args.complexity and args.backbones and DETECTION_BACKBONE not in args.backbones and held_back:
+        parser.error(f"{', '.join(held_back)} hold(s) {DETECTION_BACKBONE} detectors: add {DETECTION_BACKBONE} to "
+                     "--backbones or drop them from --tables")
     if args.complexity and args.full:
         parser.error("--full prints the rows runs leave empty; --complexity counts every row already: drop one of them")
     if args.image_size < 1:
@@ -84,10 +105,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def complexity_tables(args: argparse.Namespace) -> list[Table]:
-    specs = [TABLES[name].restricted_to(args.backbones) for name in args.tables or TABLES if TABLES[name].complexity]
+    names = [name for name in args.tables or COUNTED if name in COUNTED]
+    specs = [TABLES[name].restricted_to(args.backbones) for name in names if name in TABLES]
     specs = [spec for spec in specs if spec.variants()]
     counts = count_variants((variant for spec in specs for variant in spec.variants()), image_size=args.image_size)
-    return [complexity_table(spec, counts, args.image_size) for spec in specs]
+    tables = [complexity_table(spec, counts, args.image_size) for spec in specs]
+    if args.backbones is None or DETECTION_BACKBONE in args.backbones:  # the detection tables are R-50's
+        tables += [detection_complexity_table(DETECTION_TABLES[name]) for name in names if name in DETECTION_TABLES]
+    return tables
+
+
+def table_cells(name: str) -> list:
+    """The cells (measurements' keys) of a table: Variants, (detector, Variant) for the detection tables."""
+    return DETECTION_TABLES[name].cells() if name in DETECTION_TABLES else TABLES[name].variants()
+
+
+def protocol_text(run) -> str:
+    size = f"{run.image_size} px shorter side (detection)" if run.task == "detection" else f"{run.image_size} px"
+    return f"{run.dataset} at {size}"
 
 
 def run_tables(args: argparse.Namespace) -> list[Table] | None:
@@ -95,17 +130,19 @@ def run_tables(args: argparse.Namespace) -> list[Table] | None:
     if not runs:
         return None
     measured, notes = measurements(runs, args.accuracy)
-    names = args.tables or [name for name, spec in TABLES.items() if spec.filled_by(measured)]
-    placed = {variant for name in names for variant in TABLES[name].variants()}
-    notes += [f"not in {', '.join(names) or 'any paper table'}: {run.variant.describe()} ({run.path})"
-              for run in runs if run.complete and run.variant.cell() not in placed]
-    datasets = sorted({f"{run.dataset} at {run.image_size} px" for run in runs if run.complete})
+    specs = {**TABLES, **DETECTION_TABLES}
+    names = args.tables or [name for name, spec in specs.items() if spec.filled_by(measured)]
+    placed = {cell for name in names for cell in table_cells(name)}
+    notes += [f"not in {', '.join(names) or 'any paper table'}: {run.describe()} ({run.path})"
+              for run in runs if run.complete and run.cell not in placed]
+    datasets = sorted({protocol_text(run) for run in runs if run.complete})
     notes.insert(
         0,
         f"{len(runs)} run folder(s), trained on {', '.join(datasets) or 'nothing yet'}; "
         f"{args.accuracy}-epoch accuracy.",
     )
-    tables = [fill_table(TABLES[name], measured, args.full) for name in names]
+    tables = [fill_detection_table(DETECTION_TABLES[name], measured, args.full) if name in DETECTION_TABLES
+              else fill_table(TABLES[name], measured, args.full) for name in names]
     for table in tables:
         table.notes += notes
     if not tables:

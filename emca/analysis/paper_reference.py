@@ -1,9 +1,10 @@
-"""The paper's published numbers (ImageNet), kept as text and parsed on import.
+"""The paper's published numbers (ImageNet, and the few of COCO the project holds), kept as text and parsed on import.
 
 The text blocks below are those of docs/paper.md#reference-figures, character for character
-(tests/test_tables.py checks it), which says where each figure comes from; the parser turns them
-into lookups. The paper's units are binary (docs/paper.md#units): its "M" parameters are 2^20, its
-GFLOPs 2^30 multiply-accumulates.
+(tests/test_tables.py and tests/test_detection_tables.py check it), which says where each figure comes
+from; the parser turns them into lookups. The paper's ImageNet units are binary (docs/paper.md#units):
+its "M" parameters are 2^20, its GFLOPs 2^30 multiply-accumulates. Its detection figures are
+MMDetection's, in 10^6 and 10^9 (docs/paper.md#tables-6-and-8).
 """
 
 from __future__ import annotations
@@ -70,6 +71,21 @@ Table 5 also lists R-50 FcaNet 77.27,
 EPSANet 77.31, SANet 77.25, CBAM 77.34, BAM 75.98, A2-Nets 77.00 top-1.
 """
 
+# Tables 6 and 8 (COCO, R-50-FPN detectors, docs/paper.md#tables-6-and-8): of their figures the project holds only
+# the plain detectors' #P and GFLOPs, MMDetection's counts (emca/analysis/detection_complexity.py): trainable
+# parameters in 10^6 and multiply-adds of one 1280 x 800 image in 10^9, decimal units unlike Tables 2-5's.
+TABLE_6_PLAIN_TEXT = """\
+Faster R-CNN  41.53 207.07
+Mask R-CNN    44.18 275.58
+RetinaNet     37.74 239.32
+"""
+DETECTION_PARAM_UNIT = 10**6
+DETECTION_GFLOP_UNIT = 10**9
+# Dataset and shorter image side of the paper's detection runs (MMDetection's 1333 x 800 resize).
+DETECTION_PROTOCOL = ("coco", 800)
+DETECTOR_BY_LABEL = {"Faster R-CNN": "faster_rcnn", "Mask R-CNN": "mask_rcnn", "RetinaNet": "retinanet"}
+DETECTOR_LABEL = {name: label for label, name in DETECTOR_BY_LABEL.items()}
+
 BACKBONE_BY_SHORT_NAME = {"R-18": "resnet18", "R-34": "resnet34", "R-50": "resnet50"}
 SHORT_NAME = {name: short for short, name in BACKBONE_BY_SHORT_NAME.items()}
 KINDS = ("se", "eca", "srm")
@@ -87,6 +103,14 @@ class Reference:
     fps: Optional[float] = None  # batch 1, one loader worker
     fps_model: Optional[float] = None  # FPS-dagger: model alone, batch 256
     fps_pipeline: Optional[float] = None  # FPS-double-dagger: whole val pass, batch 256, 8 workers
+
+
+@dataclass(frozen=True)
+class DetectionReference:
+    """A published figure of Tables 6 and 8; None where the project does not hold it (every AP)."""
+
+    params: Optional[float] = None  # in DETECTION_PARAM_UNIT (10^6) trainable parameters
+    gflops: Optional[float] = None  # in DETECTION_GFLOP_UNIT (10^9) multiply-adds at 1280 x 800
 
 
 def _parse_table_2_3(text: str) -> dict[tuple[str, str, str], Reference]:
@@ -118,9 +142,19 @@ def _parse_table_5_others(text: str) -> dict[str, float]:
     return {name: float(top1) for name, top1 in (entry.rsplit(None, 1) for entry in body.split(", "))}
 
 
+def _parse_table_6_plain(text: str) -> dict[str, DetectionReference]:
+    """{detector: DetectionReference} of the plain R-50-FPN rows."""
+    table = {}
+    for line in text.splitlines():
+        label, params, gflops = line.rsplit(None, 2)
+        table[DETECTOR_BY_LABEL[label.strip()]] = DetectionReference(params=float(params), gflops=float(gflops))
+    return table
+
+
 TABLE_2_3 = _parse_table_2_3(TABLE_2_3_TEXT)
 TABLE_4_5 = _parse_table_4_5(TABLE_4_5_TEXT)
 TABLE_5_OTHERS = _parse_table_5_others(TABLE_5_OTHERS_TEXT)
+TABLE_6_PLAIN = _parse_table_6_plain(TABLE_6_PLAIN_TEXT)
 TABLE_5_BACKBONE = "resnet50"
 
 # Marked by the paper with '*': SE/ECA/SRM rows retrained by the authors under their protocol.

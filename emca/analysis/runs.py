@@ -4,8 +4,9 @@ A run folder is any folder holding results.json or .hydra/config.yaml (which the
 for every run it accepts). Its results.json (written by train.py when the run completed) gives
 accuracy, parameters, GFLOPs and the per-epoch validation curve; an eval.json (written by eval.py,
 in the run folder or next to its checkpoints) adds the paper's speeds, the rotated accuracies
-(Table 9) and the learned-scale statistics (Figure 6). A run without either is listed as
-incomplete: a gap in the tables, not an error.
+(Table 9) and the learned-scale statistics (Figure 6). A detection run (task=detection, Tables 6
+and 8) gives its box and mask AP and its trained parameters from results.json alone. A run without
+either is listed as incomplete: a gap in the tables, not an error.
 
 What a run is (model, dataset, image size, run id) is read from what the run itself recorded:
 results.json, or for a run eval.py measured before it completed, its checkpoint. Never from
@@ -23,7 +24,7 @@ from typing import Any, Iterable, Optional
 
 from emca.analysis import paper_reference as paper
 from emca.analysis.complexity import build_variant, count_macs
-from emca.analysis.tables import SCALE_STATISTICS, TABLES, Measured
+from emca.analysis.tables import AP_METRICS, SCALE_STATISTICS, TABLES, Measured
 from emca.analysis.variants import PAPER_OPTIONS, Variant, variant_from_config
 from emca.common.checkpoint_file import CHECKPOINT_DIR, LAST, load_checkpoint
 from emca.engine.checkpoint import GENERATIONS
@@ -53,7 +54,32 @@ class Run:
 
     @property
     def protocol(self) -> tuple[Optional[str], Optional[int]]:
+        """(dataset, image size): for a detection run, the size is the shorter side (detector.min_size)."""
         return self.dataset, self.image_size
+
+    @property
+    def task(self) -> str:
+        return (self.results or {}).get("task") or "classification"
+
+    @property
+    def detector(self) -> Optional[str]:
+        return (self.results or {}).get("model", {}).get("detector") if self.task == "detection" else None
+
+    @property
+    def paper_protocol(self) -> tuple[str, int]:
+        """How the paper's runs of this task were measured: runs measured so compare with its figures."""
+        return paper.DETECTION_PROTOCOL if self.task == "detection" else paper.PROTOCOL
+
+    @property
+    def cell(self) -> Any:
+        """The table cell the run fills: its Variant (options dropped), with its detector for detection."""
+        return (self.detector, self.variant.cell()) if self.task == "detection" else self.variant.cell()
+
+    def describe(self, options: bool = True) -> str:
+        """'resnet50 se integration=all', led by the detector for detection; `options`: with its options off the
+        paper's (else the cell's description)."""
+        text = (self.variant if options else self.variant.cell()).describe()
+        return f"{self.detector} {text}" if self.task == "detection" else text
 
     def measurement(self, accuracy: str = "final") -> dict[str, float]:
         """The table metrics this run has, as recorded: params a count, gflops conv and linear
@@ -64,6 +90,8 @@ class Run:
         if accuracy not in ACCURACIES:
             raise ValueError(f"accuracy must be one of {ACCURACIES}, got {accuracy!r}")
         chosen = results.get(accuracy) or {}
+        if self.task == "detection":
+            return _detection_measurement(results, chosen)
         if "val_top1" in chosen:
             values.update(top1=chosen["val_top1"], top5=chosen["val_top5"])
         elif "val" in evaluation:
@@ -88,6 +116,14 @@ class Run:
 
     def top1_curve(self) -> list[Optional[float]]:
         return list((self.results or {}).get("val_top1_per_epoch") or [])
+
+
+def _detection_measurement(results: dict[str, Any], chosen: dict[str, Any]) -> dict[str, float]:
+    """A detection run's AP (percent) of the chosen epoch and its trainable parameters in the paper's 10^6."""
+    values = {key: chosen[f"val_{key}"] for key in AP_METRICS if f"val_{key}" in chosen}
+    if results.get("params_trained") is not None:
+        values["params_1e6"] = results["params_trained"] / paper.DETECTION_PARAM_UNIT
+    return values
 
 
 JSON_TYPES = {
@@ -144,16 +180,24 @@ def _contents_problem(document: Any, evaluation: bool) -> Optional[str]:
 
 def _label_problem(results: dict[str, Any]) -> Optional[str]:
     """Why results.json cannot say which run it is (None: it can)."""
+    detection = results.get("task") == "detection"
     try:
         model, variant = results["model"], variant_from_config(results["config"])
         recorded = (model["backbone"], model["attention"], model.get("coverage"))
+        described = (variant.backbone, variant.attention, variant.coverage)
+        if detection:  # the detector too, and the image size is the detector's resize
+            recorded, described = (model["detector"], *recorded), (results["config"]["detector"]["name"], *described)
+        size = results["config"]["detector"]["min_size"] if detection else results.get("image_size")
     except Exception as error:  # missing or foreign fields (OmegaConf's errors among them)
         reason = " ".join(str(error).split())[:200]
         return f"it does not record its model as train.py does ({type(error).__name__}: {reason})"
-    if recorded != (variant.backbone, variant.attention, variant.coverage):
-        return f"its model {recorded} is not the one its config describes ({variant.describe()})"
-    if not isinstance(results.get("dataset"), str) or not isinstance(results.get("image_size"), int):
-        return "its dataset or image_size is not what train.py writes"
+    if recorded != described:
+        detector = f"{described[0]} " if detection else ""
+        return f"its model {recorded} is not the one its config describes ({detector}{variant.describe()})"
+    if not isinstance(results.get("dataset"), str) or not isinstance(size, int) or isinstance(size, bool):
+        return f"its dataset or {'detector.min_size' if detection else 'image_size'} is not what train.py writes"
+    if detection and not isinstance(results.get("params_trained", 0), int):
+        return "its params_trained is not a count"
     return None
 
 
@@ -166,6 +210,10 @@ def read_run(run_dir: Path) -> Run:
     """The run in run_dir, labelled from its results.json, or (measured by eval.py alone) from
     the checkpoint its eval.json names; incomplete when neither can be read."""
     results, evaluation = _read_json(run_dir / RESULTS), _newest_eval(run_dir)
+    if results is not None and results.get("task") == "detection":
+        # eval.py measures classifiers: a detection run's figures are its results.json's alone.
+        return Run(run_dir, results, None, variant_from_config(results["config"]), results["dataset"],
+                   results["config"]["detector"]["min_size"], results.get("run_id"), results["config"])
     if results is not None:
         run = Run(run_dir, results, evaluation, variant_from_config(results["config"]), results["dataset"],
                   results["image_size"], results.get("run_id"), results["config"])
@@ -246,20 +294,21 @@ def measurements(runs: Iterable[Run], accuracy: str = "final") -> tuple[dict[Var
 
     Runs of one model (options included) on one dataset and image size are repeats (seeds): a cell
     holds all their values. Where runs of other options or datasets compete for a cell, the paper's
-    protocol and options win, then the larger group; the others are named in the notes.
+    protocol and options win, then the larger group; the others are named in the notes. Cells are
+    Variants, and (detector, Variant) pairs for detection runs (Run.cell).
     """
     notes, groups = [], {}
     runs = list(runs)
     notes += [f"incomplete (no usable {RESULTS} or {EVAL}): {run.path}" for run in runs if not run.complete]
     for run in _same_runs_once([run for run in runs if run.complete], notes):
-        groups.setdefault((run.variant, run.protocol), []).append(run)
-    by_cell: dict[Variant, list[list[Run]]] = {}
+        groups.setdefault((run.detector, run.variant, run.protocol), []).append(run)
+    by_cell: dict[Any, list[list[Run]]] = {}
     for group in groups.values():
-        by_cell.setdefault(group[0].variant.cell(), []).append(group)
+        by_cell.setdefault(group[0].cell, []).append(group)
     measured, chosen_groups = {}, []
     for cell, candidates in by_cell.items():
         candidates.sort(
-            key=lambda group: (group[0].protocol == paper.PROTOCOL, not group[0].variant.options, len(group))
+            key=lambda group: (group[0].protocol == group[0].paper_protocol, not group[0].variant.options, len(group))
         )
         chosen = candidates[-1]
         chosen_groups.append(chosen)
@@ -281,6 +330,9 @@ def _measured(group: list[Run], accuracy: str) -> Measured:
     for run in group:
         for key, value in run.measurement(accuracy).items():
             values.setdefault(key, []).append(value)
+    if group[0].task == "detection":  # already in the paper's units (Run.measurement)
+        return Measured({key: tuple(value) for key, value in values.items()}, group[0].protocol,
+                        group[0].variant.options)
     if "params" in values:
         values["params"] = [count / paper.PARAM_UNIT for count in values["params"]]
     if "gflops" in values:
@@ -292,16 +344,16 @@ def _measured(group: list[Run], accuracy: str) -> Measured:
 
 def _group_notes(chosen: list[Run], set_aside: list[list[Run]]) -> list[str]:
     """What a reader of the cell should know: repeats and runs not shown (options_notes: options off the paper's)."""
-    variant, notes = chosen[0].variant, []
+    notes = []
     if len(chosen) > 1:
         seeds = ", ".join(str((run.config.get("trainer") or {}).get("seed")) for run in chosen)
         differing = _differing_keys([run.config for run in chosen]) - {"trainer.seed"}
-        notes.append(f"{len(chosen)} runs of {variant.describe()} (seeds {seeds}) averaged"
+        notes.append(f"{len(chosen)} runs of {chosen[0].describe()} (seeds {seeds}) averaged"
                      + (f"; their configs also differ in {', '.join(sorted(differing))}" if differing else "")
                      + f": {', '.join(str(run.path) for run in chosen)}")
     for group in set_aside:
         notes.append(
-            f"not shown, {variant.cell().describe()} has runs closer to the paper's: {group[0].variant.describe()} "
+            f"not shown, {chosen[0].describe(options=False)} has runs closer to the paper's: {group[0].describe()} "
             f"on {group[0].dataset} at {group[0].image_size} px ({', '.join(str(run.path) for run in group)})"
         )
     return notes
@@ -322,8 +374,9 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def presets_of(cell: Variant) -> list[str]:
-    """The experiment presets whose sweep trains this table cell with the paper's options."""
+def presets_of(cell: Any) -> list[str]:
+    """The experiment presets whose sweep trains this table cell with the paper's options (none for a
+    detection cell: no preset trains detectors)."""
     return list(dict.fromkeys(spec.preset for spec in TABLES.values() if spec.preset and cell in spec.variants()))
 
 
@@ -339,9 +392,9 @@ def options_notes(groups: Iterable[list[Run]]) -> list[str]:
     for options, chosen in by_options.items():
         ours = " ".join(override(key, value) for key, value in options)
         fix = " ".join(override(key, PAPER_OPTIONS[key]) for key, _ in options)
-        runs = "; ".join(f"{group[0].variant.cell().describe()} ({', '.join(str(run.path) for run in group)})"
+        runs = "; ".join(f"{group[0].describe(options=False)} ({', '.join(str(run.path) for run in group)})"
                          for group in chosen)
-        presets = dict.fromkeys(preset for group in chosen for preset in presets_of(group[0].variant.cell()))
+        presets = dict.fromkeys(preset for group in chosen for preset in presets_of(group[0].cell))
         sweep = f", or sweep with {' or '.join(f'+experiment={name}' for name in presets)}" if presets else ""
         notes.append(f"Not the paper's model (the cells show this one's figures), {ours} where the paper has {fix}: "
                      f"{runs}. To train the paper's, add {fix} to the command{sweep}.")

@@ -7,6 +7,10 @@ variant: every run's values, and the dataset and image size they were measured o
 Parameters and GFLOPs are in the paper's units (docs/paper.md#units), so they compare digit for digit.
 The experiment presets in configs/experiment/ sweep exactly the variants of these specs
 (tests/test_experiments.py checks it).
+
+Tables 6 and 8 (COCO detection) are DetectionSpecs (DETECTION_TABLES): rows are (detector, Variant)
+cells, filled by fill_detection_table from detection runs, with #P and GFLOPs in MMDetection's decimal
+units (emca/analysis/detection_complexity.py, docs/paper.md#tables-6-and-8).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from emca.analysis import paper_reference as paper
 from emca.analysis.complexity import build_variant, paper_gflops
+from emca.analysis.detection_complexity import DetectorCount, count_detector
 from emca.analysis.method_reference import METHOD_REFERENCES, MethodReference
 from emca.analysis.paper_reference import Reference
 from emca.analysis.variants import Variant, channel_attention, emca, plain
-from emca.layers.create_attn import ATTENTION_KINDS, default_integration
+from emca.layers.create_attn import ATTENTION_KINDS, default_integration, kind_of
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 KINDS = paper.KINDS
@@ -691,3 +696,221 @@ def _delta_cell(ours: float, reference: Optional[float], comparable: bool, digit
     """'ours / paper' (a difference of increases would say nothing the absolute columns do not)."""
     ours_text = format_number(ours, digits)
     return f"{ours_text} / {format_number(reference, digits)}" if comparable else ours_text
+
+
+# ----------------------------------------------------------------------------- Tables 6 and 8: COCO detection
+DETECTION_BACKBONE = "resnet50"
+DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet")
+AP_COLUMNS = {"ap": "AP", "ap50": "AP50", "ap75": "AP75", "ap_s": "AP_S", "ap_m": "AP_M", "ap_l": "AP_L"}
+IOU_TYPES = {"bbox": "box", "segm": "mask"}
+AP_METRICS = tuple(f"{iou}_{key}" for iou in IOU_TYPES for key in AP_COLUMNS)  # results.json's val_<key>, in %
+# MMDetection's units (decimal), unlike the binary #P and GFLOPs of METRICS.
+DETECTION_METRICS = {
+    "params_1e6": Metric("#P (M)", 2, per_model=True),
+    "gflops_1e9": Metric("GFLOPs", 2, per_model=True),
+    **{key: Metric(AP_COLUMNS[key.split("_", 1)[1]], 1) for key in AP_METRICS},
+}
+_REFERENCE_FIELDS = {"params_1e6": "params", "gflops_1e9": "gflops"}  # the metrics with held figures
+NL_LEFT_OUT = ("The paper's Mask R-CNN rows also list NL (non-local blocks), which this project does not implement: "
+               "that row is left out.")
+NOT_HELD = ("the project holds no other figure of Tables 6 and 8 than the plain detectors' #P and GFLOPs "
+            "(docs/paper.md#tables-6-and-8)")
+
+
+@dataclass(frozen=True)
+class DetectionEntry:
+    detector: str
+    row: str  # the method, as the paper labels it
+    variant: Variant
+    reference: Optional[paper.DetectionReference]  # None: the project holds none of the row's figures
+
+    @property
+    def cell(self) -> tuple[str, Variant]:
+        """The key of the row's runs in measurements() (Run.cell)."""
+        return self.detector, self.variant
+
+    @property
+    def label(self) -> str:
+        return f"{paper.DETECTOR_LABEL[self.detector]} {self.row}"
+
+    def count(self, counting: str = "mmdet") -> DetectorCount:
+        return count_detector(self.detector, self.variant.backbone, self.variant.attention, self.variant.coverage,
+                              counting)
+
+
+@dataclass(frozen=True)
+class DetectionSpec:
+    """A table of COCO runs: rows (detector, method) of R-50-FPN detectors, columns of DETECTION_METRICS."""
+
+    name: str
+    paper_name: str
+    caption: str
+    metrics: tuple[str, ...]
+    entries: tuple[DetectionEntry, ...]
+    required: str  # the metric a run must have to fill the table: box AP, mask AP for Table 8
+    protocol: tuple[str, int] = paper.DETECTION_PROTOCOL
+
+    @property
+    def title(self) -> str:
+        return f"{self.paper_name}: {self.caption}"
+
+    def cells(self) -> list[tuple[str, Variant]]:
+        return list(dict.fromkeys(entry.cell for entry in self.entries))
+
+    def filled_by(self, measured: Mapping[object, Measured]) -> bool:
+        return any(self.required in measured[cell].values for cell in self.cells() if cell in measured)
+
+
+def _detection_methods(detector: str) -> list[tuple[str, Variant]]:
+    """One detector's rows: the plain R-50, GC (Mask R-CNN's rows), then SE / ECA (every block) and their EMCA
+    versions (the paper's coverage)."""
+    rows = [("ResNet", plain(DETECTION_BACKBONE))]
+    if detector == "mask_rcnn":
+        rows.append((kind_of("gc").label, Variant(DETECTION_BACKBONE, "gc", default_integration("gc"))))
+    for kind in ("se", "eca"):
+        rows += [(KIND_LABELS[kind], channel_attention(DETECTION_BACKBONE, kind, "all")),
+                 (f"EMCA-{KIND_LABELS[kind]}", emca(DETECTION_BACKBONE, kind, DEFAULT_COVERAGE))]
+    return rows
+
+
+def _detection_entries(detectors: Sequence[str]) -> tuple[DetectionEntry, ...]:
+    return tuple(DetectionEntry(detector, row, variant,
+                                paper.TABLE_6_PLAIN.get(detector) if variant.attention == "none" else None)
+                 for detector in detectors for row, variant in _detection_methods(detector))
+
+
+DETECTION_TABLES: dict[str, DetectionSpec] = {
+    spec.name: spec for spec in (
+        DetectionSpec("table6", "Table 6", "object detection on COCO with R-50-FPN detectors (box AP, val)",
+                      ("params_1e6", "gflops_1e9", *(key for key in AP_METRICS if key.startswith("bbox_"))),
+                      _detection_entries(DETECTORS), "bbox_ap"),
+        DetectionSpec("table8", "Table 8", "instance segmentation on COCO with Mask R-CNN R-50-FPN (mask AP, val)",
+                      tuple(key for key in AP_METRICS if key.startswith("segm_")), _detection_entries(("mask_rcnn",)),
+                      "segm_ap"),
+    )
+}
+
+
+def detection_units_note() -> str:
+    return ("#P: trainable parameters in 10^6 (stem and stage 1 frozen, the other stages' BatchNorm affine values "
+            "trained, as the paper's MMDetection runs); GFLOPs: 10^9 multiply-adds of one 1280 x 800 image as "
+            "MMDetection's get_flops counts them, with the heads the paper counts (81 classes, 80 for RetinaNet): "
+            "docs/paper.md#tables-6-and-8. Decimal units, unlike Tables 2-5's.")
+
+
+@dataclass
+class _DetectionFilling:
+    """A detection table being filled from runs: its CSV records and what its notes must explain."""
+
+    spec: DetectionSpec
+    measured: Mapping[object, Measured]
+    records: list[dict] = field(default_factory=list)
+    forms: set[str] = field(default_factory=set)
+    apart: dict[tuple, list[str]] = field(default_factory=dict)  # {(dataset, min_size) not the paper's: row labels}
+    differing: list[tuple[DetectionEntry, float]] = field(default_factory=list)  # plain #P printing off the paper's
+    repeated: bool = False
+
+    def row(self, entry: DetectionEntry) -> list[str]:
+        cell = self.measured.get(entry.cell)
+        if cell is not None and tuple(cell.protocol) != tuple(self.spec.protocol):
+            self.apart.setdefault(tuple(cell.protocol), []).append(entry.label)
+        return [paper.DETECTOR_LABEL[entry.detector], entry.row] + [self.cell(entry, cell, key)
+                                                                     for key in self.spec.metrics]
+
+    def cell(self, entry: DetectionEntry, cell: Optional[Measured], key: str) -> str:
+        metric = DETECTION_METRICS[key]
+        values = () if cell is None else tuple(cell.values.get(key, ()))
+        if cell is not None and key == "gflops_1e9":  # runs record none: the row's model, counted
+            values = (entry.count().gflops,)
+        reference = getattr(entry.reference, _REFERENCE_FIELDS.get(key, ""), None)
+        # A run on another dataset trained other heads: its #P is its own, no figure of the paper's is its.
+        comparable = key != "params_1e6" or cell is None or cell.protocol[0] == self.spec.protocol[0]
+        shown = reference if comparable else None
+        self.records.append({**_record(self.spec.name, DETECTION_BACKBONE, entry.label, None, key, values, shown,
+                                       metric), "detector": entry.detector})
+        self.repeated |= len(values) > 1 and not metric.per_model
+        if key not in _REFERENCE_FIELDS:  # AP: the project holds none of the paper's
+            return format_ours(values, metric)
+        if comparable:  # a run elsewhere is named by the notes' measured-on line
+            self.forms.add(_form(values, shown))
+        if key == "params_1e6" and shown is not None and _params_differ(values, shown):
+            self.differing.append((entry, statistics.fmean(values)))
+        return compare_cell(values, shown, metric)
+
+    def notes(self) -> list[str]:
+        iou = IOU_TYPES[self.spec.required.split("_")[0]]
+        notes = []
+        if "ours / paper" in self.forms or "– / paper" in self.forms:
+            notes.append("#P and GFLOPs: ours / paper (ours - paper); '–' = none.")
+        if "ours / – (unpublished)" in self.forms:
+            notes.append(f"ours / –: the paper's figure is not held: {NOT_HELD}.")
+        if "– / paper" in self.forms:
+            notes.append("– / paper: no run of the row, the paper's figure alone.")
+        notes.append(f"AP columns: ours alone, COCO {iou} AP in percent ('–' = no run): {NOT_HELD}.")
+        if self.repeated:
+            notes.append("Repeated runs of a row (seeds): mean ± sample standard deviation (n = runs).")
+        for (dataset, size), labels in self.apart.items():
+            own = ", its #P ours / – (its labels set the heads)" if dataset != self.spec.protocol[0] else ""
+            notes.append(f"Measured on {dataset} at a shorter side of {size} px, not the paper's "
+                         f"{self.spec.protocol[0]} at {self.spec.protocol[1]} px{own}: {', '.join(labels)}.")
+        if _REFERENCE_FIELDS.keys() & set(self.spec.metrics):
+            notes += [detection_units_note(), "Ours: #P as each run recorded it (results.json params_trained, with "
+                      "the heads of its own labels); GFLOPs counted on the row's model, which runs do not record "
+                      "(make_tables --complexity counts every row)."]
+        notes += [_trained_params_note(entry, ours) for entry, ours in self.differing]
+        return notes + ([NL_LEFT_OUT] if any(entry.detector == "mask_rcnn" for entry in self.spec.entries) else [])
+
+
+def _trained_params_note(entry: DetectionEntry, ours: float) -> str:
+    """Why a run's #P prints off the paper's: the heads it trained, each count computed."""
+    coco, mmdet = entry.count("coco_ids").params, entry.count().params
+    return (f"#P of {entry.label}: the run trained {round(ours * paper.DETECTION_PARAM_UNIT):,} parameters; the "
+            f"row's model has {coco:,} with the heads a COCO run trains (labels are COCO's category ids: 91 classes) "
+            f"and {mmdet:,} with MMDetection's, which the paper counts.")
+
+
+def fill_detection_table(spec: DetectionSpec, measured: Mapping[object, Measured], full: bool = False) -> Table:
+    """A detection spec with our runs' figures (measured by (detector, Variant) cell): only the rows some run
+    fills, or every row of the paper's layout with `full`."""
+    header = ["detector", "method"] + [DETECTION_METRICS[key].label for key in spec.metrics]
+    shown = [entry for entry in spec.entries if full or entry.cell in measured]
+    filling = _DetectionFilling(spec, measured)
+    rows = [filling.row(entry) for entry in shown]
+    notes = filling.notes()
+    if len(shown) < len(spec.entries):
+        notes.append(f"Only the rows our runs fill ({len(spec.entries) - len(shown)} of the paper's left out): "
+                     "make_tables --full prints them all.")
+    return Table(spec.name, spec.title, spec.caption, header, rows, filling.records, notes)
+
+
+def detection_complexity_table(spec: DetectionSpec) -> Table:
+    """#P and GFLOPs (MMDetection's count) of every row's detector and their increase over the plain detector,
+    ours beside the paper's where the project holds them."""
+    header = ["detector", "method", "#P (M)", "GFLOPs", "ΔP", "ΔGFLOPs"]
+    rows, records, differing = [], [], []
+    for entry in spec.entries:
+        count, base = entry.count(), count_detector(entry.detector, DETECTION_BACKBONE)
+        reference = entry.reference or paper.DetectionReference()
+        cells = []
+        for key, ours, theirs in (("params_1e6", count.params_m, reference.params),
+                                  ("gflops_1e9", count.gflops, reference.gflops)):
+            metric = DETECTION_METRICS[key]
+            cells.append(compare_cell((ours,), theirs, metric))
+            if theirs is not None and round(ours, metric.digits) != theirs:
+                differing.append(f"{entry.label} {metric.label} {ours:.{metric.digits + 2}f}")
+        rows.append([paper.DETECTOR_LABEL[entry.detector], entry.row, *cells, f"{count.params - base.params:+,}",
+                     f"{count.gflops - base.gflops:+.2f}"])
+        records.append({"table": spec.name, "backbone": DETECTION_BACKBONE, "detector": entry.detector,
+                        "row": entry.label, "params": count.params, "params_1e6": count.params_m,
+                        "paper_params_1e6": reference.params, "gflops_1e9": count.gflops,
+                        "paper_gflops_1e9": reference.gflops, "delta_params": count.params - base.params,
+                        "delta_gflops_1e9": count.gflops - base.gflops})
+    notes = [f"Cells: ours / paper (ours - paper) for the plain detectors, ours / – for the others: {NOT_HELD}. Ours: "
+             "each row's detector built with the paper's settings (configs/detector's defaults) and attention options.",
+             detection_units_note(), "ΔP: trainable parameters the attention adds to the plain detector; ΔGFLOPs: "
+             "its increase."]
+    if differing:
+        notes.append(f"Not the paper's printed figure: {'; '.join(differing)} (what the count follows and where it "
+                     "cannot: docs/paper.md#tables-6-and-8).")
+    return Table(f"{spec.name}_complexity", f"{spec.title}: complexity", f"{spec.caption}: complexity", header, rows,
+                 records, notes + [NL_LEFT_OUT])
