@@ -394,3 +394,19 @@ def test_image_size_differs_from_the_file(coco):
     data = build(coco(changed(image_3={"width": 17})))
     with pytest.raises(DatasetError, match=r"c.png is 16x16 but .*instances_val2017.json gives 17x16; fix its width"):
         epoch_batches(data.val, 0)
+
+
+def test_train_false_reads_the_val_split_alone(coco):
+    root = coco()
+    full = by_image(epoch_batches(build(root).val, 0))
+    remove(root / "train2017")  # what a user evaluating a checkpoint may lack
+    remove(root / "annotations" / "instances_train2017.json")
+    data = build_detection_loaders(config(root, batch_size=4), LoaderConfig(name="torchvision"), rank=0,
+                                   world_size=1, seed=0, masks=False, train=False)
+    assert data.train is None and (data.num_train, data.num_val, data.num_classes) == (0, 4, 4)
+    assert data.categories == COCO["categories"]
+    assert data.val_annotations == root / "annotations" / "instances_val2017.json"
+    val = by_image(epoch_batches(data.val, 0))
+    assert val.keys() == full.keys() and all(torch.equal(val[key][0], full[key][0]) for key in val)
+    with pytest.raises(DatasetError, match="no train2017/ image folder"):
+        build(root)  # a training run still needs the train split

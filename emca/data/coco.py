@@ -70,11 +70,11 @@ ANNOTATION_FIELDS = "an integer id, image_id and category_id and a bbox [x, y, w
 
 @dataclass
 class DetectionData:
-    train: DetectionLoader  # len(): training steps per epoch
+    train: DetectionLoader | None  # len(): training steps per epoch; None when built with train=False
     val: DetectionLoader  # this rank's share of every val image, each once across ranks
     num_classes: int  # the largest category id + 1: labels are the category ids, 0 the background
     categories: list[dict]  # the annotation file's categories [{"id", "name", ...}]
-    num_train: int  # images trained on: those with at least one usable box
+    num_train: int  # images trained on: those with at least one usable box (0 with train=False)
     num_val: int
     val_annotations: Path  # the val annotation file, which the COCO evaluator reads
     workers: int  # DataLoader workers per process
@@ -93,40 +93,53 @@ class CocoSplit:
 
 
 def build_detection_loaders(dataset_cfg, loader_cfg, *, rank: int, world_size: int, seed: int, masks: bool,
-                            device: torch.device | str = "cpu") -> DetectionData:
+                            device: torch.device | str = "cpu", train: bool = True) -> DetectionData:
     """This rank's train and val loaders of a COCO-format dataset; raises DatasetError (one line) on any
     problem the files have. dataset.batch_size is the global batch. `masks`: targets carry instance
     masks (Mask R-CNN). `device`: where the batches go, only to decide loader.pin_memory (which takes
-    effect on CUDA); the batches themselves stay on the CPU."""
+    effect on CUDA); the batches themselves stay on the CPU. `train=False`: the val split alone is read
+    (eval.py: a user may hold only the validation images), `train` is None and num_train 0, and the
+    categories are the val file's."""
     if not 0 <= rank < world_size:
         raise DatasetError(f"rank {rank} is outside world_size {world_size}")
     global_batch = dataset_cfg.batch_size
-    batch = per_rank_batch_size(global_batch, world_size)
     root = _coco_root(dataset_cfg.root)
-    train_split = read_split(root, dataset_cfg.train_split, "train_split", masks)
+    train_split = read_split(root, dataset_cfg.train_split, "train_split", masks) if train else None
     val_split = read_split(root, dataset_cfg.val_split, "val_split", masks)
-    _check_same_categories(train_split, val_split)
-    train_images = CocoImages(train_split, training_targets(train_split))
-    num_train, num_val = len(train_images), len(val_split.images)
-    if train_batches_per_epoch(num_train, global_batch) == 0:
-        raise DatasetError(
-            f"{train_split.json_path} has {num_train} images with a usable box, fewer than one global batch; "
-            f"lower dataset.batch_size={global_batch}"
-        )
+    if train_split is not None:
+        _check_same_categories(train_split, val_split)
+    categories = (train_split or val_split).categories
     workers = loader_workers(dataset_cfg.workers)
-    make = partial(DetectionLoader, seed=seed, batch_size=batch, workers=workers,
-                   pin_memory=loader_cfg.pin_memory and torch.device(device).type == "cuda",
+    make = partial(DetectionLoader, seed=seed, batch_size=per_rank_batch_size(global_batch, world_size),
+                   workers=workers, pin_memory=loader_cfg.pin_memory and torch.device(device).type == "cuda",
                    persistent_workers=loader_cfg.persistent_workers, prefetch_factor=loader_cfg.prefetch_factor)
-    train = make(DetectionSamples(train_images, masks=masks, hflip=bool(dataset_cfg.hflip), train=True),
-                 lambda epoch: train_shard(num_train, global_batch, seed=seed, epoch=epoch, rank=rank,
-                                           world_size=world_size), train=True)
+    train_loader, num_train = (None, 0) if train_split is None else _train_loader(
+        train_split, make, masks=masks, hflip=bool(dataset_cfg.hflip), global_batch=global_batch, seed=seed,
+        rank=rank, world_size=world_size)
+    num_val = len(val_split.images)
     val = make(DetectionSamples(CocoImages(val_split, val_split.annotations), masks=masks, hflip=False, train=False),
                lambda epoch: val_shard(num_val, rank=rank, world_size=world_size), train=False)
     return DetectionData(
-        train=train, val=val, num_classes=max(category["id"] for category in train_split.categories) + 1,
-        categories=train_split.categories, num_train=num_train, num_val=num_val,
-        val_annotations=val_split.json_path, workers=workers,
+        train=train_loader, val=val, num_classes=max(category["id"] for category in categories) + 1,
+        categories=categories, num_train=num_train, num_val=num_val, val_annotations=val_split.json_path,
+        workers=workers,
     )
+
+
+def _train_loader(split: CocoSplit, make: Callable[..., DetectionLoader], *, masks: bool, hflip: bool,
+                  global_batch: int, seed: int, rank: int, world_size: int) -> tuple[DetectionLoader, int]:
+    """(this rank's training loader, images trained on) of the train split."""
+    images = CocoImages(split, training_targets(split))
+    num_train = len(images)
+    if train_batches_per_epoch(num_train, global_batch) == 0:
+        raise DatasetError(
+            f"{split.json_path} has {num_train} images with a usable box, fewer than one global batch; "
+            f"lower dataset.batch_size={global_batch}"
+        )
+    loader = make(DetectionSamples(images, masks=masks, hflip=hflip, train=True),
+                  lambda epoch: train_shard(num_train, global_batch, seed=seed, epoch=epoch, rank=rank,
+                                            world_size=world_size), train=True)
+    return loader, num_train
 
 
 # --- reading and checking the files ------------------------------------------------------------
