@@ -5,12 +5,16 @@
     python eval.py checkpoint=PATH accuracy_only=true                       # top-1/top-5/loss alone, fastest
     python eval.py checkpoint=PATH gradcam.classes=[3,7] gradcam.layer=layer3.1
     torchrun --nproc_per_node=8 eval.py checkpoint=PATH                     # each val image once
+    python eval.py checkpoint=DETECTION_RUN/checkpoints/best.pt dataset.root=/data/coco   # COCO box (mask) AP
 
 Measures top-1 / top-5 / loss, top-1 on the validation images rotated 90/180/270 degrees clockwise
 (Table 9), parameters and GFLOPs, the paper's three speeds (FPS, FPS-dagger, FPS-double-dagger;
 FPS on a fixed number of images, speed.single_images, whatever the validation set's size),
 the learned-scale statistics of Figure 6 (with a plot) and optional Grad-CAM maps (Figures 7-8;
 scripts/gradcam_grid.py lays several runs' maps of the same images side by side).
+A task=detection run's checkpoint is scored as its run validated it: COCO's box AP, AP50, AP75 and
+AP small / medium / large (and mask AP for Mask R-CNN) on the validation split alone
+(emca/analysis/detection_eval.py); the classification measurements do not apply to it.
 Options: emca/analysis/eval_config.py (EvalConfig, the schema of configs/eval.yaml); the output
 policy: configs/eval.yaml. Exit status 0, or 1 with a one-line error (a wrong option too, before
 anything runs: emca/cli.py).

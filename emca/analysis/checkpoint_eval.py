@@ -4,7 +4,8 @@ reports about a trained model, into one eval.json.
 The checkpoint carries the run's resolved configuration; the model is built from it and the
 weights are loaded after emca.common.checkpoint_file.check_fingerprint, which refuses a checkpoint
 whose architecture fingerprint differs from the rebuilt model. Data settings come from the same
-configuration, with eval.yaml's non-null `dataset` fields and `loader` choice on top.
+configuration, with eval.yaml's non-null `dataset` fields and `loader` choice on top. A task=detection
+run's checkpoint goes to emca.analysis.detection_eval (COCO AP), which shares this module's pieces.
 """
 
 from __future__ import annotations
@@ -92,10 +93,8 @@ def check_options(cfg: DictConfig) -> None:
         require_int(option, OmegaConf.select(cfg, option), minimum, EvalError, nullable)
     check_gradcam_options(cfg.gradcam)
     if cfg.accuracy_only and gradcam_requested(cfg.gradcam):
-        chosen = next(f"gradcam.{key}={cfg.gradcam[key]}" for key in ("images", "classes", "indices")
-                      if cfg.gradcam[key])
-        raise EvalError(f"accuracy_only=true measures accuracy alone, without Grad-CAM maps: drop {chosen} "
-                        "or accuracy_only=true")
+        raise EvalError(f"accuracy_only=true measures accuracy alone, without Grad-CAM maps: drop "
+                        f"{gradcam_option(cfg.gradcam)} or accuracy_only=true")
 
 
 def check_gradcam_options(options: DictConfig) -> None:
@@ -152,21 +151,32 @@ def measured(cfg: DictConfig) -> tuple[list[int], bool, bool]:
     return [0] + [degrees for degrees in cfg.rotations if degrees % 360], cfg.learned_scales, cfg.speed.enabled
 
 
+def precision(cfg: DictConfig, trainer_cfg: dict[str, Any]) -> tuple[str, Optional[torch.dtype], bool]:
+    """(amp, its autocast dtype, channels_last): eval.yaml's, or null: as the run trained."""
+    amp = str(_option(cfg.amp, trainer_cfg.get("amp", "off")))
+    try:
+        amp_dtype = parse_amp(amp)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
+    return amp, amp_dtype, bool(_option(cfg.channels_last, trainer_cfg.get("channels_last", False)))
+
+
 def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[dict[str, Any]]:
-    """Measure, write eval.json (and the figures) and return its content; None on ranks other than 0."""
+    """Measure, write eval.json (and the figures) and return its content; None on ranks other than 0.
+    A task=detection run's checkpoint is measured by emca.analysis.detection_eval (COCO AP)."""
     check_options(cfg)
     given = Path(cfg.checkpoint).expanduser()  # as given in the errors, not through the checkpoints/ symlink
     checkpoint = given.resolve()
     # Named from the path as given (run/checkpoints/...), not from the generation folder it leads to.
     output = output_path(cfg.output, Path(os.path.abspath(given)), cfg.ema)
     state = read_checkpoint(given)
+    if state["config"].get("task") == "detection":
+        # Imported here: detection_eval builds on this module's pieces (EvalError, data_configs, write_report).
+        from emca.analysis.detection_eval import evaluate_detection
+
+        return evaluate_detection(cfg, ctx, state, checkpoint, output)
     trainer_cfg = state["config"].get("trainer", {})
-    amp = str(_option(cfg.amp, trainer_cfg.get("amp", "off")))
-    try:
-        amp_dtype = parse_amp(amp)
-    except ValueError as error:
-        raise EvalError(str(error)) from None
-    channels_last = bool(_option(cfg.channels_last, trainer_cfg.get("channels_last", False)))
+    amp, amp_dtype, channels_last = precision(cfg, trainer_cfg)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = restore_model(checkpoint, state, cfg.ema).to(ctx.device, memory_format=memory_format).eval()
 
@@ -342,6 +352,11 @@ def gradcam_requested(options: DictConfig) -> bool:
     return options.images > 0 or bool(options.classes) or bool(options.indices)
 
 
+def gradcam_option(options: DictConfig) -> str:
+    """The option that asked for Grad-CAM maps, as given (e.g. gradcam.images=4), for the errors."""
+    return next(f"gradcam.{key}={options[key]}" for key in ("images", "classes", "indices") if options[key])
+
+
 def plan_gradcam(model, dataset_cfg, classes, options: DictConfig) -> tuple[ImageList, list[int], str]:
     """(validation images, chosen positions, layer name): chosen on every rank before the long
     passes, so that a class or index that is not there fails at once, and on all ranks together."""
@@ -386,6 +401,10 @@ def _batches(speed: dict[str, Any]) -> str:
 
 def format_summary(report: dict[str, Any]) -> str:
     """What eval.py prints: one line per measurement."""
+    if report.get("task") == "detection":
+        from emca.analysis.detection_eval import format_detection_summary  # imported here as in evaluate_checkpoint
+
+        return format_detection_summary(report)
     model, dataset = report["model"], report["dataset"]
     coverage = model.get("coverage")
     lines = [

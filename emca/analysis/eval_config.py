@@ -35,6 +35,8 @@ class EvalDatasetConfig:
 
     name: Optional[str] = None
     root: Optional[str] = None
+    # A detection run's (format=coco) split to evaluate: <root>/<val_split>/ and annotations/instances_<val_split>.json.
+    val_split: Optional[str] = None
     num_classes: Optional[int] = None
     # Also the resolution of GFLOPs and of the model-only speed.
     image_size: Optional[int] = None
