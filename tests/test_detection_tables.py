@@ -259,3 +259,17 @@ def test_make_tables_refuses_detection_tables_without_resnet50(make_tables, caps
         make_tables.parse_args(["--complexity", "--tables", "table6", "--backbones", "resnet18"])
     assert exit_info.value.code == 2
     assert "table6 hold(s) resnet50 detectors: add resnet50 to --backbones" in capsys.readouterr().err
+
+
+def test_a_figure_without_objects_of_its_size_and_an_eval_json_leave_the_run_in_the_table(tmp_path):
+    """COCO's AP_L of a validation set without large objects is null in results.json; eval.py's
+    detection eval.json beside it: the run still fills its row, the missing figure a gap."""
+    run = write_detection_run(tmp_path / "faster")
+    results = json.loads((run / "results.json").read_text())
+    results["final"]["val_bbox_ap_l"] = results["best"]["val_bbox_ap_l"] = None
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "eval.json").write_text(json.dumps({"task": "detection", "val": {"bbox_ap": 37.4}}))
+    rows, _, notes = table(tmp_path, "table6")
+    faster = rows[("Faster R-CNN", "ResNet")]
+    assert (faster["AP"], faster["AP_L"]) == ("37.4", "–")
+    assert not any("incomplete" in note for note in notes)

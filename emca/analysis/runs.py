@@ -120,7 +120,8 @@ class Run:
 
 def _detection_measurement(results: dict[str, Any], chosen: dict[str, Any]) -> dict[str, float]:
     """A detection run's AP (percent) of the chosen epoch and its trainable parameters in the paper's 10^6."""
-    values = {key: chosen[f"val_{key}"] for key in AP_METRICS if f"val_{key}" in chosen}
+    # A figure without a value (None: no object of that size among the validation images) is a gap.
+    values = {key: chosen[f"val_{key}"] for key in AP_METRICS if chosen.get(f"val_{key}") is not None}
     if results.get("params_trained") is not None:
         values["params_1e6"] = results["params_trained"] / paper.DETECTION_PARAM_UNIT
     return values
@@ -209,11 +210,13 @@ def _newest_eval(run_dir: Path) -> Optional[dict[str, Any]]:
 def read_run(run_dir: Path) -> Run:
     """The run in run_dir, labelled from its results.json, or (measured by eval.py alone) from
     the checkpoint its eval.json names; incomplete when neither can be read."""
-    results, evaluation = _read_json(run_dir / RESULTS), _newest_eval(run_dir)
+    results = _read_json(run_dir / RESULTS)
     if results is not None and results.get("task") == "detection":
-        # eval.py measures classifiers: a detection run's figures are its results.json's alone.
+        # A detection run's figures are its results.json's: eval.py's eval.json recomputes the same COCO AP
+        # (tests/test_detection_eval.py), and holds none of the classification figures read below.
         return Run(run_dir, results, None, variant_from_config(results["config"]), results["dataset"],
                    results["config"]["detector"]["min_size"], results.get("run_id"), results["config"])
+    evaluation = _newest_eval(run_dir)
     if results is not None:
         run = Run(run_dir, results, evaluation, variant_from_config(results["config"]), results["dataset"],
                   results["image_size"], results.get("run_id"), results["config"])
