@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their tables (never timed here), and the model's fast paths
 compute what the plain formulas compute, also under torch.compile."""
 
+import json
 import os
 import re
 import subprocess
@@ -210,24 +211,58 @@ def test_loader_throughput_prints_both_loaders_and_their_ratio():
     assert "DALI-CPU / torchvision: " in output
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-def test_gpu_training_says_why_it_measures_nothing_without_cuda():
-    output = run_benchmark("gpu_training.py")
-    assert "no CUDA device" in output and "nothing measured" in output
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a machine without CUDA")
+def test_gpu_training_refuses_in_one_line_without_cuda():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_training.py")], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "no CUDA device" in done.stderr and "--dry-run" in done.stderr
 
 
-@pytest.mark.slow
-def test_gpu_training_code_path_runs_on_cpu_with_dali():
+def test_gpu_training_dry_run_times_every_row_and_writes_json(image_tree, tmp_path):
+    """The whole script on the CPU at toy sizes: the rows, the ratio, DLE's figure beside ours, the JSON."""
     pytest.importorskip("nvidia.dali")
-    samples = SHARED_DATA / "imagenet-samples"
-    if not samples.is_dir():
-        pytest.skip(f"shared JPEG samples not found at {samples}")
-    output = run_benchmark("gpu_training.py", "--device", "cpu", "--data", str(samples), "--backbone", "resnet18",
-                           "--batch-size", "8", "--image-size", "32", "--steps", "2", "--rounds", "1", "--warmup", "0",
-                           "--workers", "1", "--amp", "off")
-    assert table_header(output, "loader") == ["loader", "steps", "images/s", "spread", "x", "synthetic"]
-    assert [line.split()[:2] for line in output.splitlines() if line.startswith(("synthetic", "dali"))] == [
-        ["synthetic", "2"], ["dali", "2"]]
+    data = image_tree({"train": {"a": 3, "b": 3}})
+    out = tmp_path / "gpu_training.json"
+    output = run_benchmark("gpu_training.py", "--dry-run", "--data", str(data), "--out", str(out))
+    assert table_header(output, "row") == ["row", "images/s", "ms/step", "spread", "x", "plain", "peak", "GiB",
+                                           "finite"]
+    table = output.split("\n\n")[1].splitlines()[2:]  # the settings, a blank line, the table
+    assert [line.rsplit(maxsplit=6)[0] for line in table] == ["plain", "emca_eca", "plain dali"]
+    assert re.search(r"ratio    emca_eca / plain, time per step: \d+\.\d{3}x \(95% CI", output), output
+    assert "DLE 2,470 img/s on 1x A100 80GB" in output and "another card (CPU)" in output
+    assert f"dali     6 JPEGs of {data / 'train'} repeated, the CPU pipeline" in output
+    summary = json.loads(out.read_text())
+    assert [row["row"] for row in summary["rows"]] == ["plain", "emca_eca", "plain dali"]
+    assert all(len(row["round_seconds"]) == 2 and row["finite_loss"] for row in summary["rows"])
+    assert summary["rows"][0]["x_plain"] == 1.0 and summary["reference"]["images_per_s"] == 2470
+    assert len(summary["ratio"]["per_round"]) == 2 and summary["git"]["commit"]
+
+
+def test_gpu_training_names_a_missing_dali_folder(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    sys.path.insert(0, str(BENCHMARKS))
+    import gpu_training
+
+    args = gpu_training.parse_args(["--dry-run", "--data", str(tmp_path / "absent")])
+    assert gpu_training.dali_row(args, trainer=None, device=torch.device("cpu")) == (
+        None, f"no JPEG folder at {tmp_path / 'absent'}: pass --data with class folders of JPEGs")
+
+
+@pytest.mark.parametrize("card,amp,expected", [
+    ("NVIDIA A100-SXM4-80GB", "fp16", "same card and recipe; DLE's own training script"),
+    ("NVIDIA H100 80GB HBM3", "bf16", "not like for like: another card (NVIDIA H100 80GB HBM3), AMP bf16, and DLE's"),
+    ("NVIDIA A100-SXM4-40GB", "fp16", "not like for like: another card (NVIDIA A100-SXM4-40GB), and DLE's"),
+])
+def test_gpu_training_says_how_its_figure_differs_from_dles(card, amp, expected, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    import gpu_training
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: card)
+    args = gpu_training.parse_args(["--amp", amp])
+    line = gpu_training.reference_line(args, torch.device("cuda", 0), 2600.4)
+    assert line.startswith(f"ref      plain resnet50: 2,600 img/s on {card}; DLE 2,470 img/s on 1x A100 80GB (")
+    assert expected in line
 
 
 # --------------------------------------------------------------------------- the model's fast paths
