@@ -3,6 +3,11 @@ learned attention scales (emca/engine/tasks/classification.py).
 
 Metrics are kept as sums (loss x images, correct predictions, images) on the device and reduced
 with one all_reduce: the result is the exact figure over all images, not a mean of per-rank means.
+
+Nothing here makes the host wait for the device until a figure is read (tests/test_host_syncs.py):
+image counts stay on the host until the sums are read (HostCountedSums, detection's loss sums too), as
+a tensor made from a host number on a CUDA device would be a blocking copy from pageable memory on
+every step; the histograms fill fixed bins.
 """
 
 from __future__ import annotations
@@ -25,24 +30,49 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, 
     return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in topk]
 
 
-class MetricSums:
+class HostCountedSums:
+    """Running sums on the device whose last entry counts images. An update's images are known on the
+    host (the batch's length) and counted there, then added to that entry when the sums are read: whole
+    numbers below 2^53 add exactly in float64, so the totals are those of adding every batch's count on
+    the device, without a copy from the host per update."""
+
+    def __init__(self, size: int, device: torch.device, start: Optional[Sequence[float]] = None):
+        """`start`: totals to continue from (those of an epoch cut short by a pre-emption)."""
+        self.totals = torch.zeros(size, dtype=torch.float64, device=device)
+        if start is not None:
+            self.totals += torch.tensor(start, dtype=torch.float64, device=device)
+        self.images = 0  # counted since the last read
+
+    def add(self, sums: torch.Tensor, images: int) -> None:
+        """`sums`: every entry but the image count."""
+        self.totals[:-1] += sums
+        self.images += images
+
+    def reduce_totals(self, ctx: DistributedContext) -> list[float]:
+        """The totals summed over ranks (a collective: every rank calls it)."""
+        return ctx.all_reduce_sum(self._read().clone()).tolist()
+
+    def local_totals(self) -> list[float]:
+        """This rank's totals alone (no collective)."""
+        return self._read().tolist()
+
+    def _read(self) -> torch.Tensor:
+        self.totals[-1] += self.images  # a scalar argument of the kernel: no copy from the host
+        self.images = 0
+        return self.totals
+
+
+class MetricSums(HostCountedSums):
     """Running sums of loss, top-1 and top-5 hits and images; no host synchronisation until read."""
 
     def __init__(self, device: torch.device, start: Optional[Sequence[float]] = None):
-        """`start`: totals to continue from (those of an epoch cut short by a pre-emption)."""
-        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
-        if start is not None:
-            self.totals += torch.tensor(start, dtype=torch.float64, device=device)
+        super().__init__(4, device, start)
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """`loss` is the batch mean; it is weighted by the batch size."""
         top1, top5 = correct_counts(logits.detach(), labels, (1, 5))
-        count = torch.tensor(labels.shape[0], dtype=torch.float64, device=self.totals.device)
-        self.totals += torch.stack([loss.detach().double() * count, top1.double(), top5.double(), count])
-
-    def reduce_totals(self, ctx: DistributedContext) -> list[float]:
-        """The totals summed over ranks (a collective: every rank calls it)."""
-        return ctx.all_reduce_sum(self.totals.clone()).tolist()
+        count = labels.shape[0]
+        self.add(torch.stack([loss.detach().double() * count, top1.double(), top5.double()]), count)
 
     def reduce(self, ctx: DistributedContext) -> "Metrics":
         """Sum over ranks (a collective: every rank calls it) and return the means."""
@@ -50,7 +80,7 @@ class MetricSums:
 
     def local(self) -> "Metrics":
         """This rank's means alone (no collective), for a step line between reports."""
-        return Metrics.of_totals(self.totals.tolist())
+        return Metrics.of_totals(self.local_totals())
 
 
 @dataclass(frozen=True)
@@ -87,9 +117,11 @@ class ScaleHistograms:
         self.names = list(modules)
         # Bucket i holds (i/bins, (i+1)/bins]; TensorBoard draws a bucket up to its right edge.
         self.inner_edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=device)[1:-1]
-        # Per module: bucket counts, then count, sum, sum of squares, min, max.
+        # Per module: bucket counts, then count, sum, sum of squares, min, max. The count of scales is
+        # known on the host (`sizes`) and joined to `moments` in reduce().
         self.counts = torch.zeros(len(modules), bins, dtype=torch.float64, device=device)
         self.moments = torch.zeros(len(modules), 3, dtype=torch.float64, device=device)
+        self.sizes = [0] * len(modules)
         self.minimum = torch.full((len(modules),), float("inf"), dtype=torch.float64, device=device)
         self.maximum = torch.full((len(modules),), float("-inf"), dtype=torch.float64, device=device)
         self._handles = [
@@ -99,11 +131,13 @@ class ScaleHistograms:
     def _hook(self, index: int):
         def record(_module, _inputs, scales: torch.Tensor) -> None:
             values = scales.detach().double().flatten()
-            # bucketize + bincount rather than histc: deterministic on CUDA too (trainer.deterministic).
+            # bucketize + index_add_ into the fixed bins: no host synchronisation (bincount reads the
+            # largest bucket back to size its output, histc its range) and deterministic on CUDA too
+            # (trainer.deterministic; adding ones in float64 is exact in any order).
             buckets = torch.bucketize(values, self.inner_edges)
-            self.counts[index] += torch.bincount(buckets, minlength=self.bins).double()
-            count = torch.tensor(values.numel(), dtype=torch.float64, device=values.device)
-            self.moments[index] += torch.stack([count, values.sum(), (values * values).sum()])
+            self.counts[index].index_add_(0, buckets, torch.ones_like(values))
+            self.sizes[index] += values.numel()
+            self.moments[index, 1:] += torch.stack([values.sum(), (values * values).sum()])
             self.minimum[index] = torch.minimum(self.minimum[index], values.min())
             self.maximum[index] = torch.maximum(self.maximum[index], values.max())
 
@@ -115,7 +149,9 @@ class ScaleHistograms:
         self._handles.clear()
 
     def reduce(self, ctx: DistributedContext) -> None:
-        """Merge all ranks (a collective: every rank calls it)."""
+        """Merge all ranks (a collective: every rank calls it), once, after the pass."""
+        self.moments[:, 0] += torch.tensor(self.sizes, dtype=torch.float64, device=self.moments.device)
+        self.sizes = [0] * len(self.sizes)
         ctx.all_reduce_sum(self.counts)
         ctx.all_reduce_sum(self.moments)
         ctx.all_reduce(self.minimum, dist.ReduceOp.MIN)

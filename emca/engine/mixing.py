@@ -4,6 +4,11 @@ timm's Mixup draws from numpy's global generator. Here each batch draws from a g
 (seed, optimizer step, rank) instead, so a run resumed mid-epoch mixes the batches it has still to
 train exactly as the uninterrupted run did (the batches before the stop are skipped, not mixed),
 and the global generator is left as it was.
+
+timm builds the per-image (mode=elem) and per-pair (mode=pair) mixing factors with
+torch.tensor(..., device=images.device): on a CUDA device a blocking copy from pageable memory that
+makes the host wait for the device on every step. HostFactorMixup builds them on the host and copies
+them without that wait; everything else is timm's.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from timm.data import Mixup
+from timm.data.mixup import cutmix_bbox_and_lam
 
 from emca.data.sampling import derive_seed
 from emca.options import require
@@ -30,11 +36,61 @@ def numpy_seeded(seed: int) -> Iterator[None]:
         np.random.set_state(saved)
 
 
+def to_device_of(factors: np.ndarray, images: torch.Tensor) -> torch.Tensor:
+    """`factors` as a (B, 1) tensor on the images' device and in their dtype, without making the host
+    wait: pinned memory and an asynchronous copy on CUDA (the pinned block is held until the copy is done)."""
+    factors = torch.from_numpy(factors).to(images.dtype)
+    if images.device.type == "cuda":
+        factors = factors.pin_memory().to(images.device, non_blocking=True)
+    return factors.unsqueeze(1)
+
+
+class HostFactorMixup(Mixup):
+    """timm's Mixup whose mode=elem and mode=pair hand their factors to the device without a host
+    synchronisation; the mixing itself is timm's code, operation for operation (timm 1.0)."""
+
+    def _mix_elem(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size = len(x)
+        lam_batch, use_cutmix = self._params_per_elem(batch_size)
+        x_orig = x.clone()  # the unmixed images each image is mixed with
+        for i in range(batch_size):
+            j = batch_size - i - 1
+            lam = lam_batch[i]
+            if lam != 1.0:
+                if use_cutmix[i]:
+                    (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
+                        x[i].shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
+                    x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
+                    lam_batch[i] = lam
+                else:
+                    x[i] = x[i] * lam + x_orig[j] * (1 - lam)
+        return to_device_of(lam_batch, x)
+
+    def _mix_pair(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size = len(x)
+        lam_batch, use_cutmix = self._params_per_elem(batch_size // 2)
+        x_orig = x.clone()
+        for i in range(batch_size // 2):
+            j = batch_size - i - 1
+            lam = lam_batch[i]
+            if lam != 1.0:
+                if use_cutmix[i]:
+                    (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
+                        x[i].shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
+                    x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
+                    x[j][:, yl:yh, xl:xh] = x_orig[i][:, yl:yh, xl:xh]
+                    lam_batch[i] = lam
+                else:
+                    x[i] = x[i] * lam + x_orig[j] * (1 - lam)
+                    x[j] = x[j] * lam + x_orig[i] * (1 - lam)
+        return to_device_of(np.concatenate((lam_batch, lam_batch[::-1])), x)
+
+
 class BatchMixing:
     """(images, class indices) -> (mixed images, soft targets with the label smoothing folded in)."""
 
     def __init__(self, mixup_cfg, num_classes: int, label_smoothing: float, seed: int, rank: int):
-        self.mixup = Mixup(
+        self.mixup = HostFactorMixup(
             mixup_alpha=mixup_cfg.mixup_alpha, cutmix_alpha=mixup_cfg.cutmix_alpha, prob=mixup_cfg.prob,
             switch_prob=mixup_cfg.switch_prob, mode=mixup_cfg.mode.value, label_smoothing=label_smoothing,
             num_classes=num_classes,

@@ -201,7 +201,7 @@ class Trainer:
 
     def _build(self, cfg: DictConfig, ctx: DistributedContext) -> None:
         trainer_cfg = cfg.trainer
-        for option in ("eval_every", "log_every", "max_steps_per_epoch"):
+        for option in ("eval_every", "log_every", "max_steps_per_epoch", "stop_check_every"):
             if trainer_cfg[option] is not None and trainer_cfg[option] < 1:  # only max_steps_per_epoch may be null
                 raise ValueError(f"trainer.{option}={trainer_cfg[option]} must be at least 1")
         self.task: Task = build_task(cfg, ctx)
@@ -410,16 +410,27 @@ class Trainer:
                 bar.advance()
                 timer.stepped()
 
-                if (step + 1) % log_every == 0 or step + 1 == self.steps_per_epoch:
+                logged = (step + 1) % log_every == 0 or step + 1 == self.steps_per_epoch
+                if logged:
                     self._report(self._checked(window.reduce(ctx), epoch, step), lr, timer, bar, trackers)
                     window = self.task.sums(ctx.device)
                 elif bar.line_due():  # rank 0 alone: reads its window, leaves it open
                     bar.interim(window.local(), lr, timer, self.clock, self._work_left(), ctx.world_size, ctx.device)
-                if ctx.any_rank(stop.requested):
+                if self._stop_agreed(stop, step, logged):
                     # The steps since the last report must be finite before they are saved.
                     self._checked(window.reduce(ctx), epoch, step)
                     return None
         return self._checked(epoch_sums.reduce(ctx), epoch, self.steps_per_epoch - 1)
+
+    def _stop_agreed(self, stop: StopRequest, step: int, logged: bool) -> bool:
+        """Whether the run stops after `step` (0-based in its epoch) for a stop signal: a single process
+        reads its own flag after every step; DDP ranks agree on theirs (a collective over the host group)
+        only after a step line (`logged`) and every trainer.stop_check_every steps, so that no other step
+        waits for the slowest rank's host."""
+        every = self.cfg.trainer.stop_check_every
+        if self.ctx.is_distributed and not logged and (step + 1) % every:
+            return False
+        return self.ctx.any_rank(stop.requested)
 
     def _report(self, metrics: TaskMetrics, lr: float, timer: StepTimer, bar: EpochProgress,
                 trackers: Optional[Trackers]) -> None:

@@ -21,6 +21,7 @@ from emca.data.coco import DetectionData, build_detection_loaders
 from emca.data.sampling import derive_seed
 from emca.engine.coco_eval import CocoEvaluator
 from emca.engine.distributed import DistributedContext
+from emca.engine.metrics import HostCountedSums
 from emca.engine.precision import autocast
 from emca.engine.task import Task, TaskStep
 from emca.models import coverage_name
@@ -79,29 +80,22 @@ class DetectionMetrics:
         return {"loss": self.loss, **self.parts}
 
 
-class LossSums:
+class LossSums(HostCountedSums):
     """Running sums of the step's loss and its parts, weighted by images; no host synchronisation until read."""
 
     def __init__(self, names: tuple[str, ...], device: torch.device, start: Optional[list[float]] = None):
         self.names = names
-        # loss x images, each part x images, images
-        self.totals = torch.zeros(len(names) + 2, dtype=torch.float64, device=device)
-        if start is not None:
-            self.totals += torch.tensor(start, dtype=torch.float64, device=device)
+        super().__init__(len(names) + 2, device, start)  # loss x images, each part x images, images
 
     def update(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], targets: list) -> None:
-        count = torch.tensor(len(targets), dtype=torch.float64, device=self.totals.device)
         values = [loss.detach(), *(parts[name].detach() for name in self.names)]
-        self.totals += torch.cat([torch.stack(values).double() * count, count[None]])
-
-    def reduce_totals(self, ctx: DistributedContext) -> list[float]:
-        return ctx.all_reduce_sum(self.totals.clone()).tolist()
+        self.add(torch.stack(values).double() * len(targets), len(targets))
 
     def reduce(self, ctx: DistributedContext) -> DetectionMetrics:
         return self._metrics(self.reduce_totals(ctx))
 
     def local(self) -> DetectionMetrics:
-        return self._metrics(self.totals.tolist())
+        return self._metrics(self.local_totals())
 
     def _metrics(self, totals: list[float]) -> DetectionMetrics:
         count = max(totals[-1], 1.0)
