@@ -40,6 +40,9 @@ def test_an_unchanged_run_or_one_read_or_watched_otherwise_resumes():
     check_resume_schedule(SAVED, changed(dataset__workers=0, dataset__root="/moved"), PATH, {"epoch": 2})
     check_resume_schedule(SAVED, {**changed(trainer__device="cuda", trainer__log_every=1),
                                   "logger": {"tensorboard": False}}, PATH, {"epoch": 2})
+    # How often DDP ranks agree on a stop signal changes when a stop is seen, not what is computed.
+    check_resume_schedule(changed(trainer__stop_check_every=10), changed(trainer__stop_check_every=50), PATH,
+                          {"epoch": 2})
     check_resume_schedule(None, changed(trainer__epochs=9), PATH, {"epoch": 2})  # no saved config: nothing to compare
     # An option that the checkpoint's (older) config lacks is not compared.
     check_resume_schedule(SAVED, {**changed(), "optimizer": {**SAVED["optimizer"], "new_option": 1}}, PATH, {})

@@ -35,7 +35,8 @@ SCHEDULE_OPTIONS = ("trainer.epochs", "optimizer", "dataset.batch_size", "traine
 # the device and its process group, and what is logged or tracked. The rest is compared.
 # dataset.epochs only acts through trainer.epochs, which is compared.
 RESUME_FREE = ("trainer.resume", "trainer.device", "trainer.compile", "trainer.dist_timeout_s", "trainer.log_every",
-               "trainer.log_every_s", "trainer.keep_last_n", "logger", "model", "dataset.root", "dataset.workers",
+               "trainer.log_every_s", "trainer.stop_check_every", "trainer.keep_last_n", "logger", "model",
+               "dataset.root", "dataset.workers",
                "dataset.epochs",
                "dataset.on_bad_image", "loader.prefetch_queue_depth", "loader.dali_dont_use_mmap",
                "loader.dali_read_ahead", "loader.dali_reader_prefetch", "loader.prefetch_factor", "loader.pin_memory",
