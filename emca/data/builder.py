@@ -118,8 +118,11 @@ def build_loaders(dataset_cfg, loader_cfg, *, rank: int = 0, world_size: int = 1
     """Train and val loaders for this rank; raises DatasetError (one line) on any data problem.
 
     Both loaders follow the same protocol: `set_epoch(epoch)` before iterating, `len()` is the
-    number of batches this rank yields, iteration gives (float32 NCHW images, int64 labels) on
-    `device`. dataset.batch_size is the global batch; each rank gets batch_size // world_size.
+    number of batches of this rank's epoch, iteration gives (float32 NCHW images, int64 labels) on
+    `device`; `start_at(step)` after set_epoch skips as many of the epoch's first `step` batches as
+    it can without loading them and returns that number: iteration starts at that batch (the caller
+    drops what remains before `step`).
+    dataset.batch_size is the global batch; each rank gets batch_size // world_size.
 
     train=False builds the validation loader alone (evaluation), without listing or screening a
     train/ folder, which need not exist. `classes` are the names the labels index (a trained

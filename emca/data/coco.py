@@ -428,8 +428,14 @@ class DetectionLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
+    def start_at(self, step: int) -> int:
+        """After set_epoch: the epoch's iteration begins at batch `step`, the same batch as uninterrupted
+        (each image's flip is seeded by its index), without loading those before it; returns `step`."""
+        self.sampler.start = step * self.loader.batch_size
+        return step
+
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader) + self.sampler.start // self.loader.batch_size
 
     def __iter__(self):
         # Workers start here: a stop signal sent to the process group must reach the trainer only.

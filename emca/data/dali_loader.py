@@ -1,13 +1,34 @@
 """The DALI loader: fn-API pipelines behind DALI's PyTorch iterator.
 
 With a CUDA device, JPEGs are decoded by the `mixed` (nvJPEG) decoder and augmented on the rank's
-GPU; without one, the whole pipeline runs on CPU threads (device_id=None).
+GPU; without one, the whole pipeline runs on CPU threads (device_id=None). Both devices decode with
+the one set of options in DECODER. With a CUDA device the images and labels leave the pipeline on the
+GPU, also with loader.dali_use_gpu=false (CPU decoding and augmentation): DALI copies them there from
+the pinned buffers it gives every CPU output that a GPU node consumes (its executor's
+FindPinnedBuffers), ahead of use in its own worker, so no batch crosses from pageable memory and the
+training thread never waits on a copy. The PyTorch iterator hands them over without a copy through
+DLPack (DALIGenericIterator under DALI's default dynamic executor: torch.from_dlpack), which gives
+TensorGPU.__dlpack__ torch's current stream, into which DALI inserts a wait for its own work: their
+use is ordered after DALI's writes.
 
 Reproducibility: every epoch gets a fresh pipeline reading this rank's files in the order that
 sampling.train_shard gives for (seed, epoch), with the pipeline seed derived from
 (seed, epoch, rank). Epoch e therefore looks the same whether or not epochs 0..e-1 ran before it.
 A pipeline build costs well under a second, negligible next to an epoch; with dataset.auto_augment,
 defining the policy's conditional graph adds 1.5-3 s (measured on 2 CPU cores).
+
+A resumed epoch starts at its step k (start_at) without reading the k batches' files: DALI 2.4's random
+operators draw from counter-based Philox generators whose state for sample slot i of a pipeline's
+b-th batch is a function of (operator seed, b, i) alone (OperatorWithRng in the installed
+include/dali/operators/random/rng_base.h: the master counter advances by the batch size each run,
+every slot's generator skips ahead from it; RandomCropAttr in image/crop/random_crop_attr.h reseeds the
+decoder's crop-window generators from it each batch), never of the images; inside a policy's
+branches the counters advance by the samples that took the branch, chosen by such generators too. So
+the reader gets a small stand-in JPEG in place of each of the first k*batch_size files and the loader
+drops those k batches: every later sample meets the generator state of the uninterrupted run. The
+stand-in batches still pass the graph (a 64x64 decode, resize, augmentation), a small fraction of
+decoding the files.
+Over tar shards nothing is skipped (the shuffle buffer's draws depend on every sample read before).
 
 Tar shards (dataset.format=shards, ShardSource) keep those guarantees with fn.readers.webdataset,
 which reads each shard sequentially: a fresh pipeline per epoch, the shard order from (seed, epoch),
@@ -20,8 +41,11 @@ same. The images, labels, augmentation graph and decoders are those of the folde
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import tempfile
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -32,6 +56,7 @@ from nvidia.dali.auto_aug import augmentations as a
 from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
 from nvidia.dali.auto_aug.core import Policy, augmentation
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image
 
 from emca.data.config import LoaderConfig
 from emca.data.errors import DatasetError
@@ -50,6 +75,12 @@ from emca.data.shards import LABEL_EXT, ShardList
 from emca.data.transforms import Preprocessing
 
 READER = "Reader"
+# The decoders' options, the same for the `cpu` and `mixed` devices. nvJPEG upsamples subsampled chroma
+# as libjpeg-turbo and PIL do only with jpeg_fancy_upsampling (off in DALI by default); its CPU decoders
+# always do and ignore the flag (imgcodec/image_decoder.h).
+DECODER = dict(output_type=types.RGB, jpeg_fancy_upsampling=True)
+# The side of the stand-in JPEG read in place of a skipped batch's files.
+STAND_IN_SIZE = 64
 
 
 def reader_options(loader: LoaderConfig) -> dict:
@@ -58,8 +89,18 @@ def reader_options(loader: LoaderConfig) -> dict:
                 prefetch_queue_depth=loader.dali_reader_prefetch)
 
 
+@functools.cache
+def _stand_in_folder() -> tempfile.TemporaryDirectory:
+    """A private folder (removed at exit) holding stand-in.jpg, a grey STAND_IN_SIZE JPEG."""
+    folder = tempfile.TemporaryDirectory(prefix="emca-dali-")
+    Image.new("RGB", (STAND_IN_SIZE, STAND_IN_SIZE), (128, 128, 128)).save(Path(folder.name) / "stand-in.jpg")
+    return folder
+
+
 class FileSource:
     """This rank's image files in the order sampling gives for each epoch, read by fn.readers.file."""
+
+    skips_files = True
 
     def __init__(self, images: ImageList, shard: Callable[[int], np.ndarray], train: bool):
         self.images, self.shard, self.train = images, shard, train
@@ -67,10 +108,13 @@ class FileSource:
     def samples(self, epoch: int) -> int:
         return len(self.shard(epoch))
 
-    def reader(self, epoch: int, options: dict) -> Callable:
-        """What builds the reader inside the pipeline definition: () -> (encoded, label) nodes."""
+    def reader(self, epoch: int, options: dict, skip: int) -> Callable:
+        """What builds the reader inside the pipeline definition: () -> (encoded, label) nodes; the first
+        `skip` files replaced by the stand-in JPEG."""
         indices = self.shard(epoch)
         files, labels = [self.images.paths[i] for i in indices], self.images.labels[indices].tolist()
+        if skip:
+            files[:skip] = [str(Path(_stand_in_folder().name) / "stand-in.jpg")] * skip
         # Validation pads its last batch with repeats that the iterator (reader_name) leaves out.
         return lambda: fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                        pad_last_batch=not self.train, name=READER, **options)
@@ -93,6 +137,9 @@ class ShardSource:
     number of steps. Validation reads the shards in order without shuffling: every sample once.
     """
 
+    # What the shuffle buffer draws depends on every sample read before: a resumed epoch reads them all.
+    skips_files = False
+
     def __init__(self, samples: ShardList, shard: Callable[[int], np.ndarray], *, train: bool, seed: int,
                  rank: int, world_size: int, shuffle_buffer: int):
         self.images, self.shard, self.train = samples, shard, train
@@ -113,8 +160,9 @@ class ShardSource:
         count = len(self.images.tars)
         return shard_order(count, seed=self.seed, epoch=epoch) if self.train else np.arange(count)
 
-    def reader(self, epoch: int, options: dict) -> Callable:
-        """What builds the reader inside the pipeline definition: () -> (encoded, label) nodes."""
+    def reader(self, epoch: int, options: dict, skip: int) -> Callable:
+        """What builds the reader inside the pipeline definition: () -> (encoded, label) nodes (`skip`
+        is always 0: skips_files)."""
         tars, images = self._tars(epoch), self.images
 
         def read():
@@ -169,14 +217,19 @@ def _first_undecodable(images, indices: np.ndarray) -> Optional[str]:
     return None
 
 
+def _on(cuda: bool, images, label):
+    """The pipeline's outputs, moved to the GPU inside it when the batches go to a CUDA device."""
+    return (images.gpu(), label.gpu()) if cuda else (images, label)
+
+
 @pipeline_def
-def train_pipeline(read: Callable, prep: Preprocessing, gpu: bool, channels_last: bool):
+def train_pipeline(read: Callable, prep: Preprocessing, gpu: bool, cuda: bool, channels_last: bool):
     encoded, label = read()
     decoder, device = ("mixed", "gpu") if gpu else ("cpu", "cpu")
     images, window = _train_crop(encoded, prep, decoder, device)
     mirror = fn.random.coin_flip(probability=0.5) if prep.hflip else 0
     if prep.auto_augment is None and not prep.random_erasing:
-        return _normalize(images, prep, device, channels_last, mirror=mirror, **window), label
+        return _on(cuda, _normalize(images, prep, device, channels_last, mirror=mirror, **window), label)
     # The policy and erasing work on the final uint8 crop, after the flip (torchvision's order: crop,
     # flip, policy, erase, normalise), so the last crop and the flip leave crop_mirror_normalize.
     if window:
@@ -187,7 +240,7 @@ def train_pipeline(read: Callable, prep: Preprocessing, gpu: bool, channels_last
         images = _policy(images, prep)
     if prep.random_erasing:
         images = _erase(images, prep)
-    return _normalize(images, prep, device, channels_last), label
+    return _on(cuda, _normalize(images, prep, device, channels_last), label)
 
 
 def _train_crop(encoded, prep: Preprocessing, decoder: str, device: str):
@@ -196,11 +249,11 @@ def _train_crop(encoded, prep: Preprocessing, decoder: str, device: str):
     if prep.train_crop == "random_resized":
         # Decoding only the sampled window (ROI decode) is much cheaper than decode-then-crop.
         images = fn.decoders.image_random_crop(
-            encoded, device=decoder, output_type=types.RGB,
-            random_area=list(prep.crop_scale), random_aspect_ratio=list(prep.crop_ratio), num_attempts=10,
+            encoded, device=decoder, random_area=list(prep.crop_scale), random_aspect_ratio=list(prep.crop_ratio),
+            num_attempts=10, **DECODER,
         )
         return fn.resize(images, device=device, resize_x=size, resize_y=size), {}
-    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images = fn.decoders.image(encoded, device=decoder, **DECODER)
     images = fn.resize(images, device=device, resize_x=size, resize_y=size)
     pad = prep.crop_padding
     # A centred crop larger than the image zero-pads it evenly; the final crop then starts at one
@@ -309,13 +362,12 @@ def _erase(images, prep: Preprocessing):
 
 
 @pipeline_def
-def val_pipeline(read: Callable, prep: Preprocessing, gpu: bool, channels_last: bool):
+def val_pipeline(read: Callable, prep: Preprocessing, gpu: bool, cuda: bool, channels_last: bool):
     encoded, label = read()
     decoder, device = ("mixed", "gpu") if gpu else ("cpu", "cpu")
-    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images = fn.decoders.image(encoded, device=decoder, **DECODER)
     images = fn.resize(images, device=device, resize_shorter=prep.val_resize)
-    images = _normalize(images, prep, device, channels_last, crop=[prep.val_image_size] * 2)
-    return images, label
+    return _on(cuda, _normalize(images, prep, device, channels_last, crop=[prep.val_image_size] * 2), label)
 
 
 def _normalize(images, prep: Preprocessing, device: str, channels_last: bool, **crop_and_mirror):
@@ -327,17 +379,20 @@ def _normalize(images, prep: Preprocessing, device: str, channels_last: bool, **
 
 class DaliLoader:
     """Batches of normalised float32 NCHW images and int64 labels on `device`, from a FileSource
-    (image folders) or a ShardSource (tar shards); `reader` holds the readers' options (loader.dali_*)."""
+    (image folders) or a ShardSource (tar shards); `reader` holds the readers' options (loader.dali_*).
+    `gpu`: decoding and augmentation on the GPU (use_gpu and a CUDA device); `cuda`: the batches leave
+    the pipeline on the GPU (a CUDA device)."""
 
     def __init__(self, source, prep: Preprocessing, *, train: bool, batch_size: int, workers: int, seed: int,
                  rank: int, device: torch.device, channels_last: bool, prefetch_queue_depth: int, use_gpu: bool,
                  reader: dict):
         self.source, self.prep, self.train = source, prep, train
         self.batch_size, self.threads = batch_size, max(1, workers)
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.seed, self.rank, self.epoch, self.start = seed, rank, 0, 0
         self.device, self.channels_last = device, channels_last
         self.prefetch_queue_depth, self.reader = prefetch_queue_depth, reader
-        self.gpu = use_gpu and device.type == "cuda" and torch.cuda.is_available()
+        self.cuda = device.type == "cuda"
+        self.gpu = use_gpu and self.cuda
 
     @classmethod
     def from_files(cls, images: ImageList, prep: Preprocessing, shard: Callable[[int], np.ndarray], **options):
@@ -354,7 +409,14 @@ class DaliLoader:
         return cls(source, prep, **options)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.start = epoch, 0
+
+    def start_at(self, step: int) -> int:
+        """After set_epoch: skip the epoch's first `step` batches without reading their files where the
+        source allows it (image folders: all, iteration begins at batch `step`, the same batch as
+        uninterrupted; tar shards: none) and return how many were skipped. len() stays the epoch's."""
+        self.start = step if self.source.skips_files else 0
+        return self.start
 
     def __len__(self) -> int:
         samples = self.source.samples(self.epoch)
@@ -363,14 +425,15 @@ class DaliLoader:
     def _pipeline(self):
         build = train_pipeline if self.train else val_pipeline
         return build(
-            read=self.source.reader(self.epoch, self.reader),
+            read=self.source.reader(self.epoch, self.reader, self.start * self.batch_size),
             prep=self.prep,
             gpu=self.gpu,
+            cuda=self.cuda,
             channels_last=self.channels_last,
             batch_size=self.batch_size,
             num_threads=self.threads,
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
-            if self.gpu
+            if self.cuda
             else None,
             seed=derive_seed(self.seed, self.epoch, self.rank),
             prefetch_queue_depth=self.prefetch_queue_depth,
@@ -382,18 +445,16 @@ class DaliLoader:
         if self.source.samples(self.epoch) == 0:  # more ranks than validation images
             return
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        done = 0
+        done = self.start
         try:
             batches = DALIGenericIterator(
                 [self._pipeline()], ["images", "labels"], reader_name=READER, last_batch_policy=policy
             )
             # len(self), not the reader's count: a ShardSource's reader holds more training samples than
-            # the whole global batches every rank can make.
-            for (batch,) in itertools.islice(batches, len(self)):
-                yield (
-                    self._to_torch(batch["images"]),
-                    batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True),
-                )
+            # the whole global batches every rank can make. The stand-in batches before `start` are dropped.
+            for (batch,) in itertools.islice(batches, self.start, len(self)):
+                # Already on `device` (_on): the labels' cast runs there, on the current stream.
+                yield self._to_torch(batch["images"]), batch["labels"].view(-1).to(torch.int64)
                 done += 1
         except RuntimeError as error:
             raise self._decode_error(done, error) from None
@@ -414,4 +475,4 @@ class DaliLoader:
         if self.channels_last:
             # NHWC memory seen as NCHW: exactly torch.channels_last strides, no copy.
             images = images.permute(0, 3, 1, 2)
-        return images.to(self.device, non_blocking=True)
+        return images

@@ -89,20 +89,22 @@ class ImageListDataset(Dataset):
 
 
 class ShardSampler(Sampler):
-    """Yields this rank's (index, epoch seed) pairs for the current epoch, in order."""
+    """Yields this rank's (index, epoch seed) pairs for the current epoch, in order, from its `start`-th
+    (set_epoch sets it to 0). A sample's augmentation is seeded by its index, not its position: starting
+    later leaves every later sample as it was."""
 
     def __init__(self, shard: Callable[[int], np.ndarray], seed: int):
-        self.shard, self.seed, self.epoch = shard, seed, 0
+        self.shard, self.seed, self.epoch, self.start = shard, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.start = epoch, 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch_seed = derive_seed(self.seed, self.epoch)
-        return iter([(int(i), epoch_seed) for i in self.shard(self.epoch)])
+        return iter([(int(i), epoch_seed) for i in self.shard(self.epoch)[self.start:]])
 
     def __len__(self) -> int:
-        return len(self.shard(self.epoch))
+        return len(self.shard(self.epoch)) - self.start
 
 
 class TorchvisionLoader:
@@ -125,8 +127,14 @@ class TorchvisionLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
+    def start_at(self, step: int) -> int:
+        """After set_epoch: the epoch's iteration begins at batch `step`, the same batch as uninterrupted,
+        without loading those before it; returns `step` (all skipped here). len() stays the epoch's."""
+        self.sampler.start = step * self.loader.batch_size
+        return step
+
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader) + self.sampler.start // self.loader.batch_size
 
     def __iter__(self):
         # Workers start here: a stop signal sent to the process group must reach the trainer only.

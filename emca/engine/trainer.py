@@ -390,10 +390,13 @@ class Trainer:
         if first_step >= self.steps_per_epoch:  # stopped during this epoch's validation: nothing left to train
             return self._checked(epoch_sums.reduce(ctx), epoch, self.steps_per_epoch - 1)
         self.train_model.train()
-        self.task.train_loader.set_epoch(epoch)
+        loader = self.task.train_loader
+        loader.set_epoch(epoch)
         window = self.task.sums(ctx.device)
-        # islice also fast-forwards over the batches trained before a pre-emption (loaded, not trained).
-        batches = itertools.islice(self.task.train_loader, first_step, self.steps_per_epoch)
+        # After a pre-emption the epoch resumes at first_step: a loader with start_at skips the batches
+        # trained before without loading them; islice fast-forwards over those it still gives (loaded, not trained).
+        skipped = loader.start_at(first_step) if hasattr(loader, "start_at") else 0
+        batches = itertools.islice(loader, first_step - skipped, self.steps_per_epoch - skipped)
         # A line right after the process's first step and then at least every log_every_s, whatever log_every says.
         with EpochProgress(epoch + 1, self.epochs, self.steps_per_epoch, first_step, enabled=ctx.is_main,
                            every_s=self.cfg.trainer.log_every_s, first_line=self.clock.steps == 0) as bar:
