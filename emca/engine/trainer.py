@@ -204,6 +204,9 @@ class Trainer:
         for option in ("eval_every", "log_every", "max_steps_per_epoch", "stop_check_every"):
             if trainer_cfg[option] is not None and trainer_cfg[option] < 1:  # only max_steps_per_epoch may be null
                 raise ValueError(f"trainer.{option}={trainer_cfg[option]} must be at least 1")
+        if trainer_cfg.compile and trainer_cfg.sync_bn:  # reported to fail under DDP: pytorch/pytorch#107372 (open)
+            raise ValueError("trainer.compile=true does not work with trainer.sync_bn=true (torch.compile fails on "
+                             "SyncBatchNorm under DDP, pytorch/pytorch#107372); set one of them to false")
         self.task: Task = build_task(cfg, ctx)
         model = self.task.model
         if trainer_cfg.sync_bn and ctx.is_distributed:
