@@ -110,7 +110,8 @@ class LoaderConfig:
     name: str = "dali"
     # DALI: batches decoded ahead of the one being consumed.
     prefetch_queue_depth: int = 2
-    # DALI: use the GPU (mixed decoder + GPU augmentation) when CUDA is available.
+    # DALI: use the GPU (mixed decoder + GPU augmentation) when CUDA is available; false decodes and
+    # augments on CPU threads, and the batches still reach the GPU from DALI's pinned buffers.
     dali_use_gpu: bool = True
     # DALI readers (image files and shards), for data on a network file system (NFS, Lustre, GPFS):
     # there a memory-mapped file turns every page touched into a round trip to the server, so plain

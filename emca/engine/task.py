@@ -88,7 +88,9 @@ class Task(TaskStep):
     best_label: ClassVar[str]  # how the log names it
 
     model: nn.Module  # built and initialised, on the CPU; the run moves it and wraps it for DDP
-    train_loader: Any  # len(), set_epoch(epoch), iteration over (inputs, targets)
+    # len(), set_epoch(epoch), iteration over (inputs, targets); optionally start_at(step) -> batches it
+    # skips without reading them (a resumed epoch's trained steps), else the run reads and drops them.
+    train_loader: Any
     val_loader: Any
     fingerprint: dict[str, Any]  # what a checkpoint of this task must match (emca.engine.checkpoint)
 
