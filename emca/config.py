@@ -149,7 +149,8 @@ class TrainerConfig:
     # auto: continue from the run folder's checkpoints/last.pt if there is one; PATH: from that file.
     resume: Optional[str] = None
     # Seconds a collective waits for the other DDP ranks before every rank fails with one line (a
-    # stopped, hung or dead rank); PyTorch's own default is the same 30 minutes.
+    # stopped, hung or dead rank), on NCCL's process group and gloo's alike; PyTorch's own defaults are
+    # 10 minutes for NCCL and 30 for gloo (torch/distributed/constants.py).
     dist_timeout_s: float = 1800.0
     # Validate every N epochs (and always after the last).
     eval_every: int = 1

@@ -457,6 +457,19 @@ class DaliLoader:
                 yield self._to_torch(batch["images"]), batch["labels"].view(-1).to(torch.int64)
                 done += 1
         except RuntimeError as error:
+            # Out of device memory and CUDA errors are no data problem: they leave as what they are. DALI
+            # hands every operator's failure over as a RuntimeError (PropagateError, dali/pipeline/operator/
+            # error_reporting.cc) that keeps the text of dali::CUDABadAlloc ("CUDA allocation failed",
+            # "Can't allocate N bytes on device D.") or dali::CUDAError ("CUDA runtime API error ...", "CUDA
+            # driver API error ...": dali/core/cuda_error.h); a file that does not decode reads "Failed to
+            # decode sample #...". PyTorch's own (copying the batch to the device) come typed.
+            lines = [line.strip() for line in str(error).splitlines()]
+            failed = [line for line in lines if "CUDA allocation failed" in line or "bytes on device" in line]
+            if failed:
+                raise torch.OutOfMemoryError(f"DALI: {failed[0]}") from error
+            if isinstance(error, (torch.OutOfMemoryError, torch.AcceleratorError)) or any(
+                    "CUDA runtime API error" in line or "CUDA driver API error" in line for line in lines):
+                raise
             raise self._decode_error(done, error) from None
 
     def _decode_error(self, done: int, error: RuntimeError) -> DatasetError:

@@ -108,19 +108,43 @@ class DistributedContext:
                 dist.broadcast(buffer, src=0)
 
 
-# How a failed collective reads when it is not a torch.distributed.DistError: gloo's timeouts and
-# lost connections are plain RuntimeErrors.
-# The messages gloo and NCCL raise as RuntimeError when a collective times out or loses a rank;
-# gloo says "Application timeout caused pair closure" when the timeout hits a pair mid-transfer
-# (seen in DDP's buffer broadcast at the start of a forward).
+# How a failed collective reads (beside torch.distributed.DistError: DistBackendError, DistNetworkError).
+# gloo's timeouts and lost connections are plain RuntimeErrors; gloo says "Application timeout caused
+# pair closure" when the timeout hits a pair mid-transfer (seen in DDP's buffer broadcast at the start of
+# a forward). NCCL's (torch 2.14, torch/csrc/distributed/c10d): a collective past its timeout is a
+# DistBackendError "[Rank r] Watchdog caught collective operation timeout: WorkNCCL(...) ran for N
+# milliseconds before timing out." (WorkNCCL::checkTimeout), every later collective on the aborted
+# communicator one of "NCCL communicator was aborted on rank r." (NCCLComm::getNcclComm), a lost peer
+# "NCCL error in: ... ncclRemoteError ..." (C10D_NCCL_CHECK); the torchcomms backend (TORCH_DIST_USE_NCCL2=1)
+# raises plain RuntimeErrors "NCCL operation timed out", "NCCL communicator was aborted after a previous
+# error" and "NCCL Async Error".
 COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                       "Application timeout caused pair closure", "NCCL")
+                       "Application timeout caused pair closure", "Watchdog caught collective operation timeout",
+                       "NCCL communicator was aborted", "NCCL error", "NCCL operation timed out", "NCCL Async Error")
 
 
 def is_collective_failure(error: BaseException) -> bool:
     """Whether `error` is a collective that timed out or lost a rank (not a bug of ours)."""
     return isinstance(error, dist.DistError) or (
         isinstance(error, RuntimeError) and any(text in str(error) for text in COLLECTIVE_FAILURES))
+
+
+# How an NCCL collective that outlives trainer.dist_timeout_s ends (torch 2.14, ProcessGroupNCCL.cpp):
+# the watchdog thread finds it (WorkNCCL::checkTimeout), waits 4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC
+# (60 s) for the flight-recorder dump, then acts by TORCH_NCCL_ASYNC_ERROR_HANDLING, read when the process
+# group is built: 3 (SkipCleanUp, the default) and 1 (TearDown, what torchrun sets for its workers)
+# rethrow the timeout on the watchdog thread, which ends the process (std::terminate) before any handler
+# of ours runs; 2 (CleanUpOnly) aborts the communicators and lets the process live: GPU work waiting on the
+# dead collective ends, and the next collective the rank starts raises DistBackendError ("NCCL
+# communicator was aborted on rank r.") in the training thread, where _collective_failures
+# (emca.engine.trainer) gives its one line; the process then exits and destroys the group well before the
+# heartbeat monitor's own end (TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC, 8 minutes after the dump). Not
+# TORCH_NCCL_BLOCKING_WAIT=1: it starts no watchdog, so a timeout is raised only where the CPU waits on a
+# collective (Work.wait), which DDP's gradient buckets never do, and each such wait (DDP's buffer
+# broadcast in every forward) would hold the host until the GPU is done. Nothing computed after a failed
+# collective is saved: Trainer._save waits for the GPU (its finiteness check), then starts collectives
+# (broadcast_buffers) before rank 0 writes, and those raise on an aborted communicator.
+NCCL_ERROR_HANDLING, NCCL_CLEAN_UP_ONLY = "TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"
 
 
 def resolve_device(requested: str, local_rank: int = 0, option: str = "trainer.device") -> torch.device:
@@ -158,6 +182,10 @@ def setup_distributed(requested_device: str, device_option: str = "trainer.devic
 
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            os.environ[NCCL_ERROR_HANDLING] = NCCL_CLEAN_UP_ONLY
+        # The timeout reaches NCCL's process group too (torch's _create_nccl_process_group sets its
+        # options' _timeout from it); without it NCCL would wait its own default, 10 minutes.
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
         atexit.register(dist.destroy_process_group)

@@ -32,6 +32,7 @@ from emca.common.checkpoint_file import CheckpointError, load_checkpoint
 from emca.data import DatasetError
 from emca.engine.checkpoint import CheckpointStore, describe_history
 from emca.engine.compatibility import check_resume_config
+from emca.engine.device_errors import out_of_memory
 from emca.engine.distributed import (
     DistributedContext,
     is_collective_failure,
@@ -46,7 +47,13 @@ from emca.engine.optim import build_optimizer, describe_optimizer, scaled_lr
 from emca.engine.precision import amp_dtype
 from emca.engine.preemption import StoppedBeforeTraining, StopRequest
 from emca.engine.progress import EpochProgress, RunClock, StepTimer, peak_memory_gib
-from emca.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
+from emca.engine.reproducibility import (
+    checkpoint_rng,
+    configure_determinism,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from emca.engine.results import RESULTS, git_commit, library_versions, write_results
 from emca.engine.run_folder import RunCompleted, RunFolder, RunFolderError
 from emca.engine.schedule import build_scheduler, describe_milestones, describe_warmup
@@ -109,6 +116,8 @@ def train(cfg: DictConfig, hydra_output_dir: str, records: Optional[dict[str, st
         except DatasetError as error:  # an input that became unreadable or undecodable mid-run
             raise RunAborted(f"{error}; {trainer.store.last} is kept, continue with "
                              f"{continue_command(run_dir)}") from None
+        except torch.OutOfMemoryError as error:  # CUDA's, or DALI's device pool: one line, never the data's
+            raise RunAborted(out_of_memory(error, trainer)) from None
 
 
 def _start(cfg: DictConfig, ctx: DistributedContext, folder: RunFolder, records: Optional[dict[str, str]]) -> "Trainer":
@@ -279,7 +288,10 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.average is not None:
             self.average.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
+        # This rank's own generators; a changed number of processes is stated (emca.engine.reproducibility).
+        changed = set_rng_state(state["rng"], self.ctx, self.cfg.trainer.seed, state["progress"]["global_step"])
+        if changed and self.ctx.is_main:
+            log.warning(changed)
         if state.get("run_id") and Path(path).resolve().is_relative_to(self.run_dir.resolve()):
             self.run_id = state["run_id"]
         progress = Progress(**state["progress"])
@@ -347,7 +359,7 @@ class Trainer:
         progress = self.progress
         # The random state this epoch starts from (after a resume: the restored one), which a
         # checkpoint taken during the epoch stores.
-        epoch_rng = rng_state()
+        epoch_rng = rng_state(self.ctx.device)
         interrupted = progress.interrupted_epoch
         epoch_lr = interrupted["lr"] if interrupted else self.optimizer.param_groups[0]["lr"]
         # Totals carried over from before a pre-emption count once: on rank 0.
@@ -377,7 +389,7 @@ class Trainer:
             progress.best = {"epoch": epoch + 1, **val}
         progress.history.append(record)
         self._log_epoch(record, progress, time.perf_counter() - epoch_started)
-        self._save(progress, rng_state(), best=improved)
+        self._save(progress, rng_state(self.ctx.device), best=improved)
         # Checkpoint first: the trackers only observe (and queue their calls: emca.engine.trackers.channel).
         if trackers is not None:
             trackers.log_epoch(epoch + 1, epoch_scalars(record))
@@ -507,12 +519,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- persistence
     def _save(self, progress: Progress, rng: dict[str, Any], best: bool) -> None:
-        """last.pt (best.pt, the history) from rank 0, with rank 0's BatchNorm statistics."""
+        """last.pt (best.pt, the history) from rank 0, with rank 0's BatchNorm statistics and every
+        rank's own random state (`rng`: this rank's rng_state)."""
         # A finite last loss does not prove the update it drove was finite; never save such weights.
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise RunAborted(f"parameters became non-finite by training step {progress.global_step}: stopped; "
                              f"{self.store.last} is kept (lower optimizer.lr or add optimizer.warmup_epochs)")
         self.ctx.broadcast_buffers(self.model)
+        rng = checkpoint_rng(self.ctx, rng)
         failure = None
         if self.ctx.is_main:
             try:
