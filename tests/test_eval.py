@@ -236,8 +236,10 @@ def test_the_default_speeds_read_a_fixed_number_of_images_whatever_the_validatio
             return SimpleNamespace(val=made[-1])
 
         monkeypatch.setattr(checkpoint_eval, "build_loaders", build_loaders)
-        speed = checkpoint_eval.measure_speeds(model, speed_cfg, {"image_size": 16}, {}, CPU.device, False, None,
-                                               0, None)
+        speed = checkpoint_eval.measure_speeds(
+            model, speed_cfg, {"image_size": 16}, {"name": "torchvision"}, CPU.device, channels_last=False,
+            amp_dtype=None, seed=0, classes=None, num_val=num_val, deterministic=False,
+        )
         fps_loader, pipeline_loader = loaders
         assert fps_loader.read == speed_cfg.warmup + speed_cfg.single_images, num_val
         assert speed["fps"]["images"] == speed["fps"]["images_requested"] == speed_cfg.single_images
@@ -268,6 +270,12 @@ def test_eval_reports_rotations_scales_speeds_and_gradcam(evaluated):
     assert all(speed[key]["images_per_second"] > 0 for key in ("fps", "fps_model", "fps_pipeline"))
     assert speed["fps"]["batch_size"] == 1 and speed["fps_pipeline"]["batch_size"] == 32
     assert speed["fps_pipeline"]["images_per_second"] > speed["fps"]["images_per_second"]
+    # speed.single_workers=0 and speed.workers=0 with loader=torchvision: each batch read when the model asks.
+    assert (speed["fps"]["ahead"], speed["fps_model"]["ahead"], speed["fps_pipeline"]["ahead"]) == (0, None, 0)
+    assert speed["cudnn"] == {"benchmark": True, "deterministic": False, "as_trained": "trainer.deterministic=false",
+                              "used": False}
+    assert "none decoded ahead" in result.stdout
+    assert "cuDNN benchmark on, deterministic off as trained (trainer.deterministic=false)" in result.stdout
     # At 16 px layer3 and layer4 output 1x1: the deepest block with a 2x2 map is layer2's last.
     gradcam = report["gradcam"]
     assert (gradcam["target_layer"], gradcam["layer_extent"]) == ("layer2.1", [2, 2])
@@ -301,7 +309,9 @@ def test_the_default_command_evaluates_the_quickstart_run_and_records_each_speed
     assert speed["fps_pipeline"]["workers"] == min(8, len(os.sched_getaffinity(0)))
     assert "FPS‡ from few batches, a rough figure: 1 warm-up + 1 timed batches (warm-up cut from 10)" in result.stdout
     assert "FPS from few" not in result.stdout and "FPS† from few" not in result.stdout
-    assert "(batch 1, 1 worker, 100 images after 10 warm-up)" in result.stdout
+    # The Quickstart's loader=torchvision: one worker, one image in flight (loader.prefetch_factor=1 for FPS).
+    assert "(batch 1, 1 worker, 100 images after 10 warm-up, 1 image decoded ahead)" in result.stdout
+    assert speed["fps"]["ahead"] == 1 and speed["fps_pipeline"]["ahead"] == 2 * speed["fps_pipeline"]["workers"]
     assert f"wrote       {tmp_path / 'run' / 'eval.json'}" in result.stdout
 
 

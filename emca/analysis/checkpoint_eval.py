@@ -33,7 +33,17 @@ from emca.analysis.gradcam import (
     validation_images,
 )
 from emca.analysis.scales import LearnedScales, plot_scales
-from emca.analysis.speed import describe_device, time_model, time_pipeline
+from emca.analysis.speed import (
+    CLOCK,
+    SINGLE_IMAGE_QUEUES,
+    Throughput,
+    batches_ahead,
+    cudnn_as_trained,
+    describe_device,
+    describe_loading,
+    time_model,
+    time_pipeline,
+)
 from emca.common.checkpoint_file import CHECKPOINT_DIR, describe_architecture
 from emca.common.files import atomic_write
 from emca.data import build_loaders
@@ -210,7 +220,9 @@ def evaluate_checkpoint(cfg: DictConfig, ctx: DistributedContext) -> Optional[di
         )
     if speeds:
         report["speed"] = measure_speeds(
-            model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last, amp_dtype, seed, data.classes
+            model, cfg.speed, dataset_cfg, loader_cfg, ctx.device, channels_last=channels_last, amp_dtype=amp_dtype,
+            seed=seed, classes=data.classes, num_val=data.num_val,
+            deterministic=bool(trainer_cfg.get("deterministic", False)),
         )
     if gradcam_plan is not None:
         report["gradcam"] = gradcam_maps(
@@ -292,56 +304,54 @@ def base_report(checkpoint: Path, state: dict[str, Any], dataset_cfg: dict[str, 
     }
 
 
-def measure_speeds(
-    model, speed_cfg, dataset_cfg, loader_cfg, device, channels_last, amp_dtype, seed, classes
-) -> dict[str, Any]:
-    """FPS, FPS-dagger and FPS-double-dagger on this process' device alone."""
-    val_loader = functools.partial(speed_loader, dataset_cfg, loader_cfg, device, channels_last, seed, classes)
-    warmup = speed_cfg.warmup
-    single = "the rest of the validation set" if speed_cfg.single_images is None else speed_cfg.single_images
-    log.info("speed: FPS (batch 1, %d worker(s), %s images after %d warm-up)", speed_cfg.single_workers, single, warmup)
-    fps = time_pipeline(
-        model,
-        val_loader(1, speed_cfg.single_workers),
-        device,
-        batch_size=1,
-        workers=speed_cfg.single_workers,
-        warmup=warmup,
-        max_images=speed_cfg.single_images,
-        amp_dtype=amp_dtype,
-    )
-    log.info("speed: FPS-dagger (model only, %d batches of %d after %d warm-up)",
-             speed_cfg.model_iterations, speed_cfg.batch, speed_cfg.model_warmup)
-    fps_model = time_model(
-        model,
-        device,
-        batch_size=speed_cfg.batch,
-        image_size=evaluated_size(dataset_cfg),
-        warmup=speed_cfg.model_warmup,
-        iterations=speed_cfg.model_iterations,
-        channels_last=channels_last,
-        amp_dtype=amp_dtype,
-    )
-    workers = speed_workers(speed_cfg.workers)
-    log.info("speed: FPS-double-dagger (validation pass, batch %d, %d workers)", speed_cfg.batch, workers)
-    fps_pipeline = time_pipeline(
-        model,
-        val_loader(speed_cfg.batch, workers),
-        device,
-        batch_size=speed_cfg.batch,
-        workers=workers,
-        warmup=warmup,
-        amp_dtype=amp_dtype,
-    )
+def measure_speeds(model, speed_cfg, dataset_cfg, loader_cfg, device, *, channels_last: bool,
+                   amp_dtype: Optional[torch.dtype], seed: int, classes, num_val: int,
+                   deterministic: bool) -> dict[str, Any]:
+    """FPS, FPS-dagger and FPS-double-dagger on this process' device alone, under the cuDNN settings
+    of the run's training (trainer.deterministic: `deterministic`), each with how it was timed."""
+    val_loader = functools.partial(speed_loader, dataset_cfg, device, channels_last, seed, classes)
+    warmup, batch, workers = speed_cfg.warmup, speed_cfg.batch, speed_workers(speed_cfg.workers)
+    single_cfg = {**loader_cfg, **SINGLE_IMAGE_QUEUES}
+    with cudnn_as_trained(deterministic) as cudnn:
+        log.info("speed: cuDNN benchmark=%s deterministic=%s, as trained (trainer.deterministic=%s)",
+                 cudnn["benchmark"], cudnn["deterministic"], deterministic)
+        single = "the rest of the validation set" if speed_cfg.single_images is None else speed_cfg.single_images
+        log.info("speed: FPS (batch 1, %s images after %d warm-up; %s)", single, warmup,
+                 describe_loading(single_cfg, speed_cfg.single_workers))
+        fps = time_pipeline(model, val_loader(single_cfg, 1, speed_cfg.single_workers), device, batch_size=1,
+                            workers=speed_cfg.single_workers, warmup=warmup, max_images=speed_cfg.single_images,
+                            amp_dtype=amp_dtype)
+        log.info("speed: FPS-dagger (model only, %d batches of %d after %d warm-up)",
+                 speed_cfg.model_iterations, batch, speed_cfg.model_warmup)
+        fps_model = time_model(model, device, batch_size=batch, image_size=evaluated_size(dataset_cfg),
+                               warmup=speed_cfg.model_warmup, iterations=speed_cfg.model_iterations,
+                               channels_last=channels_last, amp_dtype=amp_dtype)
+        log.info("speed: FPS-double-dagger (validation pass, batch %d; %s)", batch,
+                 describe_loading(loader_cfg, workers))
+        # Synthetic batches are all of speed.batch; a folder's last batch holds the rest of its images.
+        last_batch = 0 if loader_cfg["name"] == "synthetic" else num_val % batch
+        fps_pipeline = time_pipeline(model, val_loader(loader_cfg, batch, workers), device, batch_size=batch,
+                                     workers=workers, warmup=warmup, amp_dtype=amp_dtype, last_batch=last_batch)
     return {
         "device": describe_device(device),
-        "fps": fps.as_dict(),
-        "fps_model": fps_model.as_dict(),
-        "fps_pipeline": fps_pipeline.as_dict(),
+        "cudnn": {**cudnn, "as_trained": f"trainer.deterministic={str(deterministic).lower()}",
+                  "used": device.type == "cuda" and torch.backends.cudnn.is_available()},
+        "clock": CLOCK,
+        "fps": timed(fps, single_cfg),
+        "fps_model": {**fps_model.as_dict(), "ahead": None,
+                      "timing": "the model alone on one random batch resident on the device: no loader"},
+        "fps_pipeline": timed(fps_pipeline, loader_cfg),
     }
 
 
-def speed_loader(dataset_cfg, loader_cfg, device, channels_last, seed, classes, batch_size: int, workers: int):
+def timed(speed: Throughput, loader_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline speed as eval.json holds it: with the batches its loader read and decoded ahead of the
+    model (`ahead`) and how its batches reached the model (`timing`)."""
+    return {**speed.as_dict(), "ahead": batches_ahead(loader_cfg, speed.workers),
+            "timing": describe_loading(loader_cfg, speed.workers)}
+
+
+def speed_loader(dataset_cfg, device, channels_last, seed, classes, loader_cfg, batch_size: int, workers: int):
     """A single-process validation loader of `batch_size` and `workers` for a speed measurement."""
     settings = {**dataset_cfg, "batch_size": batch_size, "workers": workers}
     return build_loaders(settings, loader_cfg, rank=0, world_size=1, device=device, channels_last=channels_last,
@@ -399,6 +409,23 @@ def _batches(speed: dict[str, Any]) -> str:
     return f"{speed['warmup_batches']} warm-up + {speed['timed_batches']} timed batches{cut}"
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("ch") else "s")
+
+
+def _ahead(speed: dict[str, Any], noun: str) -> str:
+    """What its loader read and decoded while the model ran, as the speed line says it."""
+    return f"{_count(speed['ahead'], noun)} decoded ahead" if speed["ahead"] else "none decoded ahead"
+
+
+def _cudnn(cudnn: dict[str, Any]) -> str:
+    """The cuDNN settings the speeds ran under, as the summary says them."""
+    state = {True: "on", False: "off"}
+    flags = (f"cuDNN benchmark {state[cudnn['benchmark']]}, deterministic {state[cudnn['deterministic']]} "
+             f"as trained ({cudnn['as_trained']})")
+    return flags if cudnn["used"] else f"{flags}, unused on this device"
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """What eval.py prints: one line per measurement."""
     if report.get("task") == "detection":
@@ -430,13 +457,13 @@ def format_summary(report: dict[str, Any]) -> str:
     if speed:
         fps, fps_model, fps_pipeline = speed["fps"], speed["fps_model"], speed["fps_pipeline"]
         lines.append(
-            f"speed       FPS {fps['images_per_second']:.1f} (batch 1, {fps['workers']} worker, {fps['images']} "
-            f"images after {fps['warmup_batches']} warm-up)  "
+            f"speed       FPS {fps['images_per_second']:.1f} (batch 1, {_count(fps['workers'], 'worker')}, "
+            f"{fps['images']} images after {fps['warmup_batches']} warm-up, {_ahead(fps, 'image')})  "
             f"FPS† {fps_model['images_per_second']:.1f} (model only, batch {fps_model['batch_size']})  "
             f"FPS‡ {fps_pipeline['images_per_second']:.1f} (validation pass, batch {fps_pipeline['batch_size']}, "
-            f"{fps_pipeline['workers']} workers)"
+            f"{_count(fps_pipeline['workers'], 'worker')}, {_ahead(fps_pipeline, 'batch')})"
         )
-        lines.append(f"            on {speed['device']}")
+        lines.append(f"            on {speed['device']}; {_cudnn(speed['cudnn'])}")
         lines += [f"            {name} from few batches, a rough figure: {_batches(speed[key])}"
                   for key, name in SPEED_NAMES.items() if speed[key]["few_batches"]]
     for row in report.get("learned_scales") or []:

@@ -58,10 +58,21 @@ class SpeedConfig:
     took minutes on a CPU. A validation pass shorter than the warm-up is still measured (warm-up cut
     to leave one timed batch); eval.json records each speed's warm-up and timed batches and images
     (images_requested: the count asked for, null for the whole pass) and flags (few_batches) one from
-    fewer than 10 timed batches or a cut warm-up, and the printed summary says so."""
+    fewer than 10 timed batches or a cut warm-up, and the printed summary says so.
+
+    All three run under the cuDNN settings the run trained with (cudnn.benchmark unless
+    trainer.deterministic, as training sets them), the process's own restored after; eval.json's
+    speed.cudnn says which. A loader prepares batches while the model runs: FPS's loader has its queues
+    at their least (loader.prefetch_queue_depth, dali_reader_prefetch, prefetch_factor: 1), which
+    leaves one image read and decoded ahead of the model (DALI starts the next run as it hands a batch
+    over; a DataLoader worker keeps one in flight); single_workers=0 with loader=torchvision reads
+    each image when the model asks for it. eval.json records each speed's `ahead` (batches read and
+    decoded ahead of the model) and `timing` (how its batches reached the model), and the summary's
+    speed line says how many."""
 
     enabled: bool = True
-    # FPS loader workers.
+    # FPS loader workers (DALI: CPU threads, at least 1); 0 with loader=torchvision: one image at a
+    # time, none decoded ahead.
     single_workers: int = _at_least(0, 1)
     # FPS images timed after the warm-up (fewer where val/ is smaller); null: the rest of the
     # validation set (what eval.py once timed).
