@@ -46,17 +46,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2 as T
 
-from emca.common.signals import detach_worker, stop_signals_blocked
 from emca.data.builder import loader_workers
 from emca.data.errors import DatasetError
 from emca.data.folder import describe_failure, open_image
 from emca.data.sampling import per_rank_batch_size, train_batches_per_epoch, train_shard, val_shard
-from emca.data.torch_loader import ShardSampler
+from emca.data.torch_loader import IndexedLoader
 from emca.options import is_int
 
 log = logging.getLogger(__name__)
@@ -413,36 +412,12 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor],
     return list(images), list(targets)
 
 
-class DetectionLoader:
-    """One rank's batches of a split: (list of images, list of targets), on the CPU."""
+class DetectionLoader(IndexedLoader):
+    """One rank's batches of a split: (list of images, list of targets), on the CPU; each image's flip
+    is seeded by its index, so a resumed epoch's start_at skips what it trained without loading it."""
 
-    def __init__(self, samples: DetectionSamples, shard: Callable[[int], np.ndarray], *, train: bool, seed: int,
-                 batch_size: int, workers: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int):
-        self.sampler = ShardSampler(shard, seed)
-        self.loader = DataLoader(
-            samples, batch_size=batch_size, sampler=self.sampler, drop_last=train, collate_fn=collate,
-            num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
-            prefetch_factor=prefetch_factor if workers > 0 else None, worker_init_fn=detach_worker,
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def start_at(self, step: int) -> int:
-        """After set_epoch: the epoch's iteration begins at batch `step`, the same batch as uninterrupted
-        (each image's flip is seeded by its index), without loading those before it; returns `step`."""
-        self.sampler.start = step * self.loader.batch_size
-        return step
-
-    def __len__(self) -> int:
-        return len(self.loader) + self.sampler.start // self.loader.batch_size
+    def __init__(self, samples: DetectionSamples, shard: Callable[[int], np.ndarray], **options: Any):
+        super().__init__(samples, shard, collate_fn=collate, **options)
 
     def __iter__(self):
-        # Workers start here: a stop signal sent to the process group must reach the trainer only.
-        with stop_signals_blocked():
-            batches = iter(self.loader)
-        try:
-            yield from batches
-        except DatasetError as error:
-            # A worker's exception comes back with its traceback in the message; keep the one line.
-            raise DatasetError(str(error).rsplit("DatasetError: ", 1)[-1]) from None
+        return self.batches()

@@ -7,7 +7,7 @@ worker the (index, epoch seed) pair, which also spares persistent workers any sh
 from __future__ import annotations
 
 import random
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -107,22 +107,20 @@ class ShardSampler(Sampler):
         return len(self.shard(self.epoch)) - self.start
 
 
-class TorchvisionLoader:
-    """Batches of normalised float32 NCHW images and int64 labels on `device`."""
+class IndexedLoader:
+    """One rank's batches of a dataset indexed by (sample index, epoch seed) pairs (ShardSampler): the
+    order and each sample's augmentation come from (seed, epoch) alone. The torchvision loader and
+    task=detection's loader (emca/data/coco.py) are this, with their own batches."""
 
-    def __init__(self, images: ImageList | ShardList, prep: Preprocessing, shard: Callable[[int], np.ndarray], *,
-                 train: bool, batch_size: int, workers: int, seed: int, device: torch.device,
-                 channels_last: bool, pin_memory: bool, persistent_workers: bool, prefetch_factor: int):
+    def __init__(self, dataset: Dataset, shard: Callable[[int], np.ndarray], *, train: bool, batch_size: int,
+                 workers: int, seed: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int,
+                 collate_fn: Optional[Callable] = None):
         self.sampler = ShardSampler(shard, seed)
-        pin = pin_memory and device.type == "cuda"
         self.loader = DataLoader(
-            ImageListDataset(images, prep, train), batch_size=batch_size, sampler=self.sampler,
-            drop_last=train, num_workers=workers, pin_memory=pin,
-            persistent_workers=persistent_workers and workers > 0,
+            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train, collate_fn=collate_fn,
+            num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
             prefetch_factor=prefetch_factor if workers > 0 else None, worker_init_fn=detach_worker,
         )
-        self.normalize = BatchNormalizer(prep, device, channels_last)
-        self.device = device
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -136,13 +134,30 @@ class TorchvisionLoader:
     def __len__(self) -> int:
         return len(self.loader) + self.sampler.start // self.loader.batch_size
 
-    def __iter__(self):
-        # Workers start here: a stop signal sent to the process group must reach the trainer only.
+    def batches(self) -> Iterator[Any]:
+        """The DataLoader's batches, its workers started with stop signals blocked (a signal sent to the
+        process group must reach the trainer only), a worker's DatasetError as its one line."""
         with stop_signals_blocked():
             batches = iter(self.loader)
         try:
-            for images, labels in batches:
-                yield self.normalize(images), labels.to(self.device, non_blocking=True)
+            yield from batches
         except DatasetError as error:
             # A worker's exception comes back wrapped with its traceback; keep the one-line message.
             raise DatasetError(str(error).rsplit("DatasetError: ", 1)[-1]) from None
+
+
+class TorchvisionLoader(IndexedLoader):
+    """Batches of normalised float32 NCHW images and int64 labels on `device`."""
+
+    def __init__(self, images: ImageList | ShardList, prep: Preprocessing, shard: Callable[[int], np.ndarray], *,
+                 train: bool, batch_size: int, workers: int, seed: int, device: torch.device,
+                 channels_last: bool, pin_memory: bool, persistent_workers: bool, prefetch_factor: int):
+        super().__init__(ImageListDataset(images, prep, train), shard, train=train, batch_size=batch_size,
+                         workers=workers, seed=seed, pin_memory=pin_memory and device.type == "cuda",
+                         persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        self.normalize = BatchNormalizer(prep, device, channels_last)
+        self.device = device
+
+    def __iter__(self):
+        for images, labels in self.batches():
+            yield self.normalize(images), labels.to(self.device, non_blocking=True)

@@ -54,16 +54,8 @@ class HostFactorMixup(Mixup):
         lam_batch, use_cutmix = self._params_per_elem(batch_size)
         x_orig = x.clone()  # the unmixed images each image is mixed with
         for i in range(batch_size):
-            j = batch_size - i - 1
-            lam = lam_batch[i]
-            if lam != 1.0:
-                if use_cutmix[i]:
-                    (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
-                        x[i].shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
-                    x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
-                    lam_batch[i] = lam
-                else:
-                    x[i] = x[i] * lam + x_orig[j] * (1 - lam)
+            if lam_batch[i] != 1.0:
+                lam_batch[i] = self._mix(x, x_orig, i, batch_size - i - 1, lam_batch[i], use_cutmix[i], both=False)
         return to_device_of(lam_batch, x)
 
     def _mix_pair(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,19 +63,25 @@ class HostFactorMixup(Mixup):
         lam_batch, use_cutmix = self._params_per_elem(batch_size // 2)
         x_orig = x.clone()
         for i in range(batch_size // 2):
-            j = batch_size - i - 1
-            lam = lam_batch[i]
-            if lam != 1.0:
-                if use_cutmix[i]:
-                    (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
-                        x[i].shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
-                    x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
-                    x[j][:, yl:yh, xl:xh] = x_orig[i][:, yl:yh, xl:xh]
-                    lam_batch[i] = lam
-                else:
-                    x[i] = x[i] * lam + x_orig[j] * (1 - lam)
-                    x[j] = x[j] * lam + x_orig[i] * (1 - lam)
+            if lam_batch[i] != 1.0:
+                lam_batch[i] = self._mix(x, x_orig, i, batch_size - i - 1, lam_batch[i], use_cutmix[i], both=True)
         return to_device_of(np.concatenate((lam_batch, lam_batch[::-1])), x)
+
+    def _mix(self, x: torch.Tensor, x_orig: torch.Tensor, i: int, j: int, lam: float, cutmix: bool,
+             both: bool) -> float:
+        """Image i mixed with image j's original (and j with i's when `both`: mode=pair), in place; the
+        factor, which CutMix corrects to the pasted box's area."""
+        if cutmix:
+            (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
+                x[i].shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
+            x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
+            if both:
+                x[j][:, yl:yh, xl:xh] = x_orig[i][:, yl:yh, xl:xh]
+        else:
+            x[i] = x[i] * lam + x_orig[j] * (1 - lam)
+            if both:
+                x[j] = x[j] * lam + x_orig[i] * (1 - lam)
+        return lam
 
 
 class BatchMixing:
