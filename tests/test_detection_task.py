@@ -50,6 +50,10 @@ def score(state: dict) -> dict[str, float]:
     return evaluate(model, data.val, alone, CocoEvaluator(data.val_annotations, IOU_TYPES[cfg["detector"]["name"]]))
 
 
+def fine_tune(root, classifier_weights) -> tuple[str, ...]:
+    return (*small_run(root), f"model.init_from={classifier_weights}", "trainer.deterministic=true")
+
+
 @pytest.fixture(scope="module")
 def boxes(shared_data, tmp_path_factory):
     """Tiny-ImageNet's raw layout converted to COCO json, cut to its first CLASSES categories."""
@@ -80,8 +84,9 @@ def classifier_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fine_tuned(boxes, classifier_weights, compose_train, tmp_path_factory):
+    """The fine-tune, deterministic: also the uninterrupted run a stopped and resumed one must equal."""
     run_dir = tmp_path_factory.mktemp("fine-tuned")
-    cfg = compose_train(*small_run(boxes), f"model.init_from={classifier_weights}")
+    cfg = compose_train(*fine_tune(boxes, classifier_weights))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.INFO)  # what train.py's logging config sets: train.log gets the run's lines
@@ -119,19 +124,17 @@ def test_the_checkpoint_scores_what_the_run_recorded(fine_tuned, boxes):
     assert score(checkpoint(run_dir)) == recorded
 
 
-def test_stopped_mid_epoch_and_resumed_is_bit_identical(boxes, compose_train, tmp_path, monkeypatch):
-    options = (*small_run(boxes), "trainer.deterministic=true", "trainer.max_steps_per_epoch=2")
-    expected_dir = tmp_path / "uninterrupted"
-    train(compose_train(*options), str(expected_dir))
-    run_dir = tmp_path / "stopped"
-    preempt_after_step(monkeypatch, 3)  # epoch 2, after its first of 2 steps
+def test_stopped_mid_epoch_and_resumed_is_bit_identical(fine_tuned, boxes, classifier_weights, compose_train,
+                                                         tmp_path, monkeypatch):
+    options = fine_tune(boxes, classifier_weights)
+    preempt_after_step(monkeypatch, 6)  # epoch 2, after its second of 4 steps
     with pytest.raises(Preempted):
-        train(compose_train(*options), str(run_dir))
+        train(compose_train(*options), str(tmp_path))
     monkeypatch.undo()
-    progress = checkpoint(run_dir)["progress"]
-    assert (progress["epoch"], progress["step_in_epoch"]) == (1, 1)
-    train(compose_train(*options, "trainer.resume=auto"), str(run_dir))
-    assert_same_run(checkpoint(run_dir), checkpoint(expected_dir))
+    progress = checkpoint(tmp_path)["progress"]
+    assert (progress["epoch"], progress["step_in_epoch"]) == (1, 2)
+    train(compose_train(*options, "trainer.resume=auto"), str(tmp_path))
+    assert_same_run(checkpoint(tmp_path), checkpoint(fine_tuned[0]))
 
 
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
