@@ -81,10 +81,12 @@ def test_forward_intermediates_mirror_timms_resnet():
 
 
 def test_feature_wrappers_that_would_miss_emcas_links_are_refused_in_one_line():
-    for feature_cls, expected in (("list", "runs the children"), ("fx", "the pooled descriptor EMCA shares")):
-        with pytest.raises(ValueError, match=f"feature_cls='{feature_cls}' .*{expected}") as error:
-            timm.create_model("emca_se_resnet18", features_only=True, feature_cls=feature_cls)
-        assert "\n" not in str(error.value)
+    # ('fx' traces the whole forward, and serves every model: tests/test_fx.py)
+    for name, missed in (("emca_se_resnet18", "EMCA's descriptors"), ("emca_resnet18_bam", "BAM's stage_end")):
+        for feature_cls in ("list", "dict"):
+            with pytest.raises(ValueError, match=f"feature_cls='{feature_cls}' runs the children .*{missed}") as error:
+                timm.create_model(name, features_only=True, feature_cls=feature_cls)
+            assert "\n" not in str(error.value)
     # A plain ResNet is a chain of its children: timm's FeatureListNet gives the same maps.
     listed, plain = seeded("emca_resnet18", features_only=True, feature_cls="list"), seeded("emca_resnet18")
     x = torch.randn(1, 3, 32, 32)

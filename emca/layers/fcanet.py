@@ -116,6 +116,20 @@ def resampled_basis(basis: torch.Tensor, height: int, width: int) -> torch.Tenso
     return torch.einsum("ih,kij,jw->khw", rows, basis.to(torch.float64), columns)
 
 
+# A leaf of torch.fx symbolic tracing (timm/layers/attention.py wraps its own functions so): the
+# choice between the basis and its resampling is Python control flow on the input's size, which a
+# traced graph must make at run time, not once at tracing.
+@torch.fx.wrap
+def dct_filters(basis: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n, height, width) in y's dtype, whose inner products with y's (height, width) maps are the
+    DCT coefficients of y average-pooled to the (n, d, d) basis's grid: the basis itself on a
+    d x d map, else resampled_basis."""
+    height, width = y.shape[-2:]
+    if (height, width) == tuple(basis.shape[-2:]):
+        return basis.to(y.dtype)
+    return resampled_basis(basis, height, width).to(y.dtype)
+
+
 class MultiSpectralAttention(nn.Module):
     """y -> y * sigmoid(W2 relu(W1 dct_pool(y))), as FcaNet's MultiSpectralAttentionLayer.
 
@@ -174,22 +188,21 @@ class MultiSpectralAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dct_size={self.dct_size}, groups={len(self.frequencies)}"
 
-    def _filters(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        """(n, height, width) in like's dtype: the basis itself on a d x d map, else the basis
-        resampled to (height, width), computed in float64 once per size, device and dtype."""
-        d = self.dct_size
-        if (height, width) == (d, d):
-            return self.basis.to(like.dtype)
-        if torch.compiler.is_compiling():
-            # Traced into the graph (a constant of the shapes): no Python-side cache to guard on.
-            return resampled_basis(self.basis, height, width).to(like.dtype)
-        key = (height, width, like.dtype, self.basis.device)
+    def _filters(self, y: torch.Tensor) -> torch.Tensor:
+        """(n, height, width) in y's dtype (dct_filters), the resampled basis computed in float64
+        once per size, device and dtype."""
+        traced = isinstance(y, torch.fx.Proxy) or torch.compiler.is_compiling()
+        if traced or y.shape[-2:] == (self.dct_size, self.dct_size):
+            # Traced (torch.fx, torch.compile): computed in the graph from the input's size, which
+            # the graph does not fix; no Python-side cache to guard on. The basis itself needs none.
+            return dct_filters(self.basis, y)
+        key = (*y.shape[-2:], y.dtype, self.basis.device)
         entry = self._resampled.get(key)
         if entry is None or entry[0] is not self.basis:  # new size, or .to() / .double() replaced the basis
             # Normal tensors even under inference_mode, so that a later training step can save them
             # for backward. In float64, which autocast never casts: the only rounding is the final cast.
             with torch.inference_mode(False), torch.no_grad():
-                filters = resampled_basis(self.basis, height, width).to(like.dtype)
+                filters = dct_filters(self.basis, y)
             if len(self._resampled) >= 16:
                 self._resampled.clear()
             entry = self._resampled[key] = (self.basis, filters)
@@ -207,7 +220,7 @@ class MultiSpectralAttention(nn.Module):
         """
         b, c, height, width = y.shape
         n = self.basis.shape[0]
-        filters = self._filters(height, width, y)
+        filters = self._filters(y)
         groups = y.reshape(b, n, c // n, height * width)
         return (groups @ filters.reshape(n, height * width, 1)).reshape(b, c)
 
@@ -226,6 +239,7 @@ __all__ = [
     "adaptive_pool_matrix",
     "dct_basis",
     "dct_basis_1d",
+    "dct_filters",
     "fca_dct_size",
     "frequency_pairs",
     "resampled_basis",

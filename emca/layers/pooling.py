@@ -89,4 +89,16 @@ def pool_descriptor(x: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, K): the named per-channel statistics (POOLINGS)."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling '{pooling}': choose one of {list(POOLINGS)}")
+    return _pool(x, pooling)
+
+
+# A leaf of torch.fx tracing (one call_function node), as timm makes its own functions
+# (timm/layers/attention.py: @torch.fx.wrap). Traced through, an autograd Function records its
+# forward's ops: the graph would lose the hand-written backward, and autograd refuses the recorded
+# in-place square of vector_norm's output. fx.wrap patches this module's global `_pool`, for
+# torch.fx.symbolic_trace and timm's tracers alike, whatever pool_descriptor's callers import; timm's
+# register_notrace_function patches only names in the globals of a traced module's forward, which
+# ChannelAttention.factors and EMCA.factors, called as methods, are not.
+@torch.fx.wrap
+def _pool(x: torch.Tensor, pooling: str) -> torch.Tensor:
     return POOLINGS[pooling](x)

@@ -8,7 +8,8 @@ Names are prefixed `emca_` so that none shadows timm's own (seresnet50, ecaresne
 
 Each is built by timm's build_model_with_cfg, so timm's keywords work as for its ResNets:
 features_only / out_indices (timm's FeatureGetterNet over EMCAResNet.forward_intermediates, which
-carries EMCA's shared descriptors between blocks), pretrained_cfg, and a checkpoint of ours loaded
+carries EMCA's shared descriptors between blocks; feature_cls='hook' and 'fx' as well: every model
+traces with torch.fx), pretrained_cfg, and a checkpoint of ours loaded
 by timm's loader, with pretrained=True and pretrained_cfg_overlay=dict(file=PATH) or by create_model's
 checkpoint_path=PATH; a checkpoint of another architecture is refused in one line. No weights are
 published: pretrained=True without a file is a one-line error.
@@ -20,7 +21,6 @@ from typing import Any
 
 from timm.models import (
     FeatureDictNet,
-    FeatureGraphNet,
     build_model_with_cfg,
     generate_default_cfgs,
     register_model,
@@ -60,6 +60,9 @@ def registered_cfg(backbone: str) -> dict[str, Any]:
 
 
 def _create(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> EMCAResNet:
+    # timm.create_model("local-dir:FOLDER") (or "hf-hub:REPO") passes the folder's config.json model_args
+    # as keywords and again as pretrained_model_args, timm's record of what the weights were built with.
+    source_args = kwargs.pop("pretrained_model_args", None)
     accepted = accepted_keywords(backbone_fixed=True)
     for keyword in kwargs:
         if not any(keyword in names for names in accepted.values()):
@@ -70,6 +73,8 @@ def _create(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any
         raise ValueError("pretrained_cfg_overlay=dict(file=...) is read only with pretrained=True (timm's rule): add "
                          "pretrained=True, or give the file as checkpoint_path=PATH")
     loading = _pretrained_source(variant, kwargs) if pretrained else {}
+    if source_args:  # a timm that passes it takes it
+        loading["pretrained_model_args"] = source_args
     checkpoint_path = kwargs.pop("checkpoint_path", None)  # create_model takes it; here for a direct call
     model = build_model_with_cfg(EMCAResNet, variant, pretrained, backbone=backbone,
                                  feature_cfg=dict(feature_cls="getter"), **loading, **kwargs)
@@ -81,30 +86,26 @@ def _create(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any
 def _check_feature_cls(variant: str, kwargs: dict[str, Any]) -> None:
     """Refuse the feature wrappers that would return wrong maps: timm's FeatureListNet / FeatureDictNet
     call the model's children one after another, which misses EMCA's shared descriptors and a
-    stage_end module's place; FeatureGraphNet (fx) takes a stage's output by node name, and for EMCA
-    the stage's last node is the pooled descriptor of its output."""
+    stage_end module's place. FeatureGraphNet (fx) traces the whole forward and takes each stage's
+    output by node name (Descriptors pools a stage's output inside the next stage), so it serves
+    every attention."""
     feature_cls, attention = kwargs.get("feature_cls"), kwargs.get("attention", "none")
     if not kwargs.get("features_only") or feature_cls is None or attention not in ATTENTIONS or attention == "none":
         return
     if isinstance(feature_cls, str):
         wrapper = feature_cls.lower()
-    elif isinstance(feature_cls, type):
-        wrapper = "list" if issubclass(feature_cls, FeatureDictNet) else "fx" if issubclass(
-            feature_cls, FeatureGraphNet) else None
+    elif isinstance(feature_cls, type) and issubclass(feature_cls, FeatureDictNet):
+        wrapper = "list"
     else:
         return
     kind = kind_of(attention)
     emca, stage_end = is_emca(attention), kind.place == "stage_end"
-    if wrapper in ("list", "dict") and (emca or stage_end):
-        missed = "EMCA's descriptors shared between blocks" if emca else f"{kind.label}'s stage_end modules"
-        why = f"runs the children of {variant} one after another, which misses {missed}"
-    elif wrapper == "fx" and emca:
-        why = (f"takes each stage of {variant} at its last traced node, which is the pooled descriptor EMCA shares, "
-               "not the stage's output")
-    else:
+    if wrapper not in ("list", "dict") or not (emca or stage_end):
         return
-    raise ValueError(f"feature_cls={feature_cls!r} {why}: leave feature_cls unset (timm's FeatureGetterNet over "
-                     "forward_intermediates) or use 'hook'")
+    missed = "EMCA's descriptors shared between blocks" if emca else f"{kind.label}'s stage_end modules"
+    raise ValueError(f"feature_cls={feature_cls!r} runs the children of {variant} one after another, which misses "
+                     f"{missed}: leave feature_cls unset (timm's FeatureGetterNet over forward_intermediates) or "
+                     "use 'hook' or 'fx'")
 
 
 def _pretrained_source(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -114,8 +115,8 @@ def _pretrained_source(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     if cfg.state_dict is None and not (cfg.file or cfg.url or cfg.hf_hub_id):
         raise ValueError(NO_WEIGHTS)
-    if cfg.state_dict is not None or not cfg.file:
-        return {}
+    if cfg.state_dict is not None or not cfg.file or cfg.source == "local-dir":
+        return {}  # local-dir: a folder of scripts/publish.py, whose model.safetensors timm finds and reads
     path = Path(cfg.file).expanduser()
     state = load_checkpoint(path, option="pretrained_cfg_overlay file")  # missing or damaged: one line
     if not (isinstance(state, dict) and isinstance(state.get("fingerprint"), dict) and "model" in state):

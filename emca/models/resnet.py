@@ -124,25 +124,29 @@ def attention_blocks(integration: str, depth: int) -> list[int]:
 
 class Descriptors:
     """One forward pass's pooled block outputs that EMCA modules read: each one is computed once, as
-    its block finishes, and shared by every module that covers it. Runs the stages' blocks."""
+    the next block starts, and shared by every module that covers it. Runs the stages' blocks."""
 
-    def __init__(self, model: "EMCAResNet", stem: torch.Tensor):
+    def __init__(self, model: "EMCAResNet"):
         self.wanted, self.pooling = model.pooled_outputs, model.pooling
         self.checkpointed = model.grad_checkpointing and not torch.jit.is_scripting()
-        self.pooled: dict[int, torch.Tensor] = {0: pool_descriptor(stem, self.pooling)} if 0 in self.wanted else {}
-        self.index = 1  # of the next block output (0: the stem's)
+        self.pooled: dict[int, torch.Tensor] = {}
+        self.index = 0  # of the block output that the next block takes in (0: the stem's)
 
     def run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if self.checkpointed and not self.wanted:
             self.index += len(blocks)
             return checkpoint_seq(blocks, x)
         for block in blocks:
+            # A block's input is pooled as the block starts, not as the block before finishes (the
+            # same tensor: EMCA has no stage_end module in between), so that the last node that
+            # torch.fx traces in a stage is the stage's output, where timm's FeatureGraphNet
+            # (feature_cls='fx', torchvision's create_feature_extractor) takes the stage's feature.
+            if self.index in self.wanted:
+                self.pooled[self.index] = pool_descriptor(x, self.pooling)
             sources = [self.pooled[i] for i in block.source_indices]
             # timm's checkpoint_seq takes one-input modules; an EMCA block also takes the shared
             # descriptors, so it is checkpointed alone with timm's checkpoint.
             x = checkpoint(block, x, sources) if self.checkpointed else block(x, sources)
-            if self.index in self.wanted:
-                self.pooled[self.index] = pool_descriptor(x, self.pooling)
             self.index += 1
         return x
 
@@ -327,7 +331,7 @@ class EMCAResNet(tv_resnet.ResNet):
 
     def _run_stages(self, x: torch.Tensor, taps: Sequence[int] = (), last: Optional[int] = None):
         """The stages 1..last from the stem's max-pooled output; returns (x, [stage outputs in taps])."""
-        descriptors = Descriptors(self, x)
+        descriptors = Descriptors(self)
         outputs = []
         for number, stage in enumerate(self._stages[:last]):
             x = stage(x, descriptors)
