@@ -259,6 +259,33 @@ class ExportConfig:
     tolerance: float = 1.0e-4
 
 
+@dataclass
+class PublishConfig:
+    """scripts/publish.py (configs/publish.yaml): the run, the folder written, which weights, the model
+    card's fields and the Hub repository."""
+
+    # Required: a completed run's folder (train.py's, holding results.json and checkpoints/).
+    run: Optional[str] = None
+    # Required: the folder to write: new, empty, or one published before (its files are replaced).
+    out: Optional[str] = None
+    # The checkpoint of <run>/checkpoints/ to publish: best.pt, last.pt or history/epoch-0003.pt.
+    checkpoint: str = "best.pt"
+    # true: the EMA weights of a run trained with trainer.ema.
+    ema: bool = False
+    # The card's figures are eval.py's of these weights (its eval.json); false: publish weights eval.py
+    # has not measured, with the trainer's validation top-1 / top-5 and no rotations or speeds.
+    require_eval: bool = True
+    # The card's licence, a Hugging Face Hub identifier (apache-2.0, mit, cc-by-nc-4.0, other, ...).
+    license: str = "apache-2.0"
+    # The card's datasets (Hub ids); null: the run's dataset (imagenet as the Hub's imagenet-1k).
+    datasets: Optional[List[str]] = None
+    # A Hub model repository (user/name) to upload the folder to, created if missing: needs a token
+    # (HF_TOKEN or `hf auth login`) and the network.
+    push: Optional[str] = None
+    # With push: a repository created by it is private.
+    private: bool = False
+
+
 def _run_dir(default: str) -> str:
     return default if env_rank() == 0 else scratch_run_dir()
 
@@ -321,6 +348,7 @@ def register() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="summary_schema", node=SummaryConfig)
     store.store(name="export_schema", node=ExportConfig)
+    store.store(name="publish_schema", node=PublishConfig)
     eval_config.register()  # eval.py registers it alone (without torch); here for every other composer
     # The `attention` group's choices come from the attention table, not from YAML files.
     for name, node in attention_choices().items():
