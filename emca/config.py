@@ -13,6 +13,7 @@ Importing this module registers the schemas and the resolvers configs/train.yaml
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -294,19 +295,31 @@ def _run_dir(default: str) -> str:
 SWEEP_NAME_MAX = 80
 
 
-def _swept_keys(sweep_dir: str) -> Optional[set]:
-    """The keys that take more than one value in the sweep recorded in <sweep_dir>/multirun.yaml
-    (command-line sweeps and hydra.sweeper.params); None when that cannot be read."""
+def _swept_keys(sweep_dir: str, sweeper=None) -> Optional[set]:
+    """The keys that take more than one value in the sweep: as recorded in <sweep_dir>/multirun.yaml
+    (command-line sweeps and hydra.sweeper.params) by Hydra's basic sweeper; where that file is absent
+    (Optuna's sweeper writes none), the sweeps of `sweeper`'s params (the job's hydra.sweeper: a search
+    space given on the command line reaches the job as values alone); None when neither is there."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep
 
+    def params(node) -> list[str]:
+        return [f"{k}={v}" for k, v in (node.get("params") or {}).items()]
+
+    recorded = Path(sweep_dir) / "multirun.yaml"
     try:
-        sweep = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra
-        # The command line replaces a preset's sweeper params for the same key (Hydra's BasicSweeper).
-        lines = [*(f"{k}={v}" for k, v in (sweep.sweeper.get("params") or {}).items()), *sweep.overrides.task]
+        if recorded.is_file():
+            sweep = OmegaConf.load(recorded).hydra
+            # The command line replaces a preset's sweeper params for the same key (Hydra's BasicSweeper).
+            lines = [*params(sweep.sweeper), *sweep.overrides.task]
+        else:
+            lines = params(sweeper) if sweeper is not None else []
         overrides = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(lines)}
-    except Exception:  # no multirun.yaml (another sweeper or launcher), or one it cannot parse
+    except Exception:  # a multirun.yaml or params it cannot parse
         return None
+    if not overrides:
+        return None
+    # interval(...), tag(log, interval(...)), range(...): Optuna's distributions, one value per trial.
     return {key for key, o in overrides.items()
             if o.is_sweep_override() and not (isinstance(o.value(), ChoiceSweep) and len(o.value().list) < 2)}
 
@@ -325,7 +338,7 @@ def sweep_job_name(num, overrides, exclude_keys=(), swept_keys=None, kv_sep="-",
         if group in exclude_keys or (swept_keys is not None and group not in swept_keys):
             continue
         key = override.get_key_element().lstrip("+~").replace("/", ".")
-        items.append(f"{key}{kv_sep}{override.get_value_element_as_str()}")
+        items.append(f"{key}{kv_sep}{_value_text(override)}")
     # Only characters a Hydra override takes unquoted (eval.py checkpoint=<folder>/...): no '=' or ','.
     name = re.sub(r"[^\w.-]", "-", f"{num}_{item_sep.join(sorted(items))}" if items else str(num),
                   flags=re.ASCII)
@@ -334,11 +347,20 @@ def sweep_job_name(num, overrides, exclude_keys=(), swept_keys=None, kv_sep="-",
     return name
 
 
+def _value_text(override) -> str:
+    """An override's value as written, but a float of more than 4 significant digits (an Optuna trial's
+    0.05111023492152638) in 4 (0.05111): the exact value is in the run's .hydra/overrides.yaml."""
+    value = override.value()
+    if isinstance(value, float) and math.isfinite(value) and float(f"{value:.4g}") != value:
+        return f"{value:.4g}"
+    return override.get_value_element_as_str()
+
+
 def _sweep_subdir(num, *, _root_) -> str:
     hydra = _root_.hydra
     options = hydra.job.config.override_dirname
-    return sweep_job_name(num, hydra.overrides.task, set(options.exclude_keys), _swept_keys(hydra.sweep.dir),
-                          options.kv_sep, options.item_sep)
+    return sweep_job_name(num, hydra.overrides.task, set(options.exclude_keys),
+                          _swept_keys(hydra.sweep.dir, hydra.get("sweeper")), options.kv_sep, options.item_sep)
 
 
 def register() -> None:

@@ -2,6 +2,7 @@
 
     python scripts/make_tables.py multirun/table3/2026-01-01_10-00-00 [more sweep folders] --out tables/
     python scripts/make_tables.py multirun/table4/... --full       # every row of the paper's layout
+    python scripts/make_tables.py multirun/table4/... --plot       # and top-1 against #P, GFLOPs, FPS
     python scripts/make_tables.py --complexity                    # params / GFLOPs, no training needed
     python scripts/make_tables.py --complexity --tables table4 --backbones resnet18 --image-size 224
     python scripts/make_tables.py --complexity --tables table6 table8  # detectors, MMDetection's count
@@ -17,7 +18,8 @@ The notes under each table say how to read each form it holds, and name the over
 attention.se_bias=false) or preset that trains the paper's model where a run's options differ.
 #P and GFLOPs are in the paper's units (2^20 parameters, 2^30 multiply-accumulates). Prints Markdown and
 writes to --out: tables.md, tables.csv (one number per line), one .tex per table (booktabs) and
-figure9_val_top1.png (validation top-1 per epoch of every run found). Table 9 (rotations) and
+figure9_val_top1.png (validation top-1 per epoch of every run found); --plot adds
+tradeoff_<dataset>_<size>px.png and .pdf (emca/analysis/tradeoff.py). Table 9 (rotations) and
 Figure 6 (learned-scale statistics) come from the runs' eval.json (eval.py). Tables 6 and 8 (COCO
 detection and instance segmentation) come from task=detection runs: box and mask AP, and #P and
 GFLOPs as MMDetection counts them (10^6 trainable parameters, 10^9 multiply-adds at 1280 x 800), of
@@ -45,6 +47,7 @@ from emca.analysis.tables import (
     fill_detection_table,
     fill_table,
 )
+from emca.analysis.tradeoff import plot_tradeoffs
 from emca.models import BACKBONES
 
 # Tables whose models --complexity counts: the ImageNet tables that say so, and every detection table.
@@ -75,6 +78,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--complexity", action="store_true", help="count params / GFLOPs of every variant instead of reading runs"
     )
     parser.add_argument(
+        "--plot", action="store_true",
+        help="also draw top-1 against #P, GFLOPs and FPS, beside the paper's points (tradeoff_*.png and .pdf)"
+    )
+    parser.add_argument(
         "--backbones", nargs="+", choices=BACKBONES, help="--complexity: only these backbones (e.g. resnet18)"
     )
     parser.add_argument(
@@ -93,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.complexity and args.backbones and DETECTION_BACKBONE not in args.backbones and held_back:
         parser.error(f"{', '.join(held_back)} hold(s) {DETECTION_BACKBONE} detectors: add {DETECTION_BACKBONE} to "
                      "--backbones or drop them from --tables")
+    if args.complexity and args.plot:
+        parser.error("--plot draws what runs measured; --complexity reads no runs: drop one of them")
     if args.complexity and args.full:
         parser.error("--full prints the rows runs leave empty; --complexity counts every row already: drop one of them")
     if args.image_size < 1:
@@ -150,7 +159,17 @@ def run_tables(args: argparse.Namespace) -> list[Table] | None:
     figure = plot_top1_curves(runs, args.out / "figure9_val_top1.png")
     if figure is not None:
         print(f"wrote {figure}", file=sys.stderr)
+    if args.plot:
+        plot_tradeoff_figures(measured, args.out)
     return tables
+
+
+def plot_tradeoff_figures(measured: dict, out: Path) -> None:
+    figures = plot_tradeoffs(measured, out)
+    for figure in figures:
+        print(f"wrote {' and '.join(map(str, figure.paths))}", file=sys.stderr)
+    if not figures:
+        print("--plot: no run has a top-1 to draw", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

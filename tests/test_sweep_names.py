@@ -48,3 +48,24 @@ def test_sweep_folders_are_named_and_make_tables_finds_them(run_script, tmp_path
     runs = find_runs([sweep])
     assert [run.path.name for run in runs] == ["0_attention-emca_se", "1_attention-emca_eca"]
     assert all(run.results and run.variant for run in runs)
+
+
+def test_swept_keys_of_a_sweeper_without_multirun_yaml_come_from_its_params(tmp_path):
+    """Optuna's sweeper writes no multirun.yaml: the job's hydra.sweeper.params say what is searched, in the
+    plugin's syntax; a fixed value or a one-choice list is no sweep."""
+    sweeper = OmegaConf.create({"params": {"optimizer.lr": "tag(log, interval(0.005, 0.2))",
+                                           "optimizer.weight_decay": "interval(1e-5, 1e-3)",
+                                           "attention": "choice(emca_eca, emca_se)", "trainer.seed": "range(0, 3)",
+                                           "backbone": "choice(resnet18)", "trainer.epochs": "30"}})
+    assert _swept_keys(str(tmp_path), sweeper) == {"optimizer.lr", "optimizer.weight_decay", "attention",
+                                                   "trainer.seed"}
+    assert _swept_keys(str(tmp_path), OmegaConf.create({"params": None})) is None  # every override names it
+    assert _swept_keys(str(tmp_path), OmegaConf.create({"params": {"x": "interval(1"}})) is None  # unparsable
+
+
+def test_sampled_floats_are_named_in_four_significant_digits():
+    trial = ["optimizer.lr=0.05111023492152638", "optimizer.weight_decay=1.2345678e-05", "+experiment=search_lr_wd"]
+    name = sweep_job_name(7, trial, (), {"optimizer.lr", "optimizer.weight_decay"})
+    assert name == "7_optimizer.lr-0.05111__optimizer.weight_decay-1.235e-05"
+    # Values as typed where 4 digits hold them: a grid sweep's names are unchanged.
+    assert sweep_job_name(0, ["optimizer.lr=0.1", "trainer.epochs=10"]) == "0_optimizer.lr-0.1__trainer.epochs-10"

@@ -11,15 +11,17 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save_figure(figure, path: Path, title: str | None = None) -> Path:
-    """Title, lay out, write (creating the folder) and close, so figures never pile up in memory."""
+def save_figure(figure, path: Path, title: str | None = None, also: tuple[str, ...] = ()) -> Path:
+    """Title, lay out, write (creating the folder) and close, so figures never pile up in memory; `also`:
+    suffixes of other formats written beside `path` (".pdf")."""
     if title:
         # Run descriptions are long; wrap them to the figure's width instead of clipping.
         width_chars = int(figure.get_figwidth() * 11)
         figure.suptitle(textwrap.fill(title, width_chars), fontsize="medium")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    for suffix in (path.suffix, *also):
+        figure.savefig(path.with_suffix(suffix), dpi=120)
     plt.close(figure)
     return path
 
