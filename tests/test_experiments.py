@@ -1,6 +1,7 @@
 """The experiment presets configs/experiment/table{2,3,4,5}.yaml: each composes with train.yaml and
 its sweep expands, exactly as `python train.py -m +experiment=tableN` would, to the variants of
-the paper table make_tables prints; command-line sweeps replace the preset's lists."""
+the paper table make_tables prints, with the paper's attention options (ECA's kernel as the authors'
+ImageNet code sizes it: tests/test_paper_cells.py); command-line sweeps replace the preset's lists."""
 
 from __future__ import annotations
 
@@ -40,12 +41,20 @@ def job_variants(jobs: list[list[str]]) -> list:
     return [variant_from_config(compose("train", overrides=job)) for job in jobs]
 
 
-@pytest.mark.parametrize("table, runs", [("table2", 27), ("table3", 45), ("table4", 21), ("table5", 15)])
+@pytest.mark.parametrize("table, runs", [("table2", 27), ("table3", 45), ("table4", 21), ("table5", 45)])
 def test_preset_sweeps_exactly_the_tables_variants(hydra_configs, table, runs):
     variants = job_variants(sweep_jobs(table))
     assert len(variants) == runs == len(set(variants))
     assert set(variants) == set(TABLES[table].variants())
     assert all(not variant.options for variant in variants)  # the paper's attention options throughout
+
+
+@pytest.mark.parametrize("table", ["table2", "table3", "table4", "table5"])
+def test_presets_size_ecas_kernel_by_the_adaptive_rule(hydra_configs, table):
+    """Written out in each preset (docs/paper.md#decisions), and what its ECA jobs build."""
+    assert "\n  eca_kernel: adaptive\n" in (CONFIGS / "experiment" / f"{table}.yaml").read_text()
+    eca = [job for job in sweep_jobs(table) if "attention=eca" in job or "+experiment/table3=eca_all" in job]
+    assert eca and compose("train", overrides=eca[0]).attention.eca_kernel == "adaptive"
 
 
 def test_preset_sweep_folder_is_named_after_the_table(hydra_configs):

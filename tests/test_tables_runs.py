@@ -195,7 +195,7 @@ def test_a_run_off_the_papers_options_is_named_with_the_override_that_trains_the
         "Not the paper's model (the cells show this one's figures), attention.se_bias=true where the paper has "
         f"attention.se_bias=false: resnet18 emca_se integration=first coverage=prev_stage_all ({tmp_path / 'biased'}). "
         "To train the paper's, add attention.se_bias=false to the command, or sweep with +experiment=table3 or "
-        "+experiment=table4.",
+        "+experiment=table4 or +experiment=table5.",
         "Not the paper's model (the cells show this one's figures), attention.gating=residual where the paper has "
         f"attention.gating=multiply: resnet18 emca_eca integration=first coverage=none ({tmp_path / 'gated'}). To "
         "train the paper's, add attention.gating=multiply to the command, or sweep with +experiment=table3.",

@@ -1,5 +1,5 @@
-"""Each attention method's own published ResNet-50 figures, with their sources (as paper_reference.py
-holds the EMCA paper's).
+"""Each attention method's own published ResNet-50 figures, with their sources: the second reference of
+Table 5's other rows, after the EMCA paper's own cells (paper_reference.py).
 
 Units are the method paper's: parameters in decimal millions (`params_unit`: CBAM's 28.09, BAM's 25.92,
 ... are our sum(numel) / 10^6 to their digits; in the EMCA paper's 2^20 they would be 26.79, 24.72, ...),
@@ -14,13 +14,14 @@ says that the two figures are not of one count (EPSANet).
 
 `reproduced` says whether our model of the method matches the printed figures to their digits
 (tests/test_attention_table.py checks both ways, so a fixed gap or a new one fails a test); `note`
-says why not where it does not. emca/analysis/tables.py sets these figures beside ours in Table 5,
-compared in these units at these digits.
+says why not where it does not. emca/analysis/tables.py sets these figures in brackets beside ours and the
+EMCA paper's cells in Table 5, compared in these units at these digits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class MethodReference:
     gflops_digits: int
     top1: float  # the method paper's own ResNet-50 top-1
     source: str
+    top5: Optional[float] = None  # where its source prints one
+    # ((backbone, top-1), ...): the same source's figures on other backbones of the tables (R-18, R-34)
+    other_backbones: tuple[tuple[str, float], ...] = ()
     reproduced: bool = True
     note: str = ""
     params_unit: int = 10**6  # what the printed #P counts in
@@ -49,17 +53,21 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
     "bam": MethodReference("BAM", 25.92, 2, 3.94, 3.86, 2, 75.98,
                            "Park et al., BMVC 2018, ImageNet table (ResNet50 + BAM; top-1 error 24.02)"),
     "fca": MethodReference("FcaNet", 28.07, 2, 4.13, 4.12, 2, 78.52,
-                           "Qin et al., ICCV 2021, ImageNet comparison table; top-1 from cfzd/FcaNet README"),
-    "sa": MethodReference("SANet", 25.56, 2, 4.12, 4.12, 2, 77.72,
-                          "Zhang & Yang, ICASSP 2021, abstract (+2.76e-3 GFLOPs) and wofmanaf/SA-Net README"),
+                           "Qin et al., ICCV 2021, ImageNet comparison table; top-1 (R-50 78.52, R-34 75.07, "
+                           "'Reported') from cfzd/FcaNet README @ aa5fb63", other_backbones=(("resnet34", 75.07),)),
+    # The README's model table: 77.88 since its 2021-03-18 revision (0d14633; its evaluation line: Acc@1 77.882,
+    # Acc@5 93.892), 77.75 in its 2021-03-10 ones (7614ac4, d01e5fb). No text this project reads prints 77.72.
+    "sa": MethodReference("SANet", 25.56, 2, 4.12, 4.12, 2, 77.88,
+                          "Zhang & Yang, ICASSP 2021, abstract (25.56 M, +2.76e-3 GFLOPs over 4.12); top-1 / top-5 "
+                          "from wofmanaf/SA-Net README @ 3d40230 (sa_resnet50)", top5=93.89),
     # The README prints EPSANet-50 (Small) at 3.62 with no plain ResNet-50 of its own; the 4.12 beside it
     # is the plain ResNet-50 of the other papers' tables (FcaNet's, SA-Net's, GC's), not of the count
     # that gave 3.62: the EMCA paper's counter (docs/paper.md#units) in 10^9 gives EPSANet-50 3.62, the printed
     # figure, and the plain ResNet-50 4.11. So the printed figure itself is compared (tables.py); the
     # increment 3.62 - 4.12 mixes two counts (tests/test_tables_units.py checks both claims).
     "epsa": MethodReference("EPSANet", 22.56, 2, 3.62, 4.12, 2, 77.49,
-                            "Zhang et al., 2021, murufeng/EPSANet README model zoo, EPSANet-50 (Small)",
-                            gflops_absolute=True),
+                            "Zhang et al., 2021, murufeng/EPSANet README @ 9955041 model zoo, EPSANet-50 (Small)",
+                            top5=93.54, gflops_absolute=True),
     "a2": MethodReference(
         "A2-Nets", 33.0, 1, 6.5, 4.1, 1, 77.0, "Chen et al., NeurIPS 2018, ImageNet table (ResNet-50 + 5 A2 blocks)",
         reproduced=False,
@@ -69,3 +77,11 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
     "gc": MethodReference("GC", 28.08, 2, 4.13, 4.12, 2, 77.70,
                           "Cao et al., GCNet 2019, ImageNet table (ResNet-50 + GC, r16, c3-c5)"),
 }
+
+# SRM's paper's ImageNet table as its official repository shows it (the README's figures/imagenet.png): top-1 /
+# top-5 of the plain ResNet-50, SE-ResNet-50 and SRM-ResNet-50, by attention. They were trained SRM_EPOCHS epochs
+# (the repository's imagenet.py defaults: lr 0.1, divided by 10 at epochs 31 and 61); the EMCA paper's R-50 ResNet,
+# SE and SRM* accuracies are these figures (tables.py says so under the rows).
+SRM_TABLE = {"none": (75.89, 92.85), "se": (76.80, 93.39), "srm": (77.13, 93.51)}
+SRM_TABLE_SOURCE = "Lee et al., ICCV 2019, hyunjaelee410/style-based-recalibration-module @ f6221c7, README table"
+SRM_EPOCHS = 90

@@ -40,11 +40,18 @@ R-50 prev_stage_all    90 25.037 77.33 93.52 |  92 24.373 77.13 93.49 |  70 24.3
 R-50 all_stages_last   89 25.037 76.85 93.42 |  91 24.373 76.82 93.41 |  71 24.380 77.05 93.50
 """
 
-# Table 4 / Table 5: #P (M), GFLOPs, top-1, top-5, FPS, FPS-dagger, FPS-double-dagger.
-TABLE_4_5_TEXT = """\
+# The authors' README at this commit prints the paper's Tables 2-5 as text (docs/paper.md#reference-figures);
+# its earlier versions hold no table but Table 2, with the same figures.
+README_COMMIT = "76bae427ea2f66979aed6a9dcef5e84ed922d14e"
+
+# Table 4: #P (M), GFLOPs, top-1, top-5, FPS, FPS-dagger, FPS-double-dagger, rows as the README prints them.
+# A star marks the rows the authors retrained; the unstarred ECA rows are ECA-Net's authors' own figures,
+# which the table prints beside its retrained ECA* (the same model: the same size and speeds).
+TABLE_4_TEXT = """\
 R-18 ResNet    11.148 1.694 70.40 89.45 270 23552 859
 R-18 SE        11.231 1.695 70.59 89.78 187 21760 839
 R-18 EMCA-SE   11.190 1.695 71.00 90.00 160 17313 813
+R-18 ECA       11.148 1.695 70.78 89.92 192 22287 848
 R-18 ECA*      11.148 1.695 70.75 89.74 192 22287 848
 R-18 EMCA-ECA  11.148 1.695 71.04 89.99 170 19023 833
 R-18 SRM*      11.152 1.695 70.96 89.81 154 18794 823
@@ -52,6 +59,7 @@ R-18 EMCA-SRM  11.150 1.694 71.02 90.00 113 15190 803
 R-34 ResNet    20.788 3.419 73.31 91.40 168 19712 840
 R-34 SE        20.938 3.421 73.87 91.65 101 14279 805
 R-34 EMCA-SE   20.829 3.421 74.41 91.90 107 14372 812
+R-34 ECA       20.788 3.420 74.21 91.83 107 14067 825
 R-34 ECA*      20.788 3.420 74.13 91.68 107 14067 825
 R-34 EMCA-ECA  20.788 3.421 74.46 91.70 107 14080 822
 R-34 SRM*      20.795 3.419 73.98 91.68  82 12655 803
@@ -59,16 +67,48 @@ R-34 EMCA-SRM  20.790 3.419 74.38 91.87  81 12579 795
 R-50 ResNet    24.373 3.829 75.89 92.85 124 10032 668
 R-50 SE        26.772 3.837 76.80 93.39  90  8156 597
 R-50 EMCA-SE   25.037 3.835 77.33 93.52  90  8099 589
+R-50 ECA       24.373 3.834 77.48 93.68  87  8517 591
 R-50 ECA*      24.373 3.834 77.12 93.68  87  8517 591
 R-50 EMCA-ECA  24.373 3.834 77.13 93.49  92  8615 600
 R-50 SRM*      24.402 3.829 77.13 93.51  71  6745 536
 R-50 EMCA-SRM  24.380 3.829 77.20 93.54  70  6698 532
 """
 
-# Table 5's other attention methods on R-50 (top-1 only; their own papers' figures: method_reference.py).
-TABLE_5_OTHERS_TEXT = """\
-Table 5 also lists R-50 FcaNet 77.27,
-EPSANet 77.31, SANet 77.25, CBAM 77.34, BAM 75.98, A2-Nets 77.00 top-1.
+# Table 5: the same columns, every row as the README prints it (its order; N/A: no figure). Where it and
+# Table 4 disagree on a cell, each holds its own (tables.py notes it).
+TABLE_5_TEXT = """\
+R-18 ResNet    11.148 1.694 70.40 89.45 270 23552 859
+R-18 SE        11.231 1.695 70.59 89.78 187 21760 839
+R-18 ECA*      11.148 1.695 70.75 89.74 192 22287 839
+R-18 SRM*      11.152 1.694 70.96 89.81 154 18794 823
+R-18 FcaNet*   11.231 1.694 70.98 90.00 119 17680 808
+R-18 BAM       11.712 1.821 75.98 92.82  91  7159 527
+R-18 CBAM      11.234 1.695 70.73 89.91 104  8734 789
+R-18 EMCA-ECA  11.148 1.695 71.04 89.99 170 19023 833
+R-18 EMCA-SRM  11.150 1.694 71.02 90.00 113 15190 803
+R-18 EMCA-SE   11.190 1.695 71.00 90.00 160 17313 813
+R-34 ResNet    20.788 3.419 73.31 91.4  168 19712 840
+R-34 SE        20.938 3.421 73.87 91.65 101 14279 805
+R-34 ECA*      20.788 3.420 74.13 91.68 107 14067 825
+R-34 SRM*      20.795 3.419 73.98 91.68  82 12655 803
+R-34 FcaNet*   20.938 3.419 74.18 91.75  87 13094 812
+R-34 CBAM      20.943 3.420 74.01 91.76  59 12001 760
+R-34 EMCA-ECA  20.788 3.421 74.46 91.70 107 14080 822
+R-34 EMCA-SRM  20.790 3.419 74.38 91.87  81 12579 795
+R-34 EMCA-SE   20.829 3.421 74.41 91.90 107 14372 812
+R-50 ResNet    24.373 3.829 75.89 92.85 124 10032 668
+R-50 SE        26.772 3.837 76.80 93.39  90  8156 597
+R-50 ECA*      24.373 3.834 77.12 93.68  87  8517 591
+R-50 SRM*      24.402 3.829 77.13 93.51  71  6745 536
+R-50 FcaNet*   26.772 3.831 77.27 93.70  74  7984 549
+R-50 EPSANet*  21.517 3.373 77.31 93.72  28   802 388
+R-50 SANet*    24.373 3.832 77.25 93.66  68  6670 406
+R-50 A2-Nets   33.006 6.502 77.00 93.50 N/A   N/A N/A
+R-50 BAM       25.92  3.946 75.98 92.82  91  7159 527
+R-50 CBAM      26.775 3.837 77.34 93.69  55  2460 208
+R-50 EMCA-ECA  24.373 3.834 77.13 93.49  92  8615 600
+R-50 EMCA-SRM  24.380 3.829 77.20 93.54  71  6698 532
+R-50 EMCA-SE   25.037 3.835 77.33 93.52  90  8099 589
 """
 
 # Tables 6 and 8 (COCO, R-50-FPN detectors, docs/paper.md#tables-6-and-8): of their figures the project holds only
@@ -124,22 +164,20 @@ def _parse_table_2_3(text: str) -> dict[tuple[str, str, str], Reference]:
     return table
 
 
+def _figure(text: str) -> Optional[float]:
+    return None if text == "N/A" else float(text)
+
+
 def _parse_table_4_5(text: str) -> dict[tuple[str, str], Reference]:
-    """{(backbone, method without the retrained-by-the-authors star): Reference}."""
+    """{(backbone, row label as printed, the retrained-by-the-authors star kept): Reference} of a Table 4 or 5 block."""
     table = {}
     for line in text.splitlines():
         short, method, *values = line.split()
-        params, gflops, top1, top5, fps, fps_model, fps_pipeline = (float(value) for value in values)
-        table[(BACKBONE_BY_SHORT_NAME[short], method.rstrip("*"))] = Reference(
+        params, gflops, top1, top5, fps, fps_model, fps_pipeline = (_figure(value) for value in values)
+        table[(BACKBONE_BY_SHORT_NAME[short], method)] = Reference(
             params=params, gflops=gflops, top1=top1, top5=top5, fps=fps, fps_model=fps_model, fps_pipeline=fps_pipeline
         )
     return table
-
-
-def _parse_table_5_others(text: str) -> dict[str, float]:
-    """{method label: top-1} of the other methods Table 5 lists (FcaNet, EPSANet, ...)."""
-    body = " ".join(text.split()).removeprefix("Table 5 also lists R-50 ").removesuffix(" top-1.")
-    return {name: float(top1) for name, top1 in (entry.rsplit(None, 1) for entry in body.split(", "))}
 
 
 def _parse_table_6_plain(text: str) -> dict[str, DetectionReference]:
@@ -152,12 +190,15 @@ def _parse_table_6_plain(text: str) -> dict[str, DetectionReference]:
 
 
 TABLE_2_3 = _parse_table_2_3(TABLE_2_3_TEXT)
-TABLE_4_5 = _parse_table_4_5(TABLE_4_5_TEXT)
-TABLE_5_OTHERS = _parse_table_5_others(TABLE_5_OTHERS_TEXT)
+TABLE_4 = _parse_table_4_5(TABLE_4_TEXT)
+TABLE_5 = _parse_table_4_5(TABLE_5_TEXT)
 TABLE_6_PLAIN = _parse_table_6_plain(TABLE_6_PLAIN_TEXT)
-TABLE_5_BACKBONE = "resnet50"
 
-# Marked by the paper with '*': SE/ECA/SRM rows retrained by the authors under their protocol.
-RETRAINED_BY_AUTHORS = frozenset(
-    method.rstrip("*") for method in (line.split()[1] for line in TABLE_4_5_TEXT.splitlines()) if method.endswith("*")
-)
+# Methods the paper marks with '*' (in Table 4 or 5): rows its authors retrained under their protocol.
+RETRAINED_BY_AUTHORS = frozenset(label.rstrip("*") for _, label in (*TABLE_4, *TABLE_5) if label.endswith("*"))
+
+
+def printed_label(table: dict[tuple[str, str], Reference], backbone: str, label: str) -> str:
+    """A row's label as the table prints it on this backbone: with the star where that row is the authors'
+    retrain, as printed where the table has the row, the plain label where it has none."""
+    return label + "*" if (backbone, label + "*") in table else label

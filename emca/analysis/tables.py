@@ -24,7 +24,13 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 from emca.analysis import paper_reference as paper
 from emca.analysis.complexity import build_variant, paper_gflops
 from emca.analysis.detection_complexity import DetectorCount, count_detector
-from emca.analysis.method_reference import METHOD_REFERENCES, MethodReference
+from emca.analysis.method_reference import (
+    METHOD_REFERENCES,
+    SRM_EPOCHS,
+    SRM_TABLE,
+    SRM_TABLE_SOURCE,
+    MethodReference,
+)
 from emca.analysis.paper_reference import Reference
 from emca.analysis.variants import Variant, channel_attention, emca, plain
 from emca.layers.create_attn import ATTENTION_KINDS, default_integration, kind_of
@@ -41,6 +47,8 @@ COVERAGE_ROWS = {
 }
 # The coverage of the EMCA rows in Tables 4 and 5: the paper's default.
 DEFAULT_COVERAGE = "prev_stage_all"
+# The backbone of the other methods' own figures (method_reference.py): their papers' ResNet-50.
+OWN_BACKBONE = "resnet50"
 
 
 @dataclass(frozen=True)
@@ -79,15 +87,27 @@ METRICS = {
 
 
 @dataclass(frozen=True)
+class Second:
+    """A row's second reference: accuracies the method's own authors published (their paper or repository),
+    printed in brackets after the EMCA paper's figure, with `source` in the table's notes."""
+
+    label: str  # whose figures, as the notes name them
+    source: str
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class Entry:
     backbone: str
     row: str
     group: Optional[str]  # column block (SE / ECA / SRM) of wide tables; None in long tables
     variant: Optional[Variant]  # None: a paper row the framework does not implement
-    reference: Optional[Reference]
-    # The method paper's own figures where the reference's #P and GFLOPs come from them (Table 5's other
-    # methods): the cells then compare in that paper's units at its printed digits (own_unit_comparison).
+    reference: Optional[Reference]  # the EMCA paper's own cells: the first reference
+    # The method paper's own #P and GFLOPs (Table 5's other methods' R-50 rows): ours beside them in that
+    # paper's units at its printed digits, in brackets (own_unit_comparison).
     own: Optional[MethodReference] = None
+    second: Optional[Second] = None
 
 
 @dataclass(frozen=True)
@@ -161,20 +181,31 @@ def _methods(backbone: str) -> list[tuple[str, Variant]]:
     return rows
 
 
-def _method_label(method: str) -> str:
-    return method + "*" if method in paper.RETRAINED_BY_AUTHORS else method
+# Where the bracketed figures of a second reference come from, for the notes.
+ECA_SECOND_SOURCE = ("ECA-Net's authors' own runs, which the paper's Table 4 prints unstarred beside its "
+                     "retrained ECA* (R-18 70.78 / 89.92, R-34 74.21 / 91.83, R-50 77.48 / 93.68; BangguWu/ECANet's "
+                     "README prints 74.21 / 91.83 for ECA-Net34, 77.48 / 93.68 for ECA-Net50 until its 2019-11-06 "
+                     "revision and 77.42 / 93.62 since, and 70.92 / 89.93 for ECA-Net18)")
 
 
-def _method_entries() -> tuple[Entry, ...]:
-    """Every backbone x (ResNet, each CA module, its EMCA version): the rows of Tables 4 and 9."""
+def _eca_second(backbone: str) -> Second:
+    own = paper.TABLE_4[(backbone, "ECA")]
+    return Second("ECA*", ECA_SECOND_SOURCE, own.top1, own.top5)
+
+
+def _method_entries(seconds: bool = False) -> tuple[Entry, ...]:
+    """Every backbone x (ResNet, each CA module, its EMCA version): the rows of Tables 4 and 9, with Table 4's
+    cells (and, with `seconds`, ECA-Net's own accuracies after the retrained ECA*'s)."""
     return tuple(
-        Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
+        Entry(backbone, label, None, variant, paper.TABLE_4[(backbone, label)],
+              second=_eca_second(backbone) if seconds and variant.attention == "eca" else None)
         for backbone in BACKBONES for method, variant in _methods(backbone)
+        for label in (paper.printed_label(paper.TABLE_4, backbone, method),)
     )
 
 
 def _table4() -> TableSpec:
-    entries = _method_entries()
+    entries = _method_entries(seconds=True)
     return TableSpec(
         "table4",
         "Table 4",
@@ -186,36 +217,43 @@ def _table4() -> TableSpec:
     )
 
 
-def _table5() -> TableSpec:
-    backbone = paper.TABLE_5_BACKBONE
-    entries = [Entry(backbone, _method_label(method), None, variant, paper.TABLE_4_5[(backbone, method)])
-               for method, variant in _methods(backbone)]
+def _table5_methods(backbone: str) -> list[tuple[str, Variant]]:
+    """Table 5's rows on one backbone: Table 4's, then every other method of the attention table and its EMCA
+    version (a method a user adds is a row too; the paper's rows carry its cells)."""
+    rows = _methods(backbone)
     for kind in ATTENTION_KINDS:
-        if kind.name in KINDS:
-            continue
-        entries.append(Entry(backbone, kind.label, None, Variant(backbone, kind.name, default_integration(kind.name)),
-                             _other_method_reference(kind.name, kind.label), METHOD_REFERENCES.get(kind.name)))
-        if kind.excitation is not None:
-            variant = emca(backbone, kind.name, DEFAULT_COVERAGE)
-            entries.append(Entry(backbone, f"EMCA-{kind.label}", None, variant, None))
-    return TableSpec("table5", "Table 5", "EMCA against other attention methods (R-50). Rows of the other methods: "
-                     "top-1 as the paper's Table 5; #P and GFLOPs from the method's own paper converted to this "
-                     "paper's units (#P from 10^6; GFLOPs its paper's increment over its plain R-50, from 10^9, added "
-                     "to this paper's R-50, or for EPSANet its printed figure), and in brackets ours and theirs in "
-                     "that paper's unit at its printed digits (emca/analysis/method_reference.py)", "method",
-                     ("params", "gflops", "top1", "top5"), tuple(entries), preset="table5")
+        if kind.name not in KINDS:
+            rows.append((kind.label, Variant(backbone, kind.name, default_integration(kind.name))))
+            if kind.excitation is not None:
+                rows.append((f"EMCA-{kind.label}", emca(backbone, kind.name, DEFAULT_COVERAGE)))
+    return rows
 
 
-def _other_method_reference(name: str, label: str) -> Optional[Reference]:
-    """A method's published row: None for one without published figures (a method a user added)."""
-    own = METHOD_REFERENCES.get(name)
-    if own is None:
+def _method_second(attention: str, backbone: str) -> Optional[Second]:
+    """The other method's own published accuracy on this backbone, where its source prints one."""
+    own = METHOD_REFERENCES.get(attention)
+    if own is None or attention in KINDS:
         return None
-    base = paper.TABLE_4_5[(paper.TABLE_5_BACKBONE, "ResNet")].gflops
-    scale = own.gflops_unit / paper.GFLOP_UNIT
-    gflops = own.gflops * scale if own.gflops_absolute else base + (own.gflops - own.base_gflops) * scale
-    return Reference(params=round(own.params * own.params_unit / paper.PARAM_UNIT, 3), gflops=round(gflops, 3),
-                     top1=paper.TABLE_5_OTHERS.get(label))
+    top1 = own.top1 if backbone == OWN_BACKBONE else dict(own.other_backbones).get(backbone)
+    if top1 is None:
+        return None
+    return Second(own.label, own.source, top1, own.top5 if backbone == OWN_BACKBONE else None)
+
+
+def _table5() -> TableSpec:
+    entries = []
+    for backbone in BACKBONES:
+        for method, variant in _table5_methods(backbone):
+            label = paper.printed_label(paper.TABLE_5, backbone, method)
+            other = variant.attention not in ("none", *KINDS) and not variant.is_emca
+            own = METHOD_REFERENCES.get(variant.attention) if other and backbone == OWN_BACKBONE else None
+            entries.append(Entry(backbone, label, None, variant, paper.TABLE_5.get((backbone, label)), own,
+                                 _method_second(variant.attention, backbone) if other else None))
+    return TableSpec("table5", "Table 5", "EMCA against other attention methods: the paper's cells, then in brackets "
+                     "the other methods' own published figures (for #P and GFLOPs ours / theirs in that paper's unit "
+                     "at its printed digits, emca/analysis/method_reference.py)", "method",
+                     ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"), tuple(entries),
+                     preset="table5")
 
 
 def _unit_text(unit: int) -> str:
@@ -232,26 +270,27 @@ def _printed(value: float, digits: int, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def own_unit_comparison(own: MethodReference, key: str, ours: float, plain_gflops: Optional[float] = None
+def own_unit_comparison(own: MethodReference, key: str, ours: Optional[float], plain_gflops: Optional[float] = None
                         ) -> Optional[tuple[str, bool]]:
     """('10^6: 28.09 / 28.09', True): ours beside a method paper's own figure in that paper's unit and at its
-    printed digits, and whether the two print the same. #P as counted; GFLOPs as the increment over the plain
-    ResNet-50 (its paper's base_gflops, ours `plain_gflops`), or as printed for a figure without a plain
-    ResNet-50 of its count (gflops_absolute). `ours` and `plain_gflops` are in this table's units (the EMCA
-    paper's); None for another metric, or a GFLOPs increment without `plain_gflops`."""
+    printed digits, and whether the two print the same ('–' for ours and True without `ours`). #P as counted;
+    GFLOPs as the increment over the plain ResNet-50 (its paper's base_gflops, ours `plain_gflops`), or as
+    printed for a figure without a plain ResNet-50 of its count (gflops_absolute). `ours` and `plain_gflops`
+    are in this table's units (the EMCA paper's); None for another metric."""
     if key == "params":
-        ours, theirs, over = ours * paper.PARAM_UNIT / own.params_unit, own.params, None
+        ours, theirs, over = None if ours is None else ours * paper.PARAM_UNIT / own.params_unit, own.params, None
         unit, digits = own.params_unit, own.params_digits
-    elif key == "gflops" and (own.gflops_absolute or plain_gflops is not None):
+    elif key == "gflops":
         scale, unit, digits = paper.GFLOP_UNIT / own.gflops_unit, own.gflops_unit, own.gflops_digits
         if own.gflops_absolute:
-            ours, theirs, over = ours * scale, own.gflops, None
+            ours, theirs, over = None if ours is None else ours * scale, own.gflops, None
         else:
-            ours, theirs, over = (ours - plain_gflops) * scale, own.gflops - own.base_gflops, "R-50"
+            increment = None if ours is None or plain_gflops is None else (ours - plain_gflops) * scale
+            ours, theirs, over = increment, own.gflops - own.base_gflops, "R-50"
     else:
         return None
-    texts = [_printed(value, digits, signed=over is not None) for value in (ours, theirs)]
-    return f"{_unit_text(unit)}{f' over {over}' if over else ''}: {texts[0]} / {texts[1]}", texts[0] == texts[1]
+    texts = ["–" if value is None else _printed(value, digits, signed=over is not None) for value in (ours, theirs)]
+    return f"{_unit_text(unit)}{f' over {over}' if over else ''}: {texts[0]} / {texts[1]}", texts[0] in ("–", texts[1])
 
 
 def _table9() -> TableSpec:
@@ -273,7 +312,7 @@ def _table9() -> TableSpec:
 def _figure6() -> TableSpec:
     metrics = tuple(f"scales_{key}_s{stage}" for stage in STAGES for key in SCALE_STATISTICS)
     entries = tuple(
-        Entry(backbone, _method_label(method), None, variant, None)
+        Entry(backbone, paper.printed_label(paper.TABLE_4, backbone, method), None, variant, None)
         for backbone in BACKBONES for method, variant in _methods(backbone) if variant.attention != "none"
     )
     return TableSpec("figure6", "Figure 6", "learned scales of the first attention module of each stage (s1-s4), "
@@ -324,48 +363,60 @@ class KnownDifference:
     applies: Callable[[Variant], bool]
     note: str
     metrics: tuple[str, ...] = ("params",)  # the columns whose cells it explains
+    # Which figure it explains ours against: "paper", the EMCA paper's cell; "own", the method paper's (brackets).
+    against: tuple[str, ...] = ("paper",)
+
+
+def _method(name: str, backbone: Optional[str] = None) -> Callable[[Variant], bool]:
+    return lambda variant: variant.attention == name and backbone in (None, variant.backbone)
 
 
 PARAM_DIFFERENCES = (
     KnownDifference(
-        lambda v: v.attention.endswith("srm"),
-        "#P of SRM rows: ours include SRM's channel-wise FC (cfc, 2 parameters per channel and module), which the "
-        "paper's "
-        "counter missed (thop skips a Parameter held directly by a non-leaf module); without it ours print as the "
+        lambda v: v.attention.endswith("srm") or v.attention == "sa",
+        "#P of SRM and SANet rows: ours include the parameters these modules hold themselves (SRM's channel-wise FC "
+        "cfc, 2 per channel and module; SA's four gating vectors), which the paper's counter missed (thop counts the "
+        "parameters of modules without children, and these modules have some); without them ours print as the "
         "paper's.",
     ),
     KnownDifference(
-        lambda v: (
-            v.backbone == "resnet18"
-            and v.attention == "emca_se"
-            and v.coverage in ("prev_stage_all", "all_stages_last")
-        ),
+        lambda v: v.backbone == "resnet18" and v.attention == "emca_se" and v.coverage in ("prev_stage_all",
+                                                                                         "all_stages_last"),
         "#P of R-18 EMCA-SE prev_stage_all / all_stages_last: ours are 11,733,041 parameters, 1 short of the "
-        "11,733,042 that "
-        "print as the paper's 11.190; with attention.include_stem=true (the stem as stage 0, as in the authors' code) "
-        "they are 11,733,043 / 11,733,046 = 11.190.",
+        "11,733,042 that print as the paper's 11.190. With attention.include_stem=true (the stem as stage 0, as in "
+        "the authors' code) they are 11,733,043 / 11,733,046 = 11.190, and every EMCA #P of Tables 3 and 4 prints as "
+        "the paper's (EMCA-SRM's without the cfc of the SRM note); the table presets keep the default, off "
+        "(docs/paper.md#parameter-counts).",
     ),
 )
 
-
-def _method(name: str) -> Callable[[Variant], bool]:
-    return lambda variant: variant.attention == name
-
-
-# Table 5's other methods, whose cells compare with their own papers' figures in those papers' units at
-# their printed digits (own_unit_comparison): where ours still print differently, why.
+# Table 5's other methods: their cells compare with the EMCA paper's and, in brackets, with their own papers'
+# figures in those papers' units at their printed digits (own_unit_comparison). Where ours print differently, why.
 METHOD_DIFFERENCES = (
     KnownDifference(
         _method("cbam"),
-        "GFLOPs of CBAM: its paper's +0.006 over its plain ResNet-50 is ours counted over convolutions and linear "
-        "layers alone; this column's counter (the EMCA paper's) also counts 1 per averaged element and 2 per "
-        "BatchNorm output, which CBAM's two average poolings (over space for its channel gate, over channels for "
+        "GFLOPs of CBAM against its own paper: its +0.006 over its plain ResNet-50 is ours counted over convolutions "
+        "and linear layers alone; this column's counter (the EMCA paper's) also counts 1 per averaged element and 2 "
+        "per BatchNorm output, which CBAM's two average poolings (over space for its channel gate, over channels for "
         "its spatial gate) and its spatial gate's BatchNorm raise by 0.011 x 10^9.",
-        ("gflops",),
+        ("gflops",), ("own",),
+    ),
+    KnownDifference(
+        _method("cbam", "resnet50"),
+        "#P of R-50 CBAM: the paper's 26.775 M are 28,075,099 to 28,076,146 parameters, 13,478 to 14,525 fewer than "
+        "CBAM's own model (ours, 28,089,624: its paper's 28.09 M in brackets); the paper's R-18 and R-34 CBAM counts "
+        "are ours to the digit. Which model it counted on R-50 the paper does not say.",
+    ),
+    KnownDifference(
+        _method("bam"),
+        "#P of BAM: the paper prints BAM's in 10^6, not in its 2^20: R-50's 25.92 is BAM's own paper's figure (in "
+        "brackets), and ours, 11,712,503 (R-18) and 25,915,099 (R-50) parameters, are 11.713 and 25.92 in 10^6 "
+        "against its 11.712 and 25.92. Its BAM GFLOPs (1.821, 3.946) are of a count we do not reproduce; ours give "
+        "BAM's own paper's +0.08 over its plain ResNet-50 (in brackets).",
     ),
     *(
         KnownDifference(_method(name), f"#P and GFLOPs of {own.label}: not reproduced; {own.note}.",
-                        ("params", "gflops"))
+                        ("params", "gflops"), ("paper", "own"))
         for name, own in METHOD_REFERENCES.items()
         if not own.reproduced
     ),
@@ -373,11 +424,12 @@ METHOD_DIFFERENCES = (
 KNOWN_DIFFERENCES = PARAM_DIFFERENCES + METHOD_DIFFERENCES
 
 
-def difference_notes(differing: Iterable[tuple[Variant, str]]) -> list[str]:
-    """The notes of the known differences that explain some of these (variant, metric) cells."""
+def difference_notes(differing: Iterable[tuple[Variant, str, str]]) -> list[str]:
+    """The notes of the known differences that explain some of these (variant, metric, against) cells."""
     differing = list(differing)
     return [known.note for known in KNOWN_DIFFERENCES
-            if any(key in known.metrics and known.applies(variant) for variant, key in differing)]
+            if any(key in known.metrics and against in known.against and known.applies(variant)
+                   for variant, key, against in differing)]
 
 
 def format_number(value: Optional[float], digits: int) -> str:
@@ -431,22 +483,27 @@ def _params_differ(values: Sequence[float], reference: Optional[float]) -> bool:
 
 
 def reference_cell(entry: Optional[Entry], key: str, values: Sequence[float], comparable: bool = True,
-                   plain_gflops: Optional[float] = None) -> tuple[str, bool]:
-    """The cell of one metric of one entry, and whether it differs from the published figure (a cell a
-    note must explain): #P digit for digit in the paper's unit; for a row of a method's own paper, #P and
-    GFLOPs in that paper's unit at its printed digits, in brackets (`plain_gflops`: our plain ResNet-50's,
-    for GFLOPs increments). GFLOPs of the paper's own rows agree within 0.5 % (units_note), not to the digit."""
+                   plain_gflops: Optional[float] = None) -> tuple[str, tuple[str, ...]]:
+    """The cell of one metric of one entry, and which figures ours print differently from (cells a note must
+    explain): "paper", the EMCA paper's #P, digit for digit in its unit; "own", a method paper's #P or GFLOPs in
+    that paper's unit at its printed digits, in brackets after the paper's cell (`plain_gflops`: our plain
+    ResNet-50's, for GFLOPs increments). A second reference's accuracy follows in brackets too. GFLOPs of the
+    paper's own rows agree within 0.2 % (units_note), not to the digit."""
     metric = METRICS[key]
     reference = getattr(entry.reference, key, None) if entry and entry.reference else None
     text = compare_cell(values, reference, metric, comparable)
-    if not values or reference is None or not comparable or not metric.published:
-        return text, False
-    if entry.own is not None:
-        comparison = own_unit_comparison(entry.own, key, statistics.fmean(values), plain_gflops)
-        if comparison is not None:
-            bracket, same = comparison
-            return f"{format_ours(values, metric)} / {format_number(reference, metric.digits)} ({bracket})", not same
-    return text, key == "params" and _params_differ(values, reference)
+    if entry is None or not comparable or not metric.published:
+        return text, ()
+    differs = ("paper",) if key == "params" and _params_differ(values, reference) else ()
+    second = getattr(entry.second, key, None) if entry.second and key in ("top1", "top5") else None
+    if second is not None:
+        return f"{text} [{format_number(second, metric.digits)}]", differs
+    ours = statistics.fmean(values) if values else None
+    comparison = entry.own and own_unit_comparison(entry.own, key, ours, plain_gflops)
+    if comparison:
+        bracket, same = comparison
+        return f"{text} [{bracket}]", differs + (() if same else ("own",))
+    return text, differs
 
 
 @functools.lru_cache(maxsize=None)
@@ -485,7 +542,7 @@ class _Filling:
     measured: Mapping[Variant, Measured]
     paper_shown: bool
     records: list[dict] = field(default_factory=list)
-    differing: list[tuple[Variant, str]] = field(default_factory=list)
+    differing: list[tuple[Variant, str, str]] = field(default_factory=list)  # (variant, metric, against)
     forms: set[str] = field(default_factory=set)
     # {(dataset, image size) other than the paper's: labels of the cells measured so}
     apart: dict[tuple, list[str]] = field(default_factory=dict)
@@ -521,8 +578,10 @@ class _Filling:
         increment = bool(values) and key == "gflops" and own is not None and not own.gflops_absolute
         plain_gflops = _plain_gflops(backbone, self.spec.protocol[1]) if increment else None
         text, differs = reference_cell(entry, key, values, True, plain_gflops)
-        if differs and not cell.options:
-            self.differing.append((entry.variant, key))
+        if cell is not None and not cell.options:
+            self.differing += [(entry.variant, key, against) for against in differs]
+        if text.endswith("]"):  # a second reference in brackets: of an accuracy or of a size
+            self.forms.add("second size" if key in ("params", "gflops") else "second accuracy")
         return text
 
 
@@ -547,6 +606,8 @@ def fill_table(spec: TableSpec, measured: Mapping[Variant, Measured], full: bool
                                                            for entry in cells.values() if entry.variant in measured)))
     rows = [filling.row(backbone, row_label, cells) for (backbone, row_label), cells in shown.items()]
     notes = _cell_notes(spec, [measured[v] for v in spec.variants() if v in measured], filling)
+    if filling.paper_shown:
+        notes += row_notes(spec, [entry for cells in shown.values() for entry in cells.values()], spec.metrics)
     notes += difference_notes(filling.differing)
     if len(shown) < len(every_row):
         notes.append(f"Only the rows our runs fill ({len(every_row) - len(shown)} of the paper's left out): "
@@ -564,15 +625,88 @@ def _record(table: str, backbone: str, row: str, group: Optional[str], metric_ke
             "difference": mean - shown if mean is not None and shown is not None else None}
 
 
-def units_note(metric_keys: Iterable[str]) -> list[str]:
-    """The paper's units, for tables with parameter or GFLOPs columns."""
+# The specs that hold the paper's printed cells (Table 9 repeats Table 4's top-1; Figure 6 holds none).
+PAPER_TABLES = ("table2", "table3", "table4", "table5")
+# The R-50 rows whose accuracies are SRM's paper's (method_reference.SRM_TABLE), by variant.
+SRM_TABLE_ROWS = {plain("resnet50"): "ResNet", channel_attention("resnet50", "se"): "SE",
+                  channel_attention("resnet50", "srm"): "SRM*"}
+
+
+def _cell_name(entry: Entry) -> str:
+    return " ".join(filter(None, (paper.SHORT_NAME[entry.backbone], entry.row, entry.group)))
+
+
+def disagreements(spec: TableSpec, entries: Iterable[Entry], metrics: Iterable[str]) -> list[str]:
+    """'R-18 ECA* FPS‡ 848 (Table 5: 839)': the cells of these entries that another of the paper's tables
+    prints differently for the same model (each table holds its own)."""
+    if spec.name not in PAPER_TABLES:
+        return []
+    found: dict[str, dict[str, list[str]]] = {}  # {our cell as printed: {the other figure: [tables]}}
+    for entry in (entry for entry in entries if entry.reference):
+        for key in metrics:
+            digits, ours = METRICS[key].digits, getattr(entry.reference, key)
+            for other in (TABLES[name] for name in PAPER_TABLES if name != spec.name and key in TABLES[name].metrics):
+                for twin in (e for e in other.entries if e.variant == entry.variant and e.reference):
+                    theirs = getattr(twin.reference, key)
+                    if None not in (ours, theirs) and ours != theirs:
+                        cell = f"{_cell_name(entry)} {METRICS[key].label} {ours:.{digits}f}"
+                        found.setdefault(cell, {}).setdefault(f"{theirs:.{digits}f}", []).append(other.paper_name)
+    return [f"{cell} ({', '.join(f'{_tables_text(names)}: {figure}' for figure, names in others.items())})"
+            for cell, others in found.items()]
+
+
+def _tables_text(names: list[str]) -> str:
+    """'Table 5', or 'Tables 3 and 4'."""
+    return names[0] if len(names) == 1 else "Tables " + " and ".join(name.split()[-1] for name in names)
+
+
+def row_notes(spec: TableSpec, entries: Sequence[Entry], metrics: Sequence[str]) -> list[str]:
+    """Notes on the paper's figures in these rows: where its tables disagree, a probable error of the source,
+    figures taken from another paper's table, and the sources of the second references."""
+    entries = [entry for entry in entries if entry is not None]
+    notes = []
+    found = disagreements(spec, entries, metrics)
+    if found:
+        notes.append("The paper's tables print some cells of one model differently; each table holds its own: "
+                     + "; ".join(found) + ".")
+    if any(entry.backbone == "resnet18" and entry.variant.attention == "bam" and entry.reference for entry in entries):
+        bam = paper.TABLE_5[("resnet18", "BAM")]
+        notes.append(f"R-18 BAM: the paper's row repeats its R-50 BAM row's top-1, top-5 and speeds ({bam.top1:.2f} / "
+                     f"{bam.top5:.2f}; {bam.fps:.0f}, {bam.fps_model:.0f}, {bam.fps_pipeline:.0f}) with an R-18 size "
+                     f"({bam.params:.3f} / {bam.gflops:.3f}): held as printed, a probable error of the source.")
+    srm = [label for label in (SRM_TABLE_ROWS.get(entry.variant) for entry in entries if entry.reference) if label]
+    if srm and {"top1", "top5"} & set(metrics):
+        notes.append(f"R-50 {', '.join(dict.fromkeys(srm))}: the paper's top-1 / top-5 are those of SRM's paper's "
+                     f"table ({SRM_TABLE_SOURCE}: " + ", ".join(f"{a:.2f} / {b:.2f}" for a, b in SRM_TABLE.values())
+                     + f" for ResNet-50, SE-ResNet-50, SRM-ResNet-50), trained {SRM_EPOCHS} epochs, not a 100-epoch "
+                     "retrain under the paper's protocol (docs/paper.md#training-protocol).")
+    sources = {}  # the second references the cells show: accuracies (second), #P and GFLOPs (own)
+    for entry in entries:
+        for second, shown in ((entry.second, {"top1", "top5"}), (entry.own, {"params", "gflops"})):
+            if second and shown & set(metrics):
+                sources[second.label] = second.source
+    if sources:
+        notes.append("Second references [...]: " + "; ".join(f"{label}: {source}" for label, source in sources.items())
+                     + ".")
+    return notes
+
+
+def units_note(metric_keys: Iterable[str], others: bool = False) -> list[str]:
+    """The paper's units, for tables with parameter or GFLOPs columns (`others`: with rows of other methods)."""
     if not {"params", "gflops"} & set(metric_keys):
         return []
+    rows = ("its SE / ECA / SRM and EMCA rows within 0.2 % and its other methods' within 0.25 %, but BAM's and "
+            "A2-Nets' (their notes)") if others else "its attention rows within 0.2 %"
     return [
         "#P in M = 2^20 parameters and GFLOPs in 2^30 multiply-accumulates, the paper's units "
         "(docs/paper.md#units). GFLOPs count conv and linear layers, 2 per BatchNorm output and 1 per averaged "
-        "element: that gives the paper's plain-ResNet GFLOPs to the digit and its attention rows within 0.2 %."
+        f"element: that gives the paper's plain-ResNet GFLOPs to the digit and {rows}."
     ]
+
+
+def _has_others(spec: TableSpec) -> bool:
+    """Whether the table has rows of methods other than the paper's SE / ECA / SRM and their EMCA versions."""
+    return any(e.variant.attention.removeprefix("emca_") not in ("none", *KINDS) for e in spec.entries if e.variant)
 
 
 def _protocol_text(protocol: tuple[Optional[str], Optional[int]]) -> str:
@@ -580,12 +714,17 @@ def _protocol_text(protocol: tuple[Optional[str], Optional[int]]) -> str:
     return f"{dataset or 'an unrecorded dataset'} at {f'{size} px' if size else 'an unrecorded size'}"
 
 
-def _own_rows_text(spec: TableSpec) -> str:
-    """How the rows of other methods' papers read, for a table that has some."""
-    if not any(entry.own for entry in spec.entries):
+def _second_text(accuracy: bool, size: bool) -> str:
+    """How the second references read, for a table that shows some: of accuracies, of #P and GFLOPs."""
+    if not (accuracy or size):
         return ""
-    return ("; rows of other methods' papers: #P and GFLOPs with ours / theirs in that paper's unit at its printed "
-            "digits in brackets")
+    what = []
+    if accuracy:
+        what.append("their accuracy")
+    if size:
+        what.append("for #P and GFLOPs ours / theirs in their paper's unit at its printed digits (GFLOPs as the "
+                    "increment over its plain ResNet-50, EPSANet's as printed)")
+    return f"; [...]: a second reference, the method's own authors' figure (sources below): {', or '.join(what)}"
 
 
 def _cell_notes(spec: TableSpec, shown: list[Measured], filling: _Filling) -> list[str]:
@@ -599,8 +738,10 @@ def _cell_notes(spec: TableSpec, shown: list[Measured], filling: _Filling) -> li
     if any(len(values) > 1 for cell in shown for key, values in cell.values.items() if not METRICS[key].per_model):
         notes.append("Repeated runs of a variant (seeds): mean ± sample standard deviation (n = runs).")
     if any(key.startswith("top1_rot") for key in spec.metrics):
-        notes.append("Rotated columns: ours alone (the paper publishes no values); top-1 is the unrotated accuracy.")
-    return notes + units_note(spec.metrics)
+        notes.append(f"Rotated columns: ours alone: the paper prints no figure of {spec.paper_name}, neither in its "
+                     "text nor in the authors' README (github.com/eslambakr/EMCA); top-1 is the unrotated accuracy, "
+                     "beside Table 4's.")
+    return notes + units_note(spec.metrics, _has_others(spec))
 
 
 def _paper_legend(spec: TableSpec, filling: _Filling) -> list[str]:
@@ -608,7 +749,7 @@ def _paper_legend(spec: TableSpec, filling: _Filling) -> list[str]:
     paper_at = _protocol_text(spec.protocol)
     forms = filling.forms
     notes = [f"Cells: ours / paper (ours - paper), ours measured on {paper_at} as the paper's were"
-             + _own_rows_text(spec) + "; '–' = none."]
+             + _second_text("second accuracy" in forms, "second size" in forms) + "; '–' = none."]
     if "– / paper" in forms:
         notes.append("– / paper: ours not measured (no run of the cell, or a speed eval.py has not measured), the "
                      "paper's figure alone.")
@@ -653,7 +794,7 @@ def complexity_table(spec: TableSpec, counts: Mapping[Variant, tuple[int, float]
         variant, backbone, reference = entry.variant, entry.backbone, entry.reference or Reference()
         params, gflops = counts[variant][0] / paper.PARAM_UNIT, counts[variant][1]
         base_params, base_gflops = counts[plain(backbone)][0] / paper.PARAM_UNIT, counts[plain(backbone)][1]
-        paper_base = paper.TABLE_4_5[(backbone, "ResNet")]
+        paper_base = _plain_reference(spec, backbone)
         values = {
             "params": counts[variant][0], "params_m": params, "paper_params_m": reference.params,
             "delta_params_m": params - base_params, "paper_delta_params_m": _minus(reference.params, paper_base.params),
@@ -667,16 +808,27 @@ def complexity_table(spec: TableSpec, counts: Mapping[Variant, tuple[int, float]
                      _delta_cell(values["delta_params_m"], values["paper_delta_params_m"], True),
                      _delta_cell(values["delta_gflops"], values["paper_delta_gflops"], comparable)])
         records.append({"table": spec.name, "backbone": backbone, "row": label, **values})
-        differing += [(variant, key) for key, differs in (("params", params_differ), ("gflops", gflops_differ))
-                      if differs]
-    notes = ["Cells: ours / paper (ours - paper)" + _own_rows_text(spec) + ". Ours: counted on each model built "
-             "with the paper's options (SE without biases) and 1000 classes."] + units_note(["params", "gflops"])
-    notes.append("Δ: increase over the plain ResNet of the same backbone (the paper's from its Table 4 ResNet rows).")
+        differing += [(variant, key, against) for key, differs in (("params", params_differ),
+                                                                   ("gflops", gflops_differ)) for against in differs]
+    sizes = any(entry.own for entry in _first_entries(spec))
+    notes = ["Cells: ours / paper (ours - paper)" + _second_text(False, sizes) + ". Ours: counted on each model built "
+             "with the paper's options (SE without biases) and 1000 classes."] + units_note(["params", "gflops"],
+                                                                                           _has_others(spec))
+    notes.append("Δ: increase over the plain ResNet of the same backbone (the paper's from the ResNet rows of "
+                 f"{'this table' if any(e.variant == plain(e.backbone) for e in spec.entries) else 'Table 4'}).")
     if not comparable:
         notes.append(f"GFLOPs at {image_size} px, ours alone (the paper's are at {spec.protocol[1]} px).")
+    notes += row_notes(spec, _first_entries(spec), ("params", "gflops") if comparable else ("params",))
     notes += difference_notes(differing)
     return Table(f"{spec.name}_complexity", f"{spec.title}: complexity", f"{spec.caption}: complexity",
                  header, rows, records, notes)
+
+
+def _plain_reference(spec: TableSpec, backbone: str) -> Reference:
+    """The paper's plain ResNet row of this backbone: the table's own, or Table 4's for a table without one."""
+    return next((entry.reference for entry in spec.entries
+                 if entry.backbone == backbone and entry.variant == plain(backbone) and entry.reference),
+                paper.TABLE_4[(backbone, "ResNet")])
 
 
 def _first_entries(spec: TableSpec) -> list[Entry]:
