@@ -8,6 +8,7 @@ EvalError for eval.py), so that every entry point prints the line and exits 1 wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 
@@ -48,3 +49,8 @@ def override_key(line: str) -> str:
     """The key or group a command-line override sets, as Hydra reads it: `+experiment=x` -> experiment,
     `++a.b=1` and `~a.b` -> a.b, `group@package=x` -> group."""
     return line.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def option_value(value: Any) -> Any:
+    """An enum option's value as written in YAML: the schema gives enums, an untyped DictConfig strings."""
+    return value.value if isinstance(value, Enum) else value

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from emca.models import attention_modules
-from emca.options import require, require_int
+from emca.options import option_value, require, require_int
 
 
 class OptimizerName(Enum):
@@ -40,11 +40,6 @@ LOSSES = tuple(loss.value for loss in LossName)
 NO_WEIGHT_DECAY = tuple(kind.value for kind in NoWeightDecay)
 # How the start-up log names each optimizer.
 LABELS = {OptimizerName.sgd: "SGD", OptimizerName.adamw: "AdamW", OptimizerName.lamb: "LAMB"}
-
-
-def option_value(value: Any) -> Any:
-    """An enum option's value as written in YAML: the schema gives enums, an untyped DictConfig strings."""
-    return value.value if isinstance(value, Enum) else value
 
 
 def scaled_lr(lr: float, global_batch: int, lr_scale_batch: int | None) -> float:

@@ -20,16 +20,11 @@ from emca.models import _field
 from emca.models.detection import EvalBatchNorm2d, detection_backbone
 from emca.models.initialisation import initialise_from
 from emca.models.resnet import BACKBONES
-from emca.options import require_int
+from emca.options import option_value, require_int
 
 DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet}
 NORMS = {"mmdet": EvalBatchNorm2d, "frozen": FrozenBatchNorm2d}
 FPN_CHANNELS = 256  # torchvision's and MMDetection's FPN width
-
-
-def value(option: Any) -> Any:
-    """An Enum option's value (a DictConfig holds Enum members), anything else as given."""
-    return getattr(option, "value", option)
 
 
 def build_detector(detector: Any, backbone: Any, attention: Any, coverage: Any, num_classes: int,
@@ -37,7 +32,7 @@ def build_detector(detector: Any, backbone: Any, attention: Any, coverage: Any, 
     """The detector of the config groups (detector, backbone, attention, coverage), its backbone
     initialised from `weights` (a classification run's checkpoint or a torchvision ResNet's state_dict)
     when given. Its `initialisation` says what the file gave (None without weights)."""
-    name = value(_field(detector, "name"))
+    name = option_value(_field(detector, "name"))
     require_int("detector.min_size", _field(detector, "min_size"), 1)
     require_int("detector.max_size", _field(detector, "max_size"), _field(detector, "min_size"))
     retinanet = name == "retinanet"
@@ -46,7 +41,7 @@ def build_detector(detector: Any, backbone: Any, attention: Any, coverage: Any, 
         _field(backbone, "name"), _field(attention, "name"),
         {"stages": _field(coverage, "stages"), "blocks": _field(coverage, "blocks")},
         trainable_layers=_field(detector, "trainable_layers"),
-        norm_layer=NORMS[value(_field(detector, "norm"))],
+        norm_layer=NORMS[option_value(_field(detector, "norm"))],
         # RetinaNet's levels P3-P7: C3-C5 and two extra levels (torchvision's retinanet_resnet50_fpn).
         returned_layers=[2, 3, 4] if retinanet else None,
         extra_blocks=_retinanet_extra(detector, backbone) if retinanet else None,
@@ -74,7 +69,7 @@ def _rcnn_options(detector: Any) -> dict[str, int]:
 
 def _retinanet_extra(detector: Any, backbone: Any) -> LastLevelP6P7:
     # torchvision's LastLevelP6P7 starts from P5 when its input width equals its output width, else from C5.
-    if value(_field(detector, "retinanet_extra")) == "p5":
+    if option_value(_field(detector, "retinanet_extra")) == "p5":
         return LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS)
     last_stage = BACKBONES[_field(backbone, "name")].block.expansion * 512  # C5's width: 512 (R-18/34), 2048
     return LastLevelP6P7(last_stage, FPN_CHANNELS)
@@ -83,4 +78,4 @@ def _retinanet_extra(detector: Any, backbone: Any) -> LastLevelP6P7:
 def detector_architecture(model: nn.Module, detector: Any, num_classes: int) -> dict[str, Any]:
     """What a detection checkpoint must match: the backbone's description and the detector's."""
     return {**model.backbone.body.architecture(), "num_classes": num_classes,
-            "detector": value(_field(detector, "name"))}
+            "detector": option_value(_field(detector, "name"))}

@@ -26,7 +26,8 @@ from emca.engine.precision import autocast
 from emca.engine.task import Task, TaskStep
 from emca.models import coverage_name
 from emca.models.config import check_model_options, warn_ignored_model_options
-from emca.models.detectors import build_detector, detector_architecture, value
+from emca.models.detectors import build_detector, detector_architecture
+from emca.options import option_value
 
 # The losses each detector returns in training (torchvision's names), summed into the step's loss.
 LOSSES = {
@@ -139,7 +140,7 @@ class DetectionTask(DetectionStep, Task):
     def __init__(self, cfg: DictConfig, ctx: DistributedContext):
         self.cfg, self.ctx = cfg, ctx
         _check_options(cfg)
-        self.kind = value(cfg.detector.name)
+        self.kind = option_value(cfg.detector.name)
         self.data: DetectionData = build_detection_loaders(
             cfg.dataset, cfg.loader, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.trainer.seed,
             masks=self.kind == "mask_rcnn", device=ctx.device)
@@ -180,7 +181,7 @@ class DetectionTask(DetectionStep, Task):
             f"{self.parameters:,} parameters, {self.trained_parameters:,} trained "
             f"({self.trained_parameters / 1e6:.2f} M, M = 10^6 as MMDetection counts); images resized to "
             f"{detector.min_size} (longer side at most {detector.max_size}), backbone BatchNorm "
-            f"{value(detector.norm)}, {detector.trainable_layers} stages trained")
+            f"{option_value(detector.norm)}, {detector.trainable_layers} stages trained")
         lines.append(
             f"data {cfg.dataset.name} (COCO format, {cfg.dataset.root}): {data.num_train} train / {data.num_val} val "
             f"images, {len(data.categories)} categories, global batch {cfg.dataset.batch_size} over {ctx.world_size} "
