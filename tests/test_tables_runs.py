@@ -32,7 +32,7 @@ def run_config(backbone: str, attention: str, coverage: Optional[str], dataset: 
     config = {"backbone": {"name": backbone, "zero_init_residual": False},
               "attention": {"name": attention, "integration": "first" if attention.startswith("emca_") else "all",
                             "se_ratio": 16, "se_bias": False, "eca_kernel": "adaptive", "gating": "multiply",
-                            "align": "repeat", "include_stem": False},
+                            "align": "repeat", "include_stem": True},
               "coverage": {"name": coverage or "prev_stage_all", "stages": stages, "blocks": blocks},
               "dataset": {"name": dataset, "image_size": image_size},
               "optimizer": {"lr": 0.1}, "trainer": {"seed": seed, "epochs": 100}}
@@ -202,8 +202,12 @@ def test_a_run_off_the_papers_options_is_named_with_the_override_that_trains_the
     ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         readme = ["attention=emca_se", "coverage=prev_stage_all"]
-        assert variant_from_config(compose("train", overrides=readme)).options == (("se_bias", True),)
-        assert variant_from_config(compose("train", overrides=[*readme, "attention.se_bias=false"])).options == ()
+        # The schema's defaults are Hu et al.'s SE and no stem; the presets set the authors' (the paper's counts).
+        assert variant_from_config(compose("train", overrides=readme)).options == (("se_bias", True),
+                                                                                  ("include_stem", False))
+        paper_model = [*readme, "attention.se_bias=false", "attention.include_stem=true"]
+        assert variant_from_config(compose("train", overrides=paper_model)).options == ()
+        assert variant_from_config(compose("train", overrides=["+experiment=table4", *readme])).options == ()
 
 
 def test_the_override_a_note_names_sets_each_option_to_the_papers_value():
