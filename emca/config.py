@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from emca.analysis import eval_config
+from emca.analysis.tables import TABLES
 from emca.data.config import DatasetConfig, LoaderConfig
 from emca.engine.distributed import env_rank, scratch_run_dir
 from emca.engine.optim import LossName, NoWeightDecay, OptimizerName  # noqa: F401  (where optim.py reads them)
@@ -363,6 +364,14 @@ def _sweep_subdir(num, *, _root_) -> str:
                           _swept_keys(hydra.sweep.dir, hydra.get("sweeper")), options.kv_sep, options.item_sep)
 
 
+def _attentions(table: str = "") -> str:
+    if not table:
+        return ",".join(ATTENTIONS)
+    if table not in TABLES:
+        raise ValueError(f"${{emca.attentions:{table}}}: no such table; name one of {sorted(TABLES)} or none")
+    return ",".join(dict.fromkeys(variant.attention for variant in TABLES[table].variants()))
+
+
 def register() -> None:
     """Register the schemas (train's, summary's, export's, eval's) and the resolvers configs/train.yaml
     uses (idempotent)."""
@@ -377,8 +386,9 @@ def register() -> None:
         store.store(group="attention", name=name, node=node)
     # Non-zero torchrun ranks get a scratch job folder (see emca.engine.distributed).
     OmegaConf.register_new_resolver("emca.run_dir", _run_dir, replace=True)
-    # configs/experiment/table5.yaml sweeps every attention of the table: ${emca.attentions:}.
-    OmegaConf.register_new_resolver("emca.attentions", lambda: ",".join(ATTENTIONS), replace=True)
+    # A sweep list of attentions: every one of the table (${emca.attentions:}, configs/experiment/ca_all.yaml) or
+    # a paper table's (${emca.attentions:table5}).
+    OmegaConf.register_new_resolver("emca.attentions", _attentions, replace=True)
     # A sweep job's folder name from its swept overrides (configs/train.yaml's hydra.sweep.subdir).
     OmegaConf.register_new_resolver("emca.sweep_subdir", _sweep_subdir, replace=True)
     # coverage.name, derived from coverage.stages / coverage.blocks (emca/models/config.py).

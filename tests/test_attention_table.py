@@ -149,11 +149,14 @@ def test_resnet50_has_the_methods_published_size(name):
     ResNet-50, within the printed digits' rounding of both figures."""
     reference = METHOD_REFERENCES[name]
     params, gflops = r50_cost(name)
-    params_match = round(params / 1e6, reference.params_digits) == reference.params
+    # A figure no text source prints (None) is not compared; its note says what the source does print.
+    params_match = reference.params is None or round(params / 1e6, reference.params_digits) == reference.params
     increment = gflops - r50_cost("none")[1]
-    gflops_match = abs(increment - (reference.gflops - reference.base_gflops)) <= 10 ** -reference.gflops_digits
+    gflops_match = reference.gflops is None or (
+        abs(increment - (reference.gflops - reference.base_gflops)) <= 10 ** -reference.gflops_digits)
     assert (params_match and gflops_match) == reference.reproduced, (params / 1e6, increment, reference)
     assert reference.reproduced or reference.note
+    assert None not in (reference.params, reference.gflops, reference.top1) or reference.note
 
 
 def test_emca_cbam_hand_computed():

@@ -16,6 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 import emca.config  # noqa: F401  (registers the training schema and its resolvers)
 from emca.analysis.tables import TABLES
 from emca.analysis.variants import emca, variant_from_config
+from emca.layers.create_attn import ATTENTIONS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -41,7 +42,8 @@ def job_variants(jobs: list[list[str]]) -> list:
     return [variant_from_config(compose("train", overrides=job)) for job in jobs]
 
 
-@pytest.mark.parametrize("table, runs", [("table2", 27), ("table3", 45), ("table4", 21), ("table5", 45)])
+@pytest.mark.parametrize("table, runs", [("table2", 27), ("table3", 45), ("table4", 21), ("table5", 42),
+                                         ("ca_all", 3 * len(ATTENTIONS))])
 def test_preset_sweeps_exactly_the_tables_variants(hydra_configs, table, runs):
     variants = job_variants(sweep_jobs(table))
     assert len(variants) == runs == len(set(variants))
@@ -57,9 +59,10 @@ def test_presets_size_ecas_kernel_by_the_adaptive_rule(hydra_configs, table):
     assert eca and compose("train", overrides=eca[0]).attention.eca_kernel == "adaptive"
 
 
-def test_preset_sweep_folder_is_named_after_the_table(hydra_configs):
-    cfg = compose("train", overrides=["+experiment=table3"], return_hydra_config=True)
-    assert cfg.hydra.sweep.dir.startswith("multirun/table3/")
+@pytest.mark.parametrize("table", ["table3", "ca_all"])
+def test_preset_sweep_folder_is_named_after_the_table(hydra_configs, table):
+    cfg = compose("train", overrides=[f"+experiment={table}"], return_hydra_config=True)
+    assert cfg.hydra.sweep.dir.startswith(f"multirun/{table}/")
 
 
 def test_command_line_sweeps_replace_the_presets_lists(hydra_configs):

@@ -18,6 +18,7 @@ from emca.analysis.complexity import count_variants
 from emca.analysis.runs import find_runs, measurements
 from emca.analysis.tables import TABLES, Measured, complexity_table, fill_table
 from emca.analysis.variants import Variant, channel_attention, emca, plain, variant_from_config
+from emca.layers.create_attn import ATTENTIONS
 
 DESIGN_NOTES = Path(__file__).resolve().parents[1] / "docs" / "paper.md"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,16 +68,22 @@ def test_table_specs_cover_the_papers_rows():
     assert len(TABLES["table3"].variants()) == 45
     assert len(TABLES["table4"].variants()) == 21
     table5 = TABLES["table5"]
-    assert len(table5.variants()) == 3 * 15
+    assert len(table5.variants()) == 3 * 14
     assert [v.attention for v in table5.variants() if v.backbone == "resnet50"] == [
         "none", "se", "emca_se", "eca", "emca_eca", "srm", "emca_srm",
-        "cbam", "emca_cbam", "bam", "fca", "sa", "epsa", "a2", "gc",
+        "cbam", "emca_cbam", "bam", "fca", "sa", "epsa", "a2",
     ]
+    # ca_all: every attention of the table, Table 5's rows first, with the same cells where both have the row.
+    ca_all = TABLES["ca_all"]
+    assert sorted({v.attention for v in ca_all.variants()}) == sorted(ATTENTIONS)
+    assert len(ca_all.variants()) == 3 * len(ATTENTIONS)
+    assert set(table5.entries) < set(ca_all.entries)
     # Every row the paper's Table 5 prints, with its own cells; the other rows (ours alone) have none.
     held = {(entry.backbone, entry.row): entry.reference for entry in table5.entries if entry.reference}
     assert held == paper.TABLE_5
     rows = {(entry.backbone, entry.row): entry for entry in table5.entries}
-    assert rows[("resnet50", "CBAM")].reference.params == 26.775 and rows[("resnet50", "GC")].reference is None
+    assert rows[("resnet50", "CBAM")].reference.params == 26.775 and ("resnet50", "GC") not in rows
+    assert {(e.backbone, e.row): e for e in ca_all.entries}[("resnet50", "GC")].reference is None
     assert rows[("resnet18", "EMCA-CBAM")].reference is None and ("resnet34", "BAM") in rows
     # Second references: the method's own R-50 figures (and FcaNet's R-34 top-1), none for the paper's own rows.
     assert rows[("resnet50", "FcaNet*")].second.top1 == 78.52 and rows[("resnet34", "FcaNet*")].second.top1 == 75.07
@@ -157,7 +164,7 @@ def test_variant_from_config_reads_the_coverage_fields_not_the_name():
     }
     variant = variant_from_config(cfg)
     assert variant.cell() == emca("resnet50", "eca", "all_stages_last")
-    assert variant.options == (("gating", "residual"),)
+    assert variant.options == (("gating", "residual"), ("include_stem", False))  # a config without it: off
     assert variant_from_config({**cfg, "attention": {"name": "none", "integration": "all"}}) == Variant(
         "resnet50", "none"
     )

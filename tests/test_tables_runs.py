@@ -321,3 +321,18 @@ def test_make_tables_end_to_end_on_run_folders(tmp_path):
     records = list(csv.DictReader((out / "tables.csv").open()))
     top1 = next(r for r in records if r["row"] == "SE" and r["metric"] == "top1" and r["backbone"] == "resnet18")
     assert (top1["runs"], float(top1["std"])) == ("2", pytest.approx(0.7071, abs=1e-4))
+
+
+def test_the_every_method_table_is_printed_for_runs_beyond_the_papers_tables(tmp_path):
+    """make_tables leaves ca_all out while the paper's tables place every run (it repeats Table 5's rows), and
+    prints it, with only the rows the runs fill, once a run of a method beyond the paper's (GC) is among them."""
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "se", attention="se")
+    out = tmp_path / "tables"
+    result = run_python("scripts/make_tables.py", str(sweep), "--out", str(out))
+    assert result.returncode == 0 and "Table 5:" in result.stdout and "Channel attention:" not in result.stdout
+    write_run(sweep / "gc", attention="gc", params=11_776_000)
+    result = run_python("scripts/make_tables.py", str(sweep), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout[result.stdout.index("Channel attention:"):]
+    assert "| R-18 | GC |" in table and "| R-18 | SE |" in table and "not in " not in result.stdout

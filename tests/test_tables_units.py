@@ -5,6 +5,8 @@ each note's claim is checked by computing it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -202,6 +204,13 @@ def test_complexity_table_prints_every_cell_beside_the_papers_with_the_two_notes
 
 
 # ----------------------------------------------------------------------------- Table 5
+# Table 5's rows and GC's (a method beside the paper's since v0.2): the ca_all table's rows of those methods, the
+# same entries as Table 5's (tests/test_tables.py). The other methods of ca_all: tests/test_attention_table.py.
+TABLE_5 = dataclasses.replace(TABLES["ca_all"], entries=tuple(
+    entry for entry in TABLES["ca_all"].entries
+    if entry.variant.attention in {*(v.attention for v in TABLES["table5"].variants()), "gc"}))
+
+
 @pytest.fixture(scope="module")
 def table5_macs() -> dict[Variant, tuple[int, int, int]]:
     """(parameters, conv and linear MACs, the counter's other MACs) of every Table 5 variant at 224 px,
@@ -209,7 +218,7 @@ def table5_macs() -> dict[Variant, tuple[int, int, int]]:
     without initialising or multiplying anything (a fraction of the CPU's time; the next test checks
     that the counts are the CPU's)."""
     counts = {}
-    for variant in TABLES["table5"].variants():
+    for variant in TABLE_5.variants():
         with torch.device("meta"):
             model = build_variant(variant)
         counts[variant] = (count_parameters(model), *count_macs(model, 224))
@@ -228,7 +237,7 @@ def test_table5_counts_on_the_meta_device_are_those_on_the_cpu(table5_macs, tabl
 def table5(table5_macs):
     counts = {variant: (params, (layers + extra) / paper.GFLOP_UNIT)
               for variant, (params, layers, extra) in table5_macs.items()}
-    return complexity_table(TABLES["table5"], counts)
+    return complexity_table(TABLE_5, counts)
 
 
 # Table 5's #P and GFLOPs cells as make_tables prints them: ours / the paper's cell (ours - paper), then for the
@@ -288,7 +297,7 @@ def test_table5_cells_are_pinned_and_each_that_differs_has_exactly_one_note(tabl
     params, gflops = table5.header.index("#P (M)"), table5.header.index("GFLOPs")
     rows = {(row[0], row[1]): row for row in table5.rows}
     assert {cell: (rows[cell][params], rows[cell][gflops]) for cell in TABLE_5_CELLS} == TABLE_5_CELLS
-    entries = {(paper.SHORT_NAME[entry.backbone], entry.row): entry for entry in TABLES["table5"].entries}
+    entries = {(paper.SHORT_NAME[entry.backbone], entry.row): entry for entry in TABLE_5.entries}
     differing = {(cell, key, against) for cell, row in rows.items()
                  for key, index in (("params", params), ("gflops", gflops)) for against in _differs(row[index], key)}
     assert differing == {
@@ -333,7 +342,7 @@ def test_method_notes_apply_to_no_table_2_to_4_variant():
 
 def _variant(attention: str) -> Variant:
     """Table 5's R-50 variant of a method (its own paper's backbone)."""
-    return next(variant for variant in TABLES["table5"].variants()
+    return next(variant for variant in TABLE_5.variants()
                 if variant.attention == attention and variant.backbone == "resnet50")
 
 
@@ -406,11 +415,11 @@ def test_a2_nets_note_its_figures_are_ours(table5_macs):
 def test_a_run_table_compares_the_other_methods_as_the_complexity_table_does(table5_macs):
     """make_tables on runs: the same cells and notes for the other methods (our plain R-50's GFLOPs, for
     the increments, counted by the table itself when no run has it)."""
-    others = [entry for entry in TABLES["table5"].entries if entry.own is not None]
+    others = [entry for entry in TABLE_5.entries if entry.own is not None]
     measured = {entry.variant: Measured.single({"params": table5_macs[entry.variant][0] / paper.PARAM_UNIT,
                                                 "gflops": sum(table5_macs[entry.variant][1:]) / paper.GFLOP_UNIT})
                 for entry in others}
-    table = fill_table(TABLES["table5"], measured)
+    table = fill_table(TABLE_5, measured)
     params, gflops = table.header.index("#P (M)"), table.header.index("GFLOPs")
     assert {(row[0], row[1]): (row[params], row[gflops]) for row in table.rows} == {
         ("R-50", entry.row): TABLE_5_CELLS[("R-50", entry.row)] for entry in others}

@@ -12,6 +12,11 @@ ResNet-50 is 3.858, 3.86, 4.1 or 4.12 GFLOPs), so a method's GFLOPs are compared
 the same paper's plain ResNet-50 (`base_gflops`), which cancels the convention, unless `gflops_absolute`
 says that the two figures are not of one count (EPSANet).
 
+`base_top1` / `base_top5` hold the plain ResNet-50 a source compares its method with, where a text source
+prints it: SE's Table 2, and the newer methods' READMEs. CBAM's, BAM's, FcaNet's, SA-Net's, EPSANet's, A2-Nets'
+and GCNet's own baselines are printed only in their papers' tables, which no text source this project reads
+holds; the EMCA paper's ResNet rows are the baseline its Table 5 compares with.
+
 `reproduced` says whether our model of the method matches the printed figures to their digits
 (tests/test_attention_table.py checks both ways, so a fixed gap or a new one fails a test); `note`
 says why not where it does not. emca/analysis/tables.py sets these figures in brackets beside ours and the
@@ -27,14 +32,20 @@ from typing import Optional
 @dataclass(frozen=True)
 class MethodReference:
     label: str
-    params: float  # decimal millions, as printed
+    # None where no text source this project reads prints the figure (then `note` says what is printed)
+    params: Optional[float]  # decimal millions, as printed
     params_digits: int  # decimals printed
-    gflops: float
-    base_gflops: float  # the same paper's plain ResNet-50
+    gflops: Optional[float]
+    base_gflops: Optional[float]  # the same paper's plain ResNet-50
     gflops_digits: int
-    top1: float  # the method paper's own ResNet-50 top-1
+    top1: Optional[float]  # the method paper's own ResNet-50 top-1
     source: str
     top5: Optional[float] = None  # where its source prints one
+    # The plain ResNet-50 the source compares with (its top-1 / top-5), where a text source prints it:
+    # the method's gain is measured against it, not against another paper's ResNet-50.
+    base_top1: Optional[float] = None
+    base_top5: Optional[float] = None
+    base_source: str = ""  # where that baseline is printed, when not in `source`
     # ((backbone, top-1), ...): the same source's figures on other backbones of the tables (R-18, R-34)
     other_backbones: tuple[tuple[str, float], ...] = ()
     reproduced: bool = True
@@ -47,7 +58,9 @@ class MethodReference:
 
 
 METHOD_REFERENCES: dict[str, MethodReference] = {
-    "se": MethodReference("SE", 28.09, 2, 3.87, 3.86, 2, 76.71, "Hu et al., CVPR 2018 / TPAMI, Table 2 (SE-ResNet-50)"),
+    # Table 2 prints SE-ResNet-50 23.29 / 6.62 and its ResNet-50 re-implementation 24.80 / 7.48 top-1 / top-5 error.
+    "se": MethodReference("SE", 28.09, 2, 3.87, 3.86, 2, 76.71, "Hu et al., CVPR 2018 / TPAMI, Table 2 (SE-ResNet-50)",
+                          base_top1=75.20, base_top5=92.52),
     "cbam": MethodReference("CBAM", 28.09, 2, 3.864, 3.858, 3, 77.34,
                             "Woo et al., ECCV 2018, Table 4 (ResNet50 + CBAM; top-1 error 22.66)"),
     "bam": MethodReference("BAM", 25.92, 2, 3.94, 3.86, 2, 75.98,

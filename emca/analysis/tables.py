@@ -217,12 +217,18 @@ def _table4() -> TableSpec:
     )
 
 
-def _table5_methods(backbone: str) -> list[tuple[str, Variant]]:
-    """Table 5's rows on one backbone: Table 4's, then every other method of the attention table and its EMCA
-    version (a method a user adds is a row too; the paper's rows carry its cells)."""
+def in_paper_table5(label: str) -> bool:
+    """Whether the paper's Table 5 prints a row of this method on some backbone."""
+    return any((backbone, paper.printed_label(paper.TABLE_5, backbone, label)) in paper.TABLE_5
+               for backbone in BACKBONES)
+
+
+def _table5_methods(backbone: str, every: bool = False) -> list[tuple[str, Variant]]:
+    """Table 5's rows on one backbone: Table 4's, then each other method of the paper's Table 5 (every method of
+    the attention table with `every`, ca_all's rows) and its EMCA version; the paper's rows carry its cells."""
     rows = _methods(backbone)
     for kind in ATTENTION_KINDS:
-        if kind.name not in KINDS:
+        if kind.name not in KINDS and (every or in_paper_table5(kind.label)):
             rows.append((kind.label, Variant(backbone, kind.name, default_integration(kind.name))))
             if kind.excitation is not None:
                 rows.append((f"EMCA-{kind.label}", emca(backbone, kind.name, DEFAULT_COVERAGE)))
@@ -240,20 +246,33 @@ def _method_second(attention: str, backbone: str) -> Optional[Second]:
     return Second(own.label, own.source, top1, own.top5 if backbone == OWN_BACKBONE else None)
 
 
-def _table5() -> TableSpec:
+def _method_entries_of(every: bool) -> tuple[Entry, ...]:
     entries = []
     for backbone in BACKBONES:
-        for method, variant in _table5_methods(backbone):
+        for method, variant in _table5_methods(backbone, every):
             label = paper.printed_label(paper.TABLE_5, backbone, method)
             other = variant.attention not in ("none", *KINDS) and not variant.is_emca
             own = METHOD_REFERENCES.get(variant.attention) if other and backbone == OWN_BACKBONE else None
             entries.append(Entry(backbone, label, None, variant, paper.TABLE_5.get((backbone, label)), own,
                                  _method_second(variant.attention, backbone) if other else None))
+    return tuple(entries)
+
+
+def _table5() -> TableSpec:
     return TableSpec("table5", "Table 5", "EMCA against other attention methods: the paper's cells, then in brackets "
                      "the other methods' own published figures (for #P and GFLOPs ours / theirs in that paper's unit "
                      "at its printed digits, emca/analysis/method_reference.py)", "method",
-                     ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"), tuple(entries),
-                     preset="table5")
+                     ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"),
+                     _method_entries_of(every=False), preset="table5")
+
+
+def _ca_all() -> TableSpec:
+    """Every method of the attention table and its EMCA version: the paper's Table 5 and the methods beyond it."""
+    return TableSpec("ca_all", "Channel attention", "every method of the attention table on R-18/34/50: the EMCA "
+                     "paper's cells where its Table 5 prints the row, then in brackets each method's own published "
+                     "figures (emca/analysis/method_reference.py)", "method",
+                     ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"),
+                     _method_entries_of(every=True), preset="ca_all")
 
 
 def _unit_text(unit: int) -> str:
@@ -277,6 +296,8 @@ def own_unit_comparison(own: MethodReference, key: str, ours: Optional[float], p
     GFLOPs as the increment over the plain ResNet-50 (its paper's base_gflops, ours `plain_gflops`), or as
     printed for a figure without a plain ResNet-50 of its count (gflops_absolute). `ours` and `plain_gflops`
     are in this table's units (the EMCA paper's); None for another metric."""
+    if (key == "params" and own.params is None) or (key == "gflops" and own.gflops is None):
+        return None  # not printed in a source we read (the method reference's note says so)
     if key == "params":
         ours, theirs, over = None if ours is None else ours * paper.PARAM_UNIT / own.params_unit, own.params, None
         unit, digits = own.params_unit, own.params_digits
@@ -321,7 +342,7 @@ def _figure6() -> TableSpec:
 
 
 TABLES: dict[str, TableSpec] = {
-    spec.name: spec for spec in (_table2(), _table3(), _table4(), _table5(), _table9(), _figure6())
+    spec.name: spec for spec in (_table2(), _table3(), _table4(), _table5(), _ca_all(), _table9(), _figure6())
 }
 
 
@@ -685,11 +706,19 @@ def row_notes(spec: TableSpec, entries: Sequence[Entry], metrics: Sequence[str])
     for entry in entries:
         for second, shown in ((entry.second, {"top1", "top5"}), (entry.own, {"params", "gflops"})):
             if second and shown & set(metrics):
-                sources[second.label] = second.source
+                sources[second.label] = second.source + _baseline_text(METHOD_REFERENCES.get(entry.variant.attention))
     if sources:
         notes.append("Second references [...]: " + "; ".join(f"{label}: {source}" for label, source in sources.items())
                      + ".")
     return notes
+
+
+def _baseline_text(own: Optional[MethodReference]) -> str:
+    """'; its plain ResNet-50: 75.20 / 92.52 (source)': the baseline a method's own paper compares with."""
+    if own is None or own.base_top1 is None:
+        return ""
+    top5 = "" if own.base_top5 is None else f" / {own.base_top5:.2f}"
+    return f"; its plain ResNet-50: {own.base_top1:.2f}{top5}" + (f" ({own.base_source})" if own.base_source else "")
 
 
 def units_note(metric_keys: Iterable[str], others: bool = False) -> list[str]:
