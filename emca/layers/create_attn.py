@@ -30,8 +30,10 @@ from torch import nn
 
 from emca.layers.bam import BAM
 from emca.layers.cbam import CBAM, CBAMChannelExcitation
+from emca.layers.ceca import CECAExcitation
 from emca.layers.channel_attention import ChannelAttention
 from emca.layers.double_attention import a2_block, a2_positions
+from emca.layers.effective_se import EffectiveSE, ESEExcitation
 from emca.layers.epsanet import epsa_block
 from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
@@ -110,6 +112,12 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
     # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
     AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
+    # Effective SE (VoVNetV2): one C -> C layer with bias, hard-sigmoid gate; its W_m2 (emca_ese) keeps
+    # EMCA's sigmoid, as every W_m2 does (emca/layers/effective_se.py).
+    AttentionKind("ese", "ESE", "branch", module=EffectiveSE, excitation=ESEExcitation, pooling="mean"),
+    # Circular ECA (timm's CecaModule): ECA's channel convolution, wrapped around; kernel as ECA's.
+    AttentionKind("ceca", "CECA", "branch", excitation=CECAExcitation, pooling="mean",
+                  options={"kernel": "adaptive"}, per_stage=("kernel",)),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
