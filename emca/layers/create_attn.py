@@ -31,6 +31,7 @@ from torch import nn
 from emca.layers.bam import BAM
 from emca.layers.cbam import CBAM, CBAMChannelExcitation
 from emca.layers.channel_attention import ChannelAttention
+from emca.layers.coord_attention import CoordAttention
 from emca.layers.double_attention import a2_block, a2_positions
 from emca.layers.epsanet import epsa_block
 from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
@@ -38,6 +39,7 @@ from emca.layers.fcanet import MultiSpectralAttention
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
 from emca.layers.shuffle_attention import shuffle_attention
+from emca.layers.simam import SIMAM_LAMBDA, simam_block
 
 PLACES = ("branch", "stage_end", "block")
 INTEGRATIONS = ("all", "first", "last")
@@ -110,6 +112,10 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
     # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
     AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
+    # Coordinate attention where SE sits, the authors' widths: bottleneck max(min_hidden, C // reduction).
+    AttentionKind("coord", "CoordAtt", "branch", module=CoordAttention, options={"reduction": 32, "min_hidden": 8}),
+    # Parameter-free SimAM after every block's 3x3 convolution (the authors' ImageNet ResNets), lambda 0.1.
+    AttentionKind("simam", "SimAM", "block", module=simam_block, options={"e_lambda": SIMAM_LAMBDA}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
