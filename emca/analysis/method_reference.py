@@ -89,6 +89,15 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
     ),
     "gc": MethodReference("GC", 28.08, 2, 4.13, 4.12, 2, 77.70,
                           "Cao et al., GCNet 2019, ImageNet table (ResNet-50 + GC, r16, c3-c5)"),
+    # The README's table prints SimAM-R50 (25.56 M, 4.11 G) and no plain ResNet-50 beside it. Its SimAM figures
+    # are the plain networks' in a count with the BatchNorm outputs (thop, which it names, counts nothing for a
+    # parameter-free module): emca.analysis.complexity.count_macs of the plain R-18/34/50/101 gives 1.82, 3.67,
+    # 4.11, 7.83 x 10^9, the README's SimAM-R18/34/50/101 to their digits. base_gflops is that 4.11, inferred,
+    # not printed.
+    # CoordAtt has no entry: its authors print ImageNet figures for MobileNetV2 / MobileNeXt / EfficientNet only.
+    "simam": MethodReference("SimAM", 25.56, 2, 4.11, 4.11, 2, 77.45,
+                             "Yang et al., ICML 2021; ZjjConan/SimAM README @ ae98f43, ImageNet table (SimAM-R50)",
+                             top5=93.66, other_backbones=(("resnet18", 71.31), ("resnet34", 74.49))),
 }
 
 # SRM's paper's ImageNet table as its official repository shows it (the README's figures/imagenet.png): top-1 /

@@ -32,6 +32,7 @@ from emca.layers.bam import BAM
 from emca.layers.cbam import CBAM, CBAMChannelExcitation
 from emca.layers.ceca import CECAExcitation
 from emca.layers.channel_attention import ChannelAttention
+from emca.layers.coord_attention import CoordAttention
 from emca.layers.double_attention import a2_block, a2_positions
 from emca.layers.effective_se import EffectiveSE, ESEExcitation
 from emca.layers.epsanet import epsa_block
@@ -40,6 +41,7 @@ from emca.layers.fcanet import MultiSpectralAttention
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
 from emca.layers.shuffle_attention import shuffle_attention
+from emca.layers.simam import SIMAM_LAMBDA, simam_block
 
 PLACES = ("branch", "stage_end", "block")
 INTEGRATIONS = ("all", "first", "last")
@@ -118,6 +120,10 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     # Circular ECA (timm's CecaModule): ECA's channel convolution, wrapped around; kernel as ECA's.
     AttentionKind("ceca", "CECA", "branch", excitation=CECAExcitation, pooling="mean",
                   options={"kernel": "adaptive"}, per_stage=("kernel",)),
+    # Coordinate attention where SE sits, the authors' widths: bottleneck max(min_hidden, C // reduction).
+    AttentionKind("coord", "CoordAtt", "branch", module=CoordAttention, options={"reduction": 32, "min_hidden": 8}),
+    # Parameter-free SimAM after every block's 3x3 convolution (the authors' ImageNet ResNets), lambda 0.1.
+    AttentionKind("simam", "SimAM", "block", module=simam_block, options={"e_lambda": SIMAM_LAMBDA}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
