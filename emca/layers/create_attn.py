@@ -35,6 +35,7 @@ from emca.layers.double_attention import a2_block, a2_positions
 from emca.layers.epsanet import epsa_block
 from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
+from emca.layers.gather_excite import GatherExcite, GatherExcitePlus
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
 from emca.layers.shuffle_attention import shuffle_attention
@@ -110,6 +111,15 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
     # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
     AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
+    # Gather-Excite without parameters (the authors' RN50-GEPF): mean over the extent, sigmoid, gate;
+    # extent: 'global' or 2 / 4 / 8 (average pooling, nearest-neighbour excite), or one per stage.
+    AttentionKind("ge_theta_minus", "GE-theta-", "branch", module=GatherExcite, options={"extent": "global"},
+                  per_stage=("extent",)),
+    # GE-theta+ (RN50-GEPP): a depthwise gather over the stage's whole 224 px map (feature_size), BN, ReLU,
+    # then SE's excitation (r 16, biases); extent 2 / 4 / 8: strided 3x3 depthwise gathers instead.
+    AttentionKind("ge_theta_plus", "GE-theta+", "branch", module=GatherExcitePlus,
+                  options={"extent": "global", "feature_size": (56, 28, 14, 7), "reduction": 16},
+                  per_stage=("extent", "feature_size")),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
