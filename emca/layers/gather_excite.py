@@ -120,7 +120,8 @@ class GatherExcitePlus(nn.Module):
         super().__init__()
         self.channels = channels
         self.extent = check_extent(extent)
-        if self.extent == 0 and (isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1):
+        bad_size = isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1
+        if self.extent == 0 and bad_size:
             raise ValueError(f"GE-theta+ global gather: feature_size must be a positive integer, got {feature_size!r}")
         if channels // reduction < 1:
             raise ValueError(f"GE-theta+ excite bottleneck {channels} // {reduction} must be at least 1 channel")
