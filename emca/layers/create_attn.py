@@ -38,6 +38,7 @@ from emca.layers.effective_se import EffectiveSE, ESEExcitation
 from emca.layers.epsanet import epsa_block
 from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
+from emca.layers.gather_excite import GatherExcite, GatherExcitePlus
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
 from emca.layers.shuffle_attention import shuffle_attention
@@ -124,6 +125,15 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("coord", "CoordAtt", "branch", module=CoordAttention, options={"reduction": 32, "min_hidden": 8}),
     # Parameter-free SimAM after every block's 3x3 convolution (the authors' ImageNet ResNets), lambda 0.1.
     AttentionKind("simam", "SimAM", "block", module=simam_block, options={"e_lambda": SIMAM_LAMBDA}),
+    # Gather-Excite without parameters (the authors' RN50-GEPF): mean over the extent, sigmoid, gate;
+    # extent: 'global' or 2 / 4 / 8 (average pooling, nearest-neighbour excite), or one per stage.
+    AttentionKind("ge_theta_minus", "GE-theta-", "branch", module=GatherExcite, options={"extent": "global"},
+                  per_stage=("extent",)),
+    # GE-theta+ (RN50-GEPP): a depthwise gather over the stage's whole 224 px map (feature_size), BN, ReLU,
+    # then SE's excitation (r 16, biases); extent 2 / 4 / 8: strided 3x3 depthwise gathers instead.
+    AttentionKind("ge_theta_plus", "GE-theta+", "branch", module=GatherExcitePlus,
+                  options={"extent": "global", "feature_size": (56, 28, 14, 7), "reduction": 16},
+                  per_stage=("extent", "feature_size")),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
