@@ -35,6 +35,7 @@ from emca.layers.double_attention import a2_block, a2_positions
 from emca.layers.epsanet import epsa_block
 from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
+from emca.layers.gct import GCTExcitation, gct_block
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
 from emca.layers.shuffle_attention import shuffle_attention
@@ -110,6 +111,10 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
     # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
     AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
+    # A GCT in front of every conv of every block, shortcut's included (the authors' GCT-ResNet-50); convs: all |
+    # first | last. Its excitation on the l2 embedding is EMCA-GCT's W_m2 (emca.layers.gct: under EMCA's sigmoid).
+    AttentionKind("gct", "GCT", "block", module=gct_block, excitation=GCTExcitation, pooling="l2",
+                  options={"convs": "all"}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
@@ -150,8 +155,9 @@ def reads(attention: str) -> tuple[str, ...]:
 def default_integration(attention: str) -> Optional[str]:
     """Which blocks of each stage carry a branch attention when the config does not say: every block
     for the plain methods (their dense integration), the first one for EMCA (docs/paper.md#integration). None for
-    methods that sit elsewhere (stage_end, block): their table entry says where."""
-    if attention == "none" or kind_of(attention).place != "branch":
+    methods that sit elsewhere (stage_end, block): their table entry says where. An EMCA version always gates
+    a branch, whatever its method's place (EMCA-GCT: GCT sits before convs, its excitation in EMCA)."""
+    if attention == "none" or (kind_of(attention).place != "branch" and not is_emca(attention)):
         return None
     return "first" if is_emca(attention) else "all"
 
