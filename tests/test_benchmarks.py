@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emca.layers.pooling import STD_EPS, pool_descriptor
+from emca.layers.pooling import L2_EPS, STD_EPS, pool_descriptor
 from emca.models.resnet import EMCAResNet
 
 from conftest import REPO_ROOT, SHARED_DATA
@@ -273,11 +273,13 @@ def reference_pooling(x: torch.Tensor, pooling: str) -> torch.Tensor:
         return flat.mean(-1, keepdim=True)
     if pooling == "mean_max":
         return torch.stack((flat.sum(-1) / flat.shape[-1], flat.max(-1).values), dim=-1)
+    if pooling == "l2":
+        return torch.sqrt((flat * flat).sum(-1, keepdim=True) + L2_EPS)
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     return torch.stack((mean, torch.sqrt(var + STD_EPS)), dim=-1)
 
 
-POOLINGS = ["mean", "mean_std", "mean_max"]
+POOLINGS = ["mean", "mean_std", "mean_max", "l2"]
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)
@@ -292,7 +294,7 @@ def test_pooling_backward_is_the_exact_gradient(pooling, shape):
 def test_pooling_matches_the_plain_formulas(pooling, memory_format):
     torch.manual_seed(0)
     x = torch.randn(4, 16, 7, 7).contiguous(memory_format=memory_format).requires_grad_()
-    weights = torch.randn(4, 16, 1 if pooling == "mean" else 2)
+    weights = torch.randn(4, 16, 1 if pooling in ("mean", "l2") else 2)
     ours = pool_descriptor(x, pooling)
     (ours_grad,) = torch.autograd.grad((ours * weights).sum(), x)
     reference = reference_pooling(x, pooling)

@@ -39,6 +39,7 @@ from emca.layers.epsanet import epsa_block
 from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
 from emca.layers.gather_excite import GatherExcite, GatherExcitePlus
+from emca.layers.gct import GCTExcitation, gct_block
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
 from emca.layers.shuffle_attention import shuffle_attention
@@ -134,6 +135,10 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("ge_theta_plus", "GE-theta+", "branch", module=GatherExcitePlus,
                   options={"extent": "global", "feature_size": (56, 28, 14, 7), "reduction": 16},
                   per_stage=("extent", "feature_size")),
+    # A GCT in front of every conv of every block, shortcut's included (the authors' GCT-ResNet-50); convs: all |
+    # first | last. Its excitation on the l2 embedding is EMCA-GCT's W_m2 (emca.layers.gct: under EMCA's sigmoid).
+    AttentionKind("gct", "GCT", "block", module=gct_block, excitation=GCTExcitation, pooling="l2",
+                  options={"convs": "all"}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
@@ -174,8 +179,9 @@ def reads(attention: str) -> tuple[str, ...]:
 def default_integration(attention: str) -> Optional[str]:
     """Which blocks of each stage carry a branch attention when the config does not say: every block
     for the plain methods (their dense integration), the first one for EMCA (docs/paper.md#integration). None for
-    methods that sit elsewhere (stage_end, block): their table entry says where."""
-    if attention == "none" or kind_of(attention).place != "branch":
+    methods that sit elsewhere (stage_end, block): their table entry says where. An EMCA version always gates
+    a branch, whatever its method's place (EMCA-GCT: GCT sits before convs, its excitation in EMCA)."""
+    if attention == "none" or (kind_of(attention).place != "branch" and not is_emca(attention)):
         return None
     return "first" if is_emca(attention) else "all"
 

@@ -1,9 +1,10 @@
 """Spatial pooling of a feature map into a per-channel descriptor of shape (B, C, K).
 
 A pooling is named (POOLINGS): `mean` (K = 1: SE, ECA), `mean_std` (K = 2: SRM's style pooling),
-`mean_max` (K = 2: CBAM's channel attention). One descriptor format for every module lets EMCA
-stack, align and fuse descriptors without caring which excitation follows; the name, not K, says
-what the statistics are (mean+std and mean+max are both K = 2).
+`mean_max` (K = 2: CBAM's channel attention), `l2` (K = 1: GCT's embedding, sqrt(sum_hw x^2 + eps)).
+One descriptor format for every module lets EMCA stack, align and fuse descriptors without caring
+which excitation follows; the name, not K, says what the statistics are (mean+std and mean+max are
+both K = 2; mean and l2 both K = 1).
 
 The mean-and-std pooling is an autograd Function with a hand-written backward: it runs on full
 feature maps, once per SRM module and once per covered block output, and torch.var_mean is several
@@ -22,6 +23,8 @@ import torch
 
 # Keeps the gradient of sqrt finite where a channel is constant (a 1x1 map at small resolutions).
 STD_EPS = 1e-5
+# GCT's epsilon under its embedding's square root (the authors' 1e-5).
+L2_EPS = 1e-5
 
 
 class _MeanStdPool(torch.autograd.Function):
@@ -77,11 +80,24 @@ def _mean_max(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((x.mean(dim=(2, 3)), x.amax(dim=(2, 3))), dim=-1)
 
 
+def _l2(x: torch.Tensor) -> torch.Tensor:
+    """GCT's embedding before its alpha: sqrt(sum_hw x^2 + eps) per channel (emca.layers.gct).
+
+    One vector_norm instead of a squared copy of the map; for half-precision maps its result stays float32
+    until the square and the eps are taken, then is rounded to x's dtype. Its backward is 0 where a channel
+    is all zeros, and the eps keeps the outer sqrt's gradient finite there. Unlike the mean, it grows as
+    sqrt(H W): EMCA's scale weights fuse the l2 descriptors of maps of different sizes as they are."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    squares = torch.linalg.vector_norm(x, dim=(2, 3), dtype=acc).square()
+    return torch.sqrt(squares + L2_EPS).unsqueeze(-1).to(x.dtype)
+
+
 # name -> (B, C, H, W) -> (B, C, K), in x's dtype.
 POOLINGS = {
     "mean": _MeanPool.apply,
     "mean_std": lambda x: _MeanStdPool.apply(x).to(x.dtype),
     "mean_max": _mean_max,
+    "l2": _l2,
 }
 
 
