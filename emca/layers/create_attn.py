@@ -37,6 +37,7 @@ from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
+from emca.layers.selective_kernel import sk_block
 from emca.layers.shuffle_attention import shuffle_attention
 
 PLACES = ("branch", "stage_end", "block")
@@ -110,6 +111,9 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
     # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
     AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
+    # The SK convolution in place of each bottleneck's 3x3 (+BN; a basic block's first 3x3, as timm's skresnet18/34):
+    # SKNet-50's unit, 3x3 and 3x3 dilated 2, G = 32, d = max(C / 16, 32).
+    AttentionKind("sk", "SK", "block", module=sk_block, options={"groups": 32, "reduction": 16, "min_channels": 32}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
