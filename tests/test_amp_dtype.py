@@ -19,7 +19,7 @@ CASES = [(a, {"integration": "all"}) for a in ATTENTIONS if default_integration(
 CASES += [(a, {"integration": i}) for a in ATTENTIONS if is_emca(a) for i in ("first", "last")]
 CASES += [(a, {}) for a in ATTENTIONS if not default_integration(a)]  # none, stage_end, block
 CASES += [(a, o) for a in ATTENTIONS if is_emca(a) for o in EMCA_OPTIONS]
-CASES += [(a, {"backbone": "resnet50"}) for a in ("srm", "emca_srm", "epsa")]  # the bottleneck block
+CASES += [(a, {"backbone": "resnet50"}) for a in ("srm", "emca_srm", "epsa", "sk")]  # the bottleneck block
 
 
 def check_block_dtypes(attention, options, device, dtype):

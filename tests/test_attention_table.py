@@ -61,7 +61,7 @@ def test_everything_is_derived_from_the_table():
 
 # Every attention on the basic block; on the bottleneck those whose module depends on the block
 # (the published-size test builds every R-50 at 224 px as well).
-STEPS = [(a, 18) for a in ATTENTIONS[1:]] + [(a, 50) for a in ("fca", "sa", "epsa", "a2", "bam", "emca_cbam")]
+STEPS = [(a, 18) for a in ATTENTIONS[1:]] + [(a, 50) for a in ("fca", "sa", "epsa", "a2", "bam", "emca_cbam", "sk")]
 
 
 @pytest.mark.parametrize("attention,depth", STEPS)
@@ -101,9 +101,10 @@ def test_every_attention_builds_on_the_other_depths(attention, depth):
     model = EMCAResNet(f"resnet{depth}", attention=attention)
     assert any(type(module).__module__.startswith("emca.layers.") for module in model.modules()), attention
     added = count_parameters(model) - plain_parameters(depth)
-    # PSA convolutions are smaller than the 3x3s they replace; a parameter-free method adds none on any depth.
+    # PSA convolutions, and SK ones with their 32 groups, are smaller than the dense 3x3s they replace; a
+    # parameter-free method adds none on any depth.
     parameter_free = count_parameters(EMCAResNet("resnet18", attention=attention)) == plain_parameters(18)
-    assert added > 0 or attention == "epsa" or (added == 0 and parameter_free)
+    assert added > 0 or attention in ("epsa", "sk") or (added == 0 and parameter_free)
 
 
 @pytest.mark.parametrize("attention", BRANCH)
@@ -134,6 +135,10 @@ def test_bam_sits_after_stages_1_to_3_and_a2_after_the_papers_blocks():
         (1, 1), (1, 3), (2, 1), (2, 3), (2, 5)]
     epsa = EMCAResNet("resnet50", attention="epsa")
     assert all(type(block.conv2).__name__ == "PSAConv" for stage in epsa._stages for block in stage)
+    sk = EMCAResNet("resnet50", attention="sk")  # the bottleneck's 3x3 and its BN; a basic block's first 3x3
+    assert all(type(b.conv2).__name__ == "SKConv" and type(b.bn2) is torch.nn.Identity for s in sk._stages for b in s)
+    sk18 = EMCAResNet("resnet18", attention="sk")
+    assert all(type(b.conv1).__name__ == "SKConv" and type(b.conv2) is torch.nn.Conv2d for s in sk18._stages for b in s)
 
 
 @functools.lru_cache(maxsize=None)

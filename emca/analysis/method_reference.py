@@ -98,6 +98,16 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
     "simam": MethodReference("SimAM", 25.56, 2, 4.11, 4.11, 2, 77.45,
                              "Yang et al., ICML 2021; ZjjConan/SimAM README @ ae98f43, ImageNet table (SimAM-R50)",
                              top5=93.66, other_backbones=(("resnet18", 71.31), ("resnet34", 74.49))),
+    # SKNet-50 is ResNeXt-50 (32x4d) with SK units; its table's base, 4.24, is that ResNeXt-50 (25.0M).
+    "sk": MethodReference(
+        "SK", 27.5, 1, 4.47, 4.24, 2, 79.21,
+        "Li et al., CVPR 2019, Table 2 (SKNet-50, 224 px, top-1 error 20.79); implus/SKNet README @ 17dd708",
+        reproduced=False,
+        note=("SKNet-50 is ResNeXt-50 (32x4d, 3x3 widths 128-1024) with SK units; on our ResNet-50 (widths 64-512, "
+              "dense 3x3s holding 11.3 M) the same unit with G = 32 gives 15.32 M and -1.73 GFLOPs against 27.5 M "
+              "and +0.23. On torchvision's resnext50_32x4d it gives 27,479,784 = 27.5 M and +0.23 GFLOPs over "
+              "ResNeXt-50, the printed figures (tests/test_attn_sk.py)"),
+    ),
 }
 
 # SRM's paper's ImageNet table as its official repository shows it (the README's figures/imagenet.png): top-1 /

@@ -42,6 +42,7 @@ from emca.layers.gather_excite import GatherExcite, GatherExcitePlus
 from emca.layers.gct import GCTExcitation, gct_block
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
+from emca.layers.selective_kernel import sk_block
 from emca.layers.shuffle_attention import shuffle_attention
 from emca.layers.simam import SIMAM_LAMBDA, simam_block
 
@@ -139,6 +140,9 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     # first | last. Its excitation on the l2 embedding is EMCA-GCT's W_m2 (emca.layers.gct: under EMCA's sigmoid).
     AttentionKind("gct", "GCT", "block", module=gct_block, excitation=GCTExcitation, pooling="l2",
                   options={"convs": "all"}),
+    # The SK convolution in place of each bottleneck's 3x3 (+BN; a basic block's first 3x3, as timm's skresnet18/34):
+    # SKNet-50's unit, 3x3 and 3x3 dilated 2, G = 32, d = max(C / 16, 32).
+    AttentionKind("sk", "SK", "block", module=sk_block, options={"groups": 32, "reduction": 16, "min_channels": 32}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
