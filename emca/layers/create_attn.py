@@ -36,6 +36,7 @@ from emca.layers.epsanet import epsa_block
 from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
 from emca.layers.global_context import GlobalContext
+from emca.layers.non_local import nl_block, nl_positions
 from emca.layers.pooling import POOLINGS
 from emca.layers.shuffle_attention import shuffle_attention
 
@@ -110,6 +111,13 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
     # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
     AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
+    # One non-local block (embedded Gaussian, inner width C/2, zero-init BN) on res4's next-to-last unit
+    # output: the "+1 NL" of the NL paper's COCO models and GCNet's / Table 6's detection rows.
+    AttentionKind("nl", "NL", "block", module=nl_block, positions=nl_positions,
+                  options={"reduction": 2, "use_scale": True, "pairwise": "embedded_gaussian", "subsample": False}),
+    # The NL paper's 5-block model: after every other unit of res3 (2) and res4 (3), as A2-Nets' positions.
+    AttentionKind("nl5", "NL (5 blocks)", "block", module=nl_block, positions=a2_positions,
+                  options={"reduction": 2, "use_scale": True, "pairwise": "embedded_gaussian", "subsample": False}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
