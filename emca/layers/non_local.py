@@ -13,10 +13,11 @@ The defaults are the released code's (config.py's NONLOCAL defaults and the Kine
 Gaussian with USE_SCALE (the dot products scaled by d^-1/2 before the softmax, which the paper's text does not
 mention), d = C/2, biases on the four convs, the convs N(0, 0.01^2) with zero biases and the BN's scale and
 shift zero, so that the block starts as the identity (BN_INIT_GAMMA 0). `subsample` is the paper's
-subsampling trick (Sec. 3.3; the video code's USE_MAXPOOL): a 2x2 max pool, stride 2, before phi and g, so
-that N counts a quarter of the positions. It is off by default: the image models that use one block
-(timm's NonLocalAttn, mmcv's NonLocal2d as GCNet's "+1 NL" Mask R-CNN rows use it) attend over every
-position, and the paper describes its COCO block (Sec. 6) without it.
+subsampling trick (Sec. 3.3; the video code's USE_MAXPOOL, there on by default): a 2x2 max pool, stride 2, on
+the input of phi and g (the released code pools before those convs; mmcv's NonLocal2d pools after them), so
+that N counts a quarter of the positions; it needs maps of at least 2x2. It is off by default, as in the 2D
+image implementations (timm's NonLocalAttn has none; mmcv's NonLocal2d, sub_sample=False), where one block
+on res4 attends over all its positions (196 at 224 px).
 
 Where it sits on a ResNet (`nl_positions`, `a2_positions`): the block is applied to a residual unit's output.
 "+1 NL" (the paper's COCO models and Table 2a's single block, GCNet's detection rows): one block in res4
