@@ -93,7 +93,7 @@ def plain_parameters(depth: int) -> int:
 
 # ResNet-34 for every attention; ResNet-101 (152 has its blocks, more of them) where the depth decides
 # where the method sits (A2-Nets' positions, GC's and BAM's stages) or its widths (FcaNet, SA-Net, EPSANet).
-BUILDS = [(a, 34) for a in ATTENTIONS[1:]] + [(a, 101) for a in ("a2", "gc", "bam", "fca", "sa", "epsa")]
+BUILDS = [(a, 34) for a in ATTENTIONS[1:]] + [(a, 101) for a in ("a2", "gc", "bam", "fca", "sa", "epsa", "nl")]
 
 
 @pytest.mark.parametrize("attention,depth", BUILDS)
@@ -119,7 +119,7 @@ def test_integration_picks_the_blocks_of_a_branch_method(attention):
             assert carried == (wanted if kind.stages is None or number in kind.stages else []), (integration, number)
 
 
-@pytest.mark.parametrize("attention", ["bam", "epsa", "a2"])
+@pytest.mark.parametrize("attention", ["bam", "epsa", "a2", "nl"])
 def test_integration_is_refused_where_a_method_is_no_branch_gate(attention):
     EMCAResNet("resnet18", attention=attention, integration=None)
     with pytest.raises(ValueError, match="leave attention.integration unset") as error:

@@ -427,8 +427,10 @@ def test_integration_defaults_to_the_methods_own_however_the_model_is_built(atte
     from emca.models.config import AttentionConfig, CoverageConfig
 
     expected = [[0]] * 4 if attention.startswith("emca") else [[0, 1]] * 4 if attention != "none" else [[]] * 4
-    if attention in ("bam", "a2", "gc"):  # where their table entries put them (stage ends; blocks; stages 2-4)
-        expected = {"bam": [[]] * 4, "a2": [[], [0, 1], [0, 1], []], "gc": [[], [0, 1], [0, 1], [0, 1]]}[attention]
+    placed = {"bam": [[]] * 4, "a2": [[], [0, 1], [0, 1], []], "gc": [[], [0, 1], [0, 1], [0, 1]],
+              "nl": [[], [], [0], []], "nl5": [[], [0, 1], [0, 1], []]}
+    if attention in placed:  # where their table entries put them (stage ends; blocks; stages 2-4; res4's next-to-last)
+        expected = placed[attention]
     models = [
         EMCAResNet("resnet18", attention=attention, num_classes=10),
         timm.create_model("emca_resnet18", attention=attention, num_classes=10),

@@ -41,6 +41,7 @@ from emca.layers.fcanet import MultiSpectralAttention
 from emca.layers.gather_excite import GatherExcite, GatherExcitePlus
 from emca.layers.gct import GCTExcitation, gct_block
 from emca.layers.global_context import GlobalContext
+from emca.layers.non_local import nl_block, nl_positions
 from emca.layers.pooling import POOLINGS
 from emca.layers.selective_kernel import sk_block
 from emca.layers.shuffle_attention import shuffle_attention
@@ -143,6 +144,13 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     # The SK convolution in place of each bottleneck's 3x3 (+BN; a basic block's first 3x3, as timm's skresnet18/34):
     # SKNet-50's unit, 3x3 and 3x3 dilated 2, G = 32, d = max(C / 16, 32).
     AttentionKind("sk", "SK", "block", module=sk_block, options={"groups": 32, "reduction": 16, "min_channels": 32}),
+    # One non-local block (embedded Gaussian, inner width C/2, zero-init BN) on res4's next-to-last unit
+    # output: the "+1 NL" of the NL paper's COCO models and GCNet's / Table 6's detection rows.
+    AttentionKind("nl", "NL", "block", module=nl_block, positions=nl_positions,
+                  options={"reduction": 2, "use_scale": True, "pairwise": "embedded_gaussian", "subsample": False}),
+    # The NL paper's 5-block model: after every other unit of res3 (2) and res4 (3), as A2-Nets' positions.
+    AttentionKind("nl5", "NL (5 blocks)", "block", module=nl_block, positions=a2_positions,
+                  options={"reduction": 2, "use_scale": True, "pairwise": "embedded_gaussian", "subsample": False}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
