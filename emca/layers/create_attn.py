@@ -37,7 +37,9 @@ from emca.layers.excitation import ECAExcitation, SEExcitation, SRMExcitation
 from emca.layers.fcanet import MultiSpectralAttention
 from emca.layers.global_context import GlobalContext
 from emca.layers.pooling import POOLINGS
+from emca.layers.sge import spatial_group_enhance
 from emca.layers.shuffle_attention import shuffle_attention
+from emca.layers.triplet_attention import TripletAttention
 
 PLACES = ("branch", "stage_end", "block")
 INTEGRATIONS = ("all", "first", "last")
@@ -110,6 +112,10 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     AttentionKind("a2", "A2-Nets", "block", module=a2_block, positions=a2_positions),
     # Global context block in every block of stages 2-4 (GCNet's c3-c5), bottleneck ratio 1/16.
     AttentionKind("gc", "GC", "branch", module=GlobalContext, options={"reduction": 16}, stages=(2, 3, 4)),
+    # Triplet attention in every block: C-W, H-C and H-W gates (Z-pool, k x k conv, BN), averaged; k = 7.
+    AttentionKind("triplet", "Triplet", "branch", module=TripletAttention, options={"kernel": 7}),
+    # Spatial group-wise enhance in every block, 64 groups (capped at a stage's width; must divide it).
+    AttentionKind("sge", "SGE", "branch", module=spatial_group_enhance, options={"groups": 64}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
