@@ -81,7 +81,8 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
     # README prints the same model (k = 7) at 4.169 GFLOPs, error 22.52 / 6.326, and ResNet-18 (k = 7) at 28.91.
     # Neither prints a plain ResNet-50: base 4.12 is the plain ResNet-50 of the 10^9 count the table's other rows
     # use (SRM-ResNet-50 4.12G beside it; FcaNet's, SA-Net's and GC's tables). The README's k = 7 and k = 3 rows
-    # (4.169, 4.131) are both our conv count over 4.122 to their digits.
+    # (4.169, 4.131) are our conv increments (+0.0463, +0.0085) over one plain ResNet-50 between 4.1222 and 4.1230,
+    # the 4.122 that SGE's table prints.
     "triplet": MethodReference("Triplet", 25.56, 2, 4.17, 4.12, 2, 77.48,
                                "Misra et al., WACV 2021, ImageNet table (ResNet-50 + triplet attention, k = 7; top-1 "
                                "error 22.52) as in LandskapeAI/slides @ 7184293; landskape-ai/triplet-attention README "
