@@ -46,6 +46,9 @@ from emca.layers.pooling import POOLINGS
 from emca.layers.selective_kernel import sk_block
 from emca.layers.shuffle_attention import shuffle_attention
 from emca.layers.simam import SIMAM_LAMBDA, simam_block
+from emca.layers.sge import spatial_group_enhance
+from emca.layers.shuffle_attention import shuffle_attention
+from emca.layers.triplet_attention import TripletAttention
 
 PLACES = ("branch", "stage_end", "block")
 INTEGRATIONS = ("all", "first", "last")
@@ -151,6 +154,10 @@ ATTENTION_KINDS: tuple[AttentionKind, ...] = (
     # The NL paper's 5-block model: after every other unit of res3 (2) and res4 (3), as A2-Nets' positions.
     AttentionKind("nl5", "NL (5 blocks)", "block", module=nl_block, positions=a2_positions,
                   options={"reduction": 2, "use_scale": True, "pairwise": "embedded_gaussian", "subsample": False}),
+    # Triplet attention in every block: C-W, H-C and H-W gates (Z-pool, k x k conv, BN), averaged; k = 7.
+    AttentionKind("triplet", "Triplet", "branch", module=TripletAttention, options={"kernel": 7}),
+    # Spatial group-wise enhance in every block, 64 groups (capped at a stage's width; must divide it).
+    AttentionKind("sge", "SGE", "branch", module=spatial_group_enhance, options={"groups": 64}),
 )
 
 KINDS: dict[str, AttentionKind] = {kind.name: kind for kind in ATTENTION_KINDS}
