@@ -44,10 +44,9 @@ from emca.layers.global_context import GlobalContext
 from emca.layers.non_local import nl_block, nl_positions
 from emca.layers.pooling import POOLINGS
 from emca.layers.selective_kernel import sk_block
-from emca.layers.shuffle_attention import shuffle_attention
-from emca.layers.simam import SIMAM_LAMBDA, simam_block
 from emca.layers.sge import spatial_group_enhance
 from emca.layers.shuffle_attention import shuffle_attention
+from emca.layers.simam import SIMAM_LAMBDA, simam_block
 from emca.layers.triplet_attention import TripletAttention
 
 PLACES = ("branch", "stage_end", "block")
