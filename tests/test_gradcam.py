@@ -12,8 +12,17 @@ import torch
 from PIL import Image
 
 from emca.analysis.checkpoint_eval import read_checkpoint, restore_model
-from emca.analysis.gradcam import PANEL_INCHES, GradcamError, choose_images, choose_layer, heat_maps, pick_images
+from emca.analysis.gradcam import (
+    PANEL_INCHES,
+    Chosen,
+    GradcamError,
+    choose_images,
+    choose_layer,
+    heat_maps,
+    pick_images,
+)
 from emca.data.folder import ImageList
+from emca.layers.create_attn import ATTENTIONS
 from emca.models import build_model
 
 from conftest import QUICK_RUN
@@ -91,6 +100,20 @@ def test_the_auto_layers_maps_vary_where_a_1x1_layers_are_flat(two_runs):
     # What the old target (layer4.0, 1x1 at 16 px) gave: one value over the whole image.
     flat = heat_maps(model, chosen, "layer4.0")
     assert flat.extent == (1, 1) and all(np.ptp(heat) == 0 for heat in flat.maps)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_the_auto_layers_maps_of_every_attention_are_finite_and_not_flat(attention):
+    """Every attention of the table: Grad-CAM through its blocks (hooks on layer3.1 at 32 px) gives a finite
+    map per image, and an untrained model's maps still vary over the image."""
+    torch.manual_seed(0)
+    model = tiny_model(attention)
+    inputs = torch.randn(2, 3, 32, 32)
+    chosen = Chosen([0, 1], ["a", "b"], torch.tensor([0, 3]), [f"c{i}" for i in range(5)],
+                    torch.zeros(2, 3, 32, 32, dtype=torch.uint8), inputs)
+    maps = heat_maps(model, chosen)
+    assert maps.layer == "layer3.1" and maps.maps.shape == (2, 32, 32)
+    assert np.isfinite(maps.maps).all() and max(float(np.ptp(heat)) for heat in maps.maps) > 0.1
 
 
 # ----------------------------------------------------------------------------- the images

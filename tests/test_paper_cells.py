@@ -158,10 +158,13 @@ def test_second_references_print_in_brackets_with_their_sources():
     assert cells[("R-34", "FcaNet*")]["top-1"] == "– / 74.18 [75.07]"
     assert cells[("R-50", "EPSANet*")]["top-5"] == "– / 93.72 [93.54]"  # murufeng/EPSANet README
     assert cells[("R-50", "CBAM")]["#P (M)"] == "– / 26.775 [10^6: – / 28.09]"
-    [sources] = [note for note in table5.notes if note.startswith("Second references [...]: ")]
+    # Every method's source (SE's rows are the paper's own), in the table of every method: ca_all.
+    [sources] = [note for note in _full("ca_all").notes if note.startswith("Second references [...]: ")]
     listed = "; " + sources.removeprefix("Second references [...]: ")
-    for name in ("cbam", "bam", "fca", "sa", "epsa", "a2", "gc"):
+    for name in sorted(set(METHOD_REFERENCES) - {"se"}):
         assert f"; {METHOD_REFERENCES[name].label}: {METHOD_REFERENCES[name].source}" in listed, name
+    # With the plain ResNet-50 a source compares with, where it prints one.
+    assert f"{METHOD_REFERENCES['sge'].source}; its plain ResNet-50: 76.38 / 92.91" in listed
     assert table5.notes[0].startswith("Cells: ours / paper (ours - paper), ours measured on imagenet at 224 px as the "
                                       "paper's were; [...]: a second reference")
     # Table 4: ECA-Net's own accuracies after the retrained ECA*'s, and where they come from.

@@ -13,7 +13,8 @@ the same paper's plain ResNet-50 (`base_gflops`), which cancels the convention, 
 says that the two figures are not of one count (EPSANet).
 
 `base_top1` / `base_top5` hold the plain ResNet-50 a source compares its method with, where a text source
-prints it: SE's Table 2, and the newer methods' READMEs. CBAM's, BAM's, FcaNet's, SA-Net's, EPSANet's, A2-Nets'
+prints it: SE's Table 2 and SGE's README (GCT's README gives 76.2 against GCT's 77.3, without sizes, so GCT
+has no entry). CBAM's, BAM's, FcaNet's, SA-Net's, EPSANet's, A2-Nets'
 and GCNet's own baselines are printed only in their papers' tables, which no text source this project reads
 holds; the EMCA paper's ResNet rows are the baseline its Table 5 compares with.
 
@@ -122,7 +123,8 @@ METHOD_REFERENCES: dict[str, MethodReference] = {
     # The authors' README table (the paper's models): ResNet50 25.56M, 4.122 GFLOPs; SGE-ResNet50 25.56M, 4.127.
     "sge": MethodReference("SGE", 25.56, 2, 4.127, 4.122, 3, 77.584,
                            "Li, Hu and Yang, 2019 (arXiv:1905.09646); implus/PytorchInsight README @ 2864528, SGENet "
-                           "classification table (SGE-ResNet50: top-1 77.5840, top-5 93.6640)", top5=93.664),
+                           "classification table (SGE-ResNet50: top-1 77.5840, top-5 93.6640)", top5=93.664,
+                           base_top1=76.384, base_top5=92.908),
 }
 
 # SRM's paper's ImageNet table as its official repository shows it (the README's figures/imagenet.png): top-1 /

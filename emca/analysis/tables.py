@@ -909,8 +909,6 @@ DETECTION_METRICS = {
     **{key: Metric(AP_COLUMNS[key.split("_", 1)[1]], 1) for key in AP_METRICS},
 }
 _REFERENCE_FIELDS = {"params_1e6": "params", "gflops_1e9": "gflops"}  # the metrics with held figures
-NL_LEFT_OUT = ("The paper's Mask R-CNN rows also list NL (non-local blocks), which this project does not implement: "
-               "that row is left out.")
 NOT_HELD = ("the project holds no other figure of Tables 6 and 8 than the plain detectors' #P and GFLOPs "
             "(docs/paper.md#tables-6-and-8)")
 
@@ -960,11 +958,12 @@ class DetectionSpec:
 
 
 def _detection_methods(detector: str) -> list[tuple[str, Variant]]:
-    """One detector's rows: the plain R-50, GC (Mask R-CNN's rows), then SE / ECA (every block) and their EMCA
-    versions (the paper's coverage)."""
+    """One detector's rows: the plain R-50, GC and NL (one non-local block: Mask R-CNN's rows), then SE / ECA (every
+    block) and their EMCA versions (the paper's coverage)."""
     rows = [("ResNet", plain(DETECTION_BACKBONE))]
     if detector == "mask_rcnn":
-        rows.append((kind_of("gc").label, Variant(DETECTION_BACKBONE, "gc", default_integration("gc"))))
+        rows += [(kind_of(name).label, Variant(DETECTION_BACKBONE, name, default_integration(name)))
+                 for name in ("gc", "nl")]
     for kind in ("se", "eca"):
         rows += [(KIND_LABELS[kind], channel_attention(DETECTION_BACKBONE, kind, "all")),
                  (f"EMCA-{KIND_LABELS[kind]}", emca(DETECTION_BACKBONE, kind, DEFAULT_COVERAGE))]
@@ -1056,7 +1055,7 @@ class _DetectionFilling:
                       "the heads of its own labels); GFLOPs counted on the row's model, which runs do not record "
                       "(make_tables --complexity counts every row)."]
         notes += [_trained_params_note(entry, ours) for entry, ours in self.differing]
-        return notes + ([NL_LEFT_OUT] if any(entry.detector == "mask_rcnn" for entry in self.spec.entries) else [])
+        return notes
 
 
 def _trained_params_note(entry: DetectionEntry, ours: float) -> str:
@@ -1111,4 +1110,4 @@ def detection_complexity_table(spec: DetectionSpec) -> Table:
         notes.append(f"Not the paper's printed figure: {'; '.join(differing)} (what the count follows and where it "
                      "cannot: docs/paper.md#tables-6-and-8).")
     return Table(f"{spec.name}_complexity", f"{spec.title}: complexity", f"{spec.caption}: complexity", header, rows,
-                 records, notes + [NL_LEFT_OUT])
+                 records, notes)
