@@ -164,7 +164,7 @@ def test_variant_from_config_reads_the_coverage_fields_not_the_name():
     }
     variant = variant_from_config(cfg)
     assert variant.cell() == emca("resnet50", "eca", "all_stages_last")
-    assert variant.options == (("gating", "residual"), ("include_stem", False))  # a config without it: off
+    assert variant.options == (("gating", "residual"),)
     assert variant_from_config({**cfg, "attention": {"name": "none", "integration": "all"}}) == Variant(
         "resnet50", "none"
     )

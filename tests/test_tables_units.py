@@ -61,31 +61,31 @@ def test_plain_resnets_are_exactly_the_papers_numbers_in_its_unit(backbone, coun
     assert printed(count) == paper_params == paper.TABLE_4[(backbone, "ResNet")].params
 
 
-# Table 4's #P, ours (the paper's options: SE without biases, EMCA with the stem), as exact counts.
+# Table 4's #P, ours (the paper's options: SE without biases), as exact counts.
 TABLE_4_COUNTS = {
     "resnet18": {
         "SE": 11_776_552,
-        "EMCA-SE": 11_733_043,
+        "EMCA-SE": 11_733_041,
         "ECA": 11_689_548,
-        "EMCA-ECA": 11_689_541,
+        "EMCA-ECA": 11_689_539,
         "SRM": 11_697_192,
-        "EMCA-SRM": 11_693_363,
+        "EMCA-SRM": 11_693_361,
     },
     "resnet34": {
         "SE": 21_954_856,
-        "EMCA-SE": 21_841_210,
+        "EMCA-SE": 21_841_208,
         "ECA": 21_797_746,
-        "EMCA-ECA": 21_797_708,
+        "EMCA-ECA": 21_797_706,
         "SRM": 21_812_776,
-        "EMCA-SRM": 21_801_530,
+        "EMCA-SRM": 21_801_528,
     },
     "resnet50": {
         "SE": 28_071_976,
-        "EMCA-SE": 26_253_370,
+        "EMCA-SE": 26_253_368,
         "ECA": 25_557_118,
-        "EMCA-ECA": 25_557_072,
+        "EMCA-ECA": 25_557_070,
         "SRM": 25_617_448,
-        "EMCA-SRM": 25_572_410,
+        "EMCA-SRM": 25_572_408,
     },
 }
 
@@ -108,17 +108,10 @@ def test_every_cell_that_differs_from_the_paper_has_exactly_one_note_and_every_n
     assert differing, "nothing to explain: the notes would be blanket disclaimers"
     for variant in differing:
         assert sum(known.applies(variant) for known in PARAM_DIFFERENCES) == 1, variant.describe()
-    # The stem note is for runs without the stem (the schema's default; the presets set it): its two cells.
-    without_stem = [Variant(v.backbone, v.attention, v.integration, v.coverage, (("include_stem", False),))
-                    for _, v, _, _, _ in param_cells if v.is_emca]
-    stem_note = next(known for known in PARAM_DIFFERENCES if "without the stem" in known.note)
-    stem_cells = [v for v in without_stem if stem_note.applies(v)]
-    assert {v.coverage for v in stem_cells} == {"all_stages_last", "prev_stage_all"}
-    assert {(v.backbone, v.attention) for v in stem_cells} == {("resnet18", "emca_se")}
     for known in PARAM_DIFFERENCES:
-        assert any(map(known.applies, differing + stem_cells)), known.note
-    # No ResNet, SE, ECA, EMCA-SE or EMCA-ECA cell differs; SE's and ECA's match without any note.
-    assert {v.attention for v in differing} == {"srm", "emca_srm"}
+        assert any(map(known.applies, differing)), known.note
+    # No ResNet, SE, ECA or EMCA-ECA cell differs; SE's and ECA's match without any note.
+    assert {v.attention for v in differing} == {"srm", "emca_srm", "emca_se"}
 
 
 def test_srm_note_without_the_channel_wise_fc_every_srm_cell_prints_as_the_papers(param_cells):
@@ -193,10 +186,8 @@ def test_complexity_table_prints_every_cell_beside_the_papers_with_the_two_notes
     params = table.header.index("#P (M)")
     for row in table.rows:
         ours, reference = row[params].split(" (")[0].split(" / ")
-        assert (ours == reference) == (row[1] not in ("SRM*", "EMCA-SRM")), row
-    # Every note but the stem's: the complexity table builds the paper's models, which cover the stem.
-    assert [note for note in table.notes if note.startswith("#P of")] == [
-        known.note for known in PARAM_DIFFERENCES if "without the stem" not in known.note]
+        assert (ours == reference) == (row[1] not in ("SRM*", "EMCA-SRM") and row[:2] != ["R-18", "EMCA-SE"]), row
+    assert [note for note in table.notes if note.startswith("#P of")] == [known.note for known in PARAM_DIFFERENCES]
     # Not the table of another resolution: at 224 px GFLOPs are set beside the paper's too.
     assert all(" / " in row[table.header.index("GFLOPs")] for row in table.rows)
 
@@ -286,7 +277,7 @@ TABLE_5_CELLS = {
     ("R-50", "SGE"): ("24.375 / – [10^6: 25.56 / 25.56]", "3.840 / – [10^9 over R-50: +0.012 / +0.005]"),
     # The other methods of the attention table: ours, and their own papers' figures where printed.
     ("R-18", "ESE"): ("11.814 / –", "1.695 / –"),
-    ("R-18", "EMCA-ESE"): ("11.481 / –", "1.696 / –"),
+    ("R-18", "EMCA-ESE"): ("11.481 / –", "1.695 / –"),
     ("R-18", "CECA"): ("11.148 / –", "1.695 / –"),
     ("R-18", "EMCA-CECA"): ("11.148 / –", "1.695 / –"),
     ("R-18", "GE-theta-"): ("11.148 / –", "1.695 / –"),
@@ -310,7 +301,7 @@ TABLE_5_CELLS = {
     ("R-50", "ESE"): ("43.575 / –", "3.853 / –"),
     ("R-50", "EMCA-ESE"): ("29.689 / –", "3.841 / –"),
     ("R-50", "CECA"): ("24.373 / –", "3.834 / –"),
-    ("R-50", "EMCA-CECA"): ("24.373 / –", "3.836 / –"),
+    ("R-50", "EMCA-CECA"): ("24.373 / –", "3.835 / –"),
     ("R-50", "GE-theta-"): ("24.373 / –", "3.834 / –"),
     ("R-50", "GE-theta+"): ("32.079 / –", "3.837 / –"),
     ("R-50", "GCT"): ("24.438 / –", "3.829 / –"),
@@ -343,7 +334,7 @@ def test_table5_cells_are_pinned_and_each_that_differs_has_exactly_one_note(tabl
     differing = {(cell, key, against) for cell, row in rows.items()
                  for key, index in (("params", params), ("gflops", gflops)) for against in _differs(row[index], key)}
     assert differing == {
-        (("R-18", "SRM*"), "params", "paper"),
+        (("R-18", "EMCA-SE"), "params", "paper"), (("R-18", "SRM*"), "params", "paper"),
         (("R-18", "EMCA-SRM"), "params", "paper"), (("R-34", "SRM*"), "params", "paper"),
         (("R-34", "EMCA-SRM"), "params", "paper"), (("R-50", "SRM*"), "params", "paper"),
         (("R-50", "EMCA-SRM"), "params", "paper"), (("R-18", "BAM"), "params", "paper"),
@@ -364,7 +355,7 @@ def test_table5_cells_are_pinned_and_each_that_differs_has_exactly_one_note(tabl
                     assert len(explaining) == 1 and explaining[0].note in table5.notes, (cell, key, against)
     # Exactly these notes (dropping one or adding a blanket one fails).
     assert [known.note for known in KNOWN_DIFFERENCES if known.note in table5.notes] == [
-        known.note for known in KNOWN_DIFFERENCES if "without the stem" not in known.note]  # the presets' have it
+        known.note for known in KNOWN_DIFFERENCES]
     assert [m for m, reference in METHOD_REFERENCES.items() if not reference.reproduced] == ["a2", "sk"]
     # GFLOPs against the paper's cells: its own rows within 0.2 %, the other methods' within 0.25 % but BAM's
     # and A2-Nets', which their notes name (the units note's claims).

@@ -19,12 +19,10 @@ from emca.models import coverage_name, default_integration
 from emca.models.config import AttentionConfig
 
 # Attention options that leave the paper's table cell unchanged, with their paper values: the
-# schema's defaults, except where the authors' code, whose parameter counts the paper prints, differs:
-# SE without biases, and the stem covered as EMCA's stage 0 (the reading of their code that gives every
-# EMCA #P of Tables 3-4, docs/paper.md#parameter-counts). The table presets set both.
+# schema's defaults, except SE without biases (the authors' SE, whose parameter counts the paper prints).
 _EMCA_OPTIONS = ("gating", "align", "include_stem")
 PAPER_OPTIONS = {**{name: getattr(AttentionConfig, name) for name in _EMCA_OPTIONS},
-                 **option_defaults(), "se_bias": False, "include_stem": True}
+                 **option_defaults(), "se_bias": False}
 
 
 def paper_options(attention: str) -> dict[str, Any]:
