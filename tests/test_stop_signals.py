@@ -16,8 +16,9 @@ from emca.engine.trainer import train
 from conftest import QUICK_RUN, REPO_ROOT
 from test_ddp import torchrun_args
 
-# Digits files through a real loader, 89 steps in one epoch: the signal surely lands mid-epoch.
-LONG_EPOCH = (*QUICK_RUN, "dataset.batch_size=16", "trainer.epochs=1", "trainer.max_steps_per_epoch=null",
+# Digits files through a real loader, 45 steps in one epoch: the signal, sent after step 2, surely lands
+# mid-epoch, and a resumed run has half as many steps left to train as at batch 16.
+LONG_EPOCH = (*QUICK_RUN, "dataset.batch_size=32", "trainer.epochs=1", "trainer.max_steps_per_epoch=null",
               "trainer.log_every=1")
 
 
