@@ -27,6 +27,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from emca.layers.blocks import block_out_channels
+
 # Blocks per stage (0-based stage index: 1 = res3, 2 = res4) of the paper's 5-block ResNet-50.
 A2_BLOCKS_PER_STAGE = {1: 2, 2: 3}
 
@@ -98,5 +100,4 @@ class DoubleAttention(nn.Module):
 
 def a2_block(block: nn.Module) -> None:
     """Apply a DoubleAttention (the paper's widths) to a torchvision block's output."""
-    width = block.bn3.num_features if hasattr(block, "bn3") else block.bn2.num_features
-    block.after = DoubleAttention(width)
+    block.after = DoubleAttention(block_out_channels(block))

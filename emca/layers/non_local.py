@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emca.layers.blocks import block_out_channels
+
 PAIRWISE = ("embedded_gaussian", "dot_product")
 RES4 = 2  # 0-based stage index of res4 (conv4_x)
 
@@ -112,8 +114,7 @@ class NonLocal(nn.Module):
 
 def nl_block(block: nn.Module, **options) -> None:
     """Apply a NonLocal (of the block's output width) to a torchvision block's output."""
-    width = block.bn3.num_features if hasattr(block, "bn3") else block.bn2.num_features
-    block.after = NonLocal(width, **options)
+    block.after = NonLocal(block_out_channels(block), **options)
 
 
 __all__ = ["NonLocal", "nl_block", "nl_positions", "PAIRWISE"]

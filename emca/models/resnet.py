@@ -21,6 +21,7 @@ from torchvision.models import resnet as tv_resnet
 
 from emca.common.checkpoint_file import describe_architecture
 from emca.layers import EMCA
+from emca.layers.blocks import block_out_channels
 from emca.layers.create_attn import (
     ATTENTIONS,
     INTEGRATIONS,
@@ -263,7 +264,7 @@ class EMCAResNet(tv_resnet.ResNet):
 
     @property
     def stage_channels(self) -> list[int]:
-        return [_out_channels(stage[-1]) for stage in self._stages]
+        return [block_out_channels(stage[-1]) for stage in self._stages]
 
     def _add_drop_path(self, rate: float) -> None:
         """Stochastic depth on every block's residual branch, rising linearly from 0 at the first block
@@ -295,7 +296,7 @@ class EMCAResNet(tv_resnet.ResNet):
                 stage = self._stages[number - 1]
                 for index in attention_blocks(integration, len(stage)):
                     stage[index].attn = _named_errors(kind, per_stage[number - 1], create_attention,
-                                                      kind, _out_channels(stage[index]), per_stage[number - 1])
+                                                      kind, block_out_channels(stage[index]), per_stage[number - 1])
         elif kind.place == "stage_end":
             self.stage_attn = nn.ModuleList(
                 _named_errors(kind, options, create_attention, kind, c, options) if number in carried else nn.Identity()
@@ -554,7 +555,3 @@ def _check_integration(attention: str, integration: str | None) -> None:
     if kind.place != "branch" and not is_emca(attention):  # EMCA gates a branch whatever its W_m2's method
         raise ValueError(f"integration={integration} applies to branch attention, but {attention} sits at "
                          f"{kind.place.replace('_', ' ')} (see its table entry): leave attention.integration unset")
-
-
-def _out_channels(block: nn.Module) -> int:
-    return block.bn3.num_features if hasattr(block, "bn3") else block.bn2.num_features
