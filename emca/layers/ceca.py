@@ -38,15 +38,13 @@ class CECAExcitation(ECAExcitation):
         # set to the circular one, so that self.conv(d) computes what forward does.
         self.conv.padding_mode = "circular"
 
-    def forward(self, descriptor: torch.Tensor) -> torch.Tensor:
-        # Wrap by concatenation, not F.pad(mode='circular'): the same values, one Concat in ONNX,
-        # and the k-window product of ECAExcitation (its comment says why not conv1d).
-        k = self.conv.kernel_size[0]
-        half = k // 2
-        d = descriptor.squeeze(-1)
-        if half:  # a Python int: k = 1 has nothing to wrap (d[:, -0:] would be all of d)
-            d = torch.cat((d[:, -half:], d, d[:, :half]), dim=1)
-        return d.unfold(-1, k, 1) @ self.conv.weight.view(k)
+    def padded(self, d: torch.Tensor, half: int) -> torch.Tensor:
+        """(B, C) -> (B, C + 2 half), wrapped around: ECAExcitation's k-window product then runs on it (its
+        comment says why not conv1d). By concatenation, not F.pad(mode='circular'): the same values, one
+        Concat in ONNX."""
+        if not half:  # a Python int: k = 1 has nothing to wrap (d[:, -0:] would be all of d)
+            return d
+        return torch.cat((d[:, -half:], d, d[:, :half]), dim=1)
 
 
 __all__ = ["CECAExcitation"]

@@ -61,8 +61,12 @@ class ECAExcitation(nn.Module):
         # one-channel signal conv1d costs 2.5-4x more on CPU (forward+backward, batch 8), and its
         # weight gradient comes back with strides that DDP's gradient buckets warn about.
         k = self.conv.kernel_size[0]
-        windows = F.pad(descriptor.squeeze(-1), (k // 2, k // 2)).unfold(-1, k, 1)  # (B, C, k)
+        windows = self.padded(descriptor.squeeze(-1), k // 2).unfold(-1, k, 1)  # (B, C, k)
         return windows @ self.conv.weight.view(k)
+
+    def padded(self, d: torch.Tensor, half: int) -> torch.Tensor:
+        """(B, C) -> (B, C + 2 half): ECA's zero padding at both ends of the channel axis."""
+        return F.pad(d, (half, half))
 
 
 class SRMExcitation(nn.Module):
