@@ -25,6 +25,12 @@ from emca.layers.pooling import pool_descriptor
 SPATIAL_BN_MOMENTUM = 0.01
 
 
+def z_pool(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """[max; mean] of y over `dim`, stacked as 2 channels after the batch dimension: the authors' ChannelPool
+    (timm stacks [mean, max]), over the channels for CBAM's spatial gate, over any dimension for Triplet's."""
+    return torch.stack((y.amax(dim=dim), y.mean(dim=dim)), dim=1)
+
+
 class CBAMChannelExcitation(SEExcitation):
     """CBAM's channel-attention body on a pooled descriptor: (B, C, K) -> logits (B, C).
 
@@ -76,10 +82,8 @@ class CBAM(nn.Module):
         # otherwise promote the block output, and so every later block, to float32.
         channel_scales = self.gate(self.excitation(pool_descriptor(y, "mean_max")))
         y = y * channel_scales[:, :, None, None].to(y.dtype)
-        # [max, mean] over channels, the authors' order (timm stacks [mean, max]).
-        maps = torch.stack((y.amax(dim=1), y.mean(dim=1)), dim=1)
-        spatial_scales = self.spatial_gate(self.spatial_bn(self.spatial_conv(maps)))
+        spatial_scales = self.spatial_gate(self.spatial_bn(self.spatial_conv(z_pool(y, 1))))
         return y * spatial_scales.to(y.dtype)
 
 
-__all__ = ["CBAM", "CBAMChannelExcitation"]
+__all__ = ["CBAM", "CBAMChannelExcitation", "SPATIAL_BN_MOMENTUM", "z_pool"]

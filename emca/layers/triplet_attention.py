@@ -29,8 +29,8 @@ sits in every block, on the residual branch after its last BN and before the sho
 import torch
 from torch import nn
 
-# The authors' BasicConv builds each gate's BN with momentum 0.01 (torch's default is 0.1).
-BN_MOMENTUM = 0.01
+# CBAM's authors wrote both: each gate is CBAM's spatial gate (Z-pool, BasicConv's BN momentum 0.01).
+from emca.layers.cbam import SPATIAL_BN_MOMENTUM, z_pool
 
 
 class ZPoolGate(nn.Module):
@@ -40,15 +40,10 @@ class ZPoolGate(nn.Module):
         super().__init__()
         # No conv bias: the BN that follows has its own shift.
         self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1, momentum=BN_MOMENTUM)
+        self.bn = nn.BatchNorm2d(1, momentum=SPATIAL_BN_MOMENTUM)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.bn(self.conv(pooled)))
-
-
-def z_pool(y: torch.Tensor, dim: int) -> torch.Tensor:
-    """[max; mean] of y over `dim`, stacked as 2 channels after the batch dimension (the authors' order)."""
-    return torch.stack((y.amax(dim=dim), y.mean(dim=dim)), dim=1)
 
 
 class TripletAttention(nn.Module):
@@ -84,4 +79,4 @@ class TripletAttention(nn.Module):
         return y * gate.to(y.dtype)
 
 
-__all__ = ["TripletAttention", "ZPoolGate", "z_pool"]
+__all__ = ["TripletAttention", "ZPoolGate"]
