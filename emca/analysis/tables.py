@@ -258,21 +258,24 @@ def _method_entries_of(every: bool) -> tuple[Entry, ...]:
     return tuple(entries)
 
 
-def _table5() -> TableSpec:
-    return TableSpec("table5", "Table 5", "EMCA against other attention methods: the paper's cells, then in brackets "
-                     "the other methods' own published figures (for #P and GFLOPs ours / theirs in that paper's unit "
-                     "at its printed digits, emca/analysis/method_reference.py)", "method",
+def _methods_table(name: str, paper_name: str, caption: str, every: bool) -> TableSpec:
+    """Table 5 (every=False) or ca_all, every method of the attention table and its EMCA version (every=True),
+    trained by the preset of the same name."""
+    return TableSpec(name, paper_name, caption, "method",
                      ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"),
-                     _method_entries_of(every=False), preset="table5")
+                     _method_entries_of(every), preset=name)
+
+
+def _table5() -> TableSpec:
+    return _methods_table("table5", "Table 5", "EMCA against other attention methods: the paper's cells, then in "
+                          "brackets the other methods' own published figures (for #P and GFLOPs ours / theirs in that "
+                          "paper's unit at its printed digits, emca/analysis/method_reference.py)", every=False)
 
 
 def _ca_all() -> TableSpec:
-    """Every method of the attention table and its EMCA version: the paper's Table 5 and the methods beyond it."""
-    return TableSpec("ca_all", "Channel attention", "every method of the attention table on R-18/34/50: the EMCA "
-                     "paper's cells where its Table 5 prints the row, then in brackets each method's own published "
-                     "figures (emca/analysis/method_reference.py)", "method",
-                     ("params", "gflops", "top1", "top5", "fps", "fps_model", "fps_pipeline"),
-                     _method_entries_of(every=True), preset="ca_all")
+    return _methods_table("ca_all", "Channel attention", "every method of the attention table on R-18/34/50: the "
+                          "EMCA paper's cells where its Table 5 prints the row, then in brackets each method's own "
+                          "published figures (emca/analysis/method_reference.py)", every=True)
 
 
 def _unit_text(unit: int) -> str:
