@@ -161,6 +161,15 @@ def copy_into_timm_block(ours: nn.Module, theirs: nn.Module, sk: str) -> None:
     theirs.load_state_dict(state)
 
 
+def assert_same_block(block: nn.Module, theirs: nn.Module, sk: str, x: torch.Tensor, seed: int) -> None:
+    """Our block, randomised, and timm's holding its tensors compute the same in eval and in train mode."""
+    randomise(block, seed=seed)
+    copy_into_timm_block(block, theirs, sk)
+    for train in (False, True):
+        block.train(train), theirs.train(train)
+        torch.testing.assert_close(block(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
 def test_bottleneck_is_timms_sk_bottleneck():
     # SKNet-50's block: a ResNeXt (32 x 4d) bottleneck, stride 2 with a projection shortcut, conv2 + bn2 -> SK.
     downsample = nn.Sequential(nn.Conv2d(64, 256, 1, stride=2, bias=False), nn.BatchNorm2d(256))
@@ -170,12 +179,7 @@ def test_bottleneck_is_timms_sk_bottleneck():
     downsample = nn.Sequential(nn.Conv2d(64, 256, 1, stride=2, bias=False), nn.BatchNorm2d(256))
     theirs = SelectiveKernelBottleneck(64, 64, stride=2, downsample=downsample, cardinality=32, base_width=4,
                                        sk_kwargs=dict(rd_channels=32, split_input=False))
-    randomise(block, seed=4)
-    copy_into_timm_block(block, theirs, "conv2")
-    x = torch.randn(2, 64, 8, 8)
-    for train in (False, True):
-        block.train(train), theirs.train(train)
-        torch.testing.assert_close(block(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert_same_block(block, theirs, "conv2", torch.randn(2, 64, 8, 8), seed=4)
 
 
 def test_basic_block_is_timms_selective_kernel_basic():
@@ -188,12 +192,7 @@ def test_basic_block_is_timms_selective_kernel_basic():
     downsample = nn.Sequential(nn.Conv2d(32, 64, 1, stride=2, bias=False), nn.BatchNorm2d(64))
     theirs = SelectiveKernelBasic(32, 64, stride=2, downsample=downsample,
                                   sk_kwargs=dict(groups=8, rd_channels=32, split_input=False))
-    randomise(block, seed=5)
-    copy_into_timm_block(block, theirs, "conv1")
-    x = torch.randn(2, 32, 8, 8)
-    for train in (False, True):
-        block.train(train), theirs.train(train)
-        torch.testing.assert_close(block(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert_same_block(block, theirs, "conv1", torch.randn(2, 32, 8, 8), seed=5)
 
 
 def test_sknet50_matches_published_size():
