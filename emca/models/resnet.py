@@ -552,6 +552,6 @@ def _check_integration(attention: str, integration: str | None) -> None:
     if integration not in INTEGRATIONS:
         raise ValueError(f"integration must be one of {INTEGRATIONS}, got '{integration}'")
     kind = kind_of(attention)
-    if kind.place != "branch" and not is_emca(attention):  # EMCA gates a branch whatever its W_m2's method
+    if default_integration(attention) is None:  # not a branch gate (EMCA is one, whatever its W_m2's method)
         raise ValueError(f"integration={integration} applies to branch attention, but {attention} sits at "
                          f"{kind.place.replace('_', ' ')} (see its table entry): leave attention.integration unset")
